@@ -1,0 +1,7 @@
+"""``python -m batchpush``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

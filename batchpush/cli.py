@@ -1,0 +1,86 @@
+"""The command line: argv -> options -> engine -> exit code; no decisions of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .engine import Engine, PushJob, PushOptions
+from .errors import BatchPushError
+from .progress import PlainProgress
+from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_URL_QUERY = re.compile(r"(https?://[^\s?\"']*)\?[^\s\"']*")
+
+
+class RedactingFormatter(logging.Formatter):
+    """Drops URL query strings (upload state, tokens) from every log line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _URL_QUERY.sub(r"\1?<redacted>", super().format(record)).replace("Bearer ", "Bearer <redacted> ")
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)(?:i?b)?", text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64M)")
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchpush", description="Push container images to OCI registries in bulk.")
+    parser.add_argument("--version", action="version", version=f"batchpush {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    push = commands.add_parser("push", help="push the images of one source to one or more repositories")
+    push.add_argument("source", help="oci:PATH[:TAG] or docker-archive:PATH[:REF]")
+    push.add_argument("targets", nargs="+", metavar="TARGET", help="REGISTRY/REPOSITORY[:TAG]; without a tag, the source's tags")
+    push.add_argument("--insecure", action="append", default=[], metavar="HOST[:PORT]", help="plain HTTP or unverified TLS for this host (repeatable)")
+    push.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
+    push.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
+    push.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
+    push.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE_BYTES, metavar="SIZE", help="PATCH size of chunked uploads")
+    push.add_argument("--monolithic-limit", type=_size, default=DEFAULT_MONOLITHIC_LIMIT_BYTES, metavar="SIZE", help="blobs above this size are sent in chunks")
+    push.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    push.add_argument("--debug", action="store_true", help="log every request (secrets and upload state redacted)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler])
+    options = PushOptions(
+        registry_defaults=RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit),
+        insecure_hosts=frozenset(args.insecure),
+        metadata_dir=args.metadata_dir,
+        jobs=args.jobs,
+        progress=PlainProgress(quiet=args.quiet),
+    )
+    try:
+        with Engine(options) as engine:
+            result = engine.run([PushJob(args.source, tuple(args.targets))])
+    except BatchPushError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.report:
+        result.write(args.report)
+    if any(image.error_kind == "usage" for image in result.images):
+        return EXIT_USAGE
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

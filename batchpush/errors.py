@@ -1,0 +1,81 @@
+"""The exception tree of batchpush; every error carries structured fields.
+
+    BatchPushError
+    ├── UsageError            bad command line or arguments
+    ├── ReferenceError_       an image reference that does not parse
+    ├── SourceError           a source (file or layout) that cannot be read or lies
+    │   └── DigestMismatchError   bytes that do not hash to what they claim
+    ├── PlanError             a plan file that does not validate (batch issue)
+    └── RegistryError         a registry answered with an error (registry/errors.py)
+        ├── AuthError             401/403, or no usable credentials
+        ├── BlobUnknownError      404 BLOB_UNKNOWN on a blob request
+        └── ManifestDigestError   the registry reports another digest than ours
+
+Lower-level errors (OSError, requests exceptions, tarfile errors) are mapped to
+these at one boundary each, with ``raise ... from exc``. No message ever contains a
+credential, a token or an upload URL's query string.
+"""
+
+from __future__ import annotations
+
+
+class BatchPushError(Exception):
+    """Root of every error batchpush raises on purpose."""
+
+    #: short machine-readable kind, written to the report
+    kind = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(BatchPushError):
+    kind = "usage"
+
+
+class ReferenceError_(BatchPushError):
+    """An image reference (registry/repository:tag@digest) that does not parse."""
+
+    kind = "reference"
+
+    def __init__(self, reference: str, problem: str) -> None:
+        super().__init__(f"invalid reference {reference!r}: {problem}")
+        self.reference = reference
+        self.problem = problem
+
+
+class SourceError(BatchPushError):
+    """A source that cannot be read, or whose content is malformed.
+
+    ``path`` names the file (archive, layout directory or blob) and ``image`` the
+    image inside it when known.
+    """
+
+    kind = "source"
+
+    def __init__(self, path: str, problem: str, *, image: str | None = None) -> None:
+        where = f"{path} ({image})" if image else path
+        super().__init__(f"{where}: {problem}")
+        self.path = path
+        self.image = image
+        self.problem = problem
+
+
+class DigestMismatchError(SourceError):
+    """Bytes that do not hash to the digest (or DiffID) that describes them."""
+
+    kind = "digest-mismatch"
+
+    def __init__(self, path: str, what: str, expected: str, actual: str, *, image: str | None = None) -> None:
+        super().__init__(path, f"{what}: expected {expected}, got {actual}", image=image)
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+
+
+class PlanError(BatchPushError):
+    kind = "plan"

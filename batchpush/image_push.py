@@ -1,0 +1,118 @@
+"""One image to one repository: layers, config, manifest, tag (the seed's pushV2Tag).
+
+An index (multi-arch) is pushed whole: every child manifest by digest, then the
+index by tag. A manifest is written only after every blob it names has arrived.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import mediatypes as mt
+from .digest import Digest
+from .layer_push import LayerOutcome, LayerPusher, LayerResult
+from .prepare import PreparedIndex, PreparedManifest, PreparedNode
+from .sources.base import SourceManifest
+
+
+@dataclass(frozen=True, slots=True)
+class PushedManifest:
+    digest: Digest
+    size: int
+    media_type: str
+    layers: tuple[LayerResult, ...] = field(default=())
+
+
+def _dump(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def manifest_bytes(source: SourceManifest, layers: list[LayerResult]) -> bytes:
+    """The manifest to push: the source's own bytes when no layer changed (so its
+    digest is kept), else the source's document with the layer descriptors rewritten
+    (a legacy docker-archive gets a Docker schema2 manifest)."""
+    if source.document is None:
+        return _dump({
+            "schemaVersion": 2,
+            "mediaType": mt.DOCKER_MANIFEST,
+            "config": source.config_descriptor.to_json(),
+            "layers": [_layer_json({}, layer, urls) for layer, urls in zip(layers, (sl.descriptor.urls for sl in source.layers), strict=True)],
+        })
+    document = copy.deepcopy(source.document)
+    changed = False
+    for entry, layer in zip(document["layers"], layers, strict=True):
+        if (entry.get("mediaType"), entry.get("digest"), entry.get("size")) != (layer.media_type, str(layer.digest), layer.size):
+            entry.update(_layer_json(entry, layer, ()))
+            changed = True
+    return _dump(document) if changed else source.raw  # type: ignore[return-value]
+
+
+def _layer_json(entry: dict[str, Any], layer: LayerResult, urls: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(entry)
+    out.update({"mediaType": layer.media_type, "digest": str(layer.digest), "size": layer.size})
+    if urls:
+        out["urls"] = list(urls)
+    return out
+
+
+class ImagePusher:
+    """Pushes prepared images to one target repository through a LayerPusher."""
+
+    def __init__(self, layers: LayerPusher, executor: cf.Executor) -> None:
+        self.layers = layers
+        self.client = layers.client
+        self.repository = layers.repository
+        self.executor = executor
+
+    def push(self, node: PreparedNode, tag: str) -> PushedManifest:
+        """Push ``node`` and tag it; raises on any failure before the manifest is written."""
+        return self._push_node(node, tag)
+
+    def _push_node(self, node: PreparedNode, reference: str | None) -> PushedManifest:
+        if isinstance(node, PreparedIndex):
+            return self._push_index(node, reference)
+        return self._push_manifest(node, reference)
+
+    def _push_manifest(self, node: PreparedManifest, reference: str | None) -> PushedManifest:
+        futures = [self.executor.submit(self.layers.push, layer) for layer in node.layers]
+        futures.append(self.executor.submit(self._push_config, node.source))
+        cf.wait(futures)
+        for future in futures:
+            future.result()  # the first failure is raised; no manifest is written
+        layers = [f.result() for f in futures[:-1]]
+        data = manifest_bytes(node.source, layers)  # type: ignore[arg-type]
+        media_type = node.source.media_type
+        digest = self.client.put_manifest(self.repository, reference or str(Digest.sha256_of(data)), media_type, data)
+        return PushedManifest(digest, len(data), media_type, tuple(layers))  # type: ignore[arg-type]
+
+    def _push_config(self, source: SourceManifest) -> None:
+        digest = source.config_descriptor.digest
+        assert digest is not None
+        if self.client.head_blob(self.repository, digest) is not None:
+            return
+        session = self.client.start_upload(self.repository)
+        try:
+            self.client.upload_blob(self.repository, session, source.config_blob, digest)
+        except BaseException:
+            self.client.cancel_upload(self.repository, session)
+            raise
+
+    def _push_index(self, node: PreparedIndex, reference: str | None) -> PushedManifest:
+        children = [self._push_node(child, None) for child in node.children]
+        document = copy.deepcopy(node.source.document)
+        changed = False
+        for entry, child in zip(document["manifests"], children, strict=True):
+            if (entry.get("digest"), entry.get("size")) != (str(child.digest), child.size):
+                entry.update({"digest": str(child.digest), "size": child.size})
+                changed = True
+        data = _dump(document) if changed else node.source.raw
+        digest = self.client.put_manifest(self.repository, reference or str(Digest.sha256_of(data)), node.source.media_type, data)
+        layers = tuple(layer for child in children for layer in child.layers)
+        return PushedManifest(digest, len(data), node.source.media_type, layers)
+
+
+__all__ = ["ImagePusher", "LayerOutcome", "PushedManifest", "manifest_bytes"]

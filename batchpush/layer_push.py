@@ -1,0 +1,201 @@
+"""One layer's path to one repository: the seed's ``v2PushDescriptor.Upload``.
+
+In the seed's order:
+ 1. a foreign layer (descriptor with ``urls``) is skipped;
+ 2. a layer the push state knows is in the target repository: done, no request;
+ 3. the size tier sets the mount attempts and existence checks;
+ 4. metadata for the DiffID: one existence check (HEAD), candidates in likeness order;
+ 5. cross-repository mounts from the same registry, never the target repository
+    (this batch's own uploads first): 201 mounted; 202 keeps the offered session
+    for the upload and cancels the one it replaces; stale candidates are removed;
+ 6. more existence checks, up to the tier's remaining count;
+ 7. upload (the blob compressed while hashed, in prepare), then the DiffID ->
+    digest metadata is recorded with our HMAC and the target repository.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+from . import mediatypes as mt
+from .digest import Digest
+from .metadata import MetadataStore
+from .policy import V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
+from .prepare import PreparedLayer
+from .reference import Reference
+from .registry.client import RegistryClient, UploadSession
+from .registry.errors import AuthError, RegistryError
+from .state import PushState, RemoteBlob
+
+log = logging.getLogger(__name__)
+
+
+class LayerOutcome(enum.Enum):
+    KNOWN = "known"
+    EXISTS = "exists"
+    MOUNTED = "mounted"
+    UPLOADED = "uploaded"
+    SKIPPED_FOREIGN = "skipped-foreign"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerResult:
+    """A layer as it is in the target repository, and how it got there."""
+
+    diff_id: Digest | None
+    digest: Digest
+    size: int
+    media_type: str
+    outcome: LayerOutcome
+    bytes_sent: int = 0
+    #: the repository it was mounted from
+    mounted_from: str | None = None
+
+
+def _compatible(layer: PreparedLayer, entry: V2Metadata) -> bool:
+    """May ``entry``'s blob stand for ``layer`` in the manifest? A layer we compress
+    may use any gzip blob of the same DiffID (the seed's behaviour); a layer pushed
+    as it is needs its own digest."""
+    if layer.compressed_by_us:
+        return entry.recipe == "" or entry.recipe.startswith("gzip")
+    return entry.digest == layer.digest
+
+
+class LayerPusher:
+    """Pushes layers to one target repository. Thread-safe (state and store are)."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        target: Reference,
+        state: PushState,
+        store: MetadataStore,
+        hmac_key: bytes,
+        *,
+        allow_nondistributable: bool = False,
+    ) -> None:
+        self.client = client
+        self.target = target
+        self.repository = target.repository
+        self.state = state
+        self.store = store
+        self.hmac_key = hmac_key
+        self.allow_nondistributable = allow_nondistributable
+
+    def push(self, layer: PreparedLayer) -> LayerResult:
+        """Make ``layer`` present in the target repository; raises RegistryError."""
+        if layer.urls and not self.allow_nondistributable:
+            return LayerResult(layer.diff_id, layer.digest, layer.size, layer.media_type, LayerOutcome.SKIPPED_FOREIGN)
+        registry = self.target.registry
+        with self.state.single_flight(registry, layer.digest):
+            known = self.state.known_layer(registry, self.repository, layer.key)
+            if known is not None:
+                return self._result(layer, known, LayerOutcome.KNOWN)
+            return self._push(layer)
+
+    def _result(self, layer: PreparedLayer, blob: RemoteBlob, outcome: LayerOutcome, sent: int = 0, mounted_from: str | None = None) -> LayerResult:
+        return LayerResult(layer.diff_id, blob.digest, blob.size, blob.media_type, outcome, sent, mounted_from)
+
+    def _remember(self, layer: PreparedLayer, blob: RemoteBlob, recipe: str) -> None:
+        self.state.add_layer(self.target.registry, self.repository, layer.key, blob)
+        entry = V2Metadata(blob.digest, self.target.name, entry_hmac(self.hmac_key, blob.digest, self.target.name), recipe)
+        self.store.add(layer.key, entry)
+
+    def _media_type(self, layer: PreparedLayer, digest: Digest) -> str:
+        if digest == layer.digest:
+            return layer.media_type
+        # another recipe's gzip blob of the same DiffID (seed: schema2.MediaTypeLayer)
+        return layer.media_type if layer.media_type in mt.GZIP_LAYERS else mt.DOCKER_LAYER_GZIP
+
+    def _push(self, layer: PreparedLayer) -> LayerResult:
+        tier = tier_for(layer.source.descriptor.size if layer.source.blob else layer.size)
+        entries = [e for e in self.store.get_metadata(layer.key) if _compatible(layer, e)]
+        checked: set[Digest] = set()
+        if entries:
+            found = self._already_exists(layer, entries, checked, check_other_repositories=True, max_checks=1)
+            if found is not None:
+                return found
+
+        # This batch's uploads of the same blob come first; then the store's candidates.
+        batch = [V2Metadata(layer.digest, f"{self.target.registry}/{repo}", entry_hmac(self.hmac_key, layer.digest, f"{self.target.registry}/{repo}"), layer.recipe) for repo in self.state.repositories_with(self.target.registry, layer.digest) if repo != self.repository]
+        candidates = batch[:1] + [c for c in mount_candidates(self.target.name, self.hmac_key, tier.max_mount_attempts, entries) if c not in batch[:1]]
+        candidates = candidates[: max(tier.max_mount_attempts, len(batch[:1]))]
+        session: UploadSession | None = None
+        for candidate in candidates:
+            from_repository = candidate.source_repository.split("/", 1)[1]
+            unauthorized = False
+            error: RegistryError | None = None
+            try:
+                result = self.client.mount_blob(self.repository, candidate.digest, from_repository)
+            except AuthError as exc:
+                unauthorized, error, result = True, exc, None
+            except RegistryError as exc:
+                error, result = exc, None
+            if result is not None and result.mounted:
+                if session is not None:
+                    self.client.cancel_upload(self.repository, session)
+                size = layer.size if candidate.digest == layer.digest else self.client.head_blob(self.repository, candidate.digest)
+                blob = RemoteBlob(candidate.digest, size if size is not None else layer.size, self._media_type(layer, candidate.digest))
+                self._remember(layer, blob, candidate.recipe)
+                return self._result(layer, blob, LayerOutcome.MOUNTED, mounted_from=from_repository)
+            log.debug("mount of %s from %s failed: %s", candidate.digest, from_repository, error or "registry opened an upload instead")
+            if candidate not in batch and remove_after_failed_mount(candidate, unauthorized=unauthorized, has_auth_info=self.client.auth.has_credentials, key=self.hmac_key):
+                self.store.remove(candidate)
+            if result is not None and result.session is not None:
+                if session is not None:
+                    self.client.cancel_upload(self.repository, session)
+                session = result.session
+
+        remaining = tier.max_existence_checks - len(checked)
+        if remaining > 0 and entries:
+            found = self._already_exists(layer, entries, checked, check_other_repositories=tier.check_other_repositories, max_checks=remaining)
+            if found is not None:
+                if session is not None:
+                    self.client.cancel_upload(self.repository, session)
+                return found
+        return self._upload(layer, session)
+
+    def _already_exists(self, layer: PreparedLayer, entries: list[V2Metadata], checked: set[Digest], *, check_other_repositories: bool, max_checks: int) -> LayerResult | None:
+        """seed: layerAlreadyExists — HEAD unique digests in likeness order."""
+        candidates = [e for e in entries if check_other_repositories or not e.source_repository or e.source_repository == self.target.name]
+        digests: dict[Digest, V2Metadata] = {}
+        for entry in sort_by_likeness_and_age(self.target.name, self.hmac_key, candidates):
+            if len(digests) >= max_checks:
+                break
+            if entry.digest in digests or entry.digest in checked:
+                continue
+            digests[entry.digest] = entry
+        for digest, entry in digests.items():
+            checked.add(digest)
+            try:
+                size = self.client.head_blob(self.repository, digest)
+            except RegistryError as exc:
+                log.debug("existence check of %s failed: %s", digest, exc)
+                continue
+            if size is None:
+                if entry.source_repository == self.target.name:
+                    self.store.remove(entry)
+                continue
+            blob = RemoteBlob(digest, size, self._media_type(layer, digest))
+            if entry.source_repository != self.target.name or not hmac_matches(entry, self.hmac_key):
+                self._remember(layer, blob, entry.recipe)
+            else:
+                self.state.add_layer(self.target.registry, self.repository, layer.key, blob)
+            return self._result(layer, blob, LayerOutcome.EXISTS)
+        return None
+
+    def _upload(self, layer: PreparedLayer, session: UploadSession | None) -> LayerResult:
+        if layer.blob is None:
+            raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes")
+        if session is None:
+            session = self.client.start_upload(self.repository)
+        try:
+            sent = self.client.upload_blob(self.repository, session, layer.blob, layer.digest)
+        except BaseException:
+            self.client.cancel_upload(self.repository, session)
+            raise
+        blob = RemoteBlob(layer.digest, layer.size, layer.media_type)
+        self._remember(layer, blob, layer.recipe)
+        return self._result(layer, blob, LayerOutcome.UPLOADED, sent)

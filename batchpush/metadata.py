@@ -1,0 +1,141 @@
+"""The persistent DiffID <-> digest store (the seed's V2MetadataService), in SQLite.
+
+WAL mode with a busy timeout, so overlapping cron runs can share one file; every
+change is one transaction. The file is created with mode 0600. It holds digests,
+repository names, HMACs and fingerprints — never a credential.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .digest import Digest
+from .policy import V2Metadata
+
+#: entries kept per DiffID; the oldest go first (seed: maxMetadata)
+MAX_ENTRIES_PER_DIFF_ID = 50
+#: how long a writer waits for another process's transaction
+BUSY_TIMEOUT_S = 30.0
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS v2_metadata (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    diff_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    source_repository TEXT NOT NULL,
+    hmac TEXT NOT NULL,
+    recipe TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    UNIQUE (diff_id, digest, source_repository, hmac)
+);
+CREATE INDEX IF NOT EXISTS v2_metadata_digest ON v2_metadata (digest);
+CREATE TABLE IF NOT EXISTS fingerprints (
+    xxh3_128 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    recipe TEXT NOT NULL,
+    diff_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    compressed_size INTEGER NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (xxh3_128, size, recipe)
+);
+"""
+
+
+def default_metadata_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "batchpush")
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What a local layer's bytes compress to under a recipe."""
+
+    diff_id: Digest
+    digest: Digest
+    compressed_size: int
+
+
+class MetadataStore:
+    """DiffID -> [V2Metadata] (oldest first) and digest -> DiffID, plus fingerprints."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        directory = directory or default_metadata_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.path = os.path.join(directory, "metadata.db")
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- V2 metadata ---------------------------------------------------------
+    def get_metadata(self, diff_id: Digest) -> list[V2Metadata]:
+        """Entries for a DiffID, oldest first (seed: GetMetadata)."""
+        with self._lock:
+            rows = self._db.execute("SELECT digest, source_repository, hmac, recipe FROM v2_metadata WHERE diff_id = ? ORDER BY seq", (str(diff_id),)).fetchall()
+        return [V2Metadata(Digest.parse(d), repo, mac, recipe) for d, repo, mac, recipe in rows]
+
+    def get_diff_id(self, digest: Digest) -> Digest | None:
+        with self._lock:
+            row = self._db.execute("SELECT diff_id FROM v2_metadata WHERE digest = ? ORDER BY seq DESC LIMIT 1", (str(digest),)).fetchone()
+        return Digest.parse(row[0]) if row else None
+
+    def add(self, diff_id: Digest, entry: V2Metadata) -> None:
+        """Record an entry as the youngest for its DiffID, keeping at most
+        MAX_ENTRIES_PER_DIFF_ID (seed: Add / TagAndAdd, the caller computes the HMAC)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM v2_metadata WHERE diff_id = ? AND digest = ? AND source_repository = ? AND hmac = ?", (str(diff_id), str(entry.digest), entry.source_repository, entry.hmac))
+            db.execute(
+                "INSERT INTO v2_metadata (diff_id, digest, source_repository, hmac, recipe, last_seen) VALUES (?, ?, ?, ?, ?, ?)",
+                (str(diff_id), str(entry.digest), entry.source_repository, entry.hmac, entry.recipe, time.time()),
+            )
+            db.execute(
+                "DELETE FROM v2_metadata WHERE diff_id = ? AND seq NOT IN (SELECT seq FROM v2_metadata WHERE diff_id = ? ORDER BY seq DESC LIMIT ?)",
+                (str(diff_id), str(diff_id), MAX_ENTRIES_PER_DIFF_ID),
+            )
+
+    def remove(self, entry: V2Metadata) -> None:
+        """Forget an entry under every DiffID it is recorded for (seed: Remove)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM v2_metadata WHERE digest = ? AND source_repository = ? AND hmac = ?", (str(entry.digest), entry.source_repository, entry.hmac))
+
+    # -- fingerprints --------------------------------------------------------
+    def get_fingerprint(self, xxh3_128: str, size: int, recipe: str) -> Fingerprint | None:
+        with self._lock:
+            row = self._db.execute("SELECT diff_id, digest, compressed_size FROM fingerprints WHERE xxh3_128 = ? AND size = ? AND recipe = ?", (xxh3_128, size, recipe)).fetchone()
+        return Fingerprint(Digest.parse(row[0]), Digest.parse(row[1]), row[2]) if row else None
+
+    def put_fingerprint(self, xxh3_128: str, size: int, recipe: str, fingerprint: Fingerprint) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (xxh3_128, size, recipe, str(fingerprint.diff_id), str(fingerprint.digest), fingerprint.compressed_size, time.time()),
+            )

@@ -1,0 +1,90 @@
+"""Image references: ``registry/repository[:tag][@digest]``, normalised as docker does."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .digest import Digest, InvalidDigestError
+from .errors import ReferenceError_
+
+DOCKER_HUB = "docker.io"
+#: the host that actually serves docker.io
+DOCKER_HUB_API = "registry-1.docker.io"
+
+# distribution/reference's grammar, lower-case path components
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_DOMAIN = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?")
+MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A parsed reference. ``registry`` is the host[:port] as given (docker.io normalised)."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: Digest | None = None
+
+    @property
+    def name(self) -> str:
+        """``registry/repository``: the seed's ``repoInfo.Name()``."""
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def api_host(self) -> str:
+        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+
+    def with_tag(self, tag: str) -> Reference:
+        if not _TAG.fullmatch(tag):
+            raise ReferenceError_(tag, "invalid tag")
+        return Reference(self.registry, self.repository, tag, None)
+
+    def __str__(self) -> str:
+        text = self.name
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def split_domain(name: str) -> tuple[str, str]:
+    """Docker's rule: the first component is a registry if it has '.', ':' or is localhost."""
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        return first, rest
+    return DOCKER_HUB, name
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse a reference; raises ReferenceError_ naming the input and the problem."""
+    if not text or len(text) > 4096:
+        raise ReferenceError_(text[:100], "empty or too long")
+    remainder, at, digest_text = text.partition("@")
+    digest = None
+    if at:
+        try:
+            digest = Digest.parse(digest_text)
+        except InvalidDigestError as exc:
+            raise ReferenceError_(text, exc.message) from exc
+    tag = None
+    slash = remainder.rfind("/")
+    colon = remainder.rfind(":")
+    if colon > slash:
+        remainder, tag = remainder[:colon], remainder[colon + 1 :]
+        if not _TAG.fullmatch(tag):
+            raise ReferenceError_(text, f"invalid tag {tag!r}")
+    registry, path = split_domain(remainder)
+    if not _DOMAIN.fullmatch(registry):
+        raise ReferenceError_(text, f"invalid registry {registry!r}")
+    if registry == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    if not _PATH.fullmatch(path):
+        raise ReferenceError_(text, "repository must be lower-case path components of [a-z0-9._-]")
+    if len(registry) + 1 + len(path) > MAX_NAME_LENGTH:
+        raise ReferenceError_(text, f"name longer than {MAX_NAME_LENGTH} characters")
+    return Reference(registry, path, tag, digest)

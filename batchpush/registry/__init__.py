@@ -1,0 +1,7 @@
+"""Talking to OCI distribution registries."""
+
+from .auth import Credentials, CredentialProvider, no_credentials
+from .client import RegistryClient, RegistryOptions, UploadSession
+from .errors import AuthError, ManifestDigestError, RegistryError
+
+__all__ = ["AuthError", "CredentialProvider", "Credentials", "ManifestDigestError", "RegistryClient", "RegistryError", "RegistryOptions", "UploadSession", "no_credentials"]

@@ -1,0 +1,293 @@
+"""The registry client: one small method per protocol step of the OCI distribution spec.
+
+Each step declares the statuses it expects; anything else becomes a RegistryError
+carrying method, redacted URL, status and OCI error codes. A 401 is answered once:
+the authenticator learns the challenge, fetches a token, and the request is sent
+again with its body reopened from its factory. Retries of failed steps are the
+caller's (one policy around a whole step sequence, never nested here).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urljoin
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from .. import __version__
+from ..digest import Digest
+from ..sources.base import FileRange, read_chunks
+from .auth import Authenticator, Credentials, scope_for
+from .errors import ManifestDigestError, RegistryError, error_from_response, read_limited
+
+#: blobs up to this size go in one PUT; larger ones in PATCH chunks
+DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
+#: the size of each PATCH of a chunked upload
+DEFAULT_CHUNK_SIZE_BYTES = 64 << 20
+#: uploads in flight at once to one registry (docker's default is 5)
+DEFAULT_MAX_CONCURRENT_UPLOADS = 5
+#: seconds to connect, and to wait for a response once a request is sent
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 300.0
+#: the most of a manifest we read back
+MAX_MANIFEST_BYTES = 4 << 20
+
+USER_AGENT = f"batchpush/{__version__}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegistryOptions:
+    """Per-registry settings."""
+
+    #: plain HTTP, or HTTPS without verification, for this host only
+    insecure: bool = False
+    #: extra CA bundle to trust for this host
+    ca_file: str | None = None
+    monolithic_limit_bytes: int = DEFAULT_MONOLITHIC_LIMIT_BYTES
+    chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
+    max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
+
+
+@dataclass(frozen=True, slots=True)
+class UploadSession:
+    """An open upload: its location (kept exactly as given, query included) and the
+    registry's minimum chunk size if it sent ``OCI-Chunk-Min-Length``."""
+
+    location: str
+    chunk_min_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MountResult:
+    mounted: bool
+    #: the upload session the registry opened instead of mounting (202), if any
+    session: UploadSession | None
+
+
+class _Body:
+    """A request body over a file range: sized (so requests sends Content-Length)
+    and iterated in CHUNK_BYTES pieces, counting bytes as they go."""
+
+    def __init__(self, blob: FileRange, on_bytes: Callable[[int], None]) -> None:
+        self.blob = blob
+        self.on_bytes = on_bytes
+
+    def __len__(self) -> int:
+        return self.blob.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in read_chunks(self.blob):
+            yield chunk
+            self.on_bytes(len(chunk))
+
+
+def _with_query(url: str, key: str, value: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{key}={quote(value, safe='')}"
+
+
+class RegistryClient:
+    """One registry host: a pooled session, its auth state and request counters."""
+
+    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None) -> None:
+        self.host = host
+        self.options = options or RegistryOptions()
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+        pool = self.options.max_concurrent_uploads + 4
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        if self.options.insecure:
+            self.session.verify = False
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        elif self.options.ca_file:
+            self.session.verify = self.options.ca_file
+        self.auth = Authenticator(host, self.session, credentials)
+        self.requests_by_method: Counter[str] = Counter()
+        self.bytes_sent = 0
+        self._count_lock = threading.Lock()
+        self._base_url: str | None = None
+        self._ping_lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        if self._base_url is None:
+            self.ping()
+        assert self._base_url is not None
+        return self._base_url
+
+    def _count(self, method: str, sent_bytes: int = 0) -> None:
+        with self._count_lock:
+            self.requests_by_method[method] += 1
+            self.bytes_sent += sent_bytes
+
+    def _count_bytes(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_sent += n
+
+    def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
+        self._count(method)
+        try:
+            return self.session.request(method, url, headers=headers, data=data, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+        except requests.RequestException as exc:
+            raise RegistryError(method, url, None, (), type(exc).__name__) from exc
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        scopes: tuple[str, ...],
+        expected: frozenset[int] | set[int],
+        headers: dict[str, str] | None = None,
+        body: Callable[[], Any] | None = None,
+    ) -> requests.Response:
+        """Send one request; a 401 earns one fresh token and one resend."""
+        for attempt in (0, 1):
+            sent = dict(headers or {})
+            authorization = self.auth.authorization(scopes)
+            if authorization:
+                sent["Authorization"] = authorization
+            response = self._send(method, url, sent, body() if body else None)
+            if response.status_code == 401 and attempt == 0 and self.auth.challenge(response, scopes):
+                response.close()
+                continue
+            if response.status_code not in expected:
+                raise error_from_response(response, method)
+            return response
+        raise AssertionError("unreachable")
+
+    def ping(self) -> None:
+        """``GET /v2/``: choose the scheme, and learn the auth challenge up front."""
+        with self._ping_lock:
+            if self._base_url is not None:
+                return
+            schemes = ("https", "http") if self.options.insecure else ("https",)
+            last: RegistryError | None = None
+            for scheme in schemes:
+                url = f"{scheme}://{self.host}/v2/"
+                try:
+                    response = self._send("GET", url, {}, None)
+                except RegistryError as exc:
+                    last = exc
+                    continue
+                if response.status_code == 401:
+                    self.auth.challenge(response, ())
+                elif response.status_code != 200:
+                    raise error_from_response(response, "GET")
+                response.close()
+                self._base_url = f"{scheme}://{self.host}"
+                return
+            assert last is not None
+            raise last
+
+    def _url(self, repository: str, tail: str) -> str:
+        return f"{self.base_url}/v2/{repository}/{tail}"
+
+    # -- blobs ---------------------------------------------------------------
+    def head_blob(self, repository: str, digest: Digest) -> int | None:
+        """The blob's size if the repository has it, None if not (404)."""
+        response = self.request("HEAD", self._url(repository, f"blobs/{digest}"), scopes=(scope_for(repository, "pull,push"),), expected={200, 404})
+        response.close()
+        if response.status_code == 404:
+            return None
+        return int(response.headers.get("Content-Length", "-1"))
+
+    def _session_from(self, response: requests.Response) -> UploadSession:
+        location = response.headers.get("Location")
+        if not location:
+            raise RegistryError(response.request.method or "POST", response.url, response.status_code, (), "no Location header on an upload response")
+        minimum = response.headers.get("OCI-Chunk-Min-Length", "")
+        return UploadSession(urljoin(response.url, location), int(minimum) if minimum.isdigit() else 0)
+
+    def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> MountResult:
+        """``POST ?mount=&from=``: 201 mounted, 202 an upload session instead."""
+        url = self._url(repository, f"blobs/uploads/?mount={quote(str(digest))}&from={quote(from_repository, safe='/')}")
+        scopes = (scope_for(repository, "pull,push"), scope_for(from_repository, "pull"))
+        response = self.request("POST", url, scopes=scopes, expected={201, 202})
+        response.close()
+        if response.status_code == 201:
+            return MountResult(True, None)
+        return MountResult(False, self._session_from(response))
+
+    def start_upload(self, repository: str) -> UploadSession:
+        response = self.request("POST", self._url(repository, "blobs/uploads/"), scopes=(scope_for(repository, "pull,push"),), expected={202})
+        response.close()
+        return self._session_from(response)
+
+    def cancel_upload(self, repository: str, session: UploadSession) -> None:
+        """``DELETE`` an abandoned upload session; failures are ignored."""
+        try:
+            self.request("DELETE", session.location, scopes=(scope_for(repository, "pull,push"),), expected=set(range(200, 600))).close()
+        except RegistryError:
+            pass
+
+    def upload_blob(self, repository: str, session: UploadSession, blob: FileRange, digest: Digest) -> int:
+        """Send the blob through ``session`` and commit it; returns the bytes sent.
+
+        Monolithic ``PUT ?digest=`` up to the registry's limit; above it, or when the
+        registry asks for a minimum chunk, ``PATCH`` chunks with ``Content-Range``
+        then a bodiless ``PUT ?digest=``. The registry's Docker-Content-Digest must
+        match ours.
+        """
+        scopes = (scope_for(repository, "pull,push"),)
+        sent = 0
+
+        def counted(n: int) -> None:
+            nonlocal sent
+            sent += n
+            self._count_bytes(n)
+
+        location = session.location
+        if blob.size <= self.options.monolithic_limit_bytes and not session.chunk_min_bytes:
+            headers = {"Content-Type": "application/octet-stream"}
+            response = self.request("PUT", _with_query(location, "digest", str(digest)), scopes=scopes, expected={201}, headers=headers, body=lambda: _Body(blob, counted))
+        else:
+            chunk = max(self.options.chunk_size_bytes, session.chunk_min_bytes)
+            for start in range(0, blob.size, chunk):
+                length = min(chunk, blob.size - start)
+                piece = FileRange(blob.path, blob.offset + start, length)
+                headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{start}-{start + length - 1}"}
+                response = self.request("PATCH", location, scopes=scopes, expected={202}, headers=headers, body=lambda piece=piece: _Body(piece, counted))  # type: ignore[misc]
+                response.close()
+                location = self._session_from(response).location
+            response = self.request("PUT", _with_query(location, "digest", str(digest)), scopes=scopes, expected={201}, headers={"Content-Length": "0"}, body=lambda: b"")
+        response.close()
+        reported = response.headers.get("Docker-Content-Digest")
+        if reported and reported != str(digest):
+            raise RegistryError("PUT", location, 201, (), f"registry stored blob {reported}, we sent {digest}")
+        return sent
+
+    # -- manifests -----------------------------------------------------------
+    def put_manifest(self, repository: str, reference: str, media_type: str, data: bytes) -> Digest:
+        """``PUT`` a manifest by tag or digest; returns its digest, checked against the registry's."""
+        digest = Digest.sha256_of(data)
+        url = self._url(repository, f"manifests/{reference}")
+        response = self.request("PUT", url, scopes=(scope_for(repository, "pull,push"),), expected={201}, headers={"Content-Type": media_type}, body=lambda: data)
+        response.close()
+        reported = response.headers.get("Docker-Content-Digest")
+        if reported and reported != str(digest):
+            raise ManifestDigestError("PUT", url, 201, (), f"registry reports {reported}, we computed {digest}")
+        return digest
+
+    def head_manifest(self, repository: str, reference: str, accept: str) -> tuple[Digest, int] | None:
+        """The digest and size a tag resolves to, None if unknown."""
+        response = self.request("HEAD", self._url(repository, f"manifests/{reference}"), scopes=(scope_for(repository, "pull,push"),), expected={200, 404}, headers={"Accept": accept})
+        response.close()
+        if response.status_code == 404 or "Docker-Content-Digest" not in response.headers:
+            return None
+        return Digest.parse(response.headers["Docker-Content-Digest"]), int(response.headers.get("Content-Length", "0"))
+
+    def get_manifest(self, repository: str, reference: str, accept: str) -> tuple[str, bytes]:
+        response = self.request("GET", self._url(repository, f"manifests/{reference}"), scopes=(scope_for(repository, "pull"),), expected={200}, headers={"Accept": accept})
+        return response.headers.get("Content-Type", ""), read_limited(response, MAX_MANIFEST_BYTES)
+
+    def close(self) -> None:
+        self.session.close()

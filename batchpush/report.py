@@ -1,0 +1,95 @@
+"""The results of a run and their JSON report (schema ``version: 1``, see README)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .layer_push import LayerOutcome, LayerResult
+
+REPORT_VERSION = 1
+
+
+@dataclass(slots=True)
+class ImageResult:
+    """One (image, target): ``status`` is ``pushed`` or ``failed``."""
+
+    source: str
+    target: str
+    status: str
+    digest: str | None = None
+    size: int | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    seconds: float = 0.0
+    layers: tuple[LayerResult, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "pushed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "status": self.status,
+            "digest": self.digest,
+            "size": self.size,
+            "error": self.error,
+            "error_kind": self.error_kind,
+            "seconds": round(self.seconds, 3),
+            "layers": [
+                {
+                    "diff_id": str(layer.diff_id) if layer.diff_id else None,
+                    "digest": str(layer.digest),
+                    "size": layer.size,
+                    "media_type": layer.media_type,
+                    "outcome": layer.outcome.value,
+                    "bytes_sent": layer.bytes_sent,
+                    "mounted_from": layer.mounted_from,
+                }
+                for layer in self.layers
+            ],
+        }
+
+
+@dataclass(slots=True)
+class BatchResult:
+    images: list[ImageResult] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_compressed: int = 0
+    requests_by_method: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return all(image.ok for image in self.images)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok and self.images else 1
+
+    def to_json(self) -> dict[str, Any]:
+        layers = [layer for image in self.images for layer in image.layers]
+        return {
+            "version": REPORT_VERSION,
+            "images": [image.to_json() for image in self.images],
+            "totals": {
+                "images": len(self.images),
+                "failed": sum(not image.ok for image in self.images),
+                "bytes_read": self.bytes_read,
+                "bytes_compressed": self.bytes_compressed,
+                "bytes_uploaded": sum(layer.bytes_sent for layer in layers),
+                "blobs_mounted": sum(layer.outcome is LayerOutcome.MOUNTED for layer in layers),
+                "requests": dict(sorted(self.requests_by_method.items())),
+            },
+        }
+
+    def write(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as out:
+            json.dump(self.to_json(), out, indent=2)
+            out.write("\n")
+        os.replace(tmp, path)
