@@ -99,3 +99,34 @@ def simple_layout(path: str, tags: dict[str, list[int]], file_size: int = 4096) 
         writer.tag(descriptor, tag)
         built[tag] = image
     return built
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def docker25_archive(path: str, repo_tag: str, layers: list[bytes], *, symlink_first_layer: bool = True) -> BuiltImage:
+    """A ``docker save`` archive as Docker 25+ writes it: an OCI layout inside the tar
+    plus manifest.json, the first layer reached through a legacy-path symlink."""
+    diff_ids = [sha256(layer) for layer in layers]
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    layer_descriptors = [{"mediaType": OCI_LAYER_TAR, "digest": sha256(layer), "size": len(layer)} for layer in layers]
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": len(config)}, "layers": layer_descriptors}).encode()
+    layer_paths = [f"blobs/sha256/{sha256(layer)[7:]}" for layer in layers]
+    if symlink_first_layer:
+        layer_paths[0] = f"{sha256(layers[0])[7:]}/layer.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        for blob in [config, manifest, *layers]:
+            _add(tar, f"blobs/sha256/{sha256(blob)[7:]}", blob)
+        if symlink_first_layer:
+            link = tarfile.TarInfo(layer_paths[0])
+            link.type = tarfile.SYMTYPE
+            link.linkname = f"../blobs/sha256/{sha256(layers[0])[7:]}"
+            tar.addfile(link)
+        index = {"schemaVersion": 2, "manifests": [{"mediaType": OCI_MANIFEST, "digest": sha256(manifest), "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": repo_tag.rsplit(":", 1)[1]}}]}
+        _add(tar, "index.json", json.dumps(index).encode())
+        _add(tar, "manifest.json", json.dumps([{"Config": f"blobs/sha256/{sha256(config)[7:]}", "RepoTags": [repo_tag], "Layers": layer_paths}]).encode())
+    return BuiltImage(sha256(manifest), sha256(config), diff_ids)

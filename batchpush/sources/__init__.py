@@ -23,26 +23,18 @@ TRANSPORTS = ("oci", "docker-archive")
 def open_source(spec: str) -> ImageSource:
     """``oci:PATH[:TAG]`` or ``docker-archive:PATH[:REF]``; raises UsageError otherwise.
 
-    As in skopeo, the part after the last colon is the tag/ref unless it contains a
-    slash (then it is still part of the path).
+    As in skopeo (containers/image), the first colon after the transport ends the
+    path: everything after it is the tag or reference, colons included.
     """
     transport, sep, rest = spec.partition(":")
     if not sep or transport not in TRANSPORTS or not rest:
         raise UsageError(f"unknown source {spec!r}: expected oci:PATH[:TAG] or docker-archive:PATH[:REF]")
-    path, ref = rest, None
-    head, colon, tail = rest.rpartition(":")
-    if colon and head and "/" not in tail:
-        path, ref = head, tail
-        if transport == "docker-archive" and ":" in head and not tail.startswith("@"):
-            # docker-archive:PATH:name:tag — the ref itself holds a colon
-            path, _, name = head.rpartition(":")
-            if path and "/" not in name:
-                ref = f"{name}:{tail}"
-            else:
-                path, ref = head, tail
+    path, colon, ref = rest.partition(":")
+    if not path or (colon and not ref):
+        raise UsageError(f"bad source {spec!r}: empty path or reference")
     if transport == "oci":
-        return OCILayout(path, ref)
-    return DockerArchive(path, ref)
+        return OCILayout(path, ref or None)
+    return DockerArchive(path, ref or None)
 
 
 __all__ = [

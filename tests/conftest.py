@@ -1,0 +1,119 @@
+"""Fixtures: a real registry per test, skopeo as the independent checker."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from registry import REGISTRY_BINARY, Registry, start_registry  # noqa: E402
+
+from batchpush.cli import main  # noqa: E402
+
+SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
+
+
+def _require(path: str, package: str) -> None:
+    # A missing tool is a failure, never a skip: the suite would prove nothing.
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: install the Debian package {package} (make setup)")
+
+
+@pytest.fixture
+def registry(tmp_path) -> Iterator[Registry]:
+    _require(REGISTRY_BINARY, "docker-registry")
+    started = start_registry(str(tmp_path))
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def metadata_dir(tmp_path) -> str:
+    return str(tmp_path / "metadata")
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def batchpush(capsys, metadata_dir):
+    """Run the CLI in-process; returns exit code and captured output."""
+
+    def run(*args: str) -> Run:
+        argv = list(args)
+        if argv and argv[0] == "push" and "--metadata-dir" not in argv:
+            argv += ["--metadata-dir", metadata_dir]
+        code = main(argv)
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    return run
+
+
+def skopeo(*args: str) -> subprocess.CompletedProcess[str]:
+    _require(SKOPEO, "skopeo")
+    return subprocess.run([SKOPEO, "--insecure-policy", *args], capture_output=True, text=True, timeout=300)
+
+
+def remote_digest(registry: Registry, ref: str) -> str:
+    """The manifest digest as the registry serves it, read by skopeo."""
+    done = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{ref}")
+    assert done.returncode == 0, done.stderr
+    return "sha256:" + hashlib.sha256(done.stdout.encode()).hexdigest()
+
+
+@dataclass
+class PulledImage:
+    manifest_digest: str
+    config_digest: str
+    diff_ids: list[str]
+    layer_media_types: list[str]
+
+
+def _blob(layout: str, digest: str) -> bytes:
+    algorithm, hex_ = digest.split(":")
+    with open(os.path.join(layout, "blobs", algorithm, hex_), "rb") as f:
+        data = f.read()
+    assert hashlib.new(algorithm, data).hexdigest() == hex_, f"blob {digest} corrupt"
+    return data
+
+
+def _check_manifest(layout: str, digest: str) -> PulledImage:
+    manifest = json.loads(_blob(layout, digest))
+    config_digest = manifest["config"]["digest"]
+    config = json.loads(_blob(layout, config_digest))
+    diff_ids = config["rootfs"]["diff_ids"]
+    assert len(diff_ids) == len(manifest["layers"])
+    for layer, diff_id in zip(manifest["layers"], diff_ids, strict=True):
+        data = _blob(layout, layer["digest"])
+        assert len(data) == layer["size"]
+        uncompressed = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        assert "sha256:" + hashlib.sha256(uncompressed).hexdigest() == diff_id, f"layer {layer['digest']} does not decompress to its DiffID"
+    return PulledImage(digest, config_digest, diff_ids, [layer["mediaType"] for layer in manifest["layers"]])
+
+
+def pull_and_verify(registry: Registry, ref: str, dest: str) -> list[PulledImage]:
+    """skopeo copies ``ref`` out (all platforms); every layer must decompress to its
+    DiffID and every blob hash to its name. Returns one entry per image manifest."""
+    done = skopeo("copy", "--all", "--preserve-digests", "--src-tls-verify=false", f"docker://{registry.host}/{ref}", f"oci:{dest}:pulled")
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(dest, "index.json")) as f:
+        top = json.load(f)["manifests"][0]
+    if top["mediaType"].endswith("index.v1+json") or top["mediaType"].endswith("list.v2+json"):
+        index = json.loads(_blob(dest, top["digest"]))
+        return [_check_manifest(dest, child["digest"]) for child in index["manifests"]]
+    return [_check_manifest(dest, top["digest"])]
