@@ -131,6 +131,7 @@ class Engine:
         result.bytes_compressed = self.preparer.bytes_compressed
         for client in self._clients.values():
             result.requests_by_method.update(client.requests_by_method)
+            result.bytes_uploaded += client.bytes_sent
         return result
 
     def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:

@@ -61,6 +61,8 @@ class BatchResult:
     images: list[ImageResult] = field(default_factory=list)
     bytes_read: int = 0
     bytes_compressed: int = 0
+    #: every body byte sent to registries (layers, configs, manifests, retries)
+    bytes_uploaded: int = 0
     requests_by_method: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -81,7 +83,7 @@ class BatchResult:
                 "failed": sum(not image.ok for image in self.images),
                 "bytes_read": self.bytes_read,
                 "bytes_compressed": self.bytes_compressed,
-                "bytes_uploaded": sum(layer.bytes_sent for layer in layers),
+                "bytes_uploaded": self.bytes_uploaded,
                 "blobs_mounted": sum(layer.outcome is LayerOutcome.MOUNTED for layer in layers),
                 "requests": dict(sorted(self.requests_by_method.items())),
             },

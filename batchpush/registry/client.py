@@ -272,6 +272,7 @@ class RegistryClient:
         url = self._url(repository, f"manifests/{reference}")
         response = self.request("PUT", url, scopes=(scope_for(repository, "pull,push"),), expected={201}, headers={"Content-Type": media_type}, body=lambda: data)
         response.close()
+        self._count_bytes(len(data))
         reported = response.headers.get("Docker-Content-Digest")
         if reported and reported != str(digest):
             raise ManifestDigestError("PUT", url, 201, (), f"registry reports {reported}, we computed {digest}")

@@ -1,0 +1,44 @@
+# batchpush: `make demo` and `make test` set everything up from nothing on Debian.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests and the demo run: the real registry, skopeo (the
+# independent checker), umoci (makes OCI layouts with gzip layers)
+DEBS   := docker-registry skopeo umoci
+
+.PHONY: setup system-deps demo test lint bench clean
+
+setup: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=""; \
+	[ -x /usr/bin/docker-registry ] || missing="$$missing docker-registry"; \
+	command -v skopeo >/dev/null || missing="$$missing skopeo"; \
+	command -v umoci >/dev/null || missing="$$missing umoci"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/python bench/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check batchpush tests bench
+	$(BIN)/mypy batchpush
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-data
