@@ -16,6 +16,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
+import xxhash
 from isal import isal_zlib
 
 from .digest import Digest
@@ -93,6 +94,15 @@ def compress_to_spool(blob: FileRange, spool_dir: str) -> CompressedBlob:
             os.unlink(tmp_path)
         raise
     return CompressedBlob(final, digest, size, Digest("sha256", input_hash.hexdigest()), blob.size)
+
+
+def fingerprint_blob(blob: FileRange) -> str:
+    """xxh3-128 of the blob's bytes: ~15x cheaper than sha256, to recognise a local
+    layer seen before (the store maps it to its DiffID and compressed digest)."""
+    hasher = xxhash.xxh3_128()
+    for chunk in read_chunks(blob):
+        hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def hash_blob(blob: FileRange, algorithm: str = "sha256") -> HashedBlob:

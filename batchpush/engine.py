@@ -92,7 +92,7 @@ class Engine:
         jobs = self.options.jobs or default_jobs()
         self._pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver")) if jobs > 1 else None
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
-        self.preparer = Preparer(self._spool, self._pool)
+        self.preparer = Preparer(self._spool, self.store, self._pool)
 
     def __enter__(self) -> Engine:
         return self
@@ -176,7 +176,7 @@ class Engine:
         progress = self.options.progress
         try:
             client = self.client(target.api_host)
-            layer_pusher = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials))
+            layer_pusher = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self.preparer.materialize)
             progress.repository(target.name)
             pushed = ImagePusher(layer_pusher, self._executors[target.api_host]).push(node, target.tag or "latest")
         except BatchPushError as exc:

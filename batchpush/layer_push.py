@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import mediatypes as mt
@@ -25,6 +26,7 @@ from .metadata import MetadataStore
 from .policy import V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
 from .prepare import PreparedLayer
 from .reference import Reference
+from .sources.base import FileRange
 from .registry.client import RegistryClient, UploadSession
 from .registry.errors import AuthError, RegistryError
 from .state import PushState, RemoteBlob
@@ -74,6 +76,7 @@ class LayerPusher:
         store: MetadataStore,
         hmac_key: bytes,
         *,
+        materialize: Callable[[PreparedLayer], FileRange],
         allow_nondistributable: bool = False,
     ) -> None:
         self.client = client
@@ -83,6 +86,8 @@ class LayerPusher:
         self.store = store
         self.hmac_key = hmac_key
         self.allow_nondistributable = allow_nondistributable
+        #: the layer's bytes, compressing them now if prepare only fingerprinted them
+        self.materialize = materialize
 
     def push(self, layer: PreparedLayer) -> LayerResult:
         """Make ``layer`` present in the target repository; raises RegistryError."""
@@ -187,15 +192,21 @@ class LayerPusher:
         return None
 
     def _upload(self, layer: PreparedLayer, session: UploadSession | None) -> LayerResult:
-        if layer.blob is None:
+        if layer.source.blob is None:
             raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes")
+        try:
+            blob = self.materialize(layer)
+        except BaseException:
+            if session is not None:
+                self.client.cancel_upload(self.repository, session)
+            raise
         if session is None:
             session = self.client.start_upload(self.repository)
         try:
-            sent = self.client.upload_blob(self.repository, session, layer.blob, layer.digest)
+            sent = self.client.upload_blob(self.repository, session, blob, layer.digest)
         except BaseException:
             self.client.cancel_upload(self.repository, session)
             raise
-        blob = RemoteBlob(layer.digest, layer.size, layer.media_type)
-        self._remember(layer, blob, layer.recipe)
-        return self._result(layer, blob, LayerOutcome.UPLOADED, sent)
+        remote = RemoteBlob(layer.digest, layer.size, layer.media_type)
+        self._remember(layer, remote, layer.recipe)
+        return self._result(layer, remote, LayerOutcome.UPLOADED, sent)

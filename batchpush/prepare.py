@@ -1,33 +1,40 @@
-"""Completes what a source knows into pushable layers: compress, hash, verify.
+"""Completes what a source knows into pushable layers: fingerprint, compress, verify.
 
-Every uncompressed layer is compressed once per batch (``compress.py``, in worker
-processes for large layers) and its DiffID checked against the config before
-anything of the image is pushed. Compressed layers are pushed as they are; their
-bytes are checked against their digest. One compression serves every target.
+A local layer is trusted only after checking its bytes. The first time, an
+uncompressed layer is compressed (``compress.py``, in worker processes for large
+layers) and its DiffID checked against the config; a compressed layer's bytes are
+checked against its digest. What was learned is kept in the metadata store under
+the layer's xxh3-128 fingerprint and size, so a later run that finds the same
+fingerprint knows the DiffID and the compressed digest after one xxhash pass, and
+compresses only if the layer must really be uploaded (``materialize``). Nothing
+is ever trusted on a path or an mtime. Each blob is done once per batch.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from . import mediatypes as mt
-from .compress import RECIPE, CompressedBlob, HashedBlob, compress_to_spool, hash_blob
+from .compress import RECIPE, CompressedBlob, HashedBlob, compress_to_spool, fingerprint_blob, hash_blob
 from .digest import Digest
 from .errors import DigestMismatchError
+from .metadata import Fingerprint, MetadataStore
 from .sources.base import Compression, FileRange, SourceIndex, SourceLayer, SourceManifest, SourceNode
 
-#: layers smaller than this are compressed in the calling thread, not shipped to a worker
+#: blobs smaller than this are handled in the calling thread, not shipped to a worker
 POOL_MIN_BYTES = 1 << 20
+#: the fingerprint "recipe" of a blob pushed as it is (its digest is its sha256)
+AS_IS = "as-is"
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedLayer:
     """A layer ready to push: the digest, size and media type it will have remotely
-    if we upload it, and where those bytes are."""
+    if we upload it, and where those bytes are (None: compressed on demand)."""
 
     source: SourceLayer
     diff_id: Digest | None
@@ -67,41 +74,53 @@ class PreparedIndex:
 PreparedNode = Union[PreparedManifest, PreparedIndex]
 
 
+def _compresses(layer: SourceLayer) -> bool:
+    return layer.compression is Compression.NONE and layer.descriptor.media_type in mt.GZIP_OF and not layer.is_foreign
+
+
 class Preparer:
-    """Prepares source nodes; layers shared by several images are done once.
+    """Prepares source nodes. ``pool`` runs the heavy passes of large blobs; without
+    one everything runs inline. Thread-safe."""
 
-    ``pool`` runs compression of large layers; without one everything runs inline.
-    """
-
-    def __init__(self, spool_dir: str, pool: cf.Executor | None = None) -> None:
+    def __init__(self, spool_dir: str, store: MetadataStore, pool: cf.Executor | None = None, *, use_fingerprints: bool = True) -> None:
         self.spool_dir = spool_dir
+        self.store = store
         self.pool = pool
-        self._done: dict[FileRange, cf.Future[CompressedBlob | HashedBlob]] = {}
+        self.use_fingerprints = use_fingerprints
+        self._lock = threading.Lock()
+        self._work: dict[tuple[str, FileRange], cf.Future[Any]] = {}
         self.bytes_read = 0
         self.bytes_compressed = 0
 
-    def _submit(self, blob: FileRange, fn: Callable[..., CompressedBlob | HashedBlob], *args: object) -> cf.Future[CompressedBlob | HashedBlob]:
-        future = self._done.get(blob)
-        if future is None or (future.done() and future.exception() is not None):
-            if self.pool is not None and blob.size >= POOL_MIN_BYTES:
-                future = self.pool.submit(fn, blob, *args)
-            else:
-                future = cf.Future()
-                try:
-                    future.set_result(fn(blob, *args))
-                except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-                    future.set_exception(exc)
-            self._done[blob] = future
+    # -- running passes once per blob ---------------------------------------
+    def _run(self, kind: str, blob: FileRange, fn: Callable[..., Any], *args: object) -> cf.Future[Any]:
+        """``fn(blob, *args)`` once per (kind, blob); a failed run is forgotten."""
+        inline = self.pool is None or blob.size < POOL_MIN_BYTES
+        with self._lock:
+            future = self._work.get((kind, blob))
+            if future is not None and not (future.done() and future.exception() is not None):
+                return future
+            future = cf.Future() if inline else self.pool.submit(fn, blob, *args)  # type: ignore[union-attr]
+            self._work[(kind, blob)] = future
             self.bytes_read += blob.size
+        if inline:
+            try:
+                future.set_result(fn(blob, *args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                future.set_exception(exc)
         return future
 
+    def _compress(self, blob: FileRange) -> cf.Future[CompressedBlob]:
+        return self._run("gzip", blob, compress_to_spool, self.spool_dir)
+
+    # -- preparing ----------------------------------------------------------
     def prepare(self, node: SourceNode) -> PreparedNode:
         """Raises SourceError / DigestMismatchError naming the file; nothing is pushed then."""
-        futures: dict[int, cf.Future[CompressedBlob | HashedBlob]] = {}
-        self._start(node, futures)
-        return self._finish(node, futures)
+        first: dict[int, cf.Future[Any]] = {}
+        self._start(node, first)
+        return self._finish(node, first)
 
-    def _start(self, node: SourceNode, futures: dict[int, cf.Future[CompressedBlob | HashedBlob]]) -> None:
+    def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> None:
         if isinstance(node, SourceIndex):
             for child in node.children:
                 self._start(child, futures)
@@ -109,42 +128,82 @@ class Preparer:
         for layer in node.layers:
             if layer.blob is None:
                 continue
-            if self._compresses(layer):
-                futures[id(layer)] = self._submit(layer.blob, compress_to_spool, self.spool_dir)
+            if self.use_fingerprints:
+                futures[id(layer)] = self._run("xxh3", layer.blob, fingerprint_blob)
+            elif _compresses(layer):
+                futures[id(layer)] = self._compress(layer.blob)
             else:
-                futures[id(layer)] = self._submit(layer.blob, hash_blob, layer.descriptor.digest.algorithm if layer.descriptor.digest else "sha256")
+                futures[id(layer)] = self._run("sha", layer.blob, hash_blob, self._algorithm(layer))
 
     @staticmethod
-    def _compresses(layer: SourceLayer) -> bool:
-        return layer.compression is Compression.NONE and layer.descriptor.media_type in mt.GZIP_OF and not layer.is_foreign
+    def _algorithm(layer: SourceLayer) -> str:
+        return layer.descriptor.digest.algorithm if layer.descriptor.digest else "sha256"
 
-    def _finish(self, node: SourceNode, futures: dict[int, cf.Future[CompressedBlob | HashedBlob]]) -> PreparedNode:
+    def _finish(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> PreparedNode:
         if isinstance(node, SourceIndex):
             return PreparedIndex(node, tuple(self._finish(child, futures) for child in node.children))
-        return PreparedManifest(node, tuple(self._layer(layer, futures.get(id(layer))) for layer in node.layers))
+        layers = []
+        for layer in node.layers:
+            future = futures.get(id(layer))
+            layers.append(self._foreign(layer) if future is None else self._layer(layer, future.result()))
+        return PreparedManifest(node, tuple(layers))
 
-    def _layer(self, layer: SourceLayer, future: cf.Future[CompressedBlob | HashedBlob] | None) -> PreparedLayer:
+    def _foreign(self, layer: SourceLayer) -> PreparedLayer:
         descriptor = layer.descriptor
-        if future is None:  # a foreign layer the source does not hold
-            assert descriptor.digest is not None
-            return PreparedLayer(layer, layer.diff_id, descriptor.digest, descriptor.size, descriptor.media_type, layer.compression.value, None)
-        result = future.result()
-        path = layer.blob.path if layer.blob else "?"
+        assert descriptor.digest is not None
+        return PreparedLayer(layer, layer.diff_id, descriptor.digest, descriptor.size, descriptor.media_type, layer.compression.value, None)
+
+    def _layer(self, layer: SourceLayer, first: str | CompressedBlob | HashedBlob) -> PreparedLayer:
+        assert layer.blob is not None
+        if isinstance(first, str):  # a fingerprint: look it up, else do the full pass now
+            recipe = RECIPE if _compresses(layer) else AS_IS
+            known = self.store.get_fingerprint(first, layer.blob.size, recipe)
+            if known is not None:
+                return self._from_fingerprint(layer, known)
+            result = (self._compress(layer.blob) if _compresses(layer) else self._run("sha", layer.blob, hash_blob, self._algorithm(layer))).result()
+            prepared = self._from_pass(layer, result)
+            fingerprint = Fingerprint(prepared.diff_id or prepared.digest, prepared.digest, prepared.size)
+            self.store.put_fingerprint(first, layer.blob.size, recipe, fingerprint)
+            return prepared
+        return self._from_pass(layer, first)
+
+    def _check_diff_id(self, layer: SourceLayer, actual: Digest) -> None:
+        if layer.diff_id is not None and actual != layer.diff_id:
+            raise DigestMismatchError(layer.blob.path if layer.blob else "?", "layer DiffID", str(layer.diff_id), str(actual))
+
+    def _from_fingerprint(self, layer: SourceLayer, known: Fingerprint) -> PreparedLayer:
+        descriptor = layer.descriptor
+        if _compresses(layer):
+            self._check_diff_id(layer, known.diff_id)
+            return PreparedLayer(layer, known.diff_id, known.digest, known.compressed_size, mt.GZIP_OF[descriptor.media_type], RECIPE, None)
+        return self._checked_as_is(layer, HashedBlob(known.digest, known.compressed_size))
+
+    def _from_pass(self, layer: SourceLayer, result: CompressedBlob | HashedBlob) -> PreparedLayer:
         if isinstance(result, CompressedBlob):
-            if layer.diff_id is not None and result.diff_id != layer.diff_id:
-                raise DigestMismatchError(path, "layer DiffID", str(layer.diff_id), str(result.diff_id))
-            self.bytes_compressed += result.size
-            return PreparedLayer(layer, result.diff_id, result.digest, result.size, mt.GZIP_OF[descriptor.media_type], RECIPE, result.blob)
+            self._check_diff_id(layer, result.diff_id)
+            with self._lock:
+                self.bytes_compressed += result.size
+            return PreparedLayer(layer, result.diff_id, result.digest, result.size, mt.GZIP_OF[layer.descriptor.media_type], RECIPE, result.blob)
+        return self._checked_as_is(layer, result)
+
+    def _checked_as_is(self, layer: SourceLayer, result: HashedBlob) -> PreparedLayer:
+        descriptor = layer.descriptor
+        path = layer.blob.path if layer.blob else "?"
         if descriptor.digest is not None and result.digest != descriptor.digest:
             raise DigestMismatchError(path, "layer digest", str(descriptor.digest), str(result.digest))
-        if layer.compression is Compression.NONE and layer.diff_id is not None and result.digest != layer.diff_id:
-            raise DigestMismatchError(path, "layer DiffID", str(layer.diff_id), str(result.digest))
+        if layer.compression is Compression.NONE:
+            self._check_diff_id(layer, result.digest)
         return PreparedLayer(layer, layer.diff_id, result.digest, result.size, descriptor.media_type, layer.compression.value, layer.blob)
 
-    def cleanup(self) -> None:
-        """Remove spooled files (the spool directory is the caller's)."""
-        for name in os.listdir(self.spool_dir):
-            try:
-                os.unlink(os.path.join(self.spool_dir, name))
-            except OSError:
-                pass
+    def materialize(self, layer: PreparedLayer) -> FileRange:
+        """The bytes of a layer prepared from its fingerprint: compressed now, and
+        checked to be exactly what the fingerprint promised."""
+        if layer.blob is not None:
+            return layer.blob
+        assert layer.source.blob is not None
+        result = self._compress(layer.source.blob).result()
+        with self._lock:
+            self.bytes_compressed += result.size
+        if result.digest != layer.digest or result.diff_id != layer.diff_id:
+            raise DigestMismatchError(layer.source.blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
+        return result.blob
