@@ -1,0 +1,86 @@
+"""The persistent DiffID <-> digest store."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+
+from batchpush.digest import Digest
+from batchpush.metadata import MAX_ENTRIES_PER_DIFF_ID, Fingerprint, MetadataStore
+from batchpush.policy import V2Metadata
+
+DIFF = Digest("sha256", "d" * 64)
+
+
+def digest(i: int) -> Digest:
+    return Digest("sha256", f"{i:064x}")
+
+
+def test_add_get_remove_and_order(tmp_path):
+    store = MetadataStore(str(tmp_path))
+    a = V2Metadata(digest(1), "reg/a", "h1", "gzip-isal-l1")
+    b = V2Metadata(digest(2), "reg/b", "", "")
+    store.add(DIFF, a)
+    store.add(DIFF, b)
+    assert store.get_metadata(DIFF) == [a, b]  # oldest first
+    store.add(DIFF, a)  # re-adding makes it the youngest, no duplicate
+    assert store.get_metadata(DIFF) == [b, a]
+    assert store.get_diff_id(digest(1)) == DIFF
+    store.remove(b)
+    assert store.get_metadata(DIFF) == [a]
+    assert store.get_diff_id(digest(2)) is None
+
+
+def test_cap_drops_the_oldest(tmp_path):
+    store = MetadataStore(str(tmp_path))
+    for i in range(MAX_ENTRIES_PER_DIFF_ID + 7):
+        store.add(DIFF, V2Metadata(digest(i), f"reg/r{i}"))
+    entries = store.get_metadata(DIFF)
+    assert len(entries) == MAX_ENTRIES_PER_DIFF_ID == 50
+    assert entries[0].source_repository == "reg/r7"
+    assert entries[-1].source_repository == f"reg/r{MAX_ENTRIES_PER_DIFF_ID + 6}"
+
+
+def test_file_mode_and_no_secrets(tmp_path):
+    store = MetadataStore(str(tmp_path / "md"))
+    store.add(DIFF, V2Metadata(digest(1), "reg/a", "ab" * 32))
+    store.close()
+    mode = stat.S_IMODE(os.stat(store.path).st_mode)
+    assert mode == 0o600
+
+
+def test_fingerprints(tmp_path):
+    store = MetadataStore(str(tmp_path))
+    fp = Fingerprint(DIFF, digest(9), 1234)
+    assert store.get_fingerprint("ff" * 16, 10, "gzip-isal-l1") is None
+    store.put_fingerprint("ff" * 16, 10, "gzip-isal-l1", fp)
+    assert store.get_fingerprint("ff" * 16, 10, "gzip-isal-l1") == fp
+    assert store.get_fingerprint("ff" * 16, 11, "gzip-isal-l1") is None
+    assert store.get_fingerprint("ff" * 16, 10, "other") is None
+
+
+def _writer(directory: str, worker: int, count: int) -> None:
+    store = MetadataStore(directory)
+    for i in range(count):
+        store.add(Digest("sha256", f"{i % 5:064x}"), V2Metadata(Digest("sha256", f"{worker * 1000 + i:064x}"), f"reg/w{worker}/r{i}"))
+        if i % 7 == 0:
+            store.put_fingerprint(f"{worker:032x}", i, "gzip-isal-l1", Fingerprint(DIFF, digest(i), i))
+    store.close()
+
+
+def test_concurrent_writers_from_several_processes(tmp_path):
+    directory = str(tmp_path / "shared")
+    MetadataStore(directory).close()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_writer, args=(directory, w, 60)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+        assert p.exitcode == 0
+    store = MetadataStore(directory)
+    for i in range(5):
+        entries = store.get_metadata(Digest("sha256", f"{i:064x}"))
+        assert len(entries) == 48  # 4 workers x 12 adds each, under the cap
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,0 +1,125 @@
+"""Digest, reference and challenge parsing; the compression recipe."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchpush.compress import RECIPE, compress_to_spool, fingerprint_blob
+from batchpush.digest import Digest, InvalidDigestError
+from batchpush.errors import BatchPushError, ReferenceError_
+from batchpush.reference import parse_reference
+from batchpush.registry.auth import parse_challenges
+from batchpush.registry.errors import redact_url
+from batchpush.sources import FileRange, UsageError, open_source
+from batchpush.sources.docker_archive import DockerArchive
+from batchpush.sources.oci_layout import OCILayout
+
+
+@pytest.mark.parametrize("text", ["sha256:" + "a" * 64, "sha512:" + "0" * 128])
+def test_digest_accepts(text):
+    assert str(Digest.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["", "sha256:", "sha256:" + "A" * 64, "sha256:" + "a" * 63, "md5:" + "a" * 32, "sha256:../../etc/passwd", "a" * 64, "sha256:" + "g" * 64])
+def test_digest_refuses(text):
+    with pytest.raises(InvalidDigestError):
+        Digest.parse(text)
+
+
+@given(st.text(max_size=200))
+def test_digest_parser_never_crashes(text):
+    try:
+        digest = Digest.parse(text)
+    except InvalidDigestError:
+        return
+    assert "/" not in digest.hex and ".." not in digest.hex
+
+
+@pytest.mark.parametrize(
+    ("text", "registry", "repository", "tag"),
+    [
+        ("127.0.0.1:5000/team/app:1.2", "127.0.0.1:5000", "team/app", "1.2"),
+        ("registry.example:5000/team/app", "registry.example:5000", "team/app", None),
+        ("localhost/app", "localhost", "app", None),
+        ("ubuntu", "docker.io", "library/ubuntu", None),
+        ("user/app:latest", "docker.io", "user/app", "latest"),
+        ("[::1]:5000/a/b:t", "[::1]:5000", "a/b", "t"),
+    ],
+)
+def test_reference_parsing(text, registry, repository, tag):
+    ref = parse_reference(text)
+    assert (ref.registry, ref.repository, ref.tag) == (registry, repository, tag)
+
+
+@pytest.mark.parametrize("text", ["", "127.0.0.1:5000/Team/app", "reg.example/a//b", "reg.example/a:b:c", "reg.example/app:" + "t" * 200, "reg.example/a@sha256:zz"])
+def test_reference_refuses(text):
+    with pytest.raises(ReferenceError_):
+        parse_reference(text)
+
+
+@given(st.text(max_size=300))
+def test_reference_parser_never_crashes(text):
+    try:
+        parse_reference(text)
+    except BatchPushError:
+        pass
+
+
+def test_challenge_parsing():
+    [bearer] = parse_challenges('Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push"')
+    assert bearer.scheme == "bearer"
+    assert bearer.params == {"realm": "https://auth.example/token", "service": "registry.example", "scope": "repository:a/b:pull,push"}
+    [basic] = parse_challenges('Basic realm="basic-realm"')
+    assert basic.scheme == "basic" and basic.params["realm"] == "basic-realm"
+    both = parse_challenges('Basic realm="x", Bearer realm="https://t/token",service=s')
+    assert [c.scheme for c in both] == ["basic", "bearer"]
+    assert both[1].params["service"] == "s"
+
+
+def test_redact_url_drops_query_and_userinfo():
+    assert redact_url("http://u:p@127.0.0.1:5000/v2/a/blobs/uploads/abc?_state=SECRET&digest=x") == "http://127.0.0.1:5000/v2/a/blobs/uploads/abc"
+
+
+def test_recipe_is_deterministic_and_round_trips(tmp_path):
+    data = os.urandom(300_000) + b"abc" * 2_000_000
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+    blob = FileRange(str(path), 0, len(data))
+    spools = [tmp_path / "s1", tmp_path / "s2"]
+    results = []
+    for spool in spools:
+        spool.mkdir()
+        results.append(compress_to_spool(blob, str(spool)))
+    assert results[0].digest == results[1].digest
+    assert results[0].recipe == RECIPE == "gzip-isal-l1"
+    compressed = open(results[0].path, "rb").read()
+    assert compressed[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, mtime 0
+    assert gzip.decompress(compressed) == data
+    assert str(results[0].diff_id) == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert str(results[0].digest) == "sha256:" + hashlib.sha256(compressed).hexdigest()
+    assert len(fingerprint_blob(blob)) == 32
+
+
+def test_file_range_reads_in_place_and_detects_truncation(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    assert FileRange(str(path), 2, 5).read_all(100) == b"23456"
+    with pytest.raises(BatchPushError, match="truncated"):
+        FileRange(str(path), 8, 5).read_all(100)
+
+
+def test_source_spec_parsing():
+    oci = open_source("oci:./layouts/app:1.2")
+    assert isinstance(oci, OCILayout) and (oci.path, oci.tag) == ("./layouts/app", "1.2")
+    archive = open_source("docker-archive:./app.tar:team/app:1.0")
+    assert isinstance(archive, DockerArchive) and (archive.path, archive.ref) == ("./app.tar", "team/app:1.0")
+    assert open_source("docker-archive:/x/app.tar").ref is None  # type: ignore[attr-defined]
+    for bad in ("docker://x", "oci:", "dir:/x"):
+        with pytest.raises(UsageError):
+            open_source(bad)
