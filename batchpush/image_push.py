@@ -79,7 +79,7 @@ class ImagePusher:
 
     def _push_manifest(self, node: PreparedManifest, reference: str | None) -> PushedManifest:
         futures = [self.executor.submit(self.layers.push, layer) for layer in node.layers]
-        futures.append(self.executor.submit(self._push_config, node.source))
+        futures.append(self.executor.submit(self.layers.push, node.config))
         cf.wait(futures)
         for future in futures:
             future.result()  # the first failure is raised; no manifest is written
@@ -88,18 +88,6 @@ class ImagePusher:
         media_type = node.source.media_type
         digest = self.client.put_manifest(self.repository, reference or str(Digest.sha256_of(data)), media_type, data)
         return PushedManifest(digest, len(data), media_type, tuple(layers))  # type: ignore[arg-type]
-
-    def _push_config(self, source: SourceManifest) -> None:
-        digest = source.config_descriptor.digest
-        assert digest is not None
-        if self.client.head_blob(self.repository, digest) is not None:
-            return
-        session = self.client.start_upload(self.repository)
-        try:
-            self.client.upload_blob(self.repository, session, source.config_blob, digest)
-        except BaseException:
-            self.client.cancel_upload(self.repository, session)
-            raise
 
     def _push_index(self, node: PreparedIndex, reference: str | None) -> PushedManifest:
         children = [self._push_node(child, None) for child in node.children]

@@ -63,6 +63,9 @@ class PreparedLayer:
 class PreparedManifest:
     source: SourceManifest
     layers: tuple[PreparedLayer, ...]
+    #: the config, pushed as a blob through the same path as a layer (so it is
+    #: mounted like one); its bytes were checked when the source was read
+    config: PreparedLayer
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +149,10 @@ class Preparer:
         for layer in node.layers:
             future = futures.get(id(layer))
             layers.append(self._foreign(layer) if future is None else self._layer(layer, future.result()))
-        return PreparedManifest(node, tuple(layers))
+        config = node.config_descriptor
+        assert config.digest is not None
+        source = SourceLayer(config, None, node.config_blob, Compression.NONE)
+        return PreparedManifest(node, tuple(layers), PreparedLayer(source, None, config.digest, config.size, config.media_type, AS_IS, node.config_blob))
 
     def _foreign(self, layer: SourceLayer) -> PreparedLayer:
         descriptor = layer.descriptor

@@ -117,3 +117,16 @@ def pull_and_verify(registry: Registry, ref: str, dest: str) -> list[PulledImage
         index = json.loads(_blob(dest, top["digest"]))
         return [_check_manifest(dest, child["digest"]) for child in index["manifests"]]
     return [_check_manifest(dest, top["digest"])]
+
+
+@pytest.fixture
+def token_registry(tmp_path):
+    """The real registry in token-auth mode, with our issuer; users alice and bob."""
+    from token_issuer import TokenIssuer
+
+    _require(REGISTRY_BINARY, "docker-registry")
+    issuer = TokenIssuer(str(tmp_path), {"alice": "alice-secret-pw", "bob": "bob-secret-pw"})
+    started = start_registry(str(tmp_path), issuer.registry_config())
+    yield started, issuer
+    started.stop()
+    issuer.stop()

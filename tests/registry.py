@@ -42,6 +42,15 @@ class Registry:
     def count(self, method: str, path_part: str = "") -> int:
         return sum(1 for line in self.access_log() if f'"{method} ' in line and path_part in line)
 
+    def restart(self, *, wipe: bool = False) -> None:
+        """Stop and start again on the same port; ``wipe`` loses its storage first."""
+        self.stop()
+        if wipe:
+            wipe_storage(self)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.process = subprocess.Popen(self.process.args, stdout=log, stderr=subprocess.STDOUT)  # type: ignore[arg-type]
+        _wait_ready(self)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -80,13 +89,18 @@ def start_registry(workdir: str, extra: dict[str, Any] | None = None, scheme: st
     log = open(log_path, "wb")  # noqa: SIM115 - owned by the process
     process = subprocess.Popen([REGISTRY_BINARY, "serve", config_path], stdout=log, stderr=subprocess.STDOUT)
     registry = Registry(f"127.0.0.1:{port}", root, log_path, process, scheme)
+    _wait_ready(registry)
+    return registry
+
+
+def _wait_ready(registry: Registry) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"registry exited: {open(log_path).read()[-2000:]}")
+        if registry.process.poll() is not None:
+            raise RuntimeError(f"registry exited: {open(registry.log_path).read()[-2000:]}")
         try:
             requests.get(f"{registry.url}/v2/", timeout=1, verify=False)
-            return registry
+            return
         except requests.RequestException:
             time.sleep(0.05)
     registry.stop()
