@@ -4,11 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine import Engine, PushJob, PushOptions, push  # noqa: E402
-from .errors import BatchPushError, DigestMismatchError, PlanError, SourceError, UsageError  # noqa: E402
-from .layer_push import LayerOutcome, LayerResult  # noqa: E402
-from .registry import Credentials, RegistryError, RegistryOptions  # noqa: E402
-from .report import BatchResult, ImageResult  # noqa: E402
+from .engine import Engine, PushJob, PushOptions, push
+from .errors import BatchPushError, DigestMismatchError, PlanError, SourceError, UsageError
+from .layer_push import LayerOutcome, LayerResult
+from .registry import Credentials, RegistryError, RegistryOptions
+from .report import BatchResult, ImageResult
 
 __all__ = [
     "BatchPushError",

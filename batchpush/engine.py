@@ -72,7 +72,7 @@ def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tup
         if len(images) != 1:
             raise UsageError(f"{target}: the source holds {len(images)} images; give a target without a tag to push them all, or select one in the source")
         return [(images[0], target)]
-    pairs = []
+    pairs: list[tuple[SourceImage, Reference]] = []
     for image in images:
         if not image.tags:
             raise SourceError(image.name, f"the image has no tag; name one in the target ({target.name}:TAG)")

@@ -26,9 +26,9 @@ from .metadata import MetadataStore
 from .policy import V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
 from .prepare import PreparedLayer
 from .reference import Reference
-from .sources.base import FileRange
 from .registry.client import RegistryClient, UploadSession
 from .registry.errors import AuthError, RegistryError
+from .sources.base import FileRange
 from .state import PushState, RemoteBlob
 
 log = logging.getLogger(__name__)

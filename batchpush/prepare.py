@@ -16,7 +16,7 @@ import concurrent.futures as cf
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from . import mediatypes as mt
 from .compress import RECIPE, CompressedBlob, HashedBlob, compress_to_spool, fingerprint_blob, hash_blob
@@ -74,7 +74,7 @@ class PreparedIndex:
     children: tuple[PreparedNode, ...]
 
 
-PreparedNode = Union[PreparedManifest, PreparedIndex]
+PreparedNode = PreparedManifest | PreparedIndex
 
 
 def _compresses(layer: SourceLayer) -> bool:
@@ -109,7 +109,7 @@ class Preparer:
         if inline:
             try:
                 future.set_result(fn(blob, *args))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            except BaseException as exc:
                 future.set_exception(exc)
         return future
 

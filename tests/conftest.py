@@ -16,9 +16,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from registry import REGISTRY_BINARY, Registry, start_registry  # noqa: E402
+from registry import REGISTRY_BINARY, Registry, start_registry
 
-from batchpush.cli import main  # noqa: E402
+from batchpush.cli import main
 
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
 

@@ -47,7 +47,7 @@ class Registry:
         self.stop()
         if wipe:
             wipe_storage(self)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.process.args, stdout=log, stderr=subprocess.STDOUT)  # type: ignore[arg-type]
         _wait_ready(self)
 
@@ -86,7 +86,7 @@ def start_registry(workdir: str, extra: dict[str, Any] | None = None, scheme: st
     with open(config_path, "w") as out:
         yaml.safe_dump(config, out)
     log_path = os.path.join(root, "registry.log")
-    log = open(log_path, "wb")  # noqa: SIM115 - owned by the process
+    log = open(log_path, "wb")
     process = subprocess.Popen([REGISTRY_BINARY, "serve", config_path], stdout=log, stderr=subprocess.STDOUT)
     registry = Registry(f"127.0.0.1:{port}", root, log_path, process, scheme)
     _wait_ready(registry)

@@ -119,3 +119,22 @@ def test_candidates_of_the_current_credentials_come_first(token_registry, tmp_pa
     for repository in ("c/z", "d/w"):
         assert pull_and_verify(registry, f"{repository}:1.0", str(tmp_path / repository.replace("/", "-")))[0].diff_ids == image.diff_ids
     assert {"alice", "bob"} <= {r["subject"] for r in issuer.requests}  # (skopeo's pulls are anonymous)
+
+
+def test_two_runs_at_once_share_the_store(registry, tmp_path, metadata_dir):
+    three_tier_layout(str(tmp_path / "layout"))
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path}/layout", f"{registry.host}/cron/{name}", "--insecure", registry.host, "--metadata-dir", metadata_dir, "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name in ("one", "two", "three")
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    store = MetadataStore(metadata_dir)
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    for name in ("one", "two", "three"):
+        pull_and_verify(registry, f"cron/{name}:1.0", str(tmp_path / name))

@@ -36,7 +36,7 @@ class TokenIssuer:
         self.requests: list[dict[str, Any]] = []
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "batchpush test token signer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -57,7 +57,7 @@ class TokenIssuer:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 issuer._serve(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -95,7 +95,7 @@ class TokenIssuer:
             granted = actions.split(",") if subject else [a for a in actions.split(",") if a == "pull"]
             access.append({"type": kind, "name": name, "actions": granted})
         self.requests.append({"subject": subject, "scopes": query.get("scope", [])})
-        body = json.dumps({"token": self.sign(subject, access), "expires_in": self.ttl_s, "issued_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}).encode()
+        body = json.dumps({"token": self.sign(subject, access), "expires_in": self.ttl_s, "issued_at": datetime.datetime.now(datetime.UTC).isoformat()}).encode()
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))

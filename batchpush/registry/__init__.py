@@ -1,6 +1,6 @@
 """Talking to OCI distribution registries."""
 
-from .auth import Credentials, CredentialProvider, no_credentials
+from .auth import CredentialProvider, Credentials, no_credentials
 from .client import RegistryClient, RegistryOptions, UploadSession
 from .errors import AuthError, ManifestDigestError, RegistryError
 

@@ -9,6 +9,7 @@ caller's (one policy around a whole step sequence, never nested here).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -224,10 +225,8 @@ class RegistryClient:
 
     def cancel_upload(self, repository: str, session: UploadSession) -> None:
         """``DELETE`` an abandoned upload session; failures are ignored."""
-        try:
+        with contextlib.suppress(RegistryError):
             self.request("DELETE", session.location, scopes=(scope_for(repository, "pull,push"),), expected=set(range(200, 600))).close()
-        except RegistryError:
-            pass
 
     def upload_blob(self, repository: str, session: UploadSession, blob: FileRange, digest: Digest) -> int:
         """Send the blob through ``session`` and commit it; returns the bytes sent.

@@ -12,7 +12,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol, Union
+from typing import Any, BinaryIO, Protocol
 
 from ..digest import CHUNK_BYTES, Digest
 from ..errors import SourceError
@@ -48,7 +48,7 @@ class FileRange:
 
     def open(self) -> BinaryIO:
         """A reader over exactly this range; a file shorter than the range is a SourceError."""
-        return _RangeReader(self)
+        return _RangeReader(self)  # type: ignore[return-value]
 
     def read_all(self, limit_bytes: int) -> bytes:
         if self.size > limit_bytes:
@@ -163,7 +163,7 @@ class SourceIndex:
     children: tuple[SourceNode, ...]
 
 
-SourceNode = Union[SourceManifest, SourceIndex]
+SourceNode = SourceManifest | SourceIndex
 
 
 @dataclass(frozen=True, slots=True)

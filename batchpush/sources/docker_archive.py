@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import mediatypes as mt
 from ..digest import Digest
-from ..errors import SourceError
+from ..errors import BatchPushError, SourceError
 from ..reference import parse_reference
 from .base import (
     Compression,
@@ -118,8 +118,8 @@ class DockerArchive:
         for i, entry in enumerate(entries):
             for repo_tag in (entry.get("RepoTags") or []) if isinstance(entry, dict) else []:
                 try:
-                    have = parse_reference(repo_tag)
-                except Exception:  # noqa: BLE001 - an odd RepoTags entry just doesn't match
+                    have = parse_reference(str(repo_tag))
+                except BatchPushError:  # an odd RepoTags entry just doesn't match
                     continue
                 if (have.name, have.tag) == (wanted.name, wanted.tag or "latest"):
                     return [(i, entry)]
@@ -135,7 +135,8 @@ class DockerArchive:
         diff_ids = diff_ids_of(config_document, self.path)
         if diff_ids is None or len(diff_ids) != len(entry["Layers"]):
             raise SourceError(self.path, f"image config {entry['Config']!r} lists {len(diff_ids or [])} DiffIDs for {len(entry['Layers'])} layers", image=label)
-        foreign = entry.get("LayerSources") if isinstance(entry.get("LayerSources"), dict) else {}
+        sources = entry.get("LayerSources")
+        foreign: dict[str, Any] = sources if isinstance(sources, dict) else {}
         layers = []
         for name, diff_id in zip(entry["Layers"], diff_ids, strict=True):
             layers.append(self._layer(name, diff_id, foreign.get(str(diff_id))))
@@ -143,7 +144,7 @@ class DockerArchive:
         for repo_tag in entry.get("RepoTags") or []:
             try:
                 tag = parse_reference(repo_tag).tag
-            except Exception:  # noqa: BLE001
+            except BatchPushError:
                 raise SourceError(self.path, f"bad RepoTags entry {repo_tag!r}", image=label) from None
             if tag and tag not in tags:
                 tags.append(tag)
