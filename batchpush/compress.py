@@ -41,6 +41,8 @@ class CompressedBlob:
     size: int
     diff_id: Digest
     uncompressed_size: int
+    #: xxh3-128 of the input, for the fingerprint cache
+    fingerprint: str
     recipe: str = RECIPE
 
     @property
@@ -52,6 +54,8 @@ class CompressedBlob:
 class HashedBlob:
     digest: Digest
     size: int
+    #: xxh3-128 of the bytes, for the fingerprint cache
+    fingerprint: str
 
 
 def gzip_chunks(chunks, on_input=None):  # type: ignore[no-untyped-def]
@@ -77,12 +81,17 @@ def compress_to_spool(blob: FileRange, spool_dir: str) -> CompressedBlob:
     Raises SourceError if the source is short. The caller compares ``diff_id``.
     """
     input_hash = hashlib.sha256()
+    input_fingerprint = xxhash.xxh3_128()
     output_hash = hashlib.sha256()
     size = 0
     fd, tmp_path = tempfile.mkstemp(dir=spool_dir, prefix=".partial-")
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            for piece in gzip_chunks(read_chunks(blob), input_hash.update):
+            def on_input(chunk: bytes) -> None:
+                input_hash.update(chunk)
+                input_fingerprint.update(chunk)
+
+            for piece in gzip_chunks(read_chunks(blob), on_input):
                 output_hash.update(piece)
                 out.write(piece)
                 size += len(piece)
@@ -93,7 +102,7 @@ def compress_to_spool(blob: FileRange, spool_dir: str) -> CompressedBlob:
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
         raise
-    return CompressedBlob(final, digest, size, Digest("sha256", input_hash.hexdigest()), blob.size)
+    return CompressedBlob(final, digest, size, Digest("sha256", input_hash.hexdigest()), blob.size, input_fingerprint.hexdigest())
 
 
 def fingerprint_blob(blob: FileRange) -> str:
@@ -108,6 +117,8 @@ def fingerprint_blob(blob: FileRange) -> str:
 def hash_blob(blob: FileRange, algorithm: str = "sha256") -> HashedBlob:
     """The digest of a blob read in place (compressed layers are pushed as they are)."""
     hasher = hashlib.new(algorithm)
+    fingerprint = xxhash.xxh3_128()
     for chunk in read_chunks(blob):
         hasher.update(chunk)
-    return HashedBlob(Digest(algorithm, hasher.hexdigest()), blob.size)
+        fingerprint.update(chunk)
+    return HashedBlob(Digest(algorithm, hasher.hexdigest()), blob.size, fingerprint.hexdigest())

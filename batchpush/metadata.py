@@ -133,6 +133,12 @@ class MetadataStore:
             row = self._db.execute("SELECT diff_id, digest, compressed_size FROM fingerprints WHERE xxh3_128 = ? AND size = ? AND recipe = ?", (xxh3_128, size, recipe)).fetchone()
         return Fingerprint(Digest.parse(row[0]), Digest.parse(row[1]), row[2]) if row else None
 
+    def has_fingerprints(self, size: int, recipe: str) -> bool:
+        """Whether any layer of this size was fingerprinted: if not, a fingerprint
+        pass could only miss, and the full pass runs at once."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM fingerprints WHERE size = ? AND recipe = ? LIMIT 1", (size, recipe)).fetchone() is not None
+
     def put_fingerprint(self, xxh3_128: str, size: int, recipe: str, fingerprint: Fingerprint) -> None:
         with self._transaction() as db:
             db.execute(

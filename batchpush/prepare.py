@@ -81,6 +81,10 @@ def _compresses(layer: SourceLayer) -> bool:
     return layer.compression is Compression.NONE and layer.descriptor.media_type in mt.GZIP_OF and not layer.is_foreign
 
 
+def _recipe(layer: SourceLayer) -> str:
+    return RECIPE if _compresses(layer) else AS_IS
+
+
 class Preparer:
     """Prepares source nodes. ``pool`` runs the heavy passes of large blobs; without
     one everything runs inline. Thread-safe."""
@@ -131,12 +135,16 @@ class Preparer:
         for layer in node.layers:
             if layer.blob is None:
                 continue
-            if self.use_fingerprints:
+            if self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
                 futures[id(layer)] = self._run("xxh3", layer.blob, fingerprint_blob)
-            elif _compresses(layer):
-                futures[id(layer)] = self._compress(layer.blob)
             else:
-                futures[id(layer)] = self._run("sha", layer.blob, hash_blob, self._algorithm(layer))
+                futures[id(layer)] = self._full_pass(layer)
+
+    def _full_pass(self, layer: SourceLayer) -> cf.Future[CompressedBlob | HashedBlob]:
+        assert layer.blob is not None
+        if _compresses(layer):
+            return self._compress(layer.blob)
+        return self._run("sha", layer.blob, hash_blob, self._algorithm(layer))
 
     @staticmethod
     def _algorithm(layer: SourceLayer) -> str:
@@ -162,16 +170,15 @@ class Preparer:
     def _layer(self, layer: SourceLayer, first: str | CompressedBlob | HashedBlob) -> PreparedLayer:
         assert layer.blob is not None
         if isinstance(first, str):  # a fingerprint: look it up, else do the full pass now
-            recipe = RECIPE if _compresses(layer) else AS_IS
-            known = self.store.get_fingerprint(first, layer.blob.size, recipe)
+            known = self.store.get_fingerprint(first, layer.blob.size, _recipe(layer))
             if known is not None:
                 return self._from_fingerprint(layer, known)
-            result = (self._compress(layer.blob) if _compresses(layer) else self._run("sha", layer.blob, hash_blob, self._algorithm(layer))).result()
-            prepared = self._from_pass(layer, result)
+            first = self._full_pass(layer).result()
+        prepared = self._from_pass(layer, first)
+        if self.use_fingerprints:
             fingerprint = Fingerprint(prepared.diff_id or prepared.digest, prepared.digest, prepared.size)
-            self.store.put_fingerprint(first, layer.blob.size, recipe, fingerprint)
-            return prepared
-        return self._from_pass(layer, first)
+            self.store.put_fingerprint(first.fingerprint, layer.blob.size, _recipe(layer), fingerprint)
+        return prepared
 
     def _check_diff_id(self, layer: SourceLayer, actual: Digest) -> None:
         if layer.diff_id is not None and actual != layer.diff_id:
