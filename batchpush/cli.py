@@ -9,10 +9,13 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .engine import Engine, PushJob, PushOptions
+from .engine import DEFAULT_MAX_CONCURRENT_IMAGES, Engine, PushJob, PushOptions
 from .errors import BatchPushError
-from .progress import PlainProgress
+from .outcome import LayerOutcome
+from .plan import load_plan
+from .progress import PlainProgress, Progress, RichProgress
 from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
+from .report import BatchResult
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -36,6 +39,16 @@ def _size(text: str) -> int:
     return int(match.group(1)) * units[match.group(2)]
 
 
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
+    parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
+    parser.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
+    parser.add_argument("--max-concurrent-images", type=int, default=DEFAULT_MAX_CONCURRENT_IMAGES, metavar="N", help="images pushed at once")
+    parser.add_argument("--dry-run", action="store_true", help="print what would happen, with read requests only")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument("--debug", action="store_true", help="log every request (secrets and upload state redacted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchpush", description="Push container images to OCI registries in bulk.")
     parser.add_argument("--version", action="version", version=f"batchpush {__version__}")
@@ -44,14 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("source", help="oci:PATH[:TAG] or docker-archive:PATH[:REF]")
     push.add_argument("targets", nargs="+", metavar="TARGET", help="REGISTRY/REPOSITORY[:TAG]; without a tag, the source's tags")
     push.add_argument("--insecure", action="append", default=[], metavar="HOST[:PORT]", help="plain HTTP or unverified TLS for this host (repeatable)")
-    push.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
-    push.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
-    push.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
     push.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE_BYTES, metavar="SIZE", help="PATCH size of chunked uploads")
     push.add_argument("--monolithic-limit", type=_size, default=DEFAULT_MONOLITHIC_LIMIT_BYTES, metavar="SIZE", help="blobs above this size are sent in chunks")
-    push.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    push.add_argument("--debug", action="store_true", help="log every request (secrets and upload state redacted)")
+    _common(push)
+    run = commands.add_parser("run", help="run a plan file: many sources to many repositories and registries")
+    run.add_argument("plan", metavar="PLAN", help="a plan file (YAML or JSON), see README")
+    run.add_argument("--insecure", action="append", default=[], metavar="HOST[:PORT]", help="plain HTTP or unverified TLS for this host (repeatable)")
+    _common(run)
     return parser
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    if sys.stdout.isatty() and not args.debug and not args.quiet:
+        return RichProgress()
+    return PlainProgress(quiet=args.quiet)
+
+
+def _print_dry_run(result: BatchResult) -> None:
+    total = 0
+    for image in result.images:
+        if image.status != "dry-run":
+            print(f"{image.target}: {image.status}" + (f" ({image.digest})" if image.digest else ""))
+            continue
+        print(f"{image.target}:")
+        for layer in image.layers:
+            where = f" from {layer.mounted_from}" if layer.mounted_from else ""
+            sent = f" {layer.bytes_sent} bytes" if layer.outcome is LayerOutcome.UPLOADED else ""
+            print(f"  {layer.digest}: {'upload' if layer.outcome is LayerOutcome.UPLOADED else layer.outcome.value}{where}{sent}")
+            total += layer.bytes_sent
+    print(f"would send {total} bytes of layers")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,22 +95,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if exc.code else EXIT_OK
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler])
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler], force=True)
+    try:
+        if args.command == "run":
+            plan = load_plan(args.plan)
+            defaults, registries, jobs = plan.defaults, plan.registries, plan.jobs()
+        else:
+            defaults = RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit)
+            registries, jobs = {}, iter([PushJob(args.source, tuple(args.targets))])
+    except BatchPushError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    progress = _progress(args)
     options = PushOptions(
-        registry_defaults=RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit),
+        registry_defaults=defaults,
+        registries=registries,
         insecure_hosts=frozenset(args.insecure),
         metadata_dir=args.metadata_dir,
         jobs=args.jobs,
-        progress=PlainProgress(quiet=args.quiet),
+        max_concurrent_images=args.max_concurrent_images,
+        dry_run=args.dry_run,
+        progress=progress,
     )
     try:
         with Engine(options) as engine:
-            result = engine.run([PushJob(args.source, tuple(args.targets))])
+            result = engine.run(jobs)
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        progress.close()
     if args.report:
         result.write(args.report)
+    if args.dry_run:
+        _print_dry_run(result)
     if any(image.error_kind == "usage" for image in result.images):
         return EXIT_USAGE
     return result.exit_code

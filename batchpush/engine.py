@@ -1,7 +1,12 @@
 """The batch: sources to targets, with shared state, pools and independent failures.
 
-Each source is opened and its images prepared once (compressed in a process pool,
-verified); each prepared image is then pushed to every target. An image that fails
+Jobs are expanded lazily into (source image, target) pushes, which run on a thread
+pool, a bounded number in flight (so memory stays flat for any plan size). Each
+source image is prepared once — compressed in a process pool, verified — and that
+serves every target and every retry; its spooled files are released when its
+last target is done. Within an image, layers go up on the target registry's own
+bounded pool. One PushState spans the batch: a blob uploaded to R/x is the first
+mount candidate for R/y, single-flight per (registry, blob). An image that fails
 gets no manifest and is reported with its error; the others go on.
 """
 
@@ -9,10 +14,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import re
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import psutil
@@ -33,6 +40,8 @@ from .state import PushState
 
 #: memory one compression worker may need (isal state, buffers, interpreter)
 WORKER_MEMORY_BYTES = 256 << 20
+#: (image, target) pushes running at once
+DEFAULT_MAX_CONCURRENT_IMAGES = 8
 
 
 def default_jobs() -> int:
@@ -54,15 +63,22 @@ class PushOptions:
     metadata_dir: str | None = None
     #: compression worker processes; None: from cores and memory
     jobs: int | None = None
+    #: (image, target) pushes at once
+    max_concurrent_images: int = DEFAULT_MAX_CONCURRENT_IMAGES
     #: where compressed layers are spooled; None: the system temp directory
     spool_dir: str | None = None
+    #: say what would happen, with read requests only
+    dry_run: bool = False
     progress: Progress = field(default_factory=NoProgress)
 
 
 @dataclass(frozen=True, slots=True)
 class PushJob:
+    """One source to some targets; ``tags`` filters the source's tags."""
+
     source: str
     targets: tuple[str, ...]
+    tags: re.Pattern[str] | None = None
 
 
 def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tuple[SourceImage, Reference]]:
@@ -80,6 +96,25 @@ def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tup
     return pairs
 
 
+class _Entry:
+    """A source image shared by its targets: prepared once, released after the last."""
+
+    def __init__(self, image: SourceImage, uses: int) -> None:
+        self.image = image
+        self.uses = uses
+        self.lock = threading.Lock()
+        self.node: PreparedNode | BatchPushError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    source: str
+    target: str
+    entry: _Entry | None = None
+    reference: Reference | None = None
+    error: BatchPushError | None = None
+
+
 class Engine:
     """Runs push jobs. Use as a context manager; closes pools, sessions and the spool."""
 
@@ -89,6 +124,7 @@ class Engine:
         self.store = MetadataStore(self.options.metadata_dir)
         self._clients: dict[str, RegistryClient] = {}
         self._executors: dict[str, cf.ThreadPoolExecutor] = {}
+        self._clients_lock = threading.Lock()
         jobs = self.options.jobs or default_jobs()
         self._pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver")) if jobs > 1 else None
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
@@ -117,16 +153,29 @@ class Engine:
         return options
 
     def client(self, host: str) -> RegistryClient:
-        if host not in self._clients:
-            options = self.registry_options(host)
-            self._clients[host] = RegistryClient(host, options, self.options.credentials(host))
-            self._executors[host] = cf.ThreadPoolExecutor(max_workers=options.max_concurrent_uploads, thread_name_prefix=f"push-{host}")
-        return self._clients[host]
+        with self._clients_lock:
+            if host not in self._clients:
+                options = self.registry_options(host)
+                self._clients[host] = RegistryClient(host, options, self.options.credentials(host))
+                self._executors[host] = cf.ThreadPoolExecutor(max_workers=options.max_concurrent_uploads, thread_name_prefix=f"push-{host}")
+            return self._clients[host]
 
+    # -- the batch -----------------------------------------------------------
     def run(self, jobs: Iterable[PushJob]) -> BatchResult:
         result = BatchResult()
-        for job in jobs:
-            result.images.extend(self._run_job(job))
+        slots = threading.BoundedSemaphore(self.options.max_concurrent_images * 2)
+        ordered: list[ImageResult | cf.Future[ImageResult]] = []
+        with cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image") as images:
+            for job in jobs:
+                for work in self._expand(job):
+                    if work.error is not None:
+                        ordered.append(self._failed(work.source, work.target, work.error, time.monotonic()))
+                        continue
+                    slots.acquire()
+                    future = images.submit(self._run_work, work)
+                    future.add_done_callback(lambda _: slots.release())
+                    ordered.append(future)
+            result.images = [item.result() if isinstance(item, cf.Future) else item for item in ordered]
         result.bytes_read = self.preparer.bytes_read
         result.bytes_compressed = self.preparer.bytes_compressed
         for client in self._clients.values():
@@ -134,61 +183,93 @@ class Engine:
             result.bytes_uploaded += client.bytes_sent
         return result
 
-    def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:
-        self.options.progress.failed(target, error.message)
-        return ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
-
-    def _run_job(self, job: PushJob) -> list[ImageResult]:
-        started = time.monotonic()
+    def _expand(self, job: PushJob) -> Iterator[_Work]:
         targets: list[Reference] = []
-        results: list[ImageResult] = []
         for text in job.targets:
             try:
                 targets.append(parse_reference(text))
             except BatchPushError as exc:
-                results.append(self._failed(job.source, text, exc, started))
+                yield _Work(job.source, text, error=exc)
         try:
             images = open_source(job.source).images()
         except BatchPushError as exc:
-            return results + [self._failed(job.source, str(t), exc, started) for t in targets]
-        prepared: dict[int, PreparedNode | BatchPushError] = {}
+            for target in targets:
+                yield _Work(job.source, str(target), error=exc)
+            return
+        if job.tags is not None:
+            pattern = job.tags
+            images = [SourceImage(i.name, tuple(t for t in i.tags if pattern.search(t)), i.node) for i in images]
+            images = [i for i in images if i.tags]
+            if not images:
+                for target in targets:
+                    yield _Work(job.source, str(target), error=SourceError(job.source, f"no tag matches {pattern.pattern!r}"))
+                return
+        planned: list[tuple[SourceImage, Reference]] = []
         for target in targets:
             try:
-                pairs = expand_targets(images, target)
+                planned.extend(expand_targets(images, target))
             except BatchPushError as exc:
-                results.append(self._failed(job.source, str(target), exc, started))
-                continue
-            for image, tagged in pairs:
-                node = prepared.get(id(image))
-                if node is None:
-                    try:
-                        node = self.preparer.prepare(image.node)
-                    except BatchPushError as exc:
-                        node = exc
-                    prepared[id(image)] = node
-                results.append(self._push_one(image, node, tagged))
-        return results
+                yield _Work(job.source, str(target), error=exc)
+        entries: dict[int, _Entry] = {}
+        for image, _ in planned:
+            entry = entries.setdefault(id(image), _Entry(image, 0))
+            entry.uses += 1
+        for image, reference in planned:
+            yield _Work(image.name, str(reference), entries[id(image)], reference)
 
-    def _push_one(self, image: SourceImage, node: PreparedNode | BatchPushError, target: Reference) -> ImageResult:
+    def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:
+        self.options.progress.failed(target, error.message)
+        return ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
+
+    def _prepared(self, entry: _Entry) -> PreparedNode:
+        with entry.lock:
+            if entry.node is None:
+                try:
+                    entry.node = self.preparer.prepare(entry.image.node)
+                except BatchPushError as exc:
+                    entry.node = exc
+            if isinstance(entry.node, BatchPushError):
+                raise entry.node
+            return entry.node
+
+    def _release(self, entry: _Entry) -> None:
+        with entry.lock:
+            entry.uses -= 1
+            if entry.uses == 0 and entry.node is not None and not isinstance(entry.node, BatchPushError):
+                self.preparer.release(entry.node)
+                entry.node = None
+
+    def _run_work(self, work: _Work) -> ImageResult:
+        assert work.entry is not None and work.reference is not None
         started = time.monotonic()
-        if isinstance(node, BatchPushError):
-            return self._failed(image.name, str(target), node, started)
+        target = work.reference
+        tag = target.tag or "latest"
         progress = self.options.progress
         try:
+            node = self._prepared(work.entry)
             client = self.client(target.api_host)
-            layer_pusher = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self.preparer.materialize)
-            progress.repository(target.name)
-            pushed = ImagePusher(layer_pusher, self._executors[target.api_host]).push(node, target.tag or "latest")
+            layers = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self.preparer.materialize, progress=progress)
+            pusher = ImagePusher(layers, self._executors[target.api_host])
+            progress.image_started(str(target), target.name)
+            current = pusher.up_to_date(node, tag)
+            if current is not None:
+                progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
+                return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
+            if self.options.dry_run:
+                planned = pusher.dry_run(node)
+                for layer in planned:
+                    progress.layer_done(str(target), layer)
+                return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=planned)
+            pushed = pusher.push(node, tag)
         except BatchPushError as exc:
-            return self._failed(image.name, str(target), exc, started)
-        for layer in pushed.layers:
-            progress.layer(str(target), layer)
-        progress.pushed(str(target), target.tag or "latest", str(pushed.digest), pushed.size)
-        return ImageResult(image.name, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers)
+            return self._failed(work.source, str(target), exc, started)
+        finally:
+            self._release(work.entry)
+        progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
+        return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers)
 
 
 def push(source: str, targets: Sequence[str], options: PushOptions | None = None) -> BatchResult:
     """Push every image ``source`` selects to every target; see ``Engine``."""
     with Engine(options) as engine:
         return engine.run([PushJob(source, tuple(targets))])
-

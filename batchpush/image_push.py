@@ -15,7 +15,7 @@ from typing import Any
 from . import mediatypes as mt
 from .digest import Digest
 from .layer_push import LayerOutcome, LayerPusher, LayerResult
-from .prepare import PreparedIndex, PreparedManifest, PreparedNode
+from .prepare import PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode
 from .sources.base import SourceManifest
 
 
@@ -59,6 +59,31 @@ def _layer_json(entry: dict[str, Any], layer: LayerResult, urls: tuple[str, ...]
     return out
 
 
+def index_bytes(node: PreparedIndex, children: list[PushedManifest]) -> bytes:
+    """The index to push: its child descriptors pointed at what was pushed."""
+    document = copy.deepcopy(node.source.document)
+    changed = False
+    for entry, child in zip(document["manifests"], children, strict=True):
+        if (entry.get("digest"), entry.get("size")) != (str(child.digest), child.size):
+            entry.update({"digest": str(child.digest), "size": child.size})
+            changed = True
+    return _dump(document) if changed else node.source.raw
+
+
+def _as_prepared(layer: PreparedLayer) -> LayerResult:
+    return LayerResult(layer.diff_id, layer.digest, layer.size, layer.media_type, LayerOutcome.UPLOADED)
+
+
+def predict(node: PreparedNode) -> PushedManifest:
+    """The manifest (or index) that pushing ``node`` produces when every layer goes up
+    as prepared: the cron fast path compares its digest with what the tag resolves to."""
+    if isinstance(node, PreparedIndex):
+        data = index_bytes(node, [predict(child) for child in node.children])
+    else:
+        data = manifest_bytes(node.source, [_as_prepared(layer) for layer in node.layers])
+    return PushedManifest(Digest.sha256_of(data), len(data), node.source.media_type)
+
+
 class ImagePusher:
     """Pushes prepared images to one target repository through a LayerPusher."""
 
@@ -68,9 +93,25 @@ class ImagePusher:
         self.repository = layers.repository
         self.executor = executor
 
+    def up_to_date(self, node: PreparedNode, tag: str) -> PushedManifest | None:
+        """The cron fast path: one HEAD. If the tag already resolves to the digest we
+        would push, the image is done, with no blob request at all."""
+        expected = predict(node)
+        current = self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT)
+        if current is not None and current[0] == expected.digest:
+            return expected
+        return None
+
     def push(self, node: PreparedNode, tag: str) -> PushedManifest:
         """Push ``node`` and tag it; raises on any failure before the manifest is written."""
         return self._push_node(node, tag)
+
+    def dry_run(self, node: PreparedNode) -> tuple[LayerResult, ...]:
+        """What pushing ``node`` would do to each layer, with read requests only."""
+        if isinstance(node, PreparedIndex):
+            return tuple(layer for child in node.children for layer in self.dry_run(child))
+        self.layers.dry_run(node.config)
+        return tuple(self.layers.dry_run(layer) for layer in node.layers)
 
     def _push_node(self, node: PreparedNode, reference: str | None) -> PushedManifest:
         if isinstance(node, PreparedIndex):
@@ -79,28 +120,22 @@ class ImagePusher:
 
     def _push_manifest(self, node: PreparedManifest, reference: str | None) -> PushedManifest:
         futures = [self.executor.submit(self.layers.push, layer) for layer in node.layers]
-        futures.append(self.executor.submit(self.layers.push, node.config))
+        futures.append(self.executor.submit(self.layers.push, node.config, is_config=True))
         cf.wait(futures)
         for future in futures:
             future.result()  # the first failure is raised; no manifest is written
         layers = [f.result() for f in futures[:-1]]
-        data = manifest_bytes(node.source, layers)  # type: ignore[arg-type]
+        data = manifest_bytes(node.source, layers)
         media_type = node.source.media_type
         digest = self.client.put_manifest(self.repository, reference or str(Digest.sha256_of(data)), media_type, data)
-        return PushedManifest(digest, len(data), media_type, tuple(layers))  # type: ignore[arg-type]
+        return PushedManifest(digest, len(data), media_type, tuple(layers))
 
     def _push_index(self, node: PreparedIndex, reference: str | None) -> PushedManifest:
         children = [self._push_node(child, None) for child in node.children]
-        document = copy.deepcopy(node.source.document)
-        changed = False
-        for entry, child in zip(document["manifests"], children, strict=True):
-            if (entry.get("digest"), entry.get("size")) != (str(child.digest), child.size):
-                entry.update({"digest": str(child.digest), "size": child.size})
-                changed = True
-        data = _dump(document) if changed else node.source.raw
+        data = index_bytes(node, children)
         digest = self.client.put_manifest(self.repository, reference or str(Digest.sha256_of(data)), node.source.media_type, data)
         layers = tuple(layer for child in children for layer in child.layers)
         return PushedManifest(digest, len(data), node.source.media_type, layers)
 
 
-__all__ = ["ImagePusher", "LayerOutcome", "PushedManifest", "manifest_bytes"]
+__all__ = ["ImagePusher", "LayerOutcome", "PushedManifest", "manifest_bytes", "predict"]

@@ -15,7 +15,6 @@ In the seed's order:
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,31 +28,11 @@ from .reference import Reference
 from .registry.client import RegistryClient, UploadSession
 from .registry.errors import AuthError, RegistryError
 from .sources.base import FileRange
+from .outcome import LayerOutcome, LayerResult
+from .progress import NoProgress, Progress
 from .state import PushState, RemoteBlob
 
 log = logging.getLogger(__name__)
-
-
-class LayerOutcome(enum.Enum):
-    KNOWN = "known"
-    EXISTS = "exists"
-    MOUNTED = "mounted"
-    UPLOADED = "uploaded"
-    SKIPPED_FOREIGN = "skipped-foreign"
-
-
-@dataclass(frozen=True, slots=True)
-class LayerResult:
-    """A layer as it is in the target repository, and how it got there."""
-
-    diff_id: Digest | None
-    digest: Digest
-    size: int
-    media_type: str
-    outcome: LayerOutcome
-    bytes_sent: int = 0
-    #: the repository it was mounted from
-    mounted_from: str | None = None
 
 
 def _compatible(layer: PreparedLayer, entry: V2Metadata) -> bool:
@@ -77,6 +56,7 @@ class LayerPusher:
         hmac_key: bytes,
         *,
         materialize: Callable[[PreparedLayer], FileRange],
+        progress: Progress | None = None,
         allow_nondistributable: bool = False,
     ) -> None:
         self.client = client
@@ -88,9 +68,17 @@ class LayerPusher:
         self.allow_nondistributable = allow_nondistributable
         #: the layer's bytes, compressing them now if prepare only fingerprinted them
         self.materialize = materialize
+        self.progress: Progress = progress or NoProgress()
 
-    def push(self, layer: PreparedLayer) -> LayerResult:
-        """Make ``layer`` present in the target repository; raises RegistryError."""
+    def push(self, layer: PreparedLayer, *, is_config: bool = False) -> LayerResult:
+        """Make ``layer`` (or the image config) present in the target repository;
+        raises RegistryError."""
+        result = self._push_once(layer)
+        if not is_config:
+            self.progress.layer_done(str(self.target), result)
+        return result
+
+    def _push_once(self, layer: PreparedLayer) -> LayerResult:
         if layer.urls and not self.allow_nondistributable:
             return LayerResult(layer.diff_id, layer.digest, layer.size, layer.media_type, LayerOutcome.SKIPPED_FOREIGN)
         registry = self.target.registry
@@ -202,11 +190,55 @@ class LayerPusher:
             raise
         if session is None:
             session = self.client.start_upload(self.repository)
+        target, digest = str(self.target), str(layer.digest)
+
+        def on_progress(sent_bytes: int) -> None:
+            self.progress.layer_bytes(target, digest, sent_bytes, blob.size)
+
         try:
-            sent = self.client.upload_blob(self.repository, session, blob, layer.digest)
+            sent = self.client.upload_blob(self.repository, session, blob, layer.digest, on_progress=on_progress)
         except BaseException:
             self.client.cancel_upload(self.repository, session)
             raise
         remote = RemoteBlob(layer.digest, layer.size, layer.media_type)
         self._remember(layer, remote, layer.recipe)
         return self._result(layer, remote, LayerOutcome.UPLOADED, sent)
+
+    # -- dry run ---------------------------------------------------------------
+    def dry_run(self, layer: PreparedLayer) -> LayerResult:
+        """What ``push`` would do, found with read requests only (HEAD). A mount is
+        reported when a candidate repository holds the blob; what would be uploaded
+        is counted in ``bytes_sent``. The batch state records planned uploads, so
+        later images of a dry run see the mounts they would make."""
+        if layer.urls and not self.allow_nondistributable:
+            return LayerResult(layer.diff_id, layer.digest, layer.size, layer.media_type, LayerOutcome.SKIPPED_FOREIGN)
+        registry = self.target.registry
+        known = self.state.known_layer(registry, self.repository, layer.key)
+        if known is not None:
+            return self._result(layer, known, LayerOutcome.KNOWN)
+        tier = tier_for(layer.source.descriptor.size if layer.source.blob else layer.size)
+        entries = [e for e in self.store.get_metadata(layer.key) if _compatible(layer, e)]
+        candidates = [e for e in sort_by_likeness_and_age(self.target.name, self.hmac_key, entries) if e.source_repository == self.target.name or tier.check_other_repositories]
+        for entry in candidates[: tier.max_existence_checks]:
+            size = self._head_quietly(self.repository, entry.digest)
+            if size is not None:
+                return self._result(layer, RemoteBlob(entry.digest, size, self._media_type(layer, entry.digest)), LayerOutcome.EXISTS)
+        batch = [f"{registry}/{repo}" for repo in self.state.repositories_with(registry, layer.digest) if repo != self.repository]
+        mounts = [V2Metadata(layer.digest, repo) for repo in batch[:1]] + mount_candidates(self.target.name, self.hmac_key, tier.max_mount_attempts, entries)
+        for candidate in mounts[: max(tier.max_mount_attempts, 1)]:
+            from_repository = candidate.source_repository.split("/", 1)[1]
+            planned = candidate.source_repository in batch
+            if planned or self._head_quietly(from_repository, candidate.digest) is not None:
+                blob = RemoteBlob(candidate.digest, layer.size, self._media_type(layer, candidate.digest))
+                self.state.add_layer(registry, self.repository, layer.key, blob)
+                return self._result(layer, blob, LayerOutcome.MOUNTED, mounted_from=from_repository)
+        blob = RemoteBlob(layer.digest, layer.size, layer.media_type)
+        self.state.add_layer(registry, self.repository, layer.key, blob)
+        return self._result(layer, blob, LayerOutcome.UPLOADED, layer.size)
+
+    def _head_quietly(self, repository: str, digest: Digest) -> int | None:
+        try:
+            return self.client.head_blob(repository, digest)
+        except RegistryError:
+            return None
+

@@ -13,6 +13,8 @@ is ever trusted on a path or an mtime. Each blob is done once per batch.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +83,12 @@ def _compresses(layer: SourceLayer) -> bool:
     return layer.compression is Compression.NONE and layer.descriptor.media_type in mt.GZIP_OF and not layer.is_foreign
 
 
+def _source_blobs(node: SourceNode) -> list[FileRange]:
+    if isinstance(node, SourceIndex):
+        return [blob for child in node.children for blob in _source_blobs(child)]
+    return [layer.blob for layer in node.layers if layer.blob is not None]
+
+
 def _recipe(layer: SourceLayer) -> str:
     return RECIPE if _compresses(layer) else AS_IS
 
@@ -96,6 +104,8 @@ class Preparer:
         self.use_fingerprints = use_fingerprints
         self._lock = threading.Lock()
         self._work: dict[tuple[str, FileRange], cf.Future[Any]] = {}
+        #: prepared images holding each source blob; at zero its spool file goes
+        self._uses: dict[FileRange, int] = {}
         self.bytes_read = 0
         self.bytes_compressed = 0
 
@@ -110,12 +120,19 @@ class Preparer:
             future = cf.Future() if inline else self.pool.submit(fn, blob, *args)  # type: ignore[union-attr]
             self._work[(kind, blob)] = future
             self.bytes_read += blob.size
+            if fn is compress_to_spool:
+                future.add_done_callback(self._count_compressed)
         if inline:
             try:
                 future.set_result(fn(blob, *args))
             except BaseException as exc:
                 future.set_exception(exc)
         return future
+
+    def _count_compressed(self, future: cf.Future[CompressedBlob]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            with self._lock:
+                self.bytes_compressed += future.result().size
 
     def _compress(self, blob: FileRange) -> cf.Future[CompressedBlob]:
         return self._run("gzip", blob, compress_to_spool, self.spool_dir)
@@ -125,7 +142,29 @@ class Preparer:
         """Raises SourceError / DigestMismatchError naming the file; nothing is pushed then."""
         first: dict[int, cf.Future[Any]] = {}
         self._start(node, first)
-        return self._finish(node, first)
+        prepared = self._finish(node, first)
+        with self._lock:
+            for blob in _source_blobs(node):
+                self._uses[blob] = self._uses.get(blob, 0) + 1
+        return prepared
+
+    def release(self, node: PreparedNode) -> None:
+        """The caller is done with ``node``: spool files no prepared image still
+        holds are deleted, and their passes forgotten (a later image that needs
+        one again finds its fingerprint and compresses on demand)."""
+        with self._lock:
+            for blob in _source_blobs(node.source):
+                left = self._uses.get(blob, 0) - 1
+                if left > 0:
+                    self._uses[blob] = left
+                    continue
+                self._uses.pop(blob, None)
+                for kind in ("xxh3", "sha"):
+                    self._work.pop((kind, blob), None)
+                compressed = self._work.pop(("gzip", blob), None)
+                if compressed is not None and compressed.done() and not compressed.cancelled() and compressed.exception() is None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(compressed.result().path)
 
     def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> None:
         if isinstance(node, SourceIndex):
@@ -140,7 +179,7 @@ class Preparer:
             else:
                 futures[id(layer)] = self._full_pass(layer)
 
-    def _full_pass(self, layer: SourceLayer) -> cf.Future[CompressedBlob | HashedBlob]:
+    def _full_pass(self, layer: SourceLayer) -> cf.Future[Any]:
         assert layer.blob is not None
         if _compresses(layer):
             return self._compress(layer.blob)
@@ -173,11 +212,13 @@ class Preparer:
             known = self.store.get_fingerprint(first, layer.blob.size, _recipe(layer))
             if known is not None:
                 return self._from_fingerprint(layer, known)
-            first = self._full_pass(layer).result()
-        prepared = self._from_pass(layer, first)
+            result: CompressedBlob | HashedBlob = self._full_pass(layer).result()
+        else:
+            result = first
+        prepared = self._from_pass(layer, result)
         if self.use_fingerprints:
             fingerprint = Fingerprint(prepared.diff_id or prepared.digest, prepared.digest, prepared.size)
-            self.store.put_fingerprint(first.fingerprint, layer.blob.size, _recipe(layer), fingerprint)
+            self.store.put_fingerprint(result.fingerprint, layer.blob.size, _recipe(layer), fingerprint)
         return prepared
 
     def _check_diff_id(self, layer: SourceLayer, actual: Digest) -> None:
@@ -189,13 +230,11 @@ class Preparer:
         if _compresses(layer):
             self._check_diff_id(layer, known.diff_id)
             return PreparedLayer(layer, known.diff_id, known.digest, known.compressed_size, mt.GZIP_OF[descriptor.media_type], RECIPE, None)
-        return self._checked_as_is(layer, HashedBlob(known.digest, known.compressed_size))
+        return self._checked_as_is(layer, HashedBlob(known.digest, known.compressed_size, ""))
 
     def _from_pass(self, layer: SourceLayer, result: CompressedBlob | HashedBlob) -> PreparedLayer:
         if isinstance(result, CompressedBlob):
             self._check_diff_id(layer, result.diff_id)
-            with self._lock:
-                self.bytes_compressed += result.size
             return PreparedLayer(layer, result.diff_id, result.digest, result.size, mt.GZIP_OF[layer.descriptor.media_type], RECIPE, result.blob)
         return self._checked_as_is(layer, result)
 
@@ -215,8 +254,6 @@ class Preparer:
             return layer.blob
         assert layer.source.blob is not None
         result = self._compress(layer.source.blob).result()
-        with self._lock:
-            self.bytes_compressed += result.size
         if result.digest != layer.digest or result.diff_id != layer.diff_id:
             raise DigestMismatchError(layer.source.blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
         return result.blob

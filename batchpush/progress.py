@@ -1,32 +1,67 @@
-"""Progress events and their renderers; no decisions are made here."""
+"""Progress events and their renderers; no decisions are made here.
+
+``PlainProgress`` writes docker-like lines (for logs and pipes), ``RichProgress`` a
+live display on a terminal, ``NoProgress`` nothing. All are thread-safe.
+"""
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Protocol, TextIO
 
-from .layer_push import LayerOutcome, LayerResult
+from .outcome import LayerOutcome, LayerResult
 
 
 class Progress(Protocol):
-    def repository(self, target: str) -> None: ...
-    def layer(self, target: str, layer: LayerResult) -> None: ...
-    def pushed(self, target: str, tag: str, digest: str, size: int) -> None: ...
+    def image_started(self, target: str, repository: str) -> None: ...
+    def layer_bytes(self, target: str, digest: str, sent_bytes: int, size_bytes: int) -> None: ...
+    def layer_done(self, target: str, layer: LayerResult) -> None: ...
+    def pushed(self, target: str, tag: str, digest: str, size: int, *, up_to_date: bool = False) -> None: ...
     def failed(self, target: str, message: str) -> None: ...
+    def note(self, text: str) -> None: ...
+    def close(self) -> None: ...
 
 
-_OUTCOME_TEXT = {
-    LayerOutcome.KNOWN: "Layer already exists",
-    LayerOutcome.EXISTS: "Layer already exists",
-    LayerOutcome.UPLOADED: "Pushed",
-    LayerOutcome.SKIPPED_FOREIGN: "Skipped foreign layer",
-}
+def describe(layer: LayerResult) -> str:
+    """docker's words for a layer's outcome."""
+    if layer.outcome is LayerOutcome.MOUNTED:
+        return f"Mounted from {layer.mounted_from}"
+    if layer.outcome is LayerOutcome.UPLOADED:
+        return "Pushed"
+    if layer.outcome is LayerOutcome.SKIPPED_FOREIGN:
+        return "Skipped foreign layer"
+    return "Layer already exists"
 
 
-class PlainProgress:
+class NoProgress:
+    def image_started(self, target: str, repository: str) -> None:
+        pass
+
+    def layer_bytes(self, target: str, digest: str, sent_bytes: int, size_bytes: int) -> None:
+        pass
+
+    def layer_done(self, target: str, layer: LayerResult) -> None:
+        pass
+
+    def pushed(self, target: str, tag: str, digest: str, size: int, *, up_to_date: bool = False) -> None:
+        pass
+
+    def failed(self, target: str, message: str) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class PlainProgress(NoProgress):
     """docker-like lines: layers and digests on ``out``, errors on ``err``.
-    ``quiet`` keeps only the errors."""
+    ``quiet`` keeps only the errors. Lines of images pushed at once interleave, so
+    each names its target."""
 
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, quiet: bool = False) -> None:
         self.out = out or sys.stdout
@@ -38,33 +73,104 @@ class PlainProgress:
         with self._lock:
             print(text, file=stream, flush=True)
 
-    def repository(self, target: str) -> None:
+    def image_started(self, target: str, repository: str) -> None:
         if not self.quiet:
-            self._print(f"The push refers to repository [{target}]", self.out)
+            self._print(f"The push refers to repository [{repository}]", self.out)
 
-    def layer(self, target: str, layer: LayerResult) -> None:
-        if self.quiet:
-            return
-        text = f"Mounted from {layer.mounted_from}" if layer.outcome is LayerOutcome.MOUNTED else _OUTCOME_TEXT[layer.outcome]
-        self._print(f"{layer.digest.hex[:12]}: {text}", self.out)
-
-    def pushed(self, target: str, tag: str, digest: str, size: int) -> None:
+    def layer_done(self, target: str, layer: LayerResult) -> None:
         if not self.quiet:
-            self._print(f"{tag}: digest: {digest} size: {size}", self.out)
+            self._print(f"{layer.digest.hex[:12]}: {describe(layer)}", self.out)
+
+    def pushed(self, target: str, tag: str, digest: str, size: int, *, up_to_date: bool = False) -> None:
+        if not self.quiet:
+            suffix = " (up to date)" if up_to_date else ""
+            self._print(f"{tag}: digest: {digest} size: {size}{suffix}", self.out)
 
     def failed(self, target: str, message: str) -> None:
         self._print(f"error: {target}: {message}", self.err)
 
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self._print(text, self.out)
 
-class NoProgress:
-    def repository(self, target: str) -> None:
-        pass
 
-    def layer(self, target: str, layer: LayerResult) -> None:
-        pass
+class RichProgress(NoProgress):
+    """A live display: overall bytes and rate, images done, and one line per layer
+    that is moving (docker's "Pushing", "Mounted from X", "Layer already exists")."""
 
-    def pushed(self, target: str, tag: str, digest: str, size: int) -> None:
-        pass
+    #: finished layer lines kept on screen
+    RECENT_LINES = 6
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = Console(stderr=False)
+        self.quiet = quiet
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._sent = 0
+        self._images_done = 0
+        self._images_failed = 0
+        self._images_started = 0
+        self._moving: dict[tuple[str, str], tuple[int, int]] = {}
+        self._recent: list[str] = []
+        self._live = Live(self._render(), console=self.console, refresh_per_second=8, transient=True, get_renderable=self._render)
+        self._live.start()
+
+    def _render(self):  # type: ignore[no-untyped-def]
+        from rich.table import Table
+        from rich.text import Text
+
+        with self._lock:
+            elapsed = max(time.monotonic() - self._started, 1e-6)
+            table = Table.grid(padding=(0, 1))
+            table.add_row(
+                f"[bold]images[/] {self._images_done}/{self._images_started} done"
+                + (f", [red]{self._images_failed} failed[/]" if self._images_failed else "")
+                + f"   [bold]sent[/] {self._sent / 1e6:,.1f} MB at {self._sent / elapsed / 1e6:,.1f} MB/s"
+            )
+            for line in self._recent[-self.RECENT_LINES :]:
+                table.add_row(Text(line))
+            for (target, digest), (sent, size) in list(self._moving.items())[:10]:
+                share = sent / size if size else 1.0
+                bar = "=" * int(share * 30)
+                table.add_row(Text(f"{digest[7:19]}: Pushing [{bar:<30}] {sent / 1e6:,.1f}/{size / 1e6:,.1f} MB  {target}"))
+            return table
+
+    def image_started(self, target: str, repository: str) -> None:
+        with self._lock:
+            self._images_started += 1
+
+    def layer_bytes(self, target: str, digest: str, sent_bytes: int, size_bytes: int) -> None:
+        with self._lock:
+            previous = self._moving.get((target, digest), (0, size_bytes))[0]
+            self._sent += sent_bytes - previous
+            self._moving[(target, digest)] = (sent_bytes, size_bytes)
+
+    def layer_done(self, target: str, layer: LayerResult) -> None:
+        with self._lock:
+            self._moving.pop((target, str(layer.digest)), None)
+            self._recent.append(f"{layer.digest.hex[:12]}: {describe(layer)}  {target}")
+            del self._recent[: -self.RECENT_LINES]
+
+    def pushed(self, target: str, tag: str, digest: str, size: int, *, up_to_date: bool = False) -> None:
+        with self._lock:
+            self._images_done += 1
+        if not self.quiet:
+            self._live.console.print(f"{target}: digest: {digest} size: {size}" + (" (up to date)" if up_to_date else ""), markup=False, highlight=False)
 
     def failed(self, target: str, message: str) -> None:
-        pass
+        with self._lock:
+            self._images_done += 1
+            self._images_failed += 1
+        from rich.text import Text
+
+        self._live.console.print(Text.assemble(("error: ", "red"), f"{target}: {message}"))
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self._live.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        self._live.stop()

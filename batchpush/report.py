@@ -8,14 +8,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layer_push import LayerOutcome, LayerResult
+from .outcome import LayerOutcome, LayerResult
 
 REPORT_VERSION = 1
 
 
 @dataclass(slots=True)
 class ImageResult:
-    """One (image, target): ``status`` is ``pushed`` or ``failed``."""
+    """One (image, target): ``status`` is ``pushed``, ``up-to-date`` (the tag already
+    had this image: nothing sent), ``dry-run`` or ``failed``."""
 
     source: str
     target: str
@@ -29,7 +30,7 @@ class ImageResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "pushed"
+        return self.status != "failed"
 
     def to_json(self) -> dict[str, Any]:
         return {

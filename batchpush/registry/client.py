@@ -228,7 +228,7 @@ class RegistryClient:
         with contextlib.suppress(RegistryError):
             self.request("DELETE", session.location, scopes=(scope_for(repository, "pull,push"),), expected=set(range(200, 600))).close()
 
-    def upload_blob(self, repository: str, session: UploadSession, blob: FileRange, digest: Digest) -> int:
+    def upload_blob(self, repository: str, session: UploadSession, blob: FileRange, digest: Digest, *, on_progress: Callable[[int], None] | None = None) -> int:
         """Send the blob through ``session`` and commit it; returns the bytes sent.
 
         Monolithic ``PUT ?digest=`` up to the registry's limit; above it, or when the
@@ -243,6 +243,8 @@ class RegistryClient:
             nonlocal sent
             sent += n
             self._count_bytes(n)
+            if on_progress is not None:
+                on_progress(sent)
 
         location = session.location
         if blob.size <= self.options.monolithic_limit_bytes and not session.chunk_min_bytes:
