@@ -1,0 +1,199 @@
+"""The batch engine against real registries: plans, fan-out, cron re-runs, failures."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import yaml
+from conftest import pull_and_verify
+from images import LayoutWriter, layer_tar, simple_layout
+from registry import start_registry
+
+from batchpush.errors import PlanError
+from batchpush.plan import load_plan
+
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def uploads_by_digest(registry) -> Counter[str]:
+    """Blob uploads the registry completed, by digest (its own access log)."""
+    pattern = re.compile(r'"PUT /v2/\S+/blobs/uploads/\S*digest=sha256%3A([0-9a-f]{64})\S* HTTP/1.1" 201')
+    return Counter(m.group(1) for line in registry.access_log() if (m := pattern.search(line)))
+
+
+def fleet(tmp_path, repositories: int = 6) -> list[str]:
+    """Layouts sharing a base layer (seed 1), a middle layer per group, an app layer per tag."""
+    layouts = []
+    for r in range(repositories):
+        path = str(tmp_path / "layouts" / f"svc{r}")
+        simple_layout(path, {f"v{t}": [1, 100 + r % 2, 1000 + r * 10 + t] for t in range(2)}, file_size=30_000)
+        layouts.append(path)
+    return layouts
+
+
+def write_plan(tmp_path, document: dict, name: str = "plan.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(document) if name.endswith(".yaml") else json.dumps(document))
+    return str(path)
+
+
+def test_fan_out_to_two_registries_uploads_each_blob_once_per_registry(registry, tmp_path, batchpush):
+    second = start_registry(str(tmp_path))
+    try:
+        layouts = fleet(tmp_path)
+        plan = write_plan(tmp_path, {
+            "version": 1,
+            "defaults": {"max_concurrent_uploads": 4},
+            "registries": {registry.host: {"insecure": True}, second.host: {"insecure": True}},
+            "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/team/svc{i}", f"{second.host}/mirror/svc{i}"]} for i, path in enumerate(layouts)],
+        })
+        report = tmp_path / "report.json"
+        run = batchpush("run", plan, "--report", str(report))
+        assert run.code == 0, run.err
+        document = json.loads(report.read_text())
+        assert len(document["images"]) == 6 * 2 * 2
+        assert {image["status"] for image in document["images"]} == {"pushed"}
+        for reg in (registry, second):
+            uploads = uploads_by_digest(reg)
+            assert uploads and max(uploads.values()) == 1, uploads
+            # base + 2 middles + 12 app layers + 12 configs
+            assert len(uploads) == 1 + 2 + 12 + 12
+        assert document["totals"]["blobs_mounted"] > 0
+        pull_and_verify(registry, "team/svc3:v1", str(tmp_path / "p1"))
+        pull_and_verify(second, "mirror/svc5:v0", str(tmp_path / "p2"))
+    finally:
+        second.stop()
+
+
+def test_cron_rerun_sends_no_blob_request(registry, tmp_path, batchpush):
+    layouts = fleet(tmp_path, repositories=4)
+    plan = write_plan(tmp_path, {
+        "version": 1,
+        "registries": {registry.host: {"insecure": True}},
+        "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/team/svc{i}"]} for i, path in enumerate(layouts)],
+    })
+    assert batchpush("run", plan).code == 0
+    before = len(registry.access_log())
+    report = tmp_path / "again.json"
+    run = batchpush("run", plan, "--report", str(report))
+    assert run.code == 0, run.err
+    document = json.loads(report.read_text())
+    assert {image["status"] for image in document["images"]} == {"up-to-date"}
+    assert document["totals"]["bytes_uploaded"] == 0
+    new_lines = registry.access_log()[before:]
+    assert not [line for line in new_lines if "/blobs/" in line]
+    assert len(new_lines) <= 2 * len(document["images"]) + 2  # one HEAD per image, the ping
+
+
+def test_a_failing_image_does_not_stop_the_others(registry, tmp_path, batchpush):
+    layouts = fleet(tmp_path, repositories=2)
+    plan = write_plan(tmp_path, {
+        "version": 1,
+        "registries": {registry.host: {"insecure": True}},
+        "images": [
+            {"source": f"oci:{layouts[0]}", "targets": [f"{registry.host}/ok/zero"]},
+            {"source": f"oci:{tmp_path}/missing-layout", "targets": [f"{registry.host}/bad/missing"]},
+            {"source": f"oci:{layouts[1]}", "targets": [f"{registry.host}/ok/one"]},
+        ],
+    })
+    report = tmp_path / "report.json"
+    run = batchpush("run", plan, "--report", str(report))
+    assert run.code == 1
+    assert "missing-layout" in run.err
+    statuses = [(image["target"].split("/", 1)[1], image["status"]) for image in json.loads(report.read_text())["images"]]
+    assert statuses == [("ok/zero:v0", "pushed"), ("ok/zero:v1", "pushed"), ("bad/missing", "failed"), ("ok/one:v0", "pushed"), ("ok/one:v1", "pushed")]
+    assert registry.count("PUT", "/v2/bad/") == 0
+    pull_and_verify(registry, "ok/one:v1", str(tmp_path / "pulled"))
+
+
+def test_dry_run_changes_nothing(registry, tmp_path, batchpush):
+    layouts = fleet(tmp_path, repositories=2)
+    plan = write_plan(tmp_path, {
+        "version": 1,
+        "registries": {registry.host: {"insecure": True}},
+        "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/dry/svc{i}"]} for i, path in enumerate(layouts)],
+    }, name="plan.json")
+    run = batchpush("run", plan, "--dry-run")
+    assert run.code == 0, run.err
+    assert "upload" in run.out and "would send" in run.out
+    assert re.search(r"known|mounted from dry/svc0", run.out)  # the shared base is planned once
+    assert not [line for line in registry.access_log() if any(f'"{m} ' in line for m in WRITE_METHODS)]
+
+
+def test_tags_filter(registry, tmp_path, batchpush):
+    path = str(tmp_path / "layout")
+    simple_layout(path, {"v1": [1], "v2": [2], "beta": [3]})
+    plan = write_plan(tmp_path, {"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/f/app"], "tags": "^v[0-9]+$"}]})
+    report = tmp_path / "r.json"
+    assert batchpush("run", plan, "--report", str(report)).code == 0
+    assert sorted(i["target"].rsplit(":", 1)[1] for i in json.loads(report.read_text())["images"]) == ["v1", "v2"]
+
+
+def test_relative_sources_are_relative_to_the_plan(registry, tmp_path, batchpush):
+    simple_layout(str(tmp_path / "layouts" / "rel"), {"1": [9]})
+    plan = write_plan(tmp_path, {"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [{"source": "oci:./layouts/rel", "targets": [f"{registry.host}/rel/app"]}]})
+    assert batchpush("run", plan).code == 0
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"version": 2, "images": []}, "version"),
+        ({"version": 1, "images": [{"source": "oci:x", "targets": ["r.example/a"], "colour": 1}]}, "images[0].colour: unknown key"),
+        ({"version": 1, "images": [{"source": "oci:x", "targets": ["r.example/Bad"]}]}, "images[0].targets[0]"),
+        ({"version": 1, "images": [{"source": "oci:x", "targets": ["r.example/a"], "tags": "("}]}, "images[0].tags: invalid regular expression"),
+        ({"version": 1, "registries": {"r.example": {"insecure": "yes"}}, "images": [{"source": "oci:x", "targets": ["r.example/a"]}]}, "registries['r.example'].insecure"),
+        ({"version": 1, "defaults": {"max_concurrent_uploads": 0}, "images": [{"source": "oci:x", "targets": ["r.example/a"]}]}, "defaults.max_concurrent_uploads"),
+        ({"version": 1, "images": [{"source": "x", "targets": ["r.example/a"]}]}, "images[0].source"),
+        ({"version": 1, "extra": 1, "images": []}, "extra: unknown key"),
+        ({"version": 1}, "images: must be a non-empty list"),
+    ],
+)
+def test_plan_validation_names_file_entry_and_field(tmp_path, document, message):
+    path = write_plan(tmp_path, document)
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    assert path in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_plan_errors_exit_2(tmp_path, batchpush):
+    path = tmp_path / "broken.yaml"
+    path.write_text("version: 1\nimages: [\n")
+    run = batchpush("run", str(path))
+    assert run.code == 2
+    assert "broken.yaml" in run.err and "YAML" in run.err
+
+
+def test_defaults_flow_into_registries(tmp_path):
+    path = write_plan(tmp_path, {"version": 1, "defaults": {"max_concurrent_uploads": 3}, "registries": {"a.example": {"chunk_size_bytes": 1024}}, "images": [{"source": "oci:x", "targets": "a.example/x"}]})
+    plan = load_plan(path)
+    assert plan.registries["a.example"].max_concurrent_uploads == 3
+    assert plan.registries["a.example"].chunk_size_bytes == 1024
+    assert plan.defaults.max_concurrent_uploads == 3
+
+
+def test_thousand_small_images_with_flat_memory(registry, tmp_path):
+    writer = LayoutWriter(str(tmp_path / "many"))
+    base = layer_tar(1, files=1, file_size=2_000)
+    for i in range(1000):
+        descriptor, _ = writer.image([base, layer_tar(10_000 + i, files=1, file_size=200)])
+        writer.tag(descriptor, f"t{i}")
+    plan = write_plan(tmp_path, {"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [{"source": f"oci:{tmp_path}/many", "targets": [f"{registry.host}/many/app"]}]})
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "batchpush", "run", plan, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--max-concurrent-images", "16"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(report.read_text())
+    assert len(document["images"]) == 1000
+    assert {i["status"] for i in document["images"]} == {"pushed"}
+    peak_rss_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert peak_rss_bytes < 300 << 20, f"peak RSS {peak_rss_bytes >> 20} MiB"
+    uploads = uploads_by_digest(registry)
+    assert max(uploads.values()) == 1 and len(uploads) == 1 + 1000 + 1000  # the base once; app layers and configs
+    pull_and_verify(registry, "many/app:t999", str(tmp_path / "pulled"))
