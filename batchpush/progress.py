@@ -157,6 +157,8 @@ class RichProgress(NoProgress):
     def pushed(self, target: str, tag: str, digest: str, size: int, *, up_to_date: bool = False) -> None:
         with self._lock:
             self._images_done += 1
+            for key in [k for k in self._moving if k[0] == target]:
+                del self._moving[key]  # the config's upload has no layer line
         if not self.quiet:
             self._live.console.print(f"{target}: digest: {digest} size: {size}" + (" (up to date)" if up_to_date else ""), markup=False, highlight=False)
 
