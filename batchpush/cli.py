@@ -10,11 +10,14 @@ from collections.abc import Sequence
 
 from . import __version__
 from .engine import DEFAULT_MAX_CONCURRENT_IMAGES, Engine, PushJob, PushOptions
-from .errors import BatchPushError
+from .errors import BatchPushError, UsageError
 from .outcome import LayerOutcome
 from .plan import load_plan
 from .progress import PlainProgress, Progress, RichProgress
+from .reference import parse_reference
+from .registry.auth import CredentialProvider, Credentials
 from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
+from .registry.credentials import ChainedCredentials, DockerConfigCredentials
 from .report import BatchResult
 
 EXIT_OK = 0
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("source", help="oci:PATH[:TAG] or docker-archive:PATH[:REF]")
     push.add_argument("targets", nargs="+", metavar="TARGET", help="REGISTRY/REPOSITORY[:TAG]; without a tag, the source's tags")
     push.add_argument("--insecure", action="append", default=[], metavar="HOST[:PORT]", help="plain HTTP or unverified TLS for this host (repeatable)")
+    push.add_argument("--username", metavar="NAME", help="log in to the target registries as NAME (password from --password-stdin)")
+    push.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    push.add_argument("--ca-file", metavar="PATH", help="trust this CA for the target registries (docker's certs.d is read too)")
     push.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE_BYTES, metavar="SIZE", help="PATCH size of chunked uploads")
     push.add_argument("--monolithic-limit", type=_size, default=DEFAULT_MONOLITHIC_LIMIT_BYTES, metavar="SIZE", help="blobs above this size are sent in chunks")
     _common(push)
@@ -88,6 +94,24 @@ def _print_dry_run(result: BatchResult) -> None:
     print(f"would send {total} bytes of layers")
 
 
+def _push_credentials(args: argparse.Namespace) -> CredentialProvider:
+    """``--username`` with ``--password-stdin`` for every target registry, else docker's config."""
+    if args.password_stdin and not args.username:
+        raise UsageError("--password-stdin needs --username")
+    if not args.username:
+        return DockerConfigCredentials()
+    if not args.password_stdin:
+        raise UsageError("--username needs --password-stdin (a password is never taken on the command line)")
+    password = sys.stdin.readline().rstrip("\r\n")
+    explicit = {}
+    for target in args.targets:
+        try:
+            explicit[parse_reference(target).api_host] = Credentials(args.username, password)
+        except BatchPushError:
+            continue  # reported as that target's failure
+    return ChainedCredentials(explicit, DockerConfigCredentials())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -100,9 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             plan = load_plan(args.plan)
             defaults, registries, jobs = plan.defaults, plan.registries, plan.jobs()
+            credentials: CredentialProvider = DockerConfigCredentials()
         else:
-            defaults = RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit)
+            defaults = RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit, ca_file=args.ca_file)
             registries, jobs = {}, iter([PushJob(args.source, tuple(args.targets))])
+            credentials = _push_credentials(args)
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -110,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = PushOptions(
         registry_defaults=defaults,
         registries=registries,
+        credentials=credentials,
         insecure_hosts=frozenset(args.insecure),
         metadata_dir=args.metadata_dir,
         jobs=args.jobs,

@@ -32,8 +32,9 @@ from .policy import hmac_key
 from .prepare import PreparedNode, Preparer
 from .progress import NoProgress, Progress
 from .reference import Reference, parse_reference
-from .registry.auth import CredentialProvider, no_credentials
+from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
+from .registry.credentials import DockerConfigCredentials, password_from
 from .report import BatchResult, ImageResult
 from .sources import SourceImage, open_source
 from .state import PushState
@@ -59,7 +60,8 @@ class PushOptions:
     registries: Mapping[str, RegistryOptions] = field(default_factory=dict)
     #: hosts reached over plain HTTP (or unverified TLS)
     insecure_hosts: frozenset[str] = frozenset()
-    credentials: CredentialProvider = no_credentials
+    #: where credentials come from; a plan's ``username`` for a host comes first
+    credentials: CredentialProvider = field(default_factory=DockerConfigCredentials)
     metadata_dir: str | None = None
     #: compression worker processes; None: from cores and memory
     jobs: int | None = None
@@ -152,11 +154,17 @@ class Engine:
             options = replace(options, insecure=True)
         return options
 
+    def credentials(self, host: str, options: RegistryOptions) -> Credentials | None:
+        if options.username:
+            return Credentials(options.username, password_from(host, password_env=options.password_env, password_file=options.password_file))
+        return self.options.credentials(host)
+
     def client(self, host: str) -> RegistryClient:
+        """The client for ``host``; raises CredentialsError (that host's images fail)."""
         with self._clients_lock:
             if host not in self._clients:
                 options = self.registry_options(host)
-                self._clients[host] = RegistryClient(host, options, self.options.credentials(host))
+                self._clients[host] = RegistryClient(host, options, self.credentials(host, options))
                 self._executors[host] = cf.ThreadPoolExecutor(max_workers=options.max_concurrent_uploads, thread_name_prefix=f"push-{host}")
             return self._clients[host]
 

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import mediatypes as mt
 from .digest import Digest
 from .metadata import MetadataStore
+from .outcome import LayerOutcome, LayerResult
 from .policy import V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
 from .prepare import PreparedLayer
+from .progress import NoProgress, Progress
 from .reference import Reference
 from .registry.client import RegistryClient, UploadSession
 from .registry.errors import AuthError, RegistryError
 from .sources.base import FileRange
-from .outcome import LayerOutcome, LayerResult
-from .progress import NoProgress, Progress
 from .state import PushState, RemoteBlob
 
 log = logging.getLogger(__name__)

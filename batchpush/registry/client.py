@@ -10,22 +10,25 @@ caller's (one policy around a whole step sequence, never nested here).
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 import urllib3
+from requests import certs
 from requests.adapters import HTTPAdapter
 
 from .. import __version__
 from ..digest import Digest
 from ..sources.base import FileRange, read_chunks
 from .auth import Authenticator, Credentials, scope_for
-from .errors import ManifestDigestError, RegistryError, error_from_response, read_limited
+from .errors import AuthError, ManifestDigestError, RegistryError, error_from_response, read_limited
 
 #: blobs up to this size go in one PUT; larger ones in PATCH chunks
 DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
@@ -48,8 +51,12 @@ class RegistryOptions:
 
     #: plain HTTP, or HTTPS without verification, for this host only
     insecure: bool = False
-    #: extra CA bundle to trust for this host
+    #: extra CA bundle to trust for this host (docker's certs.d is read as well)
     ca_file: str | None = None
+    #: credentials named by a plan: a username and where its password is (never the password)
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
     monolithic_limit_bytes: int = DEFAULT_MONOLITHIC_LIMIT_BYTES
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
@@ -88,6 +95,41 @@ class _Body:
             self.on_bytes(len(chunk))
 
 
+#: redirect statuses followed, and how many hops at most
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+#: docker's per-host trust directories
+CERTS_DIRS = ("/etc/docker/certs.d", os.path.join(os.path.expanduser("~"), ".docker", "certs.d"))
+
+
+def same_origin(url: str, base: str) -> bool:
+    a, b = urlsplit(url), urlsplit(base)
+    return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+
+
+def trusted_ca_files(host: str, ca_file: str | None) -> list[str]:
+    """Extra CAs for ``host``: ``ca_file`` and docker's ``certs.d/HOST/*.crt``."""
+    found = [ca_file] if ca_file else []
+    for directory in CERTS_DIRS:
+        path = os.path.join(directory, host)
+        if os.path.isdir(path):
+            found.extend(os.path.join(path, name) for name in sorted(os.listdir(path)) if name.endswith(".crt"))
+    return found
+
+
+def combined_bundle(extra: list[str]) -> str:
+    """The default CA bundle plus ``extra`` in one file (requests takes one path)."""
+    fd, path = tempfile.mkstemp(prefix="batchpush-ca-", suffix=".pem")
+    with os.fdopen(fd, "wb") as out:
+        for source in [certs.where(), *extra]:  # type: ignore[attr-defined]
+            try:
+                with open(source, "rb") as f:
+                    out.write(f.read() + b"\n")
+            except OSError as exc:
+                raise RegistryError("GET", f"file://{source}", None, (), f"cannot read CA file: {exc.strerror or exc}") from exc
+    return path
+
+
 def _with_query(url: str, key: str, value: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}{key}={quote(value, safe='')}"
 
@@ -104,12 +146,17 @@ class RegistryClient:
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
+        self._bundle: str | None = None
         if self.options.insecure:
             self.session.verify = False
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        elif self.options.ca_file:
-            self.session.verify = self.options.ca_file
-        self.auth = Authenticator(host, self.session, credentials)
+        else:
+            extra = trusted_ca_files(host, self.options.ca_file)
+            if extra:
+                self._bundle = combined_bundle(extra)
+                self.session.verify = self._bundle
+        self.auth = Authenticator(host, self.session, credentials, verify_realm=self._check_realm)
+        self.insecure_hosts: frozenset[str] = frozenset({host} if self.options.insecure else ())
         self.requests_by_method: Counter[str] = Counter()
         self.bytes_sent = 0
         self._count_lock = threading.Lock()
@@ -133,10 +180,22 @@ class RegistryClient:
         with self._count_lock:
             self.bytes_sent += n
 
+    def _check_realm(self, realm: str) -> None:
+        """A token realm must be https, unless the user marked its host insecure."""
+        parts = urlsplit(realm)
+        if parts.scheme == "https":
+            return
+        insecure = {h.rsplit(":", 1)[0] if not h.startswith("[") else h for h in self.insecure_hosts} | set(self.insecure_hosts)
+        if parts.scheme == "http" and (parts.netloc in insecure or parts.hostname in insecure):
+            return
+        raise AuthError("GET", realm, None, (), "token realm is not https and its host is not marked insecure")
+
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
         self._count(method)
         try:
             return self.session.request(method, url, headers=headers, data=data, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+        except requests.exceptions.SSLError as exc:
+            raise RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)") from exc
         except requests.RequestException as exc:
             raise RegistryError(method, url, None, (), type(exc).__name__) from exc
 
@@ -150,20 +209,34 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         body: Callable[[], Any] | None = None,
     ) -> requests.Response:
-        """Send one request; a 401 earns one fresh token and one resend."""
-        for attempt in (0, 1):
+        """Send one request; a 401 earns one fresh token and one resend. Redirects
+        are followed (at most MAX_REDIRECTS): never from https to http, and the
+        Authorization header goes to the registry's own host only."""
+        challenged = False
+        hops = 0
+        while True:
             sent = dict(headers or {})
             authorization = self.auth.authorization(scopes)
-            if authorization:
+            if authorization and same_origin(url, self.base_url if self._base_url else url):
                 sent["Authorization"] = authorization
             response = self._send(method, url, sent, body() if body else None)
-            if response.status_code == 401 and attempt == 0 and self.auth.challenge(response, scopes):
+            if response.status_code == 401 and not challenged and self.auth.challenge(response, scopes):
+                challenged = True
                 response.close()
+                continue
+            if response.status_code in REDIRECTS and response.status_code not in expected and response.headers.get("Location"):
+                response.close()
+                target = urljoin(url, response.headers["Location"])
+                if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+                    raise RegistryError(method, url, response.status_code, (), "refusing a redirect from https to plain http")
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    raise RegistryError(method, url, response.status_code, (), f"more than {MAX_REDIRECTS} redirects")
+                url = target
                 continue
             if response.status_code not in expected:
                 raise error_from_response(response, method)
             return response
-        raise AssertionError("unreachable")
 
     def ping(self) -> None:
         """``GET /v2/``: choose the scheme, and learn the auth challenge up front."""
@@ -293,3 +366,6 @@ class RegistryClient:
 
     def close(self) -> None:
         self.session.close()
+        if self._bundle:
+            with contextlib.suppress(OSError):
+                os.unlink(self._bundle)
