@@ -24,14 +24,19 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-_URL_QUERY = re.compile(r"(https?://[^\s?\"']*)\?[^\s\"']*")
+#: a URL or request path followed by a query string (upload state, token scopes)
+_URL_QUERY = re.compile(r"((?:https?://|/)[^\s?\"']*)\?[^\s\"']*")
+
+
+#: an Authorization header value
+_CREDENTIAL = re.compile(r"\b(Bearer|Basic)\s+[^\s\"']+", re.IGNORECASE)
 
 
 class RedactingFormatter(logging.Formatter):
     """Drops URL query strings (upload state, tokens) from every log line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return _URL_QUERY.sub(r"\1?<redacted>", super().format(record)).replace("Bearer ", "Bearer <redacted> ")
+        return _CREDENTIAL.sub(r"\1 <redacted>", _URL_QUERY.sub(r"\1?<redacted>", super().format(record)))
 
 
 def _size(text: str) -> int:

@@ -106,10 +106,10 @@ def _check_manifest(layout: str, digest: str) -> PulledImage:
     return PulledImage(digest, config_digest, diff_ids, [layer["mediaType"] for layer in manifest["layers"]])
 
 
-def pull_and_verify(registry: Registry, ref: str, dest: str) -> list[PulledImage]:
+def pull_and_verify(registry: Registry, ref: str, dest: str, source_args: tuple[str, ...] = ("--src-tls-verify=false",)) -> list[PulledImage]:
     """skopeo copies ``ref`` out (all platforms); every layer must decompress to its
     DiffID and every blob hash to its name. Returns one entry per image manifest."""
-    done = skopeo("copy", "--all", "--preserve-digests", "--src-tls-verify=false", f"docker://{registry.host}/{ref}", f"oci:{dest}:pulled")
+    done = skopeo("copy", "--all", "--preserve-digests", *source_args, f"docker://{registry.host}/{ref}", f"oci:{dest}:pulled")
     assert done.returncode == 0, done.stderr
     with open(os.path.join(dest, "index.json")) as f:
         top = json.load(f)["manifests"][0]
@@ -130,3 +130,34 @@ def token_registry(tmp_path):
     yield started, issuer
     started.stop()
     issuer.stop()
+
+
+@dataclass
+class SecureRegistry:
+    registry: Registry
+    ca_file: str
+    cert_dir: str
+    username: str
+    password: str
+
+
+@pytest.fixture
+def tls_registry(tmp_path):
+    """The real registry over TLS (our own CA) with htpasswd basic auth."""
+    from tls import make_htpasswd, make_tls
+
+    _require(REGISTRY_BINARY, "docker-registry")
+    cert_dir = str(tmp_path / "certs")
+    ca, cert, key = make_tls(cert_dir)
+    htpasswd = make_htpasswd(str(tmp_path / "htpasswd"), {"pusher": "s3cret-Pa55word-xyz"})
+    started = start_registry(str(tmp_path), {"http": {"tls": {"certificate": cert, "key": key}}, "auth": {"htpasswd": {"realm": "batchpush-test", "path": htpasswd}}}, scheme="https")
+    yield SecureRegistry(started, ca, os.path.dirname(ca), "pusher", "s3cret-Pa55word-xyz")
+    started.stop()
+
+
+def assert_no_secret(secrets: list[str], *texts: str) -> None:
+    """Every secret is searched in every byte of output."""
+    for secret in secrets:
+        assert secret, "empty secret"
+        for text in texts:
+            assert secret not in text, f"a secret leaked: ...{text[max(0, text.find(secret) - 80):text.find(secret)]}"

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 import yaml
+
+urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 

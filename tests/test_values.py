@@ -123,3 +123,18 @@ def test_source_spec_parsing():
     for bad in ("docker://x", "oci:", "dir:/x"):
         with pytest.raises(UsageError):
             open_source(bad)
+
+
+def test_log_lines_lose_query_strings_and_tokens():
+    import logging
+
+    from batchpush.cli import RedactingFormatter
+
+    formatter = RedactingFormatter("%(message)s")
+    for message in (
+        'http://127.0.0.1:5000 "PUT /v2/a/blobs/uploads/u?_state=SECRET&digest=sha256%3Aab HTTP/1.1" 201 0',
+        "GET https://auth.example/token?scope=repository:a:push&account=SECRET",
+        "Authorization: Bearer SECRET",
+    ):
+        record = logging.LogRecord("x", logging.DEBUG, __file__, 1, message, None, None)
+        assert "SECRET" not in formatter.format(record)

@@ -34,6 +34,8 @@ class TokenIssuer:
         self.users = users
         self.ttl_s = ttl_s
         self.requests: list[dict[str, Any]] = []
+        #: every token issued, to search for in outputs
+        self.tokens: list[str] = []
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "batchpush test token signer")])
         now = datetime.datetime.now(datetime.UTC)
@@ -95,7 +97,9 @@ class TokenIssuer:
             granted = actions.split(",") if subject else [a for a in actions.split(",") if a == "pull"]
             access.append({"type": kind, "name": name, "actions": granted})
         self.requests.append({"subject": subject, "scopes": query.get("scope", [])})
-        body = json.dumps({"token": self.sign(subject, access), "expires_in": self.ttl_s, "issued_at": datetime.datetime.now(datetime.UTC).isoformat()}).encode()
+        token = self.sign(subject, access)
+        self.tokens.append(token)
+        body = json.dumps({"token": token, "expires_in": self.ttl_s, "issued_at": datetime.datetime.now(datetime.UTC).isoformat()}).encode()
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))

@@ -165,7 +165,7 @@ class Authenticator:
         if basic:
             headers["Authorization"] = basic
         try:
-            response = self.session.get(realm, params=params, headers=headers, stream=True, timeout=30, allow_redirects=False)
+            response = self.session.get(realm, params=params, headers=headers, stream=True, timeout=30, allow_redirects=False, verify=self.session.verify)
         except requests.RequestException as exc:
             raise AuthError("GET", realm, None, (), f"token request failed: {type(exc).__name__}") from exc
         if response.status_code != 200:

@@ -193,7 +193,8 @@ class RegistryClient:
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
         self._count(method)
         try:
-            return self.session.request(method, url, headers=headers, data=data, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+            # verify is passed explicitly: requests would let REQUESTS_CA_BUNDLE override the session's
+            return self.session.request(method, url, headers=headers, data=data, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), verify=self.session.verify)
         except requests.exceptions.SSLError as exc:
             raise RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)") from exc
         except requests.RequestException as exc:
