@@ -234,6 +234,9 @@ class Preparer:
 
     def _from_pass(self, layer: SourceLayer, result: CompressedBlob | HashedBlob) -> PreparedLayer:
         if isinstance(result, CompressedBlob):
+            digest = layer.descriptor.digest
+            if digest is not None and digest != result.diff_id:  # an uncompressed blob is named by its DiffID
+                raise DigestMismatchError(layer.blob.path if layer.blob else "?", "layer digest", str(digest), str(result.diff_id))
             self._check_diff_id(layer, result.diff_id)
             return PreparedLayer(layer, result.diff_id, result.digest, result.size, mt.GZIP_OF[layer.descriptor.media_type], RECIPE, result.blob)
         return self._checked_as_is(layer, result)

@@ -20,7 +20,7 @@ def _name(common_name: str) -> x509.Name:
 def make_tls(directory: str) -> tuple[str, str, str]:
     """Returns (ca.crt, server.crt, server.key) paths; the server cert is for 127.0.0.1."""
     os.makedirs(directory, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder().subject_name(_name("batchpush test CA")).issuer_name(_name("batchpush test CA"))

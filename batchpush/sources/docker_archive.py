@@ -92,7 +92,8 @@ class DockerArchive:
     def _read_member(self, name: str, limit_bytes: int, what: str) -> bytes:
         member = self._resolve(name, what)
         if member.size > limit_bytes:
-            raise SourceError(self.path, f"{what} {name!r} is {member.size} bytes, over the {limit_bytes}-byte limit")
+            label = what if what == name else f"{what} {name!r}"
+            raise SourceError(self.path, f"{label} is {member.size} bytes, over the {limit_bytes}-byte limit")
         return self._range(member).read_all(limit_bytes)
 
     def images(self) -> list[SourceImage]:
