@@ -97,7 +97,7 @@ class ImagePusher:
         """The cron fast path: one HEAD. If the tag already resolves to the digest we
         would push, the image is done, with no blob request at all."""
         expected = predict(node)
-        current = self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT)
+        current = self.client.with_retries(lambda: self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT), f"manifest {tag}")
         if current is not None and current[0] == expected.digest:
             return expected
         return None
@@ -127,13 +127,18 @@ class ImagePusher:
         layers = [f.result() for f in futures[:-1]]
         data = manifest_bytes(node.source, layers)
         media_type = node.source.media_type
-        digest = self.client.put_manifest(self.repository, reference or str(Digest.sha256_of(data)), media_type, data)
+        digest = self._put(reference or str(Digest.sha256_of(data)), media_type, data)
         return PushedManifest(digest, len(data), media_type, tuple(layers))
+
+    def _put(self, reference: str, media_type: str, data: bytes) -> Digest:
+        """PUT a manifest under the retry policy (a 5xx is retried; a digest that
+        differs from ours is not)."""
+        return self.client.with_retries(lambda: self.client.put_manifest(self.repository, reference, media_type, data), f"manifest {reference}")
 
     def _push_index(self, node: PreparedIndex, reference: str | None) -> PushedManifest:
         children = [self._push_node(child, None) for child in node.children]
         data = index_bytes(node, children)
-        digest = self.client.put_manifest(self.repository, reference or str(Digest.sha256_of(data)), node.source.media_type, data)
+        digest = self._put(reference or str(Digest.sha256_of(data)), node.source.media_type, data)
         layers = tuple(layer for child in children for layer in child.layers)
         return PushedManifest(digest, len(data), node.source.media_type, layers)
 

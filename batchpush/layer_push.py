@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import mediatypes as mt
 from .digest import Digest
@@ -26,12 +27,19 @@ from .policy import V2Metadata, entry_hmac, hmac_matches, mount_candidates, remo
 from .prepare import PreparedLayer
 from .progress import NoProgress, Progress
 from .reference import Reference
-from .registry.client import RegistryClient, UploadSession
-from .registry.errors import AuthError, RegistryError
+from .registry.client import BlobUpload, RegistryClient, UploadSession
+from .registry.errors import AuthError, RegistryError, UploadGoneError
 from .sources.base import FileRange
 from .state import PushState, RemoteBlob
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Carry:
+    """What one layer's attempts hand to the next: the upload to resume."""
+
+    upload: BlobUpload | None = None
 
 
 def _compatible(layer: PreparedLayer, entry: V2Metadata) -> bool:
@@ -70,14 +78,25 @@ class LayerPusher:
         self.progress: Progress = progress or NoProgress()
 
     def push(self, layer: PreparedLayer, *, is_config: bool = False) -> LayerResult:
-        """Make ``layer`` (or the image config) present in the target repository;
-        raises RegistryError."""
-        result = self._push_once(layer)
+        """Make ``layer`` (or the image config) present in the target repository.
+
+        The whole path runs under the host's retry policy; an upload that broke is
+        resumed, not restarted, on the next attempt. Raises RegistryError when the
+        attempts are spent or the failure is not temporary (its session cancelled)."""
+        carry = _Carry()
+        try:
+            result = self.client.with_retries(lambda: self._push_once(layer, carry), f"layer {layer.digest}")
+        except BaseException:
+            if carry.upload is not None:
+                self.client.cancel_upload(self.repository, carry.upload.session)
+            raise
         if not is_config:
             self.progress.layer_done(str(self.target), result)
         return result
 
-    def _push_once(self, layer: PreparedLayer) -> LayerResult:
+    def _push_once(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
+        if carry.upload is not None:  # a retry: go on with the upload that broke
+            return self._upload(layer, carry)
         if layer.urls and not self.allow_nondistributable:
             return LayerResult(layer.diff_id, layer.digest, layer.size, layer.media_type, LayerOutcome.SKIPPED_FOREIGN)
         registry = self.target.registry
@@ -85,7 +104,7 @@ class LayerPusher:
             known = self.state.known_layer(registry, self.repository, layer.key)
             if known is not None:
                 return self._result(layer, known, LayerOutcome.KNOWN)
-            return self._push(layer)
+            return self._push(layer, carry)
 
     def _result(self, layer: PreparedLayer, blob: RemoteBlob, outcome: LayerOutcome, sent: int = 0, mounted_from: str | None = None) -> LayerResult:
         return LayerResult(layer.diff_id, blob.digest, blob.size, blob.media_type, outcome, sent, mounted_from)
@@ -101,7 +120,7 @@ class LayerPusher:
         # another recipe's gzip blob of the same DiffID (seed: schema2.MediaTypeLayer)
         return layer.media_type if layer.media_type in mt.GZIP_LAYERS else mt.DOCKER_LAYER_GZIP
 
-    def _push(self, layer: PreparedLayer) -> LayerResult:
+    def _push(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
         tier = tier_for(layer.source.descriptor.size if layer.source.blob else layer.size)
         entries = [e for e in self.store.get_metadata(layer.key) if _compatible(layer, e)]
         checked: set[Digest] = set()
@@ -147,7 +166,9 @@ class LayerPusher:
                 if session is not None:
                     self.client.cancel_upload(self.repository, session)
                 return found
-        return self._upload(layer, session)
+        if session is not None:
+            carry.upload = BlobUpload(session)
+        return self._upload(layer, carry)
 
     def _already_exists(self, layer: PreparedLayer, entries: list[V2Metadata], checked: set[Digest], *, check_other_repositories: bool, max_checks: int) -> LayerResult | None:
         """seed: layerAlreadyExists — HEAD unique digests in likeness order."""
@@ -178,27 +199,30 @@ class LayerPusher:
             return self._result(layer, blob, LayerOutcome.EXISTS)
         return None
 
-    def _upload(self, layer: PreparedLayer, session: UploadSession | None) -> LayerResult:
+    def _upload(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
         if layer.source.blob is None:
-            raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes")
-        try:
-            blob = self.materialize(layer)
-        except BaseException:
-            if session is not None:
-                self.client.cancel_upload(self.repository, session)
-            raise
-        if session is None:
-            session = self.client.start_upload(self.repository)
+            raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes", permanent=True)
+        blob = self.materialize(layer)
+        if carry.upload is None:
+            carry.upload = BlobUpload(self.client.start_upload(self.repository))
         target, digest = str(self.target), str(layer.digest)
 
         def on_progress(sent_bytes: int) -> None:
             self.progress.layer_bytes(target, digest, sent_bytes, blob.size)
 
         try:
-            sent = self.client.upload_blob(self.repository, session, blob, layer.digest, on_progress=on_progress)
-        except BaseException:
-            self.client.cancel_upload(self.repository, session)
+            sent = self.client.upload_blob(self.repository, carry.upload, blob, layer.digest, on_progress=on_progress)
+        except UploadGoneError:
+            carry.upload = None  # the next attempt starts a new session...
+            if self.client.head_blob(self.repository, layer.digest) is None:
+                raise
+            sent = 0  # ...unless the commit went through before the connection broke
+        except RegistryError as exc:
+            if not exc.temporary and carry.upload is not None:
+                self.client.cancel_upload(self.repository, carry.upload.session)
+                carry.upload = None
             raise
+        carry.upload = None
         remote = RemoteBlob(layer.digest, layer.size, layer.media_type)
         self._remember(layer, remote, layer.recipe)
         return self._result(layer, remote, LayerOutcome.UPLOADED, sent)

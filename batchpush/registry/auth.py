@@ -88,6 +88,12 @@ def scope_for(repository: str, actions: str) -> str:
 class _Token:
     value: str
     expires_at: float
+    ttl_s: float
+
+    def fresh(self) -> bool:
+        """Usable for one more request: refreshed ahead of expiry, by
+        TOKEN_EXPIRY_MARGIN_S or a quarter of its lifetime if that is shorter."""
+        return self.expires_at - min(TOKEN_EXPIRY_MARGIN_S, self.ttl_s / 4) > time.monotonic()
 
 
 class Authenticator:
@@ -106,6 +112,8 @@ class Authenticator:
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[tuple[str, ...], _Token] = {}
+        #: one token fetch at a time per scope set (single-flight)
+        self._fetching: dict[tuple[str, ...], threading.Lock] = {}
 
     @property
     def has_credentials(self) -> bool:
@@ -125,11 +133,17 @@ class Authenticator:
             if challenge.scheme == "basic":
                 return self._basic()
             token = self._tokens.get(scopes)
-            if token and token.expires_at - TOKEN_EXPIRY_MARGIN_S > time.monotonic():
+            if token and token.fresh():
                 return f"Bearer {token.value}"
-        if challenge.scheme == "bearer":
+            fetching = self._fetching.setdefault(scopes, threading.Lock())
+        if challenge.scheme != "bearer":
+            return None
+        with fetching:
+            with self._lock:  # another thread may have fetched it meanwhile
+                token = self._tokens.get(scopes)
+                if token and token.fresh():
+                    return f"Bearer {token.value}"
             return f"Bearer {self._fetch_token(challenge, scopes)}"
-        return None
 
     def challenge(self, response: requests.Response, scopes: tuple[str, ...]) -> bool:
         """Learn from a 401; True if retrying the request may now succeed."""
@@ -174,11 +188,11 @@ class Authenticator:
         try:
             document = json.loads(body)
             value = document.get("token") or document.get("access_token")
-            ttl = int(document.get("expires_in") or DEFAULT_TOKEN_TTL_S)
+            ttl = float(document.get("expires_in") or DEFAULT_TOKEN_TTL_S)
         except (ValueError, AttributeError, TypeError):
             raise AuthError("GET", realm, 200, (), "token response is not valid JSON") from None
         if not isinstance(value, str) or not value:
             raise AuthError("GET", realm, 200, (), "token response holds no token")
         with self._lock:
-            self._tokens[scopes] = _Token(value, time.monotonic() + ttl)
+            self._tokens[scopes] = _Token(value, time.monotonic() + ttl, ttl)
         return value

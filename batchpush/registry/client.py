@@ -16,7 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
@@ -28,7 +28,8 @@ from .. import __version__
 from ..digest import Digest
 from ..sources.base import FileRange, read_chunks
 from .auth import Authenticator, Credentials, scope_for
-from .errors import AuthError, ManifestDigestError, RegistryError, error_from_response, read_limited
+from .errors import AuthError, ManifestDigestError, RegistryError, UploadGoneError, error_from_response, read_limited
+from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
 
 #: blobs up to this size go in one PUT; larger ones in PATCH chunks
 DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
@@ -43,6 +44,7 @@ READ_TIMEOUT_S = 300.0
 MAX_MANIFEST_BYTES = 4 << 20
 
 USER_AGENT = f"batchpush/{__version__}"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +62,10 @@ class RegistryOptions:
     monolithic_limit_bytes: int = DEFAULT_MONOLITHIC_LIMIT_BYTES
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
+    #: attempts of each step sequence (retry policy), the first included
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    #: the longest pause a 429's Retry-After may impose on this host
+    retry_after_cap_s: float = DEFAULT_RETRY_AFTER_CAP_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,27 @@ class UploadSession:
     chunk_min_bytes: int = 0
 
 
+@dataclass(slots=True)
+class BlobUpload:
+    """An upload in progress, kept across attempts so a retry resumes it."""
+
+    session: UploadSession
+    #: bytes the registry has confirmed
+    offset: int = 0
+    #: a request broke mid-way: ask the registry where it is before going on
+    interrupted: bool = False
+
+
+def _range_end(value: str | None) -> int:
+    """Bytes received from ``Range: 0-<last>``. distribution answers ``0-0`` for an
+    empty upload, so ``0-0`` counts as none (a one-byte upload is resent whole)."""
+    _, sep, end = (value or "").partition("-")
+    if not sep or not end.strip().isdigit():
+        return 0
+    last = int(end)
+    return last + 1 if last > 0 else 0
+
+
 @dataclass(frozen=True, slots=True)
 class MountResult:
     mounted: bool
@@ -80,17 +107,21 @@ class MountResult:
 
 class _Body:
     """A request body over a file range: sized (so requests sends Content-Length)
-    and iterated in CHUNK_BYTES pieces, counting bytes as they go."""
+    and iterated in CHUNK_BYTES pieces, counting bytes as they go; a cancelled run
+    stops it mid-way."""
 
-    def __init__(self, blob: FileRange, on_bytes: Callable[[int], None]) -> None:
+    def __init__(self, blob: FileRange, on_bytes: Callable[[int], None], cancel: threading.Event) -> None:
         self.blob = blob
         self.on_bytes = on_bytes
+        self.cancel = cancel
 
     def __len__(self) -> int:
         return self.blob.size
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in read_chunks(self.blob):
+            if self.cancel.is_set():
+                raise Cancelled()
             yield chunk
             self.on_bytes(len(chunk))
 
@@ -137,9 +168,13 @@ def _with_query(url: str, key: str, value: str) -> str:
 class RegistryClient:
     """One registry host: a pooled session, its auth state and request counters."""
 
-    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None) -> None:
+    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None, *, cancel: threading.Event | None = None) -> None:
         self.host = host
         self.options = options or RegistryOptions()
+        #: set when the run is interrupted: bodies stop, pauses end
+        self.cancel = cancel or threading.Event()
+        self.gate = HostGate(self.cancel)
+        self.policy = RetryPolicy(max_attempts=self.options.max_attempts, retry_after_cap_s=self.options.retry_after_cap_s)
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         pool = self.options.max_concurrent_uploads + 4
@@ -196,7 +231,7 @@ class RegistryClient:
             # verify is passed explicitly: requests would let REQUESTS_CA_BUNDLE override the session's
             return self.session.request(method, url, headers=headers, data=data, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), verify=self.session.verify)
         except requests.exceptions.SSLError as exc:
-            raise RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)") from exc
+            raise RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)", permanent=True) from exc
         except requests.RequestException as exc:
             raise RegistryError(method, url, None, (), type(exc).__name__) from exc
 
@@ -216,6 +251,7 @@ class RegistryClient:
         challenged = False
         hops = 0
         while True:
+            self.gate.wait()
             sent = dict(headers or {})
             authorization = self.auth.authorization(scopes)
             if authorization and same_origin(url, self.base_url if self._base_url else url):
@@ -236,7 +272,10 @@ class RegistryClient:
                 url = target
                 continue
             if response.status_code not in expected:
-                raise error_from_response(response, method)
+                error = error_from_response(response, method)
+                if error.retry_after_s is not None:  # the whole host waits, not only this step
+                    self.gate.pause(min(error.retry_after_s, self.policy.retry_after_cap_s))
+                raise error
             return response
 
     def ping(self) -> None:
@@ -265,6 +304,10 @@ class RegistryClient:
 
     def _url(self, repository: str, tail: str) -> str:
         return f"{self.base_url}/v2/{repository}/{tail}"
+
+    def with_retries(self, step: Callable[[], T], what: str) -> T:
+        """``step`` under this host's retry policy (one sequence, not nested)."""
+        return run_with_retries(step, self.policy, self.gate, what)
 
     # -- blobs ---------------------------------------------------------------
     def head_blob(self, repository: str, digest: Digest) -> int | None:
@@ -302,13 +345,29 @@ class RegistryClient:
         with contextlib.suppress(RegistryError):
             self.request("DELETE", session.location, scopes=(scope_for(repository, "pull,push"),), expected=set(range(200, 600))).close()
 
-    def upload_blob(self, repository: str, session: UploadSession, blob: FileRange, digest: Digest, *, on_progress: Callable[[int], None] | None = None) -> int:
-        """Send the blob through ``session`` and commit it; returns the bytes sent.
+    def upload_status(self, repository: str, upload: BlobUpload) -> None:
+        """``GET`` the upload location: where the registry is (``Range``), with a fresh
+        location. Raises UploadGoneError when it no longer knows the session."""
+        try:
+            response = self.request("GET", upload.session.location, scopes=(scope_for(repository, "pull,push"),), expected={204, 200})
+        except RegistryError as exc:
+            if exc.status in (400, 404, 410):
+                raise UploadGoneError(exc.method, exc.url, exc.status, exc.codes, "the registry dropped the upload session") from exc
+            raise
+        response.close()
+        upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes) if response.headers.get("Location") else upload.session
+        upload.offset = _range_end(response.headers.get("Range"))
+        upload.interrupted = False
+
+    def upload_blob(self, repository: str, upload: BlobUpload, blob: FileRange, digest: Digest, *, on_progress: Callable[[int], None] | None = None) -> int:
+        """Send the blob through ``upload`` and commit it; returns the bytes sent.
 
         Monolithic ``PUT ?digest=`` up to the registry's limit; above it, or when the
         registry asks for a minimum chunk, ``PATCH`` chunks with ``Content-Range``
-        then a bodiless ``PUT ?digest=``. The registry's Docker-Content-Digest must
-        match ours.
+        then a bodiless ``PUT ?digest=``. Called again after a failure, it first asks
+        the registry where the upload is and continues from there (a 416 is answered
+        the same way); UploadGoneError means a new session is needed. The
+        registry's Docker-Content-Digest must match ours.
         """
         scopes = (scope_for(repository, "pull,push"),)
         sent = 0
@@ -318,26 +377,40 @@ class RegistryClient:
             sent += n
             self._count_bytes(n)
             if on_progress is not None:
-                on_progress(sent)
+                on_progress(upload.offset + sent)
 
-        location = session.location
-        if blob.size <= self.options.monolithic_limit_bytes and not session.chunk_min_bytes:
-            headers = {"Content-Type": "application/octet-stream"}
-            response = self.request("PUT", _with_query(location, "digest", str(digest)), scopes=scopes, expected={201}, headers=headers, body=lambda: _Body(blob, counted))
-        else:
-            chunk = max(self.options.chunk_size_bytes, session.chunk_min_bytes)
-            for start in range(0, blob.size, chunk):
-                length = min(chunk, blob.size - start)
-                piece = FileRange(blob.path, blob.offset + start, length)
-                headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{start}-{start + length - 1}"}
-                response = self.request("PATCH", location, scopes=scopes, expected={202}, headers=headers, body=lambda piece=piece: _Body(piece, counted))  # type: ignore[misc]
-                response.close()
-                location = self._session_from(response).location
-            response = self.request("PUT", _with_query(location, "digest", str(digest)), scopes=scopes, expected={201}, headers={"Content-Length": "0"}, body=lambda: b"")
+        def body(start: int, length: int) -> Callable[[], _Body]:
+            piece = FileRange(blob.path, blob.offset + start, length)
+            return lambda: _Body(piece, counted, self.cancel)
+
+        if upload.interrupted:
+            self.upload_status(repository, upload)
+        chunked = blob.size > self.options.monolithic_limit_bytes or bool(upload.session.chunk_min_bytes)
+        chunk = max(self.options.chunk_size_bytes, upload.session.chunk_min_bytes)
+        upload.interrupted = True  # until a response says otherwise
+        while chunked and upload.offset < blob.size:
+            length = min(chunk, blob.size - upload.offset)
+            headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{upload.offset}-{upload.offset + length - 1}"}
+            try:
+                response = self.request("PATCH", upload.session.location, scopes=scopes, expected={202}, headers=headers, body=body(upload.offset, length))
+            except RegistryError as exc:
+                if exc.status != 416:
+                    raise
+                self.upload_status(repository, upload)  # the registry says where it is
+                upload.interrupted = True
+                continue
+            response.close()
+            upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes)
+            upload.offset = max(_range_end(response.headers.get("Range")), upload.offset + length) if response.headers.get("Range") else upload.offset + length
+        rest = blob.size - upload.offset
+        final = _with_query(upload.session.location, "digest", str(digest))
+        response = self.request("PUT", final, scopes=scopes, expected={201}, headers={"Content-Type": "application/octet-stream"}, body=body(upload.offset, rest))
         response.close()
+        upload.interrupted = False
+        upload.offset = blob.size
         reported = response.headers.get("Docker-Content-Digest")
         if reported and reported != str(digest):
-            raise RegistryError("PUT", location, 201, (), f"registry stored blob {reported}, we sent {digest}")
+            raise RegistryError("PUT", final, 201, (), f"registry stored blob {reported}, we sent {digest}", permanent=True)
         return sent
 
     # -- manifests -----------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
+import time
 from urllib.parse import urlsplit
 
 import requests
@@ -27,8 +29,12 @@ class RegistryError(BatchPushError):
 
     kind = "registry"
 
-    def __init__(self, method: str, url: str, status: int | None, codes: tuple[str, ...] = (), detail: str = "") -> None:
+    def __init__(self, method: str, url: str, status: int | None, codes: tuple[str, ...] = (), detail: str = "", *, retry_after_s: float | None = None, permanent: bool = False) -> None:
         self.method = method
+        #: what the registry's Retry-After asked for, in seconds
+        self.retry_after_s = retry_after_s
+        #: a failure no retry can fix (e.g. TLS verification), whatever the status
+        self.permanent = permanent
         self.url = redact_url(url)
         self.status = status
         self.codes = codes
@@ -40,15 +46,53 @@ class RegistryError(BatchPushError):
 
     @property
     def temporary(self) -> bool:
+        """Worth another try: a transport failure, 408, 429, 5xx gateway/unavailable
+        statuses, or the OCI codes TOOMANYREQUESTS / UNAVAILABLE."""
+        if self.permanent:
+            return False
         return self.status is None or self.status in TEMPORARY_STATUSES or bool(TEMPORARY_CODES & set(self.codes))
 
 
 class AuthError(RegistryError):
     kind = "auth"
 
+    @property
+    def temporary(self) -> bool:
+        return False
+
 
 class ManifestDigestError(RegistryError):
     kind = "manifest-digest"
+
+    @property
+    def temporary(self) -> bool:
+        return False
+
+
+class UploadGoneError(RegistryError):
+    """The registry no longer knows an upload session (a new one must be started)."""
+
+    kind = "upload-gone"
+
+    @property
+    def temporary(self) -> bool:
+        return True
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def read_limited(response: requests.Response, limit_bytes: int) -> bytes:
@@ -76,4 +120,5 @@ def error_from_response(response: requests.Response, method: str | None = None) 
     except (ValueError, AttributeError):
         pass
     cls = AuthError if response.status_code in (401, 403) else RegistryError
-    return cls(method, response.url, response.status_code, tuple(codes), "; ".join(messages))
+    retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status_code in (429, 503) else None
+    return cls(method, response.url, response.status_code, tuple(codes), "; ".join(messages), retry_after_s=retry_after)
