@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from . import __version__
 from .engine import DEFAULT_MAX_CONCURRENT_IMAGES, Engine, PushJob, PushOptions
@@ -149,9 +151,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         dry_run=args.dry_run,
         progress=progress,
     )
+    received: list[int] = []
     try:
         with Engine(options) as engine:
-            result = engine.run(jobs)
+
+            def stop(signum: int, frame: FrameType | None) -> None:
+                received.append(signum)
+                engine.cancel()
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                result = engine.run(jobs)
+            finally:
+                for sig, earlier in previous.items():
+                    signal.signal(sig, earlier)
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -161,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result.write(args.report)
     if args.dry_run:
         _print_dry_run(result)
+    if received:
+        print(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report", file=sys.stderr)
+        return 128 + received[0]
     if any(image.error_kind == "usage" for image in result.images):
         return EXIT_USAGE
     return result.exit_code

@@ -16,6 +16,7 @@ import concurrent.futures as cf
 import multiprocessing
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import psutil
 
-from .errors import BatchPushError, SourceError, UsageError
+from .errors import BatchPushError, InterruptedError_, SourceError, UsageError
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
 from .metadata import MetadataStore
@@ -34,6 +35,7 @@ from .progress import NoProgress, Progress
 from .reference import Reference, parse_reference
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
+from .registry.retry import Cancelled
 from .registry.credentials import DockerConfigCredentials, password_from
 from .report import BatchResult, ImageResult
 from .sources import SourceImage, open_source
@@ -43,6 +45,12 @@ from .state import PushState
 WORKER_MEMORY_BYTES = 256 << 20
 #: (image, target) pushes running at once
 DEFAULT_MAX_CONCURRENT_IMAGES = 8
+
+
+def _ignore_interrupts() -> None:
+    """Compression workers leave SIGINT/SIGTERM to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_jobs() -> int:
@@ -127,10 +135,17 @@ class Engine:
         self._clients: dict[str, RegistryClient] = {}
         self._executors: dict[str, cf.ThreadPoolExecutor] = {}
         self._clients_lock = threading.Lock()
+        #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
+        self.cancelled = threading.Event()
         jobs = self.options.jobs or default_jobs()
-        self._pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver")) if jobs > 1 else None
+        self._pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver"), initializer=_ignore_interrupts) if jobs > 1 else None
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
         self.preparer = Preparer(self._spool, self.store, self._pool)
+
+    def cancel(self) -> None:
+        """Stop: start nothing new; in-flight uploads stop and their sessions are
+        cancelled; their images fail as interrupted (no manifest). Signal-safe."""
+        self.cancelled.set()
 
     def __enter__(self) -> Engine:
         return self
@@ -164,7 +179,7 @@ class Engine:
         with self._clients_lock:
             if host not in self._clients:
                 options = self.registry_options(host)
-                self._clients[host] = RegistryClient(host, options, self.credentials(host, options))
+                self._clients[host] = RegistryClient(host, options, self.credentials(host, options), cancel=self.cancelled)
                 self._executors[host] = cf.ThreadPoolExecutor(max_workers=options.max_concurrent_uploads, thread_name_prefix=f"push-{host}")
             return self._clients[host]
 
@@ -175,11 +190,17 @@ class Engine:
         ordered: list[ImageResult | cf.Future[ImageResult]] = []
         with cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image") as images:
             for job in jobs:
+                if self.cancelled.is_set():
+                    break
                 for work in self._expand(job):
                     if work.error is not None:
                         ordered.append(self._failed(work.source, work.target, work.error, time.monotonic()))
                         continue
-                    slots.acquire()
+                    while not slots.acquire(timeout=0.2):
+                        if self.cancelled.is_set():
+                            break
+                    if self.cancelled.is_set():
+                        break
                     future = images.submit(self._run_work, work)
                     future.add_done_callback(lambda _: slots.release())
                     ordered.append(future)
@@ -271,6 +292,8 @@ class Engine:
             pushed = pusher.push(node, tag)
         except BatchPushError as exc:
             return self._failed(work.source, str(target), exc, started)
+        except Cancelled:
+            return self._failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started)
         finally:
             self._release(work.entry)
         progress.pushed(str(target), tag, str(pushed.digest), pushed.size)

@@ -5,7 +5,8 @@
     ├── ReferenceError_       an image reference that does not parse
     ├── SourceError           a source (file or layout) that cannot be read or lies
     │   └── DigestMismatchError   bytes that do not hash to what they claim
-    ├── PlanError             a plan file that does not validate (batch issue)
+    ├── PlanError             a plan file that does not validate
+    ├── InterruptedError_     the run was stopped before this image was complete
     └── RegistryError         a registry answered with an error (registry/errors.py)
         ├── AuthError             401/403, or no usable credentials
         ├── BlobUnknownError      404 BLOB_UNKNOWN on a blob request
@@ -79,3 +80,9 @@ class DigestMismatchError(SourceError):
 
 class PlanError(BatchPushError):
     kind = "plan"
+
+
+class InterruptedError_(BatchPushError):
+    """The run was stopped (SIGINT/SIGTERM) before this image was complete."""
+
+    kind = "interrupted"
