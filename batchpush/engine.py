@@ -35,8 +35,8 @@ from .progress import NoProgress, Progress
 from .reference import Reference, parse_reference
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
-from .registry.retry import Cancelled
 from .registry.credentials import DockerConfigCredentials, password_from
+from .registry.retry import Cancelled
 from .report import BatchResult, ImageResult
 from .sources import SourceImage, open_source
 from .state import PushState

@@ -130,3 +130,15 @@ def docker25_archive(path: str, repo_tag: str, layers: list[bytes], *, symlink_f
         _add(tar, "index.json", json.dumps(index).encode())
         _add(tar, "manifest.json", json.dumps([{"Config": f"blobs/sha256/{sha256(config)[7:]}", "RepoTags": [repo_tag], "Layers": layer_paths}]).encode())
     return BuiltImage(sha256(manifest), sha256(config), diff_ids)
+
+
+def random_layer(seed: int, size: int) -> bytes:
+    """A tar holding ``size`` incompressible bytes: its gzip is about as large."""
+    data = random.Random(seed).randbytes(size)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo(f"blob{seed}.bin")
+        info.size = len(data)
+        info.mtime = 0
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()

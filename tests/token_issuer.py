@@ -30,9 +30,11 @@ def _b64(data: bytes) -> str:
 class TokenIssuer:
     """``users``: username -> password. ``ttl_s``: effective token lifetime."""
 
-    def __init__(self, workdir: str, users: dict[str, str], ttl_s: int = 300) -> None:
+    def __init__(self, workdir: str, users: dict[str, str], ttl_s: int = 300, advertised_ttl_s: int | None = None) -> None:
         self.users = users
         self.ttl_s = ttl_s
+        #: the expires_in told to clients (a liar's value tests the 401 path)
+        self.advertised_ttl_s = advertised_ttl_s or ttl_s
         self.requests: list[dict[str, Any]] = []
         #: every token issued, to search for in outputs
         self.tokens: list[str] = []
@@ -99,7 +101,7 @@ class TokenIssuer:
         self.requests.append({"subject": subject, "scopes": query.get("scope", [])})
         token = self.sign(subject, access)
         self.tokens.append(token)
-        body = json.dumps({"token": token, "expires_in": self.ttl_s, "issued_at": datetime.datetime.now(datetime.UTC).isoformat()}).encode()
+        body = json.dumps({"token": token, "expires_in": self.advertised_ttl_s, "issued_at": datetime.datetime.now(datetime.UTC).isoformat()}).encode()
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))

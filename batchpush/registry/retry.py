@@ -45,7 +45,7 @@ class RetryPolicy:
 
     def backoff_s(self, attempt: int) -> float:
         ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
-        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+        return ceiling * random.uniform(0.5, 1.0)
 
 
 class HostGate:

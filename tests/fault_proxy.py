@@ -1,0 +1,199 @@
+"""A fault-injecting HTTP proxy of ours, in front of the real registry.
+
+Rules match requests by method and path and act on the first ``times`` matches
+(after skipping ``skip``): answer a status, reset the connection after N request
+body bytes (``reset`` streams those bytes to the registry first, as a plain TCP
+proxy would; ``reset_buffered`` holds them back, as nginx's request buffering
+does), or forward the request and reset before the response reaches the client.
+Request bodies can be throttled. Counters record every request and body byte.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import socketserver
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Rule:
+    method: str | None
+    path: str  # a regular expression searched in the request target
+    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response"
+    status: int = 503
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    after_body_bytes: int = 0
+    times: int = 1  # -1: every match
+    skip: int = 0
+    seen: int = 0
+    fired: int = 0
+
+    def matches(self, method: str, target: str) -> bool:
+        return (self.method is None or self.method == method) and re.search(self.path, target) is not None
+
+
+@dataclass
+class Seen:
+    at: float
+    method: str
+    target: str
+    action: str
+    body_bytes: int
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream_host, port = upstream.rsplit(":", 1)
+        self.upstream_port = int(port)
+        self.rules: list[Rule] = []
+        self.seen: list[Seen] = []
+        self.throttle_bytes_per_s: float | None = None
+        #: request body bytes read so far, updated while bodies stream
+        self.live_body_bytes = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                proxy._serve(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, rule: Rule) -> Rule:
+        with self.lock:
+            self.rules.append(rule)
+        return rule
+
+    def body_bytes(self, method: str, path: str = "") -> int:
+        with self.lock:
+            return sum(s.body_bytes for s in self.seen if s.method == method and path in s.target)
+
+    def requests(self, method: str | None = None, path: str = "") -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if (method is None or s.method == method) and path in s.target]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- serving -----------------------------------------------------------------
+    def _pick(self, method: str, target: str) -> Rule | None:
+        with self.lock:
+            for rule in self.rules:
+                if rule.matches(method, target):
+                    rule.seen += 1
+                    if rule.seen > rule.skip and (rule.times < 0 or rule.fired < rule.times):
+                        rule.fired += 1
+                        return rule
+        return None
+
+    def _record(self, method: str, target: str, action: str, body_bytes: int) -> None:
+        with self.lock:
+            self.seen.append(Seen(time.monotonic(), method, target, action, body_bytes))
+
+    @staticmethod
+    def _reset(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def _read_body(self, reader, length: int, sink=None) -> int:  # type: ignore[no-untyped-def]
+        got = 0
+        while got < length:
+            piece = reader.read(min(65536 if self.throttle_bytes_per_s is None else 16384, length - got))
+            if not piece:
+                break
+            got += len(piece)
+            with self.lock:
+                self.live_body_bytes += len(piece)
+            if sink is not None:
+                sink(piece)
+            if self.throttle_bytes_per_s:
+                time.sleep(len(piece) / self.throttle_bytes_per_s)
+        return got
+
+    def _serve(self, client: socket.socket) -> None:
+        reader = client.makefile("rb")
+        try:
+            while True:
+                if reader.peek(1)[:1] == b"\x16":  # a TLS hello (the https probe): refuse it, as the registry does
+                    client.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+                    return
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline(65537)
+                    if not line:
+                        return
+                    head += line
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = request_line.split(" ", 2)
+                headers = [h.split(":", 1) for h in header_lines if ":" in h]
+                length = int(next((v for k, v in headers if k.strip().lower() == "content-length"), "0"))
+                rule = self._pick(method, target)
+                if rule is None or rule.action == "reset_after_response":
+                    if not self._forward(client, reader, head, method, target, length, reset_after=rule is not None):
+                        return
+                    continue
+                if rule.action == "status":
+                    got = self._read_body(reader, length)
+                    self._record(method, target, f"status {rule.status}", got)
+                    extra = "".join(f"{k}: {v}\r\n" for k, v in rule.headers.items())
+                    client.sendall(f"HTTP/1.1 {rule.status} Injected\r\nContent-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n{extra}\r\n".encode() + rule.body)
+                    continue
+                if rule.action == "reset_buffered":
+                    got = self._read_body(reader, min(length, rule.after_body_bytes))
+                    self._record(method, target, "reset_buffered", got)
+                    self._reset(client)
+                    return
+                if rule.action == "reset":
+                    upstream = socket.create_connection((self.upstream_host, self.upstream_port))
+                    upstream.sendall(head)
+                    got = self._read_body(reader, min(length, rule.after_body_bytes), upstream.sendall)
+                    self._record(method, target, "reset", got)
+                    time.sleep(0.1)
+                    self._reset(upstream)
+                    self._reset(client)
+                    return
+        except (OSError, ValueError):
+            return
+        finally:
+            reader.close()
+
+    def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, reset_after: bool) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            upstream = socket.create_connection((self.upstream_host, self.upstream_port), timeout=60)
+        except OSError:
+            self._record(method, target, "upstream down", 0)
+            self._reset(client)
+            return False
+        with upstream:
+            upstream.sendall(head)
+            got = self._read_body(reader, length, upstream.sendall)
+            self._record(method, target, "reset_after_response" if reset_after else "forward", got)
+            response = http.client.HTTPResponse(upstream, method=method)
+            response.begin()
+            body = response.read()
+            if reset_after:
+                self._reset(client)
+                return False
+            lines = [f"HTTP/1.1 {response.status} {response.reason}"]
+            for key, value in response.getheaders():
+                if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    lines.append(f"{key}: {value}")
+            if method != "HEAD" or "content-length" not in {k.lower() for k, _ in response.getheaders()}:
+                lines.append(f"Content-Length: {len(body)}")
+            else:
+                lines.append(f"Content-Length: {response.getheader('Content-Length')}")
+            client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if method == "HEAD" else body))
+        return True
