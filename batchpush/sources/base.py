@@ -86,12 +86,14 @@ class _RangeReader(io.RawIOBase):
         want = min(CHUNK_BYTES, self._left)
         if want == 0:
             return b""
-        buffer = bytearray(want)
-        view = memoryview(buffer)
-        filled = 0
-        while filled < want:
-            filled += self.readinto(view[filled:])
-        return bytes(buffer)
+        chunk = self._file.read(want)
+        while len(chunk) < want:  # a short read: fill the block, or the file is truncated
+            more = self._file.read(want - len(chunk))
+            if not more:
+                raise SourceError(self._blob.path, f"truncated: {self._left - len(chunk)} bytes missing at offset {self._blob.offset + self._blob.size - self._left + len(chunk)}")
+            chunk += more
+        self._left -= want
+        return chunk
 
     def close(self) -> None:
         self._file.close()

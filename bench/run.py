@@ -1,0 +1,231 @@
+"""`make bench`: batchpush against skopeo in the same run, on fresh real registries.
+
+Scenarios: heavy (few repositories, layers of tens to hundreds of MB), wide (40+
+repositories, 100+ images, small layers), the cron re-run of both, the fan-out of
+heavy to two registries, and 1,000 tiny images. For each, batchpush runs a plan;
+skopeo copies image by image, sequentially and 4 at a time, and the better is
+kept. Also measured: isal gzip throughput per core and the registry's ingest rate
+(a raw monolithic PUT), the limits batchpush's throughput is compared with.
+
+BENCH_SCALE=small runs a reduced version (for a quick look; not for the record).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import requests
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from fleet import Fleet, build, directory_tar, synthetic_tar  # noqa: E402
+from registry import Registry, start_registry  # noqa: E402
+
+from batchpush.compress import compress_to_spool  # noqa: E402
+from batchpush.sources.base import FileRange  # noqa: E402
+
+SMALL = os.environ.get("BENCH_SCALE") == "small"
+CACHE = os.path.join(HERE, ".cache", "small" if SMALL else "full")
+MEASURE = [sys.executable, os.path.join(HERE, "measure.py")]
+_PUT_DONE = re.compile(r'"PUT /v2/\S+/blobs/uploads/\S*digest=sha256%3A([0-9a-f]{64})\S* HTTP/1.1" 201')
+
+
+@dataclass
+class Run:
+    tool: str
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    bytes_uploaded: int
+    requests: int
+    failures: int
+
+
+def registry_traffic(registries: list[Registry], since: list[int]) -> tuple[int, int]:
+    """Requests and uploaded bytes (committed blobs' sizes) from the registries' own logs."""
+    total_requests = 0
+    total_bytes = 0
+    for registry, start in zip(registries, since, strict=True):
+        lines = registry.access_log()[start:]
+        total_requests += len(lines)
+        for line in lines:
+            match = _PUT_DONE.search(line)
+            if match:
+                hex_ = match.group(1)
+                path = os.path.join(registry.root, "data", "docker", "registry", "v2", "blobs", "sha256", hex_[:2], hex_, "data")
+                total_bytes += os.path.getsize(path) if os.path.exists(path) else 0
+    return total_requests, total_bytes
+
+
+def measure(tool: str, commands: list[list[str]], parallel: int, registries: list[Registry]) -> Run:
+    since = [len(r.access_log()) for r in registries]
+    done = subprocess.run([*MEASURE, str(parallel)], input=json.dumps(commands), capture_output=True, text=True, check=True)
+    stats = json.loads(done.stdout)
+    requests_count, uploaded = registry_traffic(registries, since)
+    return Run(tool, stats["wall_s"], stats["cpu_s"], stats["peak_rss_mb"], uploaded, requests_count, stats["failures"])
+
+
+def batchpush_commands(work: str, fleet: Fleet, registries: list[Registry], name: str) -> list[list[str]]:
+    plan = {
+        "version": 1,
+        "registries": {r.host: {"insecure": True} for r in registries},
+        "images": [{"source": f"oci:{path}", "targets": [f"{r.host}/{name}/{os.path.basename(path)}" for r in registries]} for path in fleet.repositories()],
+    }
+    plan_path = os.path.join(work, f"{name}.yaml")
+    with open(plan_path, "w") as f:
+        yaml.safe_dump(plan, f)
+    return [[sys.executable, "-m", "batchpush", "run", plan_path, "-q", "--metadata-dir", os.path.join(work, f"md-{name}"), "--report", os.path.join(work, f"{name}.json")]]
+
+
+def skopeo_commands(fleet: Fleet, registries: list[Registry], name: str) -> list[list[str]]:
+    return [
+        ["skopeo", "--insecure-policy", "copy", "-q", "--dest-tls-verify=false", f"oci:{path}:{tag}", f"docker://{r.host}/{name}/{os.path.basename(path)}:{tag}"]
+        for r in registries
+        for path, tag in fleet.images
+    ]
+
+
+def clear_skopeo_cache() -> None:
+    for path in glob.glob("/var/lib/containers/cache/blob-info-cache-v1*") + glob.glob(os.path.expanduser("~/.local/share/containers/cache/blob-info-cache-v1*")):
+        os.unlink(path)
+
+
+def scenario(work: str, fleet: Fleet, name: str, registry_count: int = 1, cron: bool = False) -> dict:
+    """Cold: batchpush on fresh registries; skopeo sequential and -P4 each on fresh
+    registries. ``cron``: then the same again with nothing changed."""
+    results: dict = {"scenario": name, "images": len(fleet.images) * registry_count, "layer_bytes": fleet.layer_bytes}
+    ours = [start_registry(work) for _ in range(registry_count)]
+    theirs = {p: [start_registry(work) for _ in range(registry_count)] for p in (1, 4)}
+    try:
+        commands = batchpush_commands(work, fleet, ours, name)
+        results["batchpush"] = measure("batchpush", commands, 1, ours)
+        best = None
+        for parallel, registries in theirs.items():
+            clear_skopeo_cache()
+            run = measure(f"skopeo x{parallel}", skopeo_commands(fleet, registries, name), parallel, registries)
+            results[f"skopeo_p{parallel}"] = run
+            best = run if best is None or run.wall_s < best.wall_s else best
+        results["skopeo"] = best
+        if cron:
+            results["cron_batchpush"] = measure("batchpush", commands, 1, ours)
+            parallel = int(best.tool.rsplit("x", 1)[1])
+            results["cron_skopeo"] = measure(best.tool, skopeo_commands(fleet, theirs[parallel], name), parallel, theirs[parallel])
+    finally:
+        for registry in ours + [r for rs in theirs.values() for r in rs]:
+            registry.stop()
+            shutil.rmtree(registry.root, ignore_errors=True)
+    return results
+
+
+def isal_throughput_mb_s(sample: bytes, work: str) -> float:
+    path = os.path.join(work, "sample.tar")
+    with open(path, "wb") as f:
+        f.write(sample)
+    started = time.monotonic()
+    compressed = compress_to_spool(FileRange(path, 0, len(sample)), work)
+    elapsed = time.monotonic() - started
+    os.unlink(compressed.path)
+    return len(sample) / elapsed / 1e6
+
+
+def registry_ingest_mb_s(work: str, size: int = 256 << 20) -> float:
+    registry = start_registry(work)
+    try:
+        data = os.urandom(size)
+        import hashlib
+
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with requests.Session() as session:
+            started = time.monotonic()
+            location = session.post(f"{registry.url}/v2/ingest/raw/blobs/uploads/").headers["Location"]
+            location = location if location.startswith("http") else registry.url + location
+            response = session.put(f"{location}&digest={digest}", data=data, headers={"Content-Type": "application/octet-stream"})
+            elapsed = time.monotonic() - started
+            assert response.status_code == 201, response.status_code
+        return size / elapsed / 1e6
+    finally:
+        registry.stop()
+
+
+def fleets(root: str) -> dict[str, Fleet]:
+    scale = 0.2 if SMALL else 1.0
+    heavy_bases = (lambda: [directory_tar("/usr/lib/python3.11", int(60e6 * scale)), directory_tar("/usr/include", int(130e6 * scale))])
+    return {
+        "heavy": build(os.path.join(root, "heavy"), repositories=3, tags=2, groups=2, bases=heavy_bases, middle_bytes=int(40e6 * scale), app_bytes=int(4e6 * scale)),
+        "wide": build(os.path.join(root, "wide"), repositories=10 if SMALL else 42, tags=3, groups=8, bases=lambda: [directory_tar("/usr/share/perl", 3_000_000)], middle_bytes=400_000, app_bytes=30_000),
+        "tiny": build(os.path.join(root, "tiny"), repositories=20 if SMALL else 100, tags=10, groups=1, bases=lambda: [synthetic_tar(1, 20_000)], middle_bytes=2_000, app_bytes=500),
+    }
+
+
+def row(name: str, ours: Run, theirs: Run, layer_bytes: int | None = None) -> str:
+    ratio = ours.wall_s / theirs.wall_s if theirs.wall_s else float("nan")
+    throughput = f"{layer_bytes / ours.wall_s / 1e6:,.0f}" if layer_bytes else ""
+    return (
+        f"| {name} | {ours.wall_s:,.1f} | {theirs.wall_s:,.1f} ({theirs.tool}) | **{ratio:.2f}** | {ours.bytes_uploaded / 1e6:,.1f} / {theirs.bytes_uploaded / 1e6:,.1f} "
+        f"| {ours.requests:,} / {theirs.requests:,} | {ours.peak_rss_mb:,.0f} / {theirs.peak_rss_mb:,.0f} | {ours.cpu_s:,.1f} / {theirs.cpu_s:,.1f} | {throughput} |"
+        + (f" failures {ours.failures}/{theirs.failures}" if ours.failures or theirs.failures else "")
+    )
+
+
+def main() -> int:
+    os.makedirs(CACHE, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="batchpush-bench-")
+    try:
+        built = fleets(CACHE)
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+        print(f"# batchpush bench, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu}, scale {'small' if SMALL else 'full'}", flush=True)
+        sample = open(glob.glob(os.path.join(built["heavy"].repositories()[0], "blobs", "sha256", "*"))[0], "rb").read()
+        largest = max(glob.glob(os.path.join(built["heavy"].repositories()[0], "blobs", "sha256", "*")), key=os.path.getsize)
+        sample = open(largest, "rb").read()
+        isal = isal_throughput_mb_s(sample, work)
+        ingest = registry_ingest_mb_s(work)
+        print(f"limits: isal {isal:,.0f} MB/s per core (input), registry ingest {ingest:,.0f} MB/s (raw monolithic PUT)", flush=True)
+        results = {
+            "heavy": scenario(work, built["heavy"], "heavy", cron=True),
+            "wide": scenario(work, built["wide"], "wide", cron=True),
+            "fanout": scenario(work, built["heavy"], "fanout", registry_count=2),
+            "tiny": scenario(work, built["tiny"], "tiny"),
+        }
+        lines = [
+            "| scenario | batchpush s | skopeo s (best of x1, x4) | ratio | MB uploaded ours / skopeo | requests ours / skopeo | peak RSS MB ours / skopeo | CPU s ours / skopeo | batchpush MB/s of layers |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            row("heavy cold", results["heavy"]["batchpush"], results["heavy"]["skopeo"], built["heavy"].layer_bytes),
+            row("wide cold", results["wide"]["batchpush"], results["wide"]["skopeo"]),
+            row("heavy cron re-run", results["heavy"]["cron_batchpush"], results["heavy"]["cron_skopeo"]),
+            row("wide cron re-run", results["wide"]["cron_batchpush"], results["wide"]["cron_skopeo"]),
+            row("fan-out heavy to 2 registries", results["fanout"]["batchpush"], results["fanout"]["skopeo"], built["heavy"].layer_bytes),
+            row("1,000 tiny images", results["tiny"]["batchpush"], results["tiny"]["skopeo"]),
+        ]
+        print("\n".join(lines))
+        heavy = results["heavy"]["batchpush"]
+        compression_ratio = max(1.0, built["heavy"].layer_bytes / max(1, heavy.bytes_uploaded))
+        limit = min(isal * (os.cpu_count() or 1), ingest * compression_ratio)
+        effective = built["heavy"].layer_bytes / heavy.wall_s / 1e6
+        print(f"\nheavy cold: {effective:,.0f} MB/s of uncompressed layers; the machine's limit is min(isal x {os.cpu_count()} cores = {isal * (os.cpu_count() or 1):,.0f}, "
+              f"ingest x compression ratio {compression_ratio:.2f} = {ingest * compression_ratio:,.0f}) = {limit:,.0f} MB/s -> {effective / limit:.0%} of the limit")
+        for name, data in results.items():
+            for key, value in data.items():
+                if isinstance(value, Run):
+                    print(f"  {name:7} {key:15} {value.tool:11} wall {value.wall_s:7.2f}s cpu {value.cpu_s:7.2f}s rss {value.peak_rss_mb:6.0f}MB up {value.bytes_uploaded / 1e6:8.1f}MB req {value.requests:6} fail {value.failures}")
+        with open(os.path.join(HERE, "results.json"), "w") as f:
+            json.dump({k: {kk: (vv.__dict__ if isinstance(vv, Run) else vv) for kk, vv in v.items()} for k, v in results.items()} | {"limits": {"isal_mb_s_per_core": isal, "ingest_mb_s": ingest}}, f, indent=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
