@@ -123,16 +123,19 @@ class LayerPusher:
     def _push(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
         tier = tier_for(layer.source.descriptor.size if layer.source.blob else layer.size)
         entries = [e for e in self.store.get_metadata(layer.key) if _compatible(layer, e)]
+        # A repository of this registry that this batch saw receive the blob is the
+        # first mount candidate (it is there for sure), then the store's candidates.
+        holders = [f"{self.target.registry}/{repo}" for repo in self.state.repositories_with(self.target.registry, layer.digest) if repo != self.repository]
+        batch = [V2Metadata(layer.digest, holder, entry_hmac(self.hmac_key, layer.digest, holder), layer.recipe) for holder in holders[:1]]
         checked: set[Digest] = set()
-        if entries:
+        if entries and not batch:
+            # the seed's first existence check; skipped when a sure mount is at hand,
+            # which takes one request too and leaves no doubt
             found = self._already_exists(layer, entries, checked, check_other_repositories=True, max_checks=1)
             if found is not None:
                 return found
-
-        # This batch's uploads of the same blob come first; then the store's candidates.
-        batch = [V2Metadata(layer.digest, f"{self.target.registry}/{repo}", entry_hmac(self.hmac_key, layer.digest, f"{self.target.registry}/{repo}"), layer.recipe) for repo in self.state.repositories_with(self.target.registry, layer.digest) if repo != self.repository]
-        candidates = batch[:1] + [c for c in mount_candidates(self.target.name, self.hmac_key, tier.max_mount_attempts, entries) if c not in batch[:1]]
-        candidates = candidates[: max(tier.max_mount_attempts, len(batch[:1]))]
+        candidates = batch + [c for c in mount_candidates(self.target.name, self.hmac_key, tier.max_mount_attempts, entries) if c not in batch]
+        candidates = candidates[: max(tier.max_mount_attempts, len(batch))]
         session: UploadSession | None = None
         for candidate in candidates:
             from_repository = candidate.source_repository.split("/", 1)[1]

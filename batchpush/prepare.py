@@ -16,7 +16,7 @@ import concurrent.futures as cf
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,10 +83,16 @@ def _compresses(layer: SourceLayer) -> bool:
     return layer.compression is Compression.NONE and layer.descriptor.media_type in mt.GZIP_OF and not layer.is_foreign
 
 
-def _source_blobs(node: SourceNode) -> list[FileRange]:
+def _key(layer: SourceLayer) -> Hashable:
+    """A layer's identity for its passes: the digest it declares (every pass checks
+    the bytes against it), else where its bytes are."""
+    return layer.descriptor.digest or layer.blob
+
+
+def _keys(node: SourceNode) -> list[Hashable]:
     if isinstance(node, SourceIndex):
-        return [blob for child in node.children for blob in _source_blobs(child)]
-    return [layer.blob for layer in node.layers if layer.blob is not None]
+        return [key for child in node.children for key in _keys(child)]
+    return [_key(layer) for layer in node.layers if layer.blob is not None]
 
 
 def _recipe(layer: SourceLayer) -> str:
@@ -103,22 +109,30 @@ class Preparer:
         self.pool = pool
         self.use_fingerprints = use_fingerprints
         self._lock = threading.Lock()
-        self._work: dict[tuple[str, FileRange], cf.Future[Any]] = {}
-        #: prepared images holding each source blob; at zero its spool file goes
-        self._uses: dict[FileRange, int] = {}
+        self._work: dict[tuple[str, Hashable], cf.Future[Any]] = {}
+        #: the file each pass actually read, by its key
+        self._read: dict[tuple[str, Hashable], FileRange] = {}
+        #: prepared images holding each layer; at zero its spool file goes
+        self._uses: dict[Hashable, int] = {}
+        #: images submit their passes one at a time, so the pool finishes them in order
+        #: and the first image uploads while the next compresses
+        self._submitting = threading.Lock()
         self.bytes_read = 0
         self.bytes_compressed = 0
 
     # -- running passes once per blob ---------------------------------------
-    def _run(self, kind: str, blob: FileRange, fn: Callable[..., Any], *args: object) -> cf.Future[Any]:
-        """``fn(blob, *args)`` once per (kind, blob); a failed run is forgotten."""
+    def _run(self, kind: str, key: Hashable, blob: FileRange, fn: Callable[..., Any], *args: object) -> cf.Future[Any]:
+        """``fn(blob, *args)`` once per (kind, key); a failed run is forgotten. The key
+        is the layer's declared digest where it has one, so the same layer held in
+        several layouts or archives is read and compressed once."""
         inline = self.pool is None or blob.size < POOL_MIN_BYTES
         with self._lock:
-            future = self._work.get((kind, blob))
+            future = self._work.get((kind, key))
             if future is not None and not (future.done() and future.exception() is not None):
                 return future
             future = cf.Future() if inline else self.pool.submit(fn, blob, *args)  # type: ignore[union-attr]
-            self._work[(kind, blob)] = future
+            self._work[(kind, key)] = future
+            self._read[(kind, key)] = blob
             self.bytes_read += blob.size
             if fn is compress_to_spool:
                 future.add_done_callback(self._count_compressed)
@@ -134,18 +148,20 @@ class Preparer:
             with self._lock:
                 self.bytes_compressed += future.result().size
 
-    def _compress(self, blob: FileRange) -> cf.Future[CompressedBlob]:
-        return self._run("gzip", blob, compress_to_spool, self.spool_dir)
+    def _compress(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[CompressedBlob]:
+        assert layer.blob is not None
+        return self._run("gzip", _key(layer) if key is None else key, layer.blob, compress_to_spool, self.spool_dir)
 
     # -- preparing ----------------------------------------------------------
     def prepare(self, node: SourceNode) -> PreparedNode:
         """Raises SourceError / DigestMismatchError naming the file; nothing is pushed then."""
         first: dict[int, cf.Future[Any]] = {}
-        self._start(node, first)
+        with self._submitting:
+            self._start(node, first)
         prepared = self._finish(node, first)
         with self._lock:
-            for blob in _source_blobs(node):
-                self._uses[blob] = self._uses.get(blob, 0) + 1
+            for key in _keys(node):
+                self._uses[key] = self._uses.get(key, 0) + 1
         return prepared
 
     def release(self, node: PreparedNode) -> None:
@@ -153,15 +169,17 @@ class Preparer:
         holds are deleted, and their passes forgotten (a later image that needs
         one again finds its fingerprint and compresses on demand)."""
         with self._lock:
-            for blob in _source_blobs(node.source):
-                left = self._uses.get(blob, 0) - 1
+            for key in _keys(node.source):
+                left = self._uses.get(key, 0) - 1
                 if left > 0:
-                    self._uses[blob] = left
+                    self._uses[key] = left
                     continue
-                self._uses.pop(blob, None)
+                self._uses.pop(key, None)
                 for kind in ("xxh3", "sha"):
-                    self._work.pop((kind, blob), None)
-                compressed = self._work.pop(("gzip", blob), None)
+                    self._work.pop((kind, key), None)
+                    self._read.pop((kind, key), None)
+                self._read.pop(("gzip", key), None)
+                compressed = self._work.pop(("gzip", key), None)
                 if compressed is not None and compressed.done() and not compressed.cancelled() and compressed.exception() is None:
                     with contextlib.suppress(OSError):
                         os.unlink(compressed.result().path)
@@ -175,15 +193,15 @@ class Preparer:
             if layer.blob is None:
                 continue
             if self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
-                futures[id(layer)] = self._run("xxh3", layer.blob, fingerprint_blob)
+                futures[id(layer)] = self._run("xxh3", _key(layer), layer.blob, fingerprint_blob)
             else:
                 futures[id(layer)] = self._full_pass(layer)
 
-    def _full_pass(self, layer: SourceLayer) -> cf.Future[Any]:
+    def _full_pass(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[Any]:
         assert layer.blob is not None
         if _compresses(layer):
-            return self._compress(layer.blob)
-        return self._run("sha", layer.blob, hash_blob, self._algorithm(layer))
+            return self._compress(layer, key)
+        return self._run("sha", _key(layer) if key is None else key, layer.blob, hash_blob, self._algorithm(layer))
 
     @staticmethod
     def _algorithm(layer: SourceLayer) -> str:
@@ -215,7 +233,15 @@ class Preparer:
             result: CompressedBlob | HashedBlob = self._full_pass(layer).result()
         else:
             result = first
-        prepared = self._from_pass(layer, result)
+        try:
+            prepared = self._from_pass(layer, result)
+        except DigestMismatchError:
+            kind = "gzip" if _compresses(layer) else "sha"
+            if self._read.get((kind, _key(layer)), layer.blob) == layer.blob:
+                raise
+            # the pass read another file that claims the same digest: judge this file by itself
+            result = self._full_pass(layer, key=layer.blob).result()
+            prepared = self._from_pass(layer, result)
         if self.use_fingerprints:
             fingerprint = Fingerprint(prepared.diff_id or prepared.digest, prepared.digest, prepared.size)
             self.store.put_fingerprint(result.fingerprint, layer.blob.size, _recipe(layer), fingerprint)
@@ -256,7 +282,7 @@ class Preparer:
         if layer.blob is not None:
             return layer.blob
         assert layer.source.blob is not None
-        result = self._compress(layer.source.blob).result()
+        result = self._compress(layer.source).result()
         if result.digest != layer.digest or result.diff_id != layer.diff_id:
             raise DigestMismatchError(layer.source.blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
         return result.blob

@@ -193,6 +193,13 @@ def main() -> int:
         isal = isal_throughput_mb_s(sample, work)
         ingest = registry_ingest_mb_s(work)
         print(f"limits: isal {isal:,.0f} MB/s per core (input), registry ingest {ingest:,.0f} MB/s (raw monolithic PUT)", flush=True)
+        only = os.environ.get("BENCH_ONLY")
+        if only:  # one scenario, for profiling: BENCH_ONLY=heavy|wide|tiny (batchpush and skopeo)
+            result = scenario(work, built[only], only, cron=only != "tiny")
+            for key, value in result.items():
+                if isinstance(value, Run):
+                    print(f"{key:15} {value}")
+            return 0
         results = {
             "heavy": scenario(work, built["heavy"], "heavy", cron=True),
             "wide": scenario(work, built["wide"], "wide", cron=True),
