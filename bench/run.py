@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import psutil
 import requests
 import yaml
 
@@ -52,6 +53,8 @@ class Run:
     bytes_uploaded: int
     requests: int
     failures: int
+    #: CPU the registries spent meanwhile: they share this machine's cores
+    registry_cpu_s: float = 0.0
 
 
 def registry_traffic(registries: list[Registry], since: list[int]) -> tuple[int, int]:
@@ -70,12 +73,21 @@ def registry_traffic(registries: list[Registry], since: list[int]) -> tuple[int,
     return total_requests, total_bytes
 
 
+def registry_cpu_s(registries: list[Registry]) -> float:
+    total = 0.0
+    for registry in registries:
+        times = psutil.Process(registry.process.pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def measure(tool: str, commands: list[list[str]], parallel: int, registries: list[Registry]) -> Run:
     since = [len(r.access_log()) for r in registries]
+    cpu_before = registry_cpu_s(registries)
     done = subprocess.run([*MEASURE, str(parallel)], input=json.dumps(commands), capture_output=True, text=True, check=True)
     stats = json.loads(done.stdout)
     requests_count, uploaded = registry_traffic(registries, since)
-    return Run(tool, stats["wall_s"], stats["cpu_s"], stats["peak_rss_mb"], uploaded, requests_count, stats["failures"])
+    return Run(tool, stats["wall_s"], stats["cpu_s"], stats["peak_rss_mb"], uploaded, requests_count, stats["failures"], registry_cpu_s(registries) - cpu_before)
 
 
 def batchpush_commands(work: str, fleet: Fleet, registries: list[Registry], name: str) -> list[list[str]]:
@@ -162,7 +174,10 @@ def registry_ingest_mb_s(work: str, size: int = 256 << 20) -> float:
 
 def fleets(root: str) -> dict[str, Fleet]:
     scale = 0.2 if SMALL else 1.0
-    heavy_bases = (lambda: [directory_tar("/usr/lib/python3.11", int(60e6 * scale)), directory_tar("/usr/include", int(130e6 * scale))])
+
+    def heavy_bases() -> list[bytes]:
+        return [directory_tar("/usr/lib/python3.11", int(60e6 * scale)), directory_tar("/usr/include", int(130e6 * scale))]
+
     return {
         "heavy": build(os.path.join(root, "heavy"), repositories=3, tags=2, groups=2, bases=heavy_bases, middle_bytes=int(40e6 * scale), app_bytes=int(4e6 * scale)),
         "wide": build(os.path.join(root, "wide"), repositories=10 if SMALL else 42, tags=3, groups=8, bases=lambda: [directory_tar("/usr/share/perl", 3_000_000)], middle_bytes=400_000, app_bytes=30_000),
@@ -185,11 +200,12 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="batchpush-bench-")
     try:
         built = fleets(CACHE)
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
         print(f"# batchpush bench, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu}, scale {'small' if SMALL else 'full'}", flush=True)
-        sample = open(glob.glob(os.path.join(built["heavy"].repositories()[0], "blobs", "sha256", "*"))[0], "rb").read()
         largest = max(glob.glob(os.path.join(built["heavy"].repositories()[0], "blobs", "sha256", "*")), key=os.path.getsize)
-        sample = open(largest, "rb").read()
+        with open(largest, "rb") as f:
+            sample = f.read()
         isal = isal_throughput_mb_s(sample, work)
         ingest = registry_ingest_mb_s(work)
         print(f"limits: isal {isal:,.0f} MB/s per core (input), registry ingest {ingest:,.0f} MB/s (raw monolithic PUT)", flush=True)
@@ -226,7 +242,9 @@ def main() -> int:
         for name, data in results.items():
             for key, value in data.items():
                 if isinstance(value, Run):
-                    print(f"  {name:7} {key:15} {value.tool:11} wall {value.wall_s:7.2f}s cpu {value.cpu_s:7.2f}s rss {value.peak_rss_mb:6.0f}MB up {value.bytes_uploaded / 1e6:8.1f}MB req {value.requests:6} fail {value.failures}")
+                    bound = (value.cpu_s + value.registry_cpu_s) / (os.cpu_count() or 1)
+                    print(f"  {name:7} {key:15} {value.tool:11} wall {value.wall_s:7.2f}s cpu {value.cpu_s:7.2f}s registry cpu {value.registry_cpu_s:6.2f}s "
+                          f"(cpu bound {bound:5.2f}s) rss {value.peak_rss_mb:6.0f}MB up {value.bytes_uploaded / 1e6:8.1f}MB req {value.requests:6} fail {value.failures}")
         with open(os.path.join(HERE, "results.json"), "w") as f:
             json.dump({k: {kk: (vv.__dict__ if isinstance(vv, Run) else vv) for kk, vv in v.items()} for k, v in results.items()} | {"limits": {"isal_mb_s_per_core": isal, "ingest_mb_s": ingest}}, f, indent=1)
     finally:
