@@ -179,7 +179,7 @@ class Engine:
         with self._clients_lock:
             if host not in self._clients:
                 options = self.registry_options(host)
-                self._clients[host] = RegistryClient(host, options, self.credentials(host, options), cancel=self.cancelled)
+                self._clients[host] = RegistryClient(host, options, self.credentials(host, options), cancel=self.cancelled, other_threads=self.options.max_concurrent_images + 2)
                 self._executors[host] = cf.ThreadPoolExecutor(max_workers=options.max_concurrent_uploads, thread_name_prefix=f"push-{host}")
             return self._clients[host]
 

@@ -168,7 +168,7 @@ def _with_query(url: str, key: str, value: str) -> str:
 class RegistryClient:
     """One registry host: a pooled session, its auth state and request counters."""
 
-    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None, *, cancel: threading.Event | None = None) -> None:
+    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None, *, cancel: threading.Event | None = None, other_threads: int = 4) -> None:
         self.host = host
         self.options = options or RegistryOptions()
         #: set when the run is interrupted: bodies stop, pauses end
@@ -177,7 +177,8 @@ class RegistryClient:
         self.policy = RetryPolicy(max_attempts=self.options.max_attempts, retry_after_cap_s=self.options.retry_after_cap_s)
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
-        pool = self.options.max_concurrent_uploads + 4
+        # a connection for every thread that may talk to this host at once
+        pool = self.options.max_concurrent_uploads + other_threads
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
