@@ -125,7 +125,9 @@ class Preparer:
         """``fn(blob, *args)`` once per (kind, key); a failed run is forgotten. The key
         is the layer's declared digest where it has one, so the same layer held in
         several layouts or archives is read and compressed once."""
-        inline = self.pool is None or blob.size < POOL_MIN_BYTES
+        # xxh3 runs at memory speed: shipping it to a worker costs more than it
+        # saves, and a cron run that only fingerprints never starts the pool
+        inline = self.pool is None or blob.size < POOL_MIN_BYTES or fn is fingerprint_blob
         with self._lock:
             future = self._work.get((kind, key))
             if future is not None and not (future.done() and future.exception() is not None):
