@@ -1,10 +1,11 @@
-"""Compress-while-hashing: isal gzip plus sha256 in one pass, into a spool file.
+"""Compress-while-hashing: isal gzip plus sha256, into a spool file.
 
-Runs in worker processes: its inputs (FileRange) and outputs (CompressedBlob) are
-picklable values. One pass reads the uncompressed layer once and yields the sha256
-of the input (to check against the config's DiffID) and of the gzip stream (the
-blob's digest), like the seed's TeeReader, but writing to a spool file so that one
-compression serves every target registry and every retry.
+Runs in worker processes: inputs (FileRange) and outputs are picklable values.
+The layer is cut into fixed blocks that are deflated independently (so a large
+layer keeps every worker busy, as pigz does) and joined into one gzip stream; one
+sequential pass hashes the input (sha256, to check the config's DiffID; xxh3, for
+the fingerprint cache) and the joined output (sha256: the blob's digest). The
+spool file lets one compression serve every target registry and every retry.
 """
 
 from __future__ import annotations
@@ -14,20 +15,25 @@ import hashlib
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import xxhash
 from isal import isal_zlib
 
-from .digest import Digest
+from .digest import CHUNK_BYTES, Digest
 from .sources.base import FileRange, read_chunks
 
-#: The compression recipe. Its output is a pure function of the input bytes: a fixed
-#: gzip header (no name, mtime 0, OS unknown), isal deflate at level 1 fed in fixed
-#: CHUNK_BYTES blocks with no flushes, then the CRC32 and size trailer. The metadata
-#: store keys cached compressed digests by this name; change it when the recipe changes.
-RECIPE = "gzip-isal-l1"
+#: The compression recipe. Its output is a pure function of the input bytes: a
+#: fixed gzip header (no name, mtime 0, OS unknown); the input cut into BLOCK_BYTES
+#: blocks, each deflated by isal at level 1 from a fresh state, fed in CHUNK_BYTES
+#: pieces, ended by a full flush (the last by the end of the stream); then the CRC32
+#: and size trailer. However many workers share the blocks, the bytes are the same.
+#: The metadata store keys cached compressed digests by this name: change it when
+#: the recipe changes.
+RECIPE = "gzip-isal-l1-b16m"
 ISAL_LEVEL = 1
+BLOCK_BYTES = 16 << 20
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
 
@@ -58,43 +64,75 @@ class HashedBlob:
     fingerprint: str
 
 
-def gzip_chunks(chunks, on_input=None):  # type: ignore[no-untyped-def]
-    """The recipe as a generator over input chunks; ``on_input`` sees every input chunk."""
+@dataclass(frozen=True, slots=True)
+class DeflatedBlock:
+    """One block's raw deflate output, in a spool file, and its input's CRC32."""
+
+    path: str
+    crc32: int
+    input_size: int
+
+
+def blocks_of(blob: FileRange) -> list[tuple[FileRange, bool]]:
+    """The recipe's blocks of ``blob``, each with whether it is the last."""
+    count = max(1, -(-blob.size // BLOCK_BYTES))
+    return [(FileRange(blob.path, blob.offset + i * BLOCK_BYTES, min(BLOCK_BYTES, blob.size - i * BLOCK_BYTES)), i == count - 1) for i in range(count)]
+
+
+def _deflate(chunks: Iterable[bytes], last: bool, on_input: Callable[[bytes], None]) -> Iterator[bytes]:
     compressor = isal_zlib.compressobj(ISAL_LEVEL, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)
-    crc = 0
-    size = 0
-    yield GZIP_HEADER
     for chunk in chunks:
-        if on_input is not None:
-            on_input(chunk)
-        crc = isal_zlib.crc32(chunk, crc)
-        size += len(chunk)
+        on_input(chunk)
         out = compressor.compress(chunk)
         if out:
             yield out
-    yield compressor.flush() + struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+    yield compressor.flush(isal_zlib.Z_FINISH if last else isal_zlib.Z_FULL_FLUSH)
 
 
-def compress_to_spool(blob: FileRange, spool_dir: str) -> CompressedBlob:
-    """Compress ``blob`` into ``spool_dir``; the file is named by its digest.
+def deflate_block(block: FileRange, last: bool, spool_dir: str) -> DeflatedBlock:
+    """A worker's share: one block deflated into a spool file."""
+    crc = 0
+
+    def on_input(chunk: bytes) -> None:
+        nonlocal crc
+        crc = isal_zlib.crc32(chunk, crc)
+
+    fd, path = tempfile.mkstemp(dir=spool_dir, prefix=".block-")
+    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+        for piece in _deflate(read_chunks(block), last, on_input):
+            out.write(piece)
+    return DeflatedBlock(path, crc & 0xFFFFFFFF, block.size)
+
+
+def assemble(blob: FileRange, parts: list[DeflatedBlock], spool_dir: str) -> CompressedBlob:
+    """Join deflated blocks into the gzip stream in the spool, hashing input and output.
 
     Raises SourceError if the source is short. The caller compares ``diff_id``.
     """
     input_hash = hashlib.sha256()
-    input_fingerprint = xxhash.xxh3_128()
-    output_hash = hashlib.sha256()
-    size = 0
+    fingerprint = xxhash.xxh3_128()
+    for chunk in read_chunks(blob):
+        input_hash.update(chunk)
+        fingerprint.update(chunk)
+    crc = 0
+    for part in parts:
+        crc = isal_zlib.crc32_combine(crc, part.crc32, part.input_size) if part is not parts[0] else part.crc32
+    output_hash = hashlib.sha256(GZIP_HEADER)
+    size = len(GZIP_HEADER)
     fd, tmp_path = tempfile.mkstemp(dir=spool_dir, prefix=".partial-")
     try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            def on_input(chunk: bytes) -> None:
-                input_hash.update(chunk)
-                input_fingerprint.update(chunk)
-
-            for piece in gzip_chunks(read_chunks(blob), on_input):
-                output_hash.update(piece)
-                out.write(piece)
-                size += len(piece)
+        with os.fdopen(fd, "wb") as out:
+            out.write(GZIP_HEADER)
+            for part in parts:
+                with open(part.path, "rb") as f:
+                    while piece := f.read(CHUNK_BYTES):
+                        output_hash.update(piece)
+                        out.write(piece)
+                        size += len(piece)
+            trailer = struct.pack("<II", crc & 0xFFFFFFFF, blob.size & 0xFFFFFFFF)
+            output_hash.update(trailer)
+            out.write(trailer)
+            size += len(trailer)
         digest = Digest("sha256", output_hash.hexdigest())
         final = os.path.join(spool_dir, digest.hex)
         os.replace(tmp_path, final)
@@ -102,7 +140,16 @@ def compress_to_spool(blob: FileRange, spool_dir: str) -> CompressedBlob:
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
         raise
-    return CompressedBlob(final, digest, size, Digest("sha256", input_hash.hexdigest()), blob.size, input_fingerprint.hexdigest())
+    finally:
+        for part in parts:
+            with contextlib.suppress(OSError):
+                os.unlink(part.path)
+    return CompressedBlob(final, digest, size, Digest("sha256", input_hash.hexdigest()), blob.size, fingerprint.hexdigest())
+
+
+def compress_to_spool(blob: FileRange, spool_dir: str) -> CompressedBlob:
+    """The whole recipe in one process (the blocks one after another)."""
+    return assemble(blob, [deflate_block(block, last, spool_dir) for block, last in blocks_of(blob)], spool_dir)
 
 
 def fingerprint_blob(blob: FileRange) -> str:

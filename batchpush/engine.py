@@ -156,6 +156,7 @@ class Engine:
     def close(self) -> None:
         for executor in self._executors.values():
             executor.shutdown(wait=True, cancel_futures=True)
+        self.preparer.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         for client in self._clients.values():

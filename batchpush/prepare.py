@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import mediatypes as mt
-from .compress import RECIPE, CompressedBlob, HashedBlob, compress_to_spool, fingerprint_blob, hash_blob
+from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob
 from .digest import Digest
 from .errors import DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
@@ -114,6 +114,8 @@ class Preparer:
         self._read: dict[tuple[str, Hashable], FileRange] = {}
         #: prepared images holding each layer; at zero its spool file goes
         self._uses: dict[Hashable, int] = {}
+        #: threads joining the blocks of large layers (hashing releases the GIL)
+        self._assemblers = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="assemble")
         #: images submit their passes one at a time, so the pool finishes them in order
         #: and the first image uploads while the next compresses
         self._submitting = threading.Lock()
@@ -132,7 +134,12 @@ class Preparer:
             future = self._work.get((kind, key))
             if future is not None and not (future.done() and future.exception() is not None):
                 return future
-            future = cf.Future() if inline else self.pool.submit(fn, blob, *args)  # type: ignore[union-attr]
+            if inline:
+                future = cf.Future()
+            elif fn is compress_to_spool and blob.size > BLOCK_BYTES:
+                future = self._assemblers.submit(self._compress_in_blocks, blob)
+            else:
+                future = self.pool.submit(fn, blob, *args)  # type: ignore[union-attr]
             self._work[(kind, key)] = future
             self._read[(kind, key)] = blob
             self.bytes_read += blob.size
@@ -144,6 +151,15 @@ class Preparer:
             except BaseException as exc:
                 future.set_exception(exc)
         return future
+
+    def close(self) -> None:
+        self._assemblers.shutdown(wait=True, cancel_futures=True)
+
+    def _compress_in_blocks(self, blob: FileRange) -> CompressedBlob:
+        """A large layer's blocks go to every worker at once; this thread joins them."""
+        assert self.pool is not None
+        futures = [self.pool.submit(deflate_block, block, last, self.spool_dir) for block, last in blocks_of(blob)]
+        return assemble(blob, [future.result() for future in futures], self.spool_dir)
 
     def _count_compressed(self, future: cf.Future[CompressedBlob]) -> None:
         if not future.cancelled() and future.exception() is None:

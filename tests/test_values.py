@@ -97,7 +97,7 @@ def test_recipe_is_deterministic_and_round_trips(tmp_path):
         spool.mkdir()
         results.append(compress_to_spool(blob, str(spool)))
     assert results[0].digest == results[1].digest
-    assert results[0].recipe == RECIPE == "gzip-isal-l1"
+    assert results[0].recipe == RECIPE == "gzip-isal-l1-b16m"
     compressed = open(results[0].path, "rb").read()
     assert compressed[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, mtime 0
     assert gzip.decompress(compressed) == data
@@ -138,3 +138,31 @@ def test_log_lines_lose_query_strings_and_tokens():
     ):
         record = logging.LogRecord("x", logging.DEBUG, __file__, 1, message, None, None)
         assert "SECRET" not in formatter.format(record)
+
+
+def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
+    """A layer of several blocks, compressed by a pool of workers, is byte for byte
+    what one process makes: the recipe does not depend on the parallelism."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import random
+
+    from batchpush.compress import BLOCK_BYTES
+    from batchpush.metadata import MetadataStore
+    from batchpush.prepare import Preparer
+
+    rng = random.Random(7)
+    data = b"".join(rng.randbytes(1 << 20) if i % 3 == 0 else bytes([i]) * (1 << 20) for i in range(int(2.5 * BLOCK_BYTES) >> 20))
+    path = tmp_path / "big.tar"
+    path.write_bytes(data)
+    blob = FileRange(str(path), 0, len(data))
+    (tmp_path / "inline").mkdir()
+    inline = compress_to_spool(blob, str(tmp_path / "inline"))
+    (tmp_path / "pool").mkdir()
+    store = MetadataStore(str(tmp_path / "md"))
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        preparer = Preparer(str(tmp_path / "pool"), store, pool)
+        parallel = preparer._compress_in_blocks(blob)
+        preparer.close()
+    assert parallel.digest == inline.digest and parallel.size == inline.size
+    assert gzip.decompress(open(parallel.path, "rb").read()) == data
