@@ -45,6 +45,7 @@ class Seen:
     target: str
     action: str
     body_bytes: int
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class FaultProxy:
@@ -99,9 +100,9 @@ class FaultProxy:
                         return rule
         return None
 
-    def _record(self, method: str, target: str, action: str, body_bytes: int) -> None:
+    def _record(self, method: str, target: str, action: str, body_bytes: int, headers: dict[str, str] | None = None) -> None:
         with self.lock:
-            self.seen.append(Seen(time.monotonic(), method, target, action, body_bytes))
+            self.seen.append(Seen(time.monotonic(), method, target, action, body_bytes, headers or {}))
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
@@ -141,14 +142,20 @@ class FaultProxy:
                 headers = [h.split(":", 1) for h in header_lines if ":" in h]
                 length = int(next((v for k, v in headers if k.strip().lower() == "content-length"), "0"))
                 rule = self._pick(method, target)
+                request_headers = {k.strip().lower(): v.strip() for k, v in headers}
                 if rule is None or rule.action == "reset_after_response":
-                    if not self._forward(client, reader, head, method, target, length, reset_after=rule is not None):
+                    if not self._forward(client, reader, head, method, target, length, reset_after=rule is not None, request_headers=request_headers):
                         return
                     continue
                 if rule.action == "status":
                     got = self._read_body(reader, length)
-                    self._record(method, target, f"status {rule.status}", got)
-                    extra = "".join(f"{k}: {v}\r\n" for k, v in rule.headers.items())
+                    self._record(method, target, f"status {rule.status}", got, request_headers)
+                    location = rule.headers.get("Location", "")
+                    if "{target}" in location:  # a redirect to the same path elsewhere
+                        rule_headers = {**rule.headers, "Location": location.replace("{target}", target)}
+                    else:
+                        rule_headers = rule.headers
+                    extra = "".join(f"{k}: {v}\r\n" for k, v in rule_headers.items())
                     client.sendall(f"HTTP/1.1 {rule.status} Injected\r\nContent-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n{extra}\r\n".encode() + rule.body)
                     continue
                 if rule.action == "reset_buffered":
@@ -170,7 +177,7 @@ class FaultProxy:
         finally:
             reader.close()
 
-    def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, reset_after: bool) -> bool:  # type: ignore[no-untyped-def]
+    def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, reset_after: bool, request_headers: dict[str, str]) -> bool:  # type: ignore[no-untyped-def]
         try:
             upstream = socket.create_connection((self.upstream_host, self.upstream_port), timeout=60)
         except OSError:
@@ -180,7 +187,7 @@ class FaultProxy:
         with upstream:
             upstream.sendall(head)
             got = self._read_body(reader, length, upstream.sendall)
-            self._record(method, target, "reset_after_response" if reset_after else "forward", got)
+            self._record(method, target, "reset_after_response" if reset_after else "forward", got, request_headers)
             response = http.client.HTTPResponse(upstream, method=method)
             response.begin()
             body = response.read()

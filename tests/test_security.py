@@ -166,3 +166,74 @@ def test_token_realm_must_be_https_unless_insecure():
 def test_credentials_repr_hides_secrets():
     text = repr(Credentials("user", "pw-value", auth="YXV0aA==", identity_token="id-tok", registry_token="reg-tok"))
     assert_no_secret(["pw-value", "YXV0aA==", "id-tok", "reg-tok"], text)
+
+
+def test_redirect_to_another_host_never_carries_authorization(token_registry, tmp_path):
+    """A redirect of the manifest PUT to another host (our second proxy in front of
+    the same registry): the request follows it without the Authorization header, so
+    the token-protected registry refuses it and the push fails with a clear error."""
+    from fault_proxy import FaultProxy, Rule
+
+    registry, issuer = token_registry
+    front = FaultProxy(registry.host)
+    elsewhere = FaultProxy(registry.host)
+    try:
+        simple_layout(str(tmp_path / "layout"), {"1.0": [11]})
+        front.add(Rule("PUT", "/manifests/", "status", status=307, headers={"Location": f"http://{elsewhere.host}{{target}}"}, times=-1))
+        config_dir = docker_config(tmp_path, {"auths": {front.host: {"username": "alice", "password": "alice-secret-pw"}}})
+        done = run_cli(["push", f"oci:{tmp_path}/layout", f"{front.host}/redir/app", "--insecure", front.host, "--metadata-dir", str(tmp_path / "md")], {"DOCKER_CONFIG": config_dir})
+        assert done.returncode == 1
+        assert "HTTP 401" in done.stderr
+        assert front.requests("PUT", "/manifests/")[0].headers.get("authorization", "").startswith("Bearer ")
+        redirected = elsewhere.requests("PUT", "/manifests/")
+        assert redirected, "the redirect was not followed"
+        assert all("authorization" not in seen.headers for seen in redirected)
+        stored = [line for line in registry.access_log() if '"PUT /v2/redir/app/manifests/' in line and '" 201 ' in line]
+        assert not stored  # the registry saw the redirected PUTs only without a token, and refused them
+    finally:
+        front.stop()
+        elsewhere.stop()
+
+
+def test_redirect_from_https_to_http_is_refused(tmp_path):
+    """Our own small https server answers the ping and redirects everything else to
+    plain http: the client refuses to follow."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tls import make_tls
+
+    ca, cert, key = make_tls(str(tmp_path / "certs"))
+
+    class Redirector(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            if self.path == "/v2/":
+                self.send_response(200)
+            else:
+                self.send_response(307)
+                self.send_header("Location", f"http://127.0.0.1:9{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_PUT = do_POST = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        client = RegistryClient(host, RegistryOptions(ca_file=ca))
+        with pytest.raises(client_module.RegistryError, match="refusing a redirect from https to plain http"):
+            client.put_manifest("a/b", "1", "application/vnd.oci.image.manifest.v1+json", b"{}")
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
