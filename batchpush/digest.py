@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from .errors import BatchPushError
 
@@ -57,19 +56,3 @@ class Digest:
 
     def __str__(self) -> str:
         return f"{self.algorithm}:{self.hex}"
-
-
-def digest_of_stream(stream: BinaryIO, algorithm: str = "sha256", limit_bytes: int | None = None) -> tuple[Digest, int]:
-    """Hash a stream to its end (or ``limit_bytes``); returns the digest and byte count."""
-    hasher = hashlib.new(algorithm)
-    total = 0
-    while True:
-        want = CHUNK_BYTES if limit_bytes is None else min(CHUNK_BYTES, limit_bytes - total)
-        if want <= 0:
-            break
-        chunk = stream.read(want)
-        if not chunk:
-            break
-        hasher.update(chunk)
-        total += len(chunk)
-    return Digest(algorithm, hasher.hexdigest()), total

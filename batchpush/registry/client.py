@@ -28,7 +28,7 @@ from .. import __version__
 from ..digest import Digest
 from ..sources.base import FileRange, read_chunks
 from .auth import Authenticator, Credentials, scope_for
-from .errors import AuthError, ManifestDigestError, RegistryError, UploadGoneError, error_from_response, read_limited
+from .errors import AuthError, ManifestDigestError, RegistryError, UploadGoneError, error_from_response
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
 
 #: blobs up to this size go in one PUT; larger ones in PATCH chunks
@@ -40,8 +40,6 @@ DEFAULT_MAX_CONCURRENT_UPLOADS = 5
 #: seconds to connect, and to wait for a response once a request is sent
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 300.0
-#: the most of a manifest we read back
-MAX_MANIFEST_BYTES = 4 << 20
 
 USER_AGENT = f"batchpush/{__version__}"
 T = TypeVar("T")
@@ -434,10 +432,6 @@ class RegistryClient:
         if response.status_code == 404 or "Docker-Content-Digest" not in response.headers:
             return None
         return Digest.parse(response.headers["Docker-Content-Digest"]), int(response.headers.get("Content-Length", "0"))
-
-    def get_manifest(self, repository: str, reference: str, accept: str) -> tuple[str, bytes]:
-        response = self.request("GET", self._url(repository, f"manifests/{reference}"), scopes=(scope_for(repository, "pull"),), expected={200}, headers={"Accept": accept})
-        return response.headers.get("Content-Type", ""), read_limited(response, MAX_MANIFEST_BYTES)
 
     def close(self) -> None:
         self.session.close()
