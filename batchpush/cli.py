@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from types import FrameType
 
 from . import __version__
@@ -20,6 +21,7 @@ from .reference import parse_reference
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
 from .registry.credentials import ChainedCredentials, DockerConfigCredentials
+from .registry.retry import DEFAULT_MAX_ATTEMPTS
 from .report import BatchResult
 
 EXIT_OK = 0
@@ -50,6 +52,7 @@ def _size(text: str) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-attempts", type=int, metavar="N", help=f"attempts of each protocol step sequence, retries included (default {DEFAULT_MAX_ATTEMPTS}; overrides the plan)")
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
     parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
     parser.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
@@ -139,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.max_attempts is not None:
+        if args.max_attempts < 1:
+            print("error: --max-attempts must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
+        defaults = replace(defaults, max_attempts=args.max_attempts)
+        registries = {host: replace(options, max_attempts=args.max_attempts) for host, options in registries.items()}
     progress = _progress(args)
     options = PushOptions(
         registry_defaults=defaults,

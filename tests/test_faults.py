@@ -243,3 +243,11 @@ def test_token_that_expires_early_gets_a_401_then_the_same_request_again(tmp_pat
         proxy.stop()
         registry.stop()
         issuer.stop()
+
+
+def test_max_attempts_flag(registry, proxy, tmp_path, metadata_dir, batchpush):
+    big_layout(str(tmp_path / "layout"), size=100_000)
+    proxy.add(Rule("PUT", "/manifests/", "status", status=503, times=-1))
+    run = batchpush("push", f"oci:{tmp_path}/layout", f"{proxy.host}/faults/attempts", "--insecure", proxy.host, "--max-attempts", "2")
+    assert run.code == 1
+    assert len(proxy.requests("PUT", "/manifests/")) == 2
