@@ -125,10 +125,15 @@ class RichProgress(NoProgress):
         with self._lock:
             elapsed = max(time.monotonic() - self._started, 1e-6)
             table = Table.grid(padding=(0, 1))
+            # Text, not markup strings: a print with markup=False re-renders this too
             table.add_row(
-                f"[bold]images[/] {self._images_done}/{self._images_started} done"
-                + (f", [red]{self._images_failed} failed[/]" if self._images_failed else "")
-                + f"   [bold]sent[/] {self._sent / 1e6:,.1f} MB at {self._sent / elapsed / 1e6:,.1f} MB/s"
+                Text.assemble(
+                    ("images", "bold"),
+                    f" {self._images_done}/{self._images_started} done",
+                    (f", {self._images_failed} failed" if self._images_failed else "", "red"),
+                    ("   sent", "bold"),
+                    f" {self._sent / 1e6:,.1f} MB at {self._sent / elapsed / 1e6:,.1f} MB/s",
+                )
             )
             for line in self._recent[-self.RECENT_LINES :]:
                 table.add_row(Text(line))
@@ -160,7 +165,7 @@ class RichProgress(NoProgress):
             for key in [k for k in self._moving if k[0] == target]:
                 del self._moving[key]  # the config's upload has no layer line
         if not self.quiet:
-            self._live.console.print(f"{target}: digest: {digest} size: {size}" + (" (up to date)" if up_to_date else ""), markup=False, highlight=False)
+            self._live.console.print(f"{target}: digest: {digest} size: {size}" + (" (up to date)" if up_to_date else ""), markup=False, highlight=False, soft_wrap=True)
 
     def failed(self, target: str, message: str) -> None:
         with self._lock:
@@ -168,7 +173,7 @@ class RichProgress(NoProgress):
             self._images_failed += 1
         from rich.text import Text
 
-        self._live.console.print(Text.assemble(("error: ", "red"), f"{target}: {message}"))
+        self._live.console.print(Text.assemble(("error: ", "red"), f"{target}: {message}"), soft_wrap=True)
 
     def note(self, text: str) -> None:
         if not self.quiet:

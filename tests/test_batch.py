@@ -197,3 +197,21 @@ def test_thousand_small_images_with_flat_memory(registry, tmp_path):
     uploads = uploads_by_digest(registry)
     assert max(uploads.values()) == 1 and len(uploads) == 1 + 1000 + 1000  # the base once; app layers and configs
     pull_and_verify(registry, "many/app:t999", str(tmp_path / "pulled"))
+
+
+def test_live_display_on_a_terminal(registry, tmp_path):
+    """On a terminal the rich display runs (here under script(1), a real pty)."""
+    import shlex
+    import shutil
+
+    script = shutil.which("script")
+    assert script, "script(1) (util-linux) is missing"
+    simple_layout(str(tmp_path / "layout"), {"1": [61, 62]}, file_size=200_000)
+    command = shlex.join([sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path}/layout", f"{registry.host}/tty/app", "--insecure", registry.host, "--metadata-dir", str(tmp_path / "md")])
+    done = subprocess.run([script, "-qec", command, str(tmp_path / "typescript")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    screen = (tmp_path / "typescript").read_text(errors="replace")
+    assert "images" in screen and "done" in screen  # the live header
+    assert f"{registry.host}/tty/app:1: digest: sha256:" in screen
+    assert "Traceback" not in screen
+    pull_and_verify(registry, "tty/app:1", str(tmp_path / "pulled"))
