@@ -30,7 +30,7 @@ from .image_push import ImagePusher
 from .layer_push import LayerPusher
 from .metadata import MetadataStore
 from .policy import hmac_key
-from .prepare import PreparedNode, Preparer
+from .prepare import PendingManifest, PreparedNode, Preparer
 from .progress import NoProgress, Progress
 from .reference import Reference, parse_reference
 from .registry.auth import CredentialProvider, Credentials
@@ -38,7 +38,7 @@ from .registry.client import RegistryClient, RegistryOptions
 from .registry.credentials import DockerConfigCredentials, password_from
 from .registry.retry import Cancelled
 from .report import BatchResult, ImageResult
-from .sources import SourceImage, open_source
+from .sources import SourceImage, SourceManifest, open_source
 from .state import PushState
 
 #: memory one compression worker may need (isal state, buffers, interpreter)
@@ -113,7 +113,7 @@ class _Entry:
         self.image = image
         self.uses = uses
         self.lock = threading.Lock()
-        self.node: PreparedNode | BatchPushError | None = None
+        self.node: PreparedNode | PendingManifest | BatchPushError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +251,18 @@ class Engine:
         self.options.progress.failed(target, error.message)
         return ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
 
-    def _prepared(self, entry: _Entry) -> PreparedNode:
+    def _prepared(self, entry: _Entry) -> PreparedNode | PendingManifest:
+        """The entry's image, prepared once for all its targets. A single manifest
+        is started without waiting (its layers upload as they are checked); an index
+        is prepared whole."""
         with entry.lock:
             if entry.node is None:
                 try:
-                    entry.node = self.preparer.prepare(entry.image.node)
+                    source = entry.image.node
+                    if isinstance(source, SourceManifest) and not self.options.dry_run:
+                        entry.node = self.preparer.start(source)
+                    else:
+                        entry.node = self.preparer.prepare(source)
                 except BatchPushError as exc:
                     entry.node = exc
             if isinstance(entry.node, BatchPushError):
@@ -281,6 +288,14 @@ class Engine:
             layers = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self.preparer.materialize, progress=progress)
             pusher = ImagePusher(layers, self._executors[target.api_host])
             progress.image_started(str(target), target.name)
+            if isinstance(node, PendingManifest):
+                if not node.ready():
+                    # layers still compressing: none is known to this store, so the
+                    # tag cannot already hold what we would push; start sending now
+                    pushed = pusher.push_streaming(node, tag)
+                    progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
+                    return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers)
+                node = node.wait()
             current = pusher.up_to_date(node, tag)
             if current is not None:
                 progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)

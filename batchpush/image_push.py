@@ -14,8 +14,8 @@ from typing import Any
 
 from . import mediatypes as mt
 from .digest import Digest
-from .layer_push import LayerOutcome, LayerPusher, LayerResult
-from .prepare import PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode
+from .layer_push import ImageGate, LayerOutcome, LayerPusher, LayerResult
+from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode
 from .sources.base import SourceManifest
 
 
@@ -106,6 +106,24 @@ class ImagePusher:
         """Push ``node`` and tag it; raises on any failure before the manifest is written."""
         return self._push_node(node, tag)
 
+    def push_streaming(self, pending: PendingManifest, tag: str) -> PushedManifest:
+        """Push an image whose layers are still compressing: each layer starts as soon
+        as it is checked, and no blob is committed nor mounted before all are (so a
+        layer that lies still means nothing is pushed for the image)."""
+        gate = ImageGate(pending.layers, self.client.cancel)
+
+        def push_layer(future: cf.Future[PreparedLayer]) -> LayerResult:
+            return self.layers.push(future.result(), gate=gate)
+
+        pushes = [self.executor.submit(push_layer, checked) for checked in pending.layers]
+        pushes.append(self.executor.submit(self.layers.push, pending.config, is_config=True, gate=gate))
+        cf.wait(pushes)
+        for checked in pending.layers:
+            checked.result()  # a layer that failed its check is the image's error
+        for push in pushes:
+            push.result()
+        return self._put_image(pending.source, [push.result() for push in pushes[:-1]], tag)
+
     def dry_run(self, node: PreparedNode) -> tuple[LayerResult, ...]:
         """What pushing ``node`` would do to each layer, with read requests only."""
         if isinstance(node, PreparedIndex):
@@ -124,11 +142,12 @@ class ImagePusher:
         cf.wait(futures)
         for future in futures:
             future.result()  # the first failure is raised; no manifest is written
-        layers = [f.result() for f in futures[:-1]]
-        data = manifest_bytes(node.source, layers)
-        media_type = node.source.media_type
-        digest = self._put(reference or str(Digest.sha256_of(data)), media_type, data)
-        return PushedManifest(digest, len(data), media_type, tuple(layers))
+        return self._put_image(node.source, [f.result() for f in futures[:-1]], reference)
+
+    def _put_image(self, source: SourceManifest, layers: list[LayerResult], reference: str | None) -> PushedManifest:
+        data = manifest_bytes(source, layers)
+        digest = self._put(reference or str(Digest.sha256_of(data)), source.media_type, data)
+        return PushedManifest(digest, len(data), source.media_type, tuple(layers))
 
     def _put(self, reference: str, media_type: str, data: bytes) -> Digest:
         """PUT a manifest under the retry policy (a 5xx is retried; a digest that

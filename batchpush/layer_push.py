@@ -15,9 +15,12 @@ In the seed's order:
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import mediatypes as mt
 from .digest import Digest
@@ -29,10 +32,54 @@ from .progress import NoProgress, Progress
 from .reference import Reference
 from .registry.client import BlobUpload, RegistryClient, UploadSession
 from .registry.errors import AuthError, RegistryError, UploadGoneError
+from .registry.retry import Cancelled
 from .sources.base import FileRange
 from .state import PushState, RemoteBlob
 
 log = logging.getLogger(__name__)
+
+#: with an image still being checked, layers at least this large send their data
+#: before the commit is allowed; smaller ones just wait (a PATCH costs a request)
+STREAM_MIN_BYTES = 1 << 20
+
+
+class ImageGate:
+    """Opens when every layer of an image is checked; fails if one is not."""
+
+    def __init__(self, layers: tuple[cf.Future[Any], ...], cancel: threading.Event) -> None:
+        self._left = len(layers)
+        self._lock = threading.Lock()
+        self._opened = threading.Event()
+        self._error: BaseException | None = None
+        self._cancel = cancel
+        if not layers:
+            self._opened.set()
+        for future in layers:
+            future.add_done_callback(self._done)
+
+    def _done(self, future: cf.Future[Any]) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._error is None and (future.cancelled() or future.exception() is not None):
+                self._error = future.exception() or Cancelled()
+            if self._left == 0 or self._error is not None:
+                self._opened.set()
+
+    @property
+    def open(self) -> bool:
+        return self._opened.is_set() and self._error is None
+
+    def wait(self) -> None:
+        """Block until every layer is checked; raises the first layer's error."""
+        while not self._opened.wait(0.2):
+            if self._cancel.is_set():
+                raise Cancelled()
+        if self._error is not None:
+            raise ImageAbandoned(f"another layer of the image failed: {self._error}")
+
+
+class ImageAbandoned(Exception):
+    """This layer's image will not be pushed: stop, cancel the session."""
 
 
 @dataclass(slots=True)
@@ -40,6 +87,8 @@ class _Carry:
     """What one layer's attempts hand to the next: the upload to resume."""
 
     upload: BlobUpload | None = None
+    #: the image's gate, when its layers are still being checked
+    gate: ImageGate | None = None
 
 
 def _compatible(layer: PreparedLayer, entry: V2Metadata) -> bool:
@@ -77,13 +126,18 @@ class LayerPusher:
         self.materialize = materialize
         self.progress: Progress = progress or NoProgress()
 
-    def push(self, layer: PreparedLayer, *, is_config: bool = False) -> LayerResult:
+    def push(self, layer: PreparedLayer, *, is_config: bool = False, gate: ImageGate | None = None) -> LayerResult:
         """Make ``layer`` (or the image config) present in the target repository.
 
         The whole path runs under the host's retry policy; an upload that broke is
         resumed, not restarted, on the next attempt. Raises RegistryError when the
-        attempts are spent or the failure is not temporary (its session cancelled)."""
-        carry = _Carry()
+        attempts are spent or the failure is not temporary (its session cancelled).
+
+        With a ``gate`` (the image's layers are still being checked), nothing is
+        written before the gate opens — no mount, no commit — but a layer to upload
+        sends its data meanwhile and commits when the gate opens; if it never does,
+        its session is cancelled."""
+        carry = _Carry(gate=gate)
         try:
             result = self.client.with_retries(lambda: self._push_once(layer, carry), f"layer {layer.digest}")
         except BaseException:
@@ -136,6 +190,8 @@ class LayerPusher:
                 return found
         candidates = batch + [c for c in mount_candidates(self.target.name, self.hmac_key, tier.max_mount_attempts, entries) if c not in batch]
         candidates = candidates[: max(tier.max_mount_attempts, len(batch))]
+        if candidates and carry.gate is not None:
+            carry.gate.wait()  # a mount writes: only once the whole image is checked
         session: UploadSession | None = None
         for candidate in candidates:
             from_repository = candidate.source_repository.split("/", 1)[1]
@@ -213,8 +269,15 @@ class LayerPusher:
         def on_progress(sent_bytes: int) -> None:
             self.progress.layer_bytes(target, digest, sent_bytes, blob.size)
 
+        gate = carry.gate
+        before_commit = None
+        if gate is not None and not gate.open:
+            if blob.size >= STREAM_MIN_BYTES:
+                before_commit = gate.wait  # send the data now, commit once the image is checked
+            else:
+                gate.wait()
         try:
-            sent = self.client.upload_blob(self.repository, carry.upload, blob, layer.digest, on_progress=on_progress)
+            sent = self.client.upload_blob(self.repository, carry.upload, blob, layer.digest, on_progress=on_progress, before_commit=before_commit)
         except UploadGoneError:
             carry.upload = None  # the next attempt starts a new session...
             if self.client.head_blob(self.repository, layer.digest) is None:

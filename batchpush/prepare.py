@@ -23,7 +23,7 @@ from typing import Any
 from . import mediatypes as mt
 from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob
 from .digest import Digest
-from .errors import DigestMismatchError
+from .errors import BatchPushError, DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
 from .sources.base import Compression, FileRange, SourceIndex, SourceLayer, SourceManifest, SourceNode
 
@@ -79,6 +79,23 @@ class PreparedIndex:
 PreparedNode = PreparedManifest | PreparedIndex
 
 
+@dataclass(frozen=True, slots=True)
+class PendingManifest:
+    """An image whose layers are still being compressed: each layer's future
+    resolves (or raises) as soon as that layer is compressed and checked."""
+
+    source: SourceManifest
+    layers: tuple[cf.Future[PreparedLayer], ...]
+    config: PreparedLayer
+
+    def ready(self) -> bool:
+        return all(future.done() for future in self.layers)
+
+    def wait(self) -> PreparedManifest:
+        """Every layer, or the first error (a SourceError naming the file)."""
+        return PreparedManifest(self.source, tuple(future.result() for future in self.layers), self.config)
+
+
 def _compresses(layer: SourceLayer) -> bool:
     return layer.compression is Compression.NONE and layer.descriptor.media_type in mt.GZIP_OF and not layer.is_foreign
 
@@ -116,6 +133,8 @@ class Preparer:
         self._uses: dict[Hashable, int] = {}
         #: threads joining the blocks of large layers (hashing releases the GIL)
         self._assemblers = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="assemble")
+        #: threads that check layers as their passes finish (streaming images)
+        self._finishers = cf.ThreadPoolExecutor(max_workers=32, thread_name_prefix="check")
         #: images submit their passes one at a time, so the pool finishes them in order
         #: and the first image uploads while the next compresses
         self._submitting = threading.Lock()
@@ -153,6 +172,7 @@ class Preparer:
         return future
 
     def close(self) -> None:
+        self._finishers.shutdown(wait=True, cancel_futures=True)
         self._assemblers.shutdown(wait=True, cancel_futures=True)
 
     def _compress_in_blocks(self, blob: FileRange) -> CompressedBlob:
@@ -182,7 +202,48 @@ class Preparer:
                 self._uses[key] = self._uses.get(key, 0) + 1
         return prepared
 
-    def release(self, node: PreparedNode) -> None:
+    def start(self, node: SourceManifest) -> PendingManifest:
+        """Like ``prepare`` for one image manifest, without waiting: each layer is
+        checked as soon as its own pass is done, so its upload can begin while the
+        image's other layers are still compressing (the caller withholds every
+        commit until all are checked)."""
+        first: dict[int, cf.Future[Any]] = {}
+        with self._submitting:
+            self._start(node, first)
+        layers: list[cf.Future[PreparedLayer]] = []
+        for layer in node.layers:
+            future = first.get(id(layer))
+            if future is None:
+                done: cf.Future[PreparedLayer] = cf.Future()
+                done.set_result(self._foreign(layer))
+                layers.append(done)
+            elif future.done() and not self._needs_full_pass(layer, future):
+                # done already (a fingerprint found in the store, a small layer done
+                # inline): checked here, so a cron run sees the image ready at once
+                checked: cf.Future[PreparedLayer] = cf.Future()
+                try:
+                    checked.set_result(self._layer(layer, future.result()))
+                except BatchPushError as exc:
+                    checked.set_exception(exc)
+                layers.append(checked)
+            else:
+                layers.append(self._finishers.submit(self._check_when_done, layer, future))
+        with self._lock:
+            for key in _keys(node):
+                self._uses[key] = self._uses.get(key, 0) + 1
+        return PendingManifest(node, tuple(layers), self._config(node))
+
+    def _needs_full_pass(self, layer: SourceLayer, future: cf.Future[Any]) -> bool:
+        if future.exception() is not None:
+            return False
+        first = future.result()
+        assert layer.blob is not None
+        return isinstance(first, str) and self.store.get_fingerprint(first, layer.blob.size, _recipe(layer)) is None
+
+    def _check_when_done(self, layer: SourceLayer, future: cf.Future[Any]) -> PreparedLayer:
+        return self._layer(layer, future.result())
+
+    def release(self, node: PreparedNode | PendingManifest) -> None:
         """The caller is done with ``node``: spool files no prepared image still
         holds are deleted, and their passes forgotten (a later image that needs
         one again finds its fingerprint and compresses on demand)."""
@@ -232,10 +293,14 @@ class Preparer:
         for layer in node.layers:
             future = futures.get(id(layer))
             layers.append(self._foreign(layer) if future is None else self._layer(layer, future.result()))
+        return PreparedManifest(node, tuple(layers), self._config(node))
+
+    @staticmethod
+    def _config(node: SourceManifest) -> PreparedLayer:
         config = node.config_descriptor
         assert config.digest is not None
         source = SourceLayer(config, None, node.config_blob, Compression.NONE)
-        return PreparedManifest(node, tuple(layers), PreparedLayer(source, None, config.digest, config.size, config.media_type, AS_IS, node.config_blob))
+        return PreparedLayer(source, None, config.digest, config.size, config.media_type, AS_IS, node.config_blob)
 
     def _foreign(self, layer: SourceLayer) -> PreparedLayer:
         descriptor = layer.descriptor

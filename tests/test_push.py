@@ -232,3 +232,33 @@ def test_console_script_and_module(registry, tmp_path):
     done = subprocess.run([sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path}/layout", f"{registry.host}/mod/app", "--insecure", registry.host, "--metadata-dir", str(tmp_path / "md")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "v1: digest: sha256:" in done.stdout
+
+
+def test_a_lying_layer_stops_the_uploads_already_streaming(registry, batchpush, tmp_path):
+    """Layers upload as soon as each is checked, but nothing is committed before the
+    whole image is: when a large layer turns out to lie, the good layer's data that
+    was already sent is discarded (its session cancelled) and no blob of the image
+    is committed."""
+    from images import random_layer
+
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    good = random_layer(1, 3 << 20)
+    liar = random_layer(2, 48 << 20)
+    descriptor, _ = writer.image([good, liar])
+    manifest_path = tmp_path / "layout" / "blobs" / "sha256" / descriptor["digest"][7:]
+    manifest = json.loads(manifest_path.read_text())
+    config_path = tmp_path / "layout" / "blobs" / "sha256" / manifest["config"]["digest"][7:]
+    config = json.loads(config_path.read_text())
+    config["rootfs"]["diff_ids"][1] = "sha256:" + "1" * 64
+    config_bytes = json.dumps(config).encode()
+    manifest["config"] = {**manifest["config"], "digest": writer.blob(config_bytes), "size": len(config_bytes)}
+    data = json.dumps(manifest).encode()
+    writer.tag({"mediaType": descriptor["mediaType"], "digest": writer.blob(data), "size": len(data)}, "1")
+    run = batchpush("push", f"oci:{tmp_path}/layout", f"{registry.host}/stream/liar", "--insecure", registry.host, "--jobs", "2")
+    assert run.code == 1
+    assert "DiffID" in run.err
+    commits = [line for line in registry.access_log() if '"PUT ' in line and "digest=" in line and '" 201 ' in line]
+    assert not commits, commits
+    assert registry.count("PUT", "/manifests/") == 0
+    if registry.count("PATCH"):  # the good layer had started: its session was cancelled
+        assert registry.count("DELETE", "/blobs/uploads/") >= 1

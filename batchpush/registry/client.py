@@ -358,7 +358,7 @@ class RegistryClient:
         upload.offset = _range_end(response.headers.get("Range"))
         upload.interrupted = False
 
-    def upload_blob(self, repository: str, upload: BlobUpload, blob: FileRange, digest: Digest, *, on_progress: Callable[[int], None] | None = None) -> int:
+    def upload_blob(self, repository: str, upload: BlobUpload, blob: FileRange, digest: Digest, *, on_progress: Callable[[int], None] | None = None, before_commit: Callable[[], None] | None = None) -> int:
         """Send the blob through ``upload`` and commit it; returns the bytes sent.
 
         Monolithic ``PUT ?digest=`` up to the registry's limit; above it, or when the
@@ -366,7 +366,9 @@ class RegistryClient:
         then a bodiless ``PUT ?digest=``. Called again after a failure, it first asks
         the registry where the upload is and continues from there (a 416 is answered
         the same way); UploadGoneError means a new session is needed. The
-        registry's Docker-Content-Digest must match ours.
+        registry's Docker-Content-Digest must match ours. ``before_commit`` (which
+        may raise) runs after the data is sent and before the committing PUT: the
+        data then goes in PATCH chunks, so nothing is committed until it allows.
         """
         scopes = (scope_for(repository, "pull,push"),)
         sent = 0
@@ -384,7 +386,7 @@ class RegistryClient:
 
         if upload.interrupted:
             self.upload_status(repository, upload)
-        chunked = blob.size > self.options.monolithic_limit_bytes or bool(upload.session.chunk_min_bytes)
+        chunked = blob.size > self.options.monolithic_limit_bytes or bool(upload.session.chunk_min_bytes) or before_commit is not None
         chunk = max(self.options.chunk_size_bytes, upload.session.chunk_min_bytes)
         upload.interrupted = True  # until a response says otherwise
         while chunked and upload.offset < blob.size:
@@ -401,6 +403,8 @@ class RegistryClient:
             response.close()
             upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes)
             upload.offset = max(_range_end(response.headers.get("Range")), upload.offset + length) if response.headers.get("Range") else upload.offset + length
+        if before_commit is not None:
+            before_commit()
         rest = blob.size - upload.offset
         final = _with_query(upload.session.location, "digest", str(digest))
         response = self.request("PUT", final, scopes=scopes, expected={201}, headers={"Content-Type": "application/octet-stream"}, body=body(upload.offset, rest))
