@@ -53,6 +53,14 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """forkserver (no fork of a threaded process), its server loading only the
+    compression module, so each worker starts with it and nothing else."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["batchpush.compress"])
+    return context
+
+
 def default_jobs() -> int:
     """Compression workers: one per core, fewer if memory is short."""
     cores = psutil.cpu_count(logical=True) or 1
@@ -138,7 +146,7 @@ class Engine:
         #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
         self.cancelled = threading.Event()
         jobs = self.options.jobs or default_jobs()
-        self._pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver"), initializer=_ignore_interrupts) if jobs > 1 else None
+        self._pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_worker_context(), initializer=_ignore_interrupts) if jobs > 1 else None
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
         self.preparer = Preparer(self._spool, self.store, self._pool)
 
