@@ -135,9 +135,6 @@ class Preparer:
         self._assemblers = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="assemble")
         #: threads that check layers as their passes finish (streaming images)
         self._finishers = cf.ThreadPoolExecutor(max_workers=32, thread_name_prefix="check")
-        #: images submit their passes one at a time, so the pool finishes them in order
-        #: and the first image uploads while the next compresses
-        self._submitting = threading.Lock()
         self.bytes_read = 0
         self.bytes_compressed = 0
 
@@ -194,8 +191,7 @@ class Preparer:
     def prepare(self, node: SourceNode) -> PreparedNode:
         """Raises SourceError / DigestMismatchError naming the file; nothing is pushed then."""
         first: dict[int, cf.Future[Any]] = {}
-        with self._submitting:
-            self._start(node, first)
+        self._start(node, first)
         prepared = self._finish(node, first)
         with self._lock:
             for key in _keys(node):
@@ -208,8 +204,7 @@ class Preparer:
         image's other layers are still compressing (the caller withholds every
         commit until all are checked)."""
         first: dict[int, cf.Future[Any]] = {}
-        with self._submitting:
-            self._start(node, first)
+        self._start(node, first)
         layers: list[cf.Future[PreparedLayer]] = []
         for layer in node.layers:
             future = first.get(id(layer))
@@ -264,6 +259,9 @@ class Preparer:
                         os.unlink(compressed.result().path)
 
     def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> None:
+        """Start each layer's first pass; fingerprint passes are waited for (another
+        image may be running the same one), so a layer is then either known from
+        its fingerprint or has its full pass under way."""
         if isinstance(node, SourceIndex):
             for child in node.children:
                 self._start(child, futures)
@@ -272,7 +270,9 @@ class Preparer:
             if layer.blob is None:
                 continue
             if self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
-                futures[id(layer)] = self._run("xxh3", _key(layer), layer.blob, fingerprint_blob)
+                future = self._run("xxh3", _key(layer), layer.blob, fingerprint_blob)
+                cf.wait([future])
+                futures[id(layer)] = future
             else:
                 futures[id(layer)] = self._full_pass(layer)
 
