@@ -52,6 +52,7 @@ def _size(text: str) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-nondistributable-artifacts", action="append", default=[], metavar="HOST[:PORT]", help="push foreign (non-distributable) layers to this host too (repeatable)")
     parser.add_argument("--max-attempts", type=int, metavar="N", help=f"attempts of each protocol step sequence, retries included (default {DEFAULT_MAX_ATTEMPTS}; overrides the plan)")
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
     parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
@@ -154,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         registries=registries,
         credentials=credentials,
         insecure_hosts=frozenset(args.insecure),
+        nondistributable_hosts=frozenset(args.allow_nondistributable_artifacts),
         metadata_dir=args.metadata_dir,
         jobs=args.jobs,
         max_concurrent_images=args.max_concurrent_images,

@@ -76,6 +76,8 @@ class PushOptions:
     registries: Mapping[str, RegistryOptions] = field(default_factory=dict)
     #: hosts reached over plain HTTP (or unverified TLS)
     insecure_hosts: frozenset[str] = frozenset()
+    #: hosts that receive foreign (non-distributable) layers too
+    nondistributable_hosts: frozenset[str] = frozenset()
     #: where credentials come from; a plan's ``username`` for a host comes first
     credentials: CredentialProvider = field(default_factory=DockerConfigCredentials)
     metadata_dir: str | None = None
@@ -176,6 +178,8 @@ class Engine:
         options = self.options.registries.get(host, self.options.registry_defaults)
         if host in self.options.insecure_hosts and not options.insecure:
             options = replace(options, insecure=True)
+        if host in self.options.nondistributable_hosts:
+            options = replace(options, allow_nondistributable_artifacts=True)
         return options
 
     def credentials(self, host: str, options: RegistryOptions) -> Credentials | None:
@@ -293,7 +297,7 @@ class Engine:
         try:
             node = self._prepared(work.entry)
             client = self.client(target.api_host)
-            layers = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self.preparer.materialize, progress=progress)
+            layers = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self.preparer.materialize, progress=progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
             pusher = ImagePusher(layers, self._executors[target.api_host])
             progress.image_started(str(target), target.name)
             if isinstance(node, PendingManifest):

@@ -262,3 +262,32 @@ def test_a_lying_layer_stops_the_uploads_already_streaming(registry, batchpush, 
     assert registry.count("PUT", "/manifests/") == 0
     if registry.count("PATCH"):  # the good layer had started: its session was cancelled
         assert registry.count("DELETE", "/blobs/uploads/") >= 1
+
+
+def test_foreign_layer_pushed_where_allowed(tmp_path, batchpush):
+    """--allow-nondistributable-artifacts HOST: the foreign layer goes up as it is
+    (its urls kept in the manifest), like docker's daemon option."""
+    import requests
+    from registry import start_registry
+
+    allowed = start_registry(str(tmp_path), {"validation": {"manifests": {"urls": {"allow": ["^https://example\\.invalid/"]}}}})
+    try:
+        writer = LayoutWriter(str(tmp_path / "layout"))
+        descriptor, _ = writer.image([layer_tar(63), layer_tar(64)])
+        manifest = json.loads(open(f"{tmp_path}/layout/blobs/sha256/{descriptor['digest'][7:]}").read())
+        manifest["layers"][0]["mediaType"] = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+        manifest["layers"][0]["urls"] = ["https://example.invalid/layer.tar"]
+        data = json.dumps(manifest).encode()
+        writer.tag({"mediaType": descriptor["mediaType"], "digest": writer.blob(data), "size": len(data)}, "nd")
+        report = tmp_path / "report.json"
+        run = batchpush("push", f"oci:{tmp_path}/layout", f"{allowed.host}/team/nd", "--insecure", allowed.host, "--allow-nondistributable-artifacts", allowed.host, "--report", str(report))
+        assert run.code == 0, run.err
+        layers = report_of(report)["images"][0]["layers"]
+        assert [layer["outcome"] for layer in layers] == ["uploaded", "uploaded"]
+        foreign = manifest["layers"][0]["digest"]
+        assert layers[0]["digest"] == foreign  # pushed as it is, not recompressed
+        assert requests.head(f"{allowed.url}/v2/team/nd/blobs/{foreign}", timeout=10).status_code == 200
+        raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{allowed.host}/team/nd:nd").stdout)
+        assert raw["layers"][0]["urls"] == ["https://example.invalid/layer.tar"]
+    finally:
+        allowed.stop()

@@ -64,6 +64,8 @@ class RegistryOptions:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     #: the longest pause a 429's Retry-After may impose on this host
     retry_after_cap_s: float = DEFAULT_RETRY_AFTER_CAP_S
+    #: push foreign (non-distributable) layers too, as docker's daemon option does
+    allow_nondistributable_artifacts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
