@@ -193,9 +193,7 @@ class Preparer:
         first: dict[int, cf.Future[Any]] = {}
         self._start(node, first)
         prepared = self._finish(node, first)
-        with self._lock:
-            for key in _keys(node):
-                self._uses[key] = self._uses.get(key, 0) + 1
+        self._hold(node)
         return prepared
 
     def start(self, node: SourceManifest) -> PendingManifest:
@@ -212,7 +210,7 @@ class Preparer:
                 done: cf.Future[PreparedLayer] = cf.Future()
                 done.set_result(self._foreign(layer))
                 layers.append(done)
-            elif future.done() and not self._needs_full_pass(layer, future):
+            elif future.done():
                 # done already (a fingerprint found in the store, a small layer done
                 # inline): checked here, so a cron run sees the image ready at once
                 checked: cf.Future[PreparedLayer] = cf.Future()
@@ -223,20 +221,16 @@ class Preparer:
                 layers.append(checked)
             else:
                 layers.append(self._finishers.submit(self._check_when_done, layer, future))
-        with self._lock:
-            for key in _keys(node):
-                self._uses[key] = self._uses.get(key, 0) + 1
+        self._hold(node)
         return PendingManifest(node, tuple(layers), self._config(node))
-
-    def _needs_full_pass(self, layer: SourceLayer, future: cf.Future[Any]) -> bool:
-        if future.exception() is not None:
-            return False
-        first = future.result()
-        assert layer.blob is not None
-        return isinstance(first, str) and self.store.get_fingerprint(first, layer.blob.size, _recipe(layer)) is None
 
     def _check_when_done(self, layer: SourceLayer, future: cf.Future[Any]) -> PreparedLayer:
         return self._layer(layer, future.result())
+
+    def _hold(self, node: SourceNode) -> None:
+        with self._lock:
+            for key in _keys(node):
+                self._uses[key] = self._uses.get(key, 0) + 1
 
     def release(self, node: PreparedNode | PendingManifest) -> None:
         """The caller is done with ``node``: spool files no prepared image still
@@ -259,9 +253,10 @@ class Preparer:
                         os.unlink(compressed.result().path)
 
     def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> None:
-        """Start each layer's first pass; fingerprint passes are waited for (another
-        image may be running the same one), so a layer is then either known from
-        its fingerprint or has its full pass under way."""
+        """Start each layer's first pass. A layer seen before is fingerprinted (xxh3,
+        waited for: another image may be running the same pass) and looked up once:
+        found, its future holds the Fingerprint; not found, or never seen, its full
+        pass (compression or hashing) is under way."""
         if isinstance(node, SourceIndex):
             for child in node.children:
                 self._start(child, futures)
@@ -270,11 +265,14 @@ class Preparer:
             if layer.blob is None:
                 continue
             if self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
-                future = self._run("xxh3", _key(layer), layer.blob, fingerprint_blob)
-                cf.wait([future])
-                futures[id(layer)] = future
-            else:
-                futures[id(layer)] = self._full_pass(layer)
+                xxh3 = self._run("xxh3", _key(layer), layer.blob, fingerprint_blob).result()
+                known = self.store.get_fingerprint(xxh3, layer.blob.size, _recipe(layer))
+                if known is not None:
+                    found: cf.Future[Any] = cf.Future()
+                    found.set_result(known)
+                    futures[id(layer)] = found
+                    continue
+            futures[id(layer)] = self._full_pass(layer)
 
     def _full_pass(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[Any]:
         assert layer.blob is not None
@@ -307,15 +305,11 @@ class Preparer:
         assert descriptor.digest is not None
         return PreparedLayer(layer, layer.diff_id, descriptor.digest, descriptor.size, descriptor.media_type, layer.compression.value, None)
 
-    def _layer(self, layer: SourceLayer, first: str | CompressedBlob | HashedBlob) -> PreparedLayer:
+    def _layer(self, layer: SourceLayer, first: Fingerprint | CompressedBlob | HashedBlob) -> PreparedLayer:
         assert layer.blob is not None
-        if isinstance(first, str):  # a fingerprint: look it up, else do the full pass now
-            known = self.store.get_fingerprint(first, layer.blob.size, _recipe(layer))
-            if known is not None:
-                return self._from_fingerprint(layer, known)
-            result: CompressedBlob | HashedBlob = self._full_pass(layer).result()
-        else:
-            result = first
+        if isinstance(first, Fingerprint):
+            return self._from_fingerprint(layer, first)
+        result: CompressedBlob | HashedBlob = first
         try:
             prepared = self._from_pass(layer, result)
         except DigestMismatchError:
