@@ -300,24 +300,23 @@ class Engine:
             layers = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self.preparer.materialize, progress=progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
             pusher = ImagePusher(layers, self._executors[target.api_host])
             progress.image_started(str(target), target.name)
-            if isinstance(node, PendingManifest):
-                if not node.ready():
-                    # layers still compressing: none is known to this store, so the
-                    # tag cannot already hold what we would push; start sending now
-                    pushed = pusher.push_streaming(node, tag)
-                    progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
-                    return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers)
-                node = node.wait()
-            current = pusher.up_to_date(node, tag)
-            if current is not None:
-                progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
-                return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
-            if self.options.dry_run:
-                planned = pusher.dry_run(node)
-                for layer in planned:
-                    progress.layer_done(str(target), layer)
-                return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=planned)
-            pushed = pusher.push(node, tag)
+            if isinstance(node, PendingManifest) and not node.ready():
+                # layers still compressing: none is known to this store, so the tag
+                # cannot already hold what we would push; start sending now
+                pushed = pusher.push_streaming(node, tag)
+            else:
+                if isinstance(node, PendingManifest):
+                    node = node.wait()
+                current = pusher.up_to_date(node, tag)
+                if current is not None:
+                    progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
+                    return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
+                if self.options.dry_run:
+                    planned = pusher.dry_run(node)
+                    for layer in planned:
+                        progress.layer_done(str(target), layer)
+                    return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=planned)
+                pushed = pusher.push(node, tag)
         except BatchPushError as exc:
             return self._failed(work.source, str(target), exc, started)
         except Cancelled:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import functools
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,17 +114,11 @@ class ImagePusher:
         layer that lies still means nothing is pushed for the image)."""
         gate = ImageGate(pending.layers, self.client.cancel)
 
-        def push_layer(future: cf.Future[PreparedLayer]) -> LayerResult:
-            return self.layers.push(future.result(), gate=gate)
+        def push_layer(checked: cf.Future[PreparedLayer]) -> LayerResult:
+            return self.layers.push(checked.result(), gate=gate)
 
-        pushes = [self.executor.submit(push_layer, checked) for checked in pending.layers]
-        pushes.append(self.executor.submit(self.layers.push, pending.config, is_config=True, gate=gate))
-        cf.wait(pushes)
-        for checked in pending.layers:
-            checked.result()  # a layer that failed its check is the image's error
-        for push in pushes:
-            push.result()
-        return self._put_image(pending.source, [push.result() for push in pushes[:-1]], tag)
+        jobs = [functools.partial(push_layer, checked) for checked in pending.layers]
+        return self._push_image(pending.source, jobs, pending.config, tag, gate=gate, checks=pending.layers)
 
     def dry_run(self, node: PreparedNode) -> tuple[LayerResult, ...]:
         """What pushing ``node`` would do to each layer, with read requests only."""
@@ -137,14 +133,28 @@ class ImagePusher:
         return self._push_manifest(node, reference)
 
     def _push_manifest(self, node: PreparedManifest, reference: str | None) -> PushedManifest:
-        futures = [self.executor.submit(self.layers.push, layer) for layer in node.layers]
-        futures.append(self.executor.submit(self.layers.push, node.config, is_config=True))
-        cf.wait(futures)
-        for future in futures:
-            future.result()  # the first failure is raised; no manifest is written
-        return self._put_image(node.source, [f.result() for f in futures[:-1]], reference)
+        jobs = [functools.partial(self.layers.push, layer) for layer in node.layers]
+        return self._push_image(node.source, jobs, node.config, reference)
 
-    def _put_image(self, source: SourceManifest, layers: list[LayerResult], reference: str | None) -> PushedManifest:
+    def _push_image(
+        self,
+        source: SourceManifest,
+        layer_jobs: Sequence[Callable[[], LayerResult]],
+        config: PreparedLayer,
+        reference: str | None,
+        *,
+        gate: ImageGate | None = None,
+        checks: tuple[cf.Future[PreparedLayer], ...] = (),
+    ) -> PushedManifest:
+        """Layers and config at once on the registry's pool, then the manifest. The
+        first failure is raised (a layer's own failed check before the others'
+        consequences) and no manifest is written."""
+        pushes = [self.executor.submit(job) for job in layer_jobs]
+        pushes.append(self.executor.submit(self.layers.push, config, is_config=True, gate=gate))
+        cf.wait(pushes)
+        for check in checks:
+            check.result()
+        layers = [push.result() for push in pushes][:-1]
         data = manifest_bytes(source, layers)
         digest = self._put(reference or str(Digest.sha256_of(data)), source.media_type, data)
         return PushedManifest(digest, len(data), source.media_type, tuple(layers))
