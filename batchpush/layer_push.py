@@ -26,7 +26,7 @@ from . import mediatypes as mt
 from .digest import Digest
 from .metadata import MetadataStore
 from .outcome import LayerOutcome, LayerResult
-from .policy import V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
+from .policy import Tier, V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
 from .prepare import PreparedLayer
 from .progress import NoProgress, Progress
 from .reference import Reference
@@ -151,14 +151,25 @@ class LayerPusher:
     def _push_once(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
         if carry.upload is not None:  # a retry: go on with the upload that broke
             return self._upload(layer, carry)
+        with self.state.single_flight(self.target.registry, layer.digest):
+            return self._settled(layer) or self._push(layer, carry)
+
+    def _settled(self, layer: PreparedLayer) -> LayerResult | None:
+        """The seed's first two steps: a foreign layer is skipped; a layer the push
+        state knows is in the target repository needs no request."""
         if layer.urls and not self.allow_nondistributable:
             return LayerResult(layer.diff_id, layer.digest, layer.size, layer.media_type, LayerOutcome.SKIPPED_FOREIGN)
+        known = self.state.known_layer(self.target.registry, self.repository, layer.key)
+        return self._result(layer, known, LayerOutcome.KNOWN) if known is not None else None
+
+    def _candidates(self, layer: PreparedLayer) -> tuple[Tier, list[V2Metadata], list[str]]:
+        """The layer's size tier, the store's entries that may stand for it, and the
+        repositories of this registry (``registry/repo``) that this batch saw receive it."""
+        tier = tier_for(layer.source.descriptor.size if layer.source.blob else layer.size)
+        entries = [e for e in self.store.get_metadata(layer.key) if _compatible(layer, e)]
         registry = self.target.registry
-        with self.state.single_flight(registry, layer.digest):
-            known = self.state.known_layer(registry, self.repository, layer.key)
-            if known is not None:
-                return self._result(layer, known, LayerOutcome.KNOWN)
-            return self._push(layer, carry)
+        holders = [f"{registry}/{repo}" for repo in self.state.repositories_with(registry, layer.digest) if repo != self.repository]
+        return tier, entries, holders
 
     def _result(self, layer: PreparedLayer, blob: RemoteBlob, outcome: LayerOutcome, sent: int = 0, mounted_from: str | None = None) -> LayerResult:
         return LayerResult(layer.diff_id, blob.digest, blob.size, blob.media_type, outcome, sent, mounted_from)
@@ -175,11 +186,9 @@ class LayerPusher:
         return layer.media_type if layer.media_type in mt.GZIP_LAYERS else mt.DOCKER_LAYER_GZIP
 
     def _push(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
-        tier = tier_for(layer.source.descriptor.size if layer.source.blob else layer.size)
-        entries = [e for e in self.store.get_metadata(layer.key) if _compatible(layer, e)]
+        tier, entries, holders = self._candidates(layer)
         # A repository of this registry that this batch saw receive the blob is the
         # first mount candidate (it is there for sure), then the store's candidates.
-        holders = [f"{self.target.registry}/{repo}" for repo in self.state.repositories_with(self.target.registry, layer.digest) if repo != self.repository]
         batch = [V2Metadata(layer.digest, holder, entry_hmac(self.hmac_key, layer.digest, holder), layer.recipe) for holder in holders[:1]]
         checked: set[Digest] = set()
         if entries and not batch:
@@ -299,20 +308,16 @@ class LayerPusher:
         reported when a candidate repository holds the blob; what would be uploaded
         is counted in ``bytes_sent``. The batch state records planned uploads, so
         later images of a dry run see the mounts they would make."""
-        if layer.urls and not self.allow_nondistributable:
-            return LayerResult(layer.diff_id, layer.digest, layer.size, layer.media_type, LayerOutcome.SKIPPED_FOREIGN)
+        settled = self._settled(layer)
+        if settled is not None:
+            return settled
         registry = self.target.registry
-        known = self.state.known_layer(registry, self.repository, layer.key)
-        if known is not None:
-            return self._result(layer, known, LayerOutcome.KNOWN)
-        tier = tier_for(layer.source.descriptor.size if layer.source.blob else layer.size)
-        entries = [e for e in self.store.get_metadata(layer.key) if _compatible(layer, e)]
+        tier, entries, batch = self._candidates(layer)
         candidates = [e for e in sort_by_likeness_and_age(self.target.name, self.hmac_key, entries) if e.source_repository == self.target.name or tier.check_other_repositories]
         for entry in candidates[: tier.max_existence_checks]:
             size = self._head_quietly(self.repository, entry.digest)
             if size is not None:
                 return self._result(layer, RemoteBlob(entry.digest, size, self._media_type(layer, entry.digest)), LayerOutcome.EXISTS)
-        batch = [f"{registry}/{repo}" for repo in self.state.repositories_with(registry, layer.digest) if repo != self.repository]
         mounts = [V2Metadata(layer.digest, repo) for repo in batch[:1]] + mount_candidates(self.target.name, self.hmac_key, tier.max_mount_attempts, entries)
         for candidate in mounts[: max(tier.max_mount_attempts, 1)]:
             from_repository = candidate.source_repository.split("/", 1)[1]
