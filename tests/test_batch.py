@@ -37,6 +37,15 @@ def fleet(tmp_path, repositories: int = 6) -> list[str]:
     return layouts
 
 
+def fleet_plan(registry, layouts: list[str], prefix: str) -> dict:
+    """Every layout to ``REGISTRY/PREFIX/svcN`` on one insecure registry."""
+    return {
+        "version": 1,
+        "registries": {registry.host: {"insecure": True}},
+        "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/{prefix}/svc{i}"]} for i, path in enumerate(layouts)],
+    }
+
+
 def write_plan(tmp_path, document: dict, name: str = "plan.yaml") -> str:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(document) if name.endswith(".yaml") else json.dumps(document))
@@ -72,12 +81,7 @@ def test_fan_out_to_two_registries_uploads_each_blob_once_per_registry(registry,
 
 
 def test_cron_rerun_sends_no_blob_request(registry, tmp_path, batchpush):
-    layouts = fleet(tmp_path, repositories=4)
-    plan = write_plan(tmp_path, {
-        "version": 1,
-        "registries": {registry.host: {"insecure": True}},
-        "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/team/svc{i}"]} for i, path in enumerate(layouts)],
-    })
+    plan = write_plan(tmp_path, fleet_plan(registry, fleet(tmp_path, repositories=4), "team"))
     assert batchpush("run", plan).code == 0
     before = len(registry.access_log())
     report = tmp_path / "again.json"
@@ -113,12 +117,7 @@ def test_a_failing_image_does_not_stop_the_others(registry, tmp_path, batchpush)
 
 
 def test_dry_run_changes_nothing(registry, tmp_path, batchpush):
-    layouts = fleet(tmp_path, repositories=2)
-    plan = write_plan(tmp_path, {
-        "version": 1,
-        "registries": {registry.host: {"insecure": True}},
-        "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/dry/svc{i}"]} for i, path in enumerate(layouts)],
-    }, name="plan.json")
+    plan = write_plan(tmp_path, fleet_plan(registry, fleet(tmp_path, repositories=2), "dry"), name="plan.json")
     run = batchpush("run", plan, "--dry-run")
     assert run.code == 0, run.err
     assert "upload" in run.out and "would send" in run.out
