@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS fingerprints (
     last_seen REAL NOT NULL,
     PRIMARY KEY (xxh3_128, size, recipe)
 );
+CREATE INDEX IF NOT EXISTS fingerprints_size ON fingerprints (size, recipe);
 """
 
 
