@@ -57,6 +57,8 @@ class FaultProxy:
         self.throttle_bytes_per_s: float | None = None
         #: request body bytes read so far, updated while bodies stream
         self.live_body_bytes = 0
+        #: TCP connections accepted
+        self.connections = 0
         self.lock = threading.Lock()
         proxy = self
 
@@ -125,6 +127,8 @@ class FaultProxy:
         return got
 
     def _serve(self, client: socket.socket) -> None:
+        with self.lock:
+            self.connections += 1
         reader = client.makefile("rb")
         try:
             while True:

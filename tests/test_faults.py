@@ -251,3 +251,19 @@ def test_max_attempts_flag(registry, proxy, tmp_path, metadata_dir, batchpush):
     run = batchpush("push", f"oci:{tmp_path}/layout", f"{proxy.host}/faults/attempts", "--insecure", proxy.host, "--max-attempts", "2")
     assert run.code == 1
     assert len(proxy.requests("PUT", "/manifests/")) == 2
+
+
+
+def test_connections_are_kept_for_the_next_request(registry, proxy, tmp_path, metadata_dir):
+    """Every response is finished so its connection goes back to the pool: a batch of
+    many small images opens a handful of connections, not one per request."""
+    writer = LayoutWriter(str(tmp_path / "many"))
+    for i in range(24):
+        descriptor, _ = writer.image([random_layer(100 + i, 4096)])
+        writer.tag(descriptor, f"t{i}")
+    result = push(f"oci:{tmp_path / 'many'}", f"{proxy.host}/conn/many", proxy, metadata_dir, chunked=False)
+    assert result.ok
+    sent = len(proxy.requests())
+    assert sent >= 24 * 5  # config and layer (POST+PUT each), and the manifest, per image
+    # at most one per thread that talks to the registry at once, and the https probe
+    assert proxy.connections <= 16, (proxy.connections, sent)

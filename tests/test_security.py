@@ -237,3 +237,24 @@ def test_redirect_from_https_to_http_is_refused(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_netrc_is_never_read(registry, tmp_path, metadata_dir, monkeypatch):
+    """requests would add a ~/.netrc login to every request; ours never send one unasked."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(registry.host)
+    try:
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login someone password netrc-secret-pw\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        simple_layout(str(tmp_path / "layout"), {"1.0": [1]})
+        import batchpush
+        from batchpush.engine import PushOptions
+
+        result = batchpush.push(f"oci:{tmp_path / 'layout'}", [f"{proxy.host}/netrc/app"], PushOptions(registries={proxy.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir))
+        assert result.ok
+        assert proxy.requests() and not any("authorization" in seen.headers for seen in proxy.requests())
+    finally:
+        proxy.stop()

@@ -166,3 +166,17 @@ def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
         preparer.close()
     assert parallel.digest == inline.digest and parallel.size == inline.size
     assert gzip.decompress(open(parallel.path, "rb").read()) == data
+
+
+def test_proxies_come_from_the_environment_once_per_origin(monkeypatch):
+    from batchpush.registry import transport
+
+    transport._origin_proxies.cache_clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", "registry.internal")
+    try:
+        assert transport.proxies_for("https://registry.example:5000/v2/")["https"] == "http://127.0.0.1:3128"
+        assert transport.proxies_for("https://registry.internal/v2/x") == {}
+        assert not transport.new_session("ua", 2).trust_env
+    finally:
+        transport._origin_proxies.cache_clear()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import requests
 
 from .errors import AuthError, error_from_response, read_limited
+from .transport import proxies_for
 
 #: the most of a token response we read
 MAX_TOKEN_BODY_BYTES = 1 << 20
@@ -179,7 +180,7 @@ class Authenticator:
         if basic:
             headers["Authorization"] = basic
         try:
-            response = self.session.get(realm, params=params, headers=headers, stream=True, timeout=30, allow_redirects=False, verify=self.session.verify)
+            response = self.session.get(realm, params=params, headers=headers, stream=True, timeout=30, allow_redirects=False, verify=self.session.verify, proxies=proxies_for(realm))
         except requests.RequestException as exc:
             raise AuthError("GET", realm, None, (), f"token request failed: {type(exc).__name__}") from exc
         if response.status_code != 200:

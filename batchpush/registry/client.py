@@ -22,14 +22,14 @@ from urllib.parse import quote, urljoin, urlsplit
 import requests
 import urllib3
 from requests import certs
-from requests.adapters import HTTPAdapter
 
 from .. import __version__
 from ..digest import Digest
 from ..sources.base import FileRange, read_chunks
 from .auth import Authenticator, Credentials, scope_for
-from .errors import AuthError, ManifestDigestError, RegistryError, UploadGoneError, error_from_response
+from .errors import AuthError, ManifestDigestError, RegistryError, UploadGoneError, error_from_response, release
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
+from .transport import new_session, proxies_for
 
 #: blobs up to this size go in one PUT; larger ones in PATCH chunks
 DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
@@ -175,13 +175,8 @@ class RegistryClient:
         self.cancel = cancel or threading.Event()
         self.gate = HostGate(self.cancel)
         self.policy = RetryPolicy(max_attempts=self.options.max_attempts, retry_after_cap_s=self.options.retry_after_cap_s)
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = USER_AGENT
         # a connection for every thread that may talk to this host at once
-        pool = self.options.max_concurrent_uploads + other_threads
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0)
-        self.session.mount("https://", adapter)
-        self.session.mount("http://", adapter)
+        self.session = new_session(USER_AGENT, self.options.max_concurrent_uploads + other_threads)
         self._bundle: str | None = None
         if self.options.insecure:
             self.session.verify = False
@@ -229,8 +224,9 @@ class RegistryClient:
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
         self._count(method)
         try:
-            # verify is passed explicitly: requests would let REQUESTS_CA_BUNDLE override the session's
-            return self.session.request(method, url, headers=headers, data=data, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), verify=self.session.verify)
+            # verify and proxies are passed explicitly (the session does not read the environment)
+            timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+            return self.session.request(method, url, headers=headers, data=data, stream=True, allow_redirects=False, timeout=timeout, verify=self.session.verify, proxies=proxies_for(url))
         except requests.exceptions.SSLError as exc:
             raise RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)", permanent=True) from exc
         except requests.RequestException as exc:
@@ -260,10 +256,10 @@ class RegistryClient:
             response = self._send(method, url, sent, body() if body else None)
             if response.status_code == 401 and not challenged and self.auth.challenge(response, scopes):
                 challenged = True
-                response.close()
+                release(response)
                 continue
             if response.status_code in REDIRECTS and response.status_code not in expected and response.headers.get("Location"):
-                response.close()
+                release(response)
                 target = urljoin(url, response.headers["Location"])
                 if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
                     raise RegistryError(method, url, response.status_code, (), "refusing a redirect from https to plain http")
@@ -297,7 +293,7 @@ class RegistryClient:
                     self.auth.challenge(response, ())
                 elif response.status_code != 200:
                     raise error_from_response(response, "GET")
-                response.close()
+                release(response)
                 self._base_url = f"{scheme}://{self.host}"
                 return
             assert last is not None
@@ -314,7 +310,7 @@ class RegistryClient:
     def head_blob(self, repository: str, digest: Digest) -> int | None:
         """The blob's size if the repository has it, None if not (404)."""
         response = self.request("HEAD", self._url(repository, f"blobs/{digest}"), scopes=(scope_for(repository, "pull,push"),), expected={200, 404})
-        response.close()
+        release(response)
         if response.status_code == 404:
             return None
         return int(response.headers.get("Content-Length", "-1"))
@@ -331,20 +327,20 @@ class RegistryClient:
         url = self._url(repository, f"blobs/uploads/?mount={quote(str(digest))}&from={quote(from_repository, safe='/')}")
         scopes = (scope_for(repository, "pull,push"), scope_for(from_repository, "pull"))
         response = self.request("POST", url, scopes=scopes, expected={201, 202})
-        response.close()
+        release(response)
         if response.status_code == 201:
             return MountResult(True, None)
         return MountResult(False, self._session_from(response))
 
     def start_upload(self, repository: str) -> UploadSession:
         response = self.request("POST", self._url(repository, "blobs/uploads/"), scopes=(scope_for(repository, "pull,push"),), expected={202})
-        response.close()
+        release(response)
         return self._session_from(response)
 
     def cancel_upload(self, repository: str, session: UploadSession) -> None:
         """``DELETE`` an abandoned upload session; failures are ignored."""
         with contextlib.suppress(RegistryError):
-            self.request("DELETE", session.location, scopes=(scope_for(repository, "pull,push"),), expected=set(range(200, 600))).close()
+            release(self.request("DELETE", session.location, scopes=(scope_for(repository, "pull,push"),), expected=set(range(200, 600))))
 
     def upload_status(self, repository: str, upload: BlobUpload) -> None:
         """``GET`` the upload location: where the registry is (``Range``), with a fresh
@@ -355,7 +351,7 @@ class RegistryClient:
             if exc.status in (400, 404, 410):
                 raise UploadGoneError(exc.method, exc.url, exc.status, exc.codes, "the registry dropped the upload session") from exc
             raise
-        response.close()
+        release(response)
         upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes) if response.headers.get("Location") else upload.session
         upload.offset = _range_end(response.headers.get("Range"))
         upload.interrupted = False
@@ -402,7 +398,7 @@ class RegistryClient:
                 self.upload_status(repository, upload)  # the registry says where it is
                 upload.interrupted = True
                 continue
-            response.close()
+            release(response)
             upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes)
             upload.offset = max(_range_end(response.headers.get("Range")), upload.offset + length) if response.headers.get("Range") else upload.offset + length
         if before_commit is not None:
@@ -410,7 +406,7 @@ class RegistryClient:
         rest = blob.size - upload.offset
         final = _with_query(upload.session.location, "digest", str(digest))
         response = self.request("PUT", final, scopes=scopes, expected={201}, headers={"Content-Type": "application/octet-stream"}, body=body(upload.offset, rest))
-        response.close()
+        release(response)
         upload.interrupted = False
         upload.offset = blob.size
         reported = response.headers.get("Docker-Content-Digest")
@@ -424,7 +420,7 @@ class RegistryClient:
         digest = Digest.sha256_of(data)
         url = self._url(repository, f"manifests/{reference}")
         response = self.request("PUT", url, scopes=(scope_for(repository, "pull,push"),), expected={201}, headers={"Content-Type": media_type}, body=lambda: data)
-        response.close()
+        release(response)
         self._count_bytes(len(data))
         reported = response.headers.get("Docker-Content-Digest")
         if reported and reported != str(digest):
@@ -434,7 +430,7 @@ class RegistryClient:
     def head_manifest(self, repository: str, reference: str, accept: str) -> tuple[Digest, int] | None:
         """The digest and size a tag resolves to, None if unknown."""
         response = self.request("HEAD", self._url(repository, f"manifests/{reference}"), scopes=(scope_for(repository, "pull,push"),), expected={200, 404}, headers={"Accept": accept})
-        response.close()
+        release(response)
         if response.status_code == 404 or "Docker-Content-Digest" not in response.headers:
             return None
         return Digest.parse(response.headers["Docker-Content-Digest"]), int(response.headers.get("Content-Length", "0"))

@@ -95,12 +95,38 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+#: what is left of a finished response's body is read, up to this much, so that its
+#: connection can serve the next request; a longer rest closes the connection
+MAX_DRAIN_BYTES = 64 << 10
+
+
+def release(response: requests.Response) -> None:
+    """Done with a streamed ``response``. Closing it would close its connection too
+    (every request would then open a new one, and the registry set up each); so the
+    rest of a small body is read and the connection goes back to the pool."""
+    raw = response.raw
+    if raw is None or response._content_consumed:  # type: ignore[attr-defined]
+        response.close()
+        return
+    try:
+        left = MAX_DRAIN_BYTES
+        while left > 0:
+            data = raw.read(min(left, 16 << 10), decode_content=False)
+            if not data:
+                raw.release_conn()
+                return
+            left -= len(data)
+    except Exception:  # a broken rest: the connection is not reused
+        pass
+    response.close()
+
+
 def read_limited(response: requests.Response, limit_bytes: int) -> bytes:
     """At most ``limit_bytes`` of a (streamed or not) response body."""
     if not response.raw or response._content_consumed:  # type: ignore[attr-defined]
         return response.content[:limit_bytes]
     data = response.raw.read(limit_bytes, decode_content=True) or b""
-    response.close()
+    release(response)
     return data
 
 
