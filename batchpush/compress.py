@@ -98,37 +98,56 @@ def deflate_block(block: FileRange, last: bool, spool_dir: str) -> DeflatedBlock
         crc = isal_zlib.crc32(chunk, crc)
 
     fd, path = tempfile.mkstemp(dir=spool_dir, prefix=".block-")
-    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-        for piece in _deflate(read_chunks(block), last, on_input):
-            out.write(piece)
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+            for piece in _deflate(read_chunks(block), last, on_input):
+                out.write(piece)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     return DeflatedBlock(path, crc & 0xFFFFFFFF, block.size)
 
 
-def assemble(blob: FileRange, parts: list[DeflatedBlock], spool_dir: str) -> CompressedBlob:
-    """Join deflated blocks into the gzip stream in the spool, hashing input and output.
-
-    Raises SourceError if the source is short. The caller compares ``diff_id``.
-    """
+def hash_input(blob: FileRange) -> tuple[Digest, str]:
+    """The input's sha256 (its DiffID) and xxh3-128 (its fingerprint), in one pass.
+    Raises SourceError if the source is short."""
     input_hash = hashlib.sha256()
     fingerprint = xxhash.xxh3_128()
     for chunk in read_chunks(blob):
         input_hash.update(chunk)
         fingerprint.update(chunk)
+    return Digest("sha256", input_hash.hexdigest()), fingerprint.hexdigest()
+
+
+def assemble(blob: FileRange, parts: Iterable[DeflatedBlock], spool_dir: str, hashed: tuple[Digest, str] | None = None) -> CompressedBlob:
+    """Join deflated blocks into the gzip stream in the spool, hashing the output.
+
+    ``parts`` may be a generator: each block is hashed and appended as soon as it
+    arrives (in order), so the joined stream is done right after the last block.
+    ``hashed`` is the input's ``hash_input`` if done already (alongside the
+    compression); else it is done here. Raises SourceError if the source is short.
+    The caller compares ``diff_id``.
+    """
+    diff_id, fingerprint = hashed if hashed is not None else hash_input(blob)
     crc = 0
-    for part in parts:
-        crc = isal_zlib.crc32_combine(crc, part.crc32, part.input_size) if part is not parts[0] else part.crc32
     output_hash = hashlib.sha256(GZIP_HEADER)
     size = len(GZIP_HEADER)
     fd, tmp_path = tempfile.mkstemp(dir=spool_dir, prefix=".partial-")
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(GZIP_HEADER)
-            for part in parts:
-                with open(part.path, "rb") as f:
-                    while piece := f.read(CHUNK_BYTES):
-                        output_hash.update(piece)
-                        out.write(piece)
-                        size += len(piece)
+            for index, part in enumerate(parts):
+                crc = isal_zlib.crc32_combine(crc, part.crc32, part.input_size) if index else part.crc32
+                try:
+                    with open(part.path, "rb") as f:
+                        while piece := f.read(CHUNK_BYTES):
+                            output_hash.update(piece)
+                            out.write(piece)
+                            size += len(piece)
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(part.path)
             trailer = struct.pack("<II", crc & 0xFFFFFFFF, blob.size & 0xFFFFFFFF)
             output_hash.update(trailer)
             out.write(trailer)
@@ -140,16 +159,12 @@ def assemble(blob: FileRange, parts: list[DeflatedBlock], spool_dir: str) -> Com
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
         raise
-    finally:
-        for part in parts:
-            with contextlib.suppress(OSError):
-                os.unlink(part.path)
-    return CompressedBlob(final, digest, size, Digest("sha256", input_hash.hexdigest()), blob.size, fingerprint.hexdigest())
+    return CompressedBlob(final, digest, size, diff_id, blob.size, fingerprint)
 
 
 def compress_to_spool(blob: FileRange, spool_dir: str) -> CompressedBlob:
     """The whole recipe in one process (the blocks one after another)."""
-    return assemble(blob, [deflate_block(block, last, spool_dir) for block, last in blocks_of(blob)], spool_dir)
+    return assemble(blob, (deflate_block(block, last, spool_dir) for block, last in blocks_of(blob)), spool_dir)
 
 
 def fingerprint_blob(blob: FileRange) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import mediatypes as mt
-from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob
+from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob, hash_input
 from .digest import Digest
 from .errors import BatchPushError, DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
@@ -173,10 +173,23 @@ class Preparer:
         self._assemblers.shutdown(wait=True, cancel_futures=True)
 
     def _compress_in_blocks(self, blob: FileRange) -> CompressedBlob:
-        """A large layer's blocks go to every worker at once; this thread joins them."""
+        """A large layer's blocks go to every worker at once. Meanwhile this thread
+        hashes the input (hashing releases the GIL), then joins the blocks as they
+        come back, so the layer is ready soon after its last block."""
         assert self.pool is not None
         futures = [self.pool.submit(deflate_block, block, last, self.spool_dir) for block, last in blocks_of(blob)]
-        return assemble(blob, [future.result() for future in futures], self.spool_dir)
+        try:
+            hashed = hash_input(blob)
+            return assemble(blob, (future.result() for future in futures), self.spool_dir, hashed)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            cf.wait(futures)
+            for future in futures:
+                if not future.cancelled() and future.exception() is None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(future.result().path)
+            raise
 
     def _count_compressed(self, future: cf.Future[CompressedBlob]) -> None:
         if not future.cancelled() and future.exception() is None:

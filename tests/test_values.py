@@ -166,6 +166,17 @@ def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
         preparer.close()
     assert parallel.digest == inline.digest and parallel.size == inline.size
     assert gzip.decompress(open(parallel.path, "rb").read()) == data
+    assert sorted(os.listdir(tmp_path / "pool")) == [parallel.digest.hex]  # no block left behind
+
+    # a source shorter than it claims: a SourceError naming it, and nothing left in the spool
+    os.unlink(parallel.path)
+    short = FileRange(str(path), 0, len(data) + BLOCK_BYTES)
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        preparer = Preparer(str(tmp_path / "pool"), store, pool)
+        with pytest.raises(BatchPushError, match=r"big\.tar"):
+            preparer._compress_in_blocks(short)
+        preparer.close()
+    assert os.listdir(tmp_path / "pool") == []
 
 
 def test_proxies_come_from_the_environment_once_per_origin(monkeypatch):
