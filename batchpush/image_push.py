@@ -97,12 +97,23 @@ class ImagePusher:
 
     def up_to_date(self, node: PreparedNode, tag: str) -> PushedManifest | None:
         """The cron fast path: one HEAD. If the tag already resolves to the digest we
-        would push, the image is done, with no blob request at all."""
+        would push, the image is done, with no blob request at all. The HEAD is only
+        sent when the metadata store saw the image's config go to this repository
+        (a re-run): for an image this store never pushed there, it would be one
+        request per image wasted on a cold push (pushing it again is correct too)."""
+        if not self._pushed_here_before(node):
+            return None
         expected = predict(node)
         current = self.client.with_retries(lambda: self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT), f"manifest {tag}")
         if current is not None and current[0] == expected.digest:
             return expected
         return None
+
+    def _pushed_here_before(self, node: PreparedNode) -> bool:
+        if isinstance(node, PreparedIndex):
+            return all(self._pushed_here_before(child) for child in node.children)
+        name = self.layers.target.name
+        return any(entry.source_repository == name for entry in self.layers.store.get_metadata(node.config.key))
 
     def push(self, node: PreparedNode, tag: str) -> PushedManifest:
         """Push ``node`` and tag it; raises on any failure before the manifest is written."""

@@ -83,6 +83,7 @@ def test_fan_out_to_two_registries_uploads_each_blob_once_per_registry(registry,
 def test_cron_rerun_sends_no_blob_request(registry, tmp_path, batchpush):
     plan = write_plan(tmp_path, fleet_plan(registry, fleet(tmp_path, repositories=4), "team"))
     assert batchpush("run", plan).code == 0
+    assert registry.count("HEAD", "/manifests/") == 0  # a cold push does not ask whether its tags are there
     before = len(registry.access_log())
     report = tmp_path / "again.json"
     run = batchpush("run", plan, "--report", str(report))
