@@ -22,7 +22,7 @@ import xxhash
 from isal import isal_zlib
 
 from .digest import CHUNK_BYTES, Digest
-from .sources.base import FileRange, read_chunks
+from .sources.base import FileRange, read_views
 
 #: The compression recipe. Its output is a pure function of the input bytes: a
 #: fixed gzip header (no name, mtime 0, OS unknown); the input cut into BLOCK_BYTES
@@ -79,7 +79,7 @@ def blocks_of(blob: FileRange) -> list[tuple[FileRange, bool]]:
     return [(FileRange(blob.path, blob.offset + i * BLOCK_BYTES, min(BLOCK_BYTES, blob.size - i * BLOCK_BYTES)), i == count - 1) for i in range(count)]
 
 
-def _deflate(chunks: Iterable[bytes], last: bool, on_input: Callable[[bytes], None]) -> Iterator[bytes]:
+def _deflate(chunks: Iterable[memoryview], last: bool, on_input: Callable[[memoryview], None]) -> Iterator[bytes]:
     compressor = isal_zlib.compressobj(ISAL_LEVEL, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)
     for chunk in chunks:
         on_input(chunk)
@@ -93,14 +93,14 @@ def deflate_block(block: FileRange, last: bool, spool_dir: str) -> DeflatedBlock
     """A worker's share: one block deflated into a spool file."""
     crc = 0
 
-    def on_input(chunk: bytes) -> None:
+    def on_input(chunk: memoryview) -> None:
         nonlocal crc
         crc = isal_zlib.crc32(chunk, crc)
 
     fd, path = tempfile.mkstemp(dir=spool_dir, prefix=".block-")
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            for piece in _deflate(read_chunks(block), last, on_input):
+            for piece in _deflate(read_views(block), last, on_input):
                 out.write(piece)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -114,7 +114,7 @@ def hash_input(blob: FileRange) -> tuple[Digest, str]:
     Raises SourceError if the source is short."""
     input_hash = hashlib.sha256()
     fingerprint = xxhash.xxh3_128()
-    for chunk in read_chunks(blob):
+    for chunk in read_views(blob):
         input_hash.update(chunk)
         fingerprint.update(chunk)
     return Digest("sha256", input_hash.hexdigest()), fingerprint.hexdigest()
@@ -171,7 +171,7 @@ def fingerprint_blob(blob: FileRange) -> str:
     """xxh3-128 of the blob's bytes: ~15x cheaper than sha256, to recognise a local
     layer seen before (the store maps it to its DiffID and compressed digest)."""
     hasher = xxhash.xxh3_128()
-    for chunk in read_chunks(blob):
+    for chunk in read_views(blob):
         hasher.update(chunk)
     return hasher.hexdigest()
 
@@ -180,7 +180,7 @@ def hash_blob(blob: FileRange, algorithm: str = "sha256") -> HashedBlob:
     """The digest of a blob read in place (compressed layers are pushed as they are)."""
     hasher = hashlib.new(algorithm)
     fingerprint = xxhash.xxh3_128()
-    for chunk in read_chunks(blob):
+    for chunk in read_views(blob):
         hasher.update(chunk)
         fingerprint.update(chunk)
     return HashedBlob(Digest(algorithm, hasher.hexdigest()), blob.size, fingerprint.hexdigest())

@@ -11,6 +11,7 @@ import enum
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
@@ -95,6 +96,18 @@ class _RangeReader(io.RawIOBase):
         self._left -= want
         return chunk
 
+    def read_chunk_into(self, view: memoryview) -> int:
+        """``read_chunk`` into ``view`` (CHUNK_BYTES long): the same split, no new bytes."""
+        want = min(len(view), self._left)
+        got = 0
+        while got < want:
+            n = self._file.readinto(view[got:want])
+            if not n:
+                raise SourceError(self._blob.path, f"truncated: {self._left - got} bytes missing at offset {self._blob.offset + self._blob.size - self._left + got}")
+            got += n
+        self._left -= want
+        return want
+
     def close(self) -> None:
         self._file.close()
         super().close()
@@ -106,6 +119,19 @@ def read_chunks(blob: FileRange):  # type: ignore[no-untyped-def]
     try:
         while chunk := reader.read_chunk():
             yield chunk
+    finally:
+        reader.close()
+
+
+def read_views(blob: FileRange) -> Iterator[memoryview]:
+    """``read_chunks`` through one reused buffer: each view holds until the next one
+    is asked for, so it suits a consumer that takes it at once (hashing,
+    compressing), and spares a new bytes object and a copy per piece."""
+    view = memoryview(bytearray(max(1, min(CHUNK_BYTES, blob.size))))
+    reader = _RangeReader(blob)
+    try:
+        while n := reader.read_chunk_into(view):
+            yield view[:n]
     finally:
         reader.close()
 
