@@ -291,3 +291,16 @@ def test_foreign_layer_pushed_where_allowed(tmp_path, batchpush):
         assert raw["layers"][0]["urls"] == ["https://example.invalid/layer.tar"]
     finally:
         allowed.stop()
+
+
+def test_small_layers_never_start_the_worker_processes(registry, tmp_path, metadata_dir):
+    """The process pool starts with the first large layer: a batch of small layers
+    (and a cron re-run, which only fingerprints) runs without it."""
+    from batchpush.engine import Engine, PushJob
+    from batchpush.registry.client import RegistryOptions
+
+    simple_layout(str(tmp_path / "layout"), {"1.0": [1, 2]})
+    options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir)
+    with Engine(options) as engine:
+        assert engine.run([PushJob(f"oci:{tmp_path / 'layout'}", (f"{registry.host}/small/app",))]).ok
+        assert engine._pool is not None and engine._pool._pool is None
