@@ -33,6 +33,19 @@ class BatchPushError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Subclasses take their own arguments, so the default (the class called with
+        # ``args``) cannot rebuild them; an error raised in a worker process must
+        # cross back, or the whole process pool is declared broken.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[BatchPushError], message: str, state: dict[str, object]) -> BatchPushError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class UsageError(BatchPushError):
     kind = "usage"

@@ -191,3 +191,22 @@ def test_proxies_come_from_the_environment_once_per_origin(monkeypatch):
         assert not transport.new_session("ua", 2).trust_env
     finally:
         transport._origin_proxies.cache_clear()
+
+
+def test_errors_cross_process_boundaries():
+    """An error raised in a compression worker is pickled back: every kind must
+    survive it with its fields (else the pool is declared broken)."""
+    import pickle
+
+    from batchpush.errors import DigestMismatchError, SourceError
+    from batchpush.registry.errors import AuthError, RegistryError
+
+    for error in (
+        SourceError("/x/big.tar", "truncated: 5 bytes missing", image="app:1"),
+        DigestMismatchError("/x/blob", "layer digest", "sha256:aa", "sha256:bb"),
+        ReferenceError_("Bad/Ref", "uppercase"),
+        RegistryError("PUT", "https://r.example/v2/x", 503, ("UNAVAILABLE",), "busy", retry_after_s=2.0),
+        AuthError("GET", "https://r.example/v2/", 401, (), "denied"),
+    ):
+        copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
+        assert type(copy) is type(error) and str(copy) == str(error) and copy.__dict__ == error.__dict__

@@ -29,7 +29,7 @@ from ..sources.base import FileRange, read_chunks
 from .auth import Authenticator, Credentials, scope_for
 from .errors import AuthError, ManifestDigestError, RegistryError, UploadGoneError, error_from_response, release
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
-from .transport import new_session, proxies_for
+from .transport import new_session, send
 
 #: blobs up to this size go in one PUT; larger ones in PATCH chunks
 DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
@@ -224,9 +224,8 @@ class RegistryClient:
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
         self._count(method)
         try:
-            # verify and proxies are passed explicitly (the session does not read the environment)
-            timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
-            return self.session.request(method, url, headers=headers, data=data, stream=True, allow_redirects=False, timeout=timeout, verify=self.session.verify, proxies=proxies_for(url))
+            # verify is passed explicitly (the session does not read the environment)
+            return send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), verify=self.session.verify)
         except requests.exceptions.SSLError as exc:
             raise RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)", permanent=True) from exc
         except requests.RequestException as exc:

@@ -11,10 +11,12 @@ bundle is always passed explicitly.
 from __future__ import annotations
 
 import functools
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 from requests.utils import get_environ_proxies
 
 
@@ -37,3 +39,20 @@ def proxies_for(url: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=64)
 def _origin_proxies(scheme: str, netloc: str) -> dict[str, str]:
     return get_environ_proxies(f"{scheme}://{netloc}/")
+
+
+def send(session: requests.Session, method: str, url: str, headers: dict[str, str], body: Any, *, timeout: tuple[float, float], verify: bool | str | None) -> requests.Response:
+    """One request, streamed, never redirected. ``url`` is already quoted (built
+    with ``quote`` or taken from the registry's Location); ``body`` is None, bytes,
+    or a sized iterable of bytes (sent with its Content-Length, not chunked)."""
+    request = requests.PreparedRequest()
+    request.method = method
+    request.url = url
+    request.headers = CaseInsensitiveDict({**session.headers, **headers})  # type: ignore[arg-type]
+    request.body = body
+    request.hooks = {"response": []}
+    if body is not None:
+        request.headers["Content-Length"] = str(len(body))
+    elif method not in ("GET", "HEAD"):
+        request.headers["Content-Length"] = "0"
+    return session.get_adapter(url).send(request, stream=True, timeout=timeout, verify=True if verify is None else verify, proxies=proxies_for(url))
