@@ -1,13 +1,16 @@
 """Completes what a source knows into pushable layers: fingerprint, compress, verify.
 
-A local layer is trusted only after checking its bytes. The first time, an
+A local layer's bytes are checked before they are sent. The first time, an
 uncompressed layer is compressed (``compress.py``, in worker processes for large
 layers) and its DiffID checked against the config; a compressed layer's bytes are
 checked against its digest. What was learned is kept in the metadata store under
-the layer's xxh3-128 fingerprint and size, so a later run that finds the same
-fingerprint knows the DiffID and the compressed digest after one xxhash pass, and
-compresses only if the layer must really be uploaded (``materialize``). Nothing
-is ever trusted on a path or an mtime. Each blob is done once per batch.
+the layer's xxh3-128 fingerprint, size and digests. A later run that meets a layer
+declaring a digest the store learned (a cron re-run) prepares it without reading
+it, as docker's pusher trusts a DiffID it pushed: the registry only ever sees
+digests that were checked, and if the layer must really be uploaded it is
+compressed again and checked (``materialize``). A layer without a declared digest
+is recognised by its fingerprint after one xxhash pass. Nothing is ever trusted
+on a path or an mtime. Each blob is done once per batch.
 """
 
 from __future__ import annotations
@@ -266,10 +269,11 @@ class Preparer:
                         os.unlink(compressed.result().path)
 
     def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> None:
-        """Start each layer's first pass. A layer seen before is fingerprinted (xxh3,
-        waited for: another image may be running the same pass) and looked up once:
-        found, its future holds the Fingerprint; not found, or never seen, its full
-        pass (compression or hashing) is under way."""
+        """Start each layer's first pass. A layer whose declared digest the store
+        knows is not read; else a layer seen before is fingerprinted (xxh3, waited
+        for: another image may be running the same pass) and looked up once: found,
+        its future holds the Fingerprint; not found, or never seen, its full pass
+        (compression or hashing) is under way."""
         if isinstance(node, SourceIndex):
             for child in node.children:
                 self._start(child, futures)
@@ -277,15 +281,28 @@ class Preparer:
         for layer in node.layers:
             if layer.blob is None:
                 continue
-            if self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
+            known = self._declared(layer)
+            if known is None and self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
                 xxh3 = self._run("xxh3", _key(layer), layer.blob, fingerprint_blob).result()
                 known = self.store.get_fingerprint(xxh3, layer.blob.size, _recipe(layer))
-                if known is not None:
-                    found: cf.Future[Any] = cf.Future()
-                    found.set_result(known)
-                    futures[id(layer)] = found
-                    continue
+            if known is not None:
+                found: cf.Future[Any] = cf.Future()
+                found.set_result(known)
+                futures[id(layer)] = found
+                continue
             futures[id(layer)] = self._full_pass(layer)
+
+    def _declared(self, layer: SourceLayer) -> Fingerprint | None:
+        """What the store learned of the content the layer declares by digest, if it
+        compressed (or hashed) that content before. A layer is then prepared without
+        reading it, as docker's pusher trusts a DiffID it has pushed: everything it
+        stands for was checked when learned (the DiffID, and the digest our recipe
+        made of it); only the registry sees it unless it must be uploaded, and an
+        upload compresses the file again and checks it (``materialize``)."""
+        digest = layer.descriptor.digest
+        if not self.use_fingerprints or digest is None or layer.blob is None:
+            return None
+        return self.store.get_fingerprint_by_digest(digest, layer.blob.size, _recipe(layer), as_diff_id=_compresses(layer))
 
     def _full_pass(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[Any]:
         assert layer.blob is not None

@@ -138,3 +138,35 @@ def test_two_runs_at_once_share_the_store(registry, tmp_path, metadata_dir):
     assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     for name in ("one", "two", "three"):
         pull_and_verify(registry, f"cron/{name}:1.0", str(tmp_path / name))
+
+
+def test_a_rerun_reads_no_layer_and_a_changed_file_is_caught_when_uploaded(registry, tmp_path, metadata_dir):
+    """A layer declaring a digest the store learned is prepared without reading it
+    (a cron re-run costs the same whatever the layers' size); the bytes are read and
+    checked only if they must be uploaded, and a file that no longer matches its
+    digest is then refused, naming it, with no manifest written."""
+    diff_ids = three_tier_layout(str(tmp_path / "layout"))
+    source = f"oci:{tmp_path}/layout"
+    push_in_new_process(source, f"{registry.host}/a/x", registry.host, metadata_dir, str(tmp_path / "r1.json"))
+
+    again = push_in_new_process(source, f"{registry.host}/a/x", registry.host, metadata_dir, str(tmp_path / "r2.json"))
+    assert again["images"][0]["status"] == "up-to-date"
+    assert again["totals"]["bytes_read"] == 0
+
+    # the largest layer's file changes, same size; the registry loses everything
+    largest = max((tmp_path / "layout" / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[-2000] ^= 0xFF
+    largest.write_bytes(bytes(data))
+    registry.restart(wipe=True)
+    before = len(registry.access_log())
+    done = subprocess.run(
+        [sys.executable, "-m", "batchpush", "push", source, f"{registry.host}/a/x", "--insecure", registry.host, "--metadata-dir", metadata_dir],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert largest.name in done.stderr
+    assert not [line for line in registry.access_log()[before:] if '"PUT ' in line and "/manifests/" in line]
+    assert len(diff_ids) == 3
