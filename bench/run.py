@@ -175,6 +175,16 @@ def isal_throughput_mb_s(sample: bytes, work: str) -> float:
     return len(sample) / elapsed / 1e6
 
 
+def startup_s(command: list[str], repeats: int = 5) -> float:
+    """The best wall time of ``command`` alone: a floor under any run of the tool."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.monotonic()
+        subprocess.run(command, check=True, capture_output=True)
+        best = min(best, time.monotonic() - started)
+    return best
+
+
 def registry_ingest_mb_s(work: str, size: int = 256 << 20) -> float:
     registry = start_registry(work)
     try:
@@ -233,6 +243,8 @@ def main() -> int:
         print(f"limits: isal {isal:,.0f} MB/s per core (input), registry ingest {ingest:,.0f} MB/s (raw monolithic PUT)", flush=True)
         costs = registry_cost.measure(work)
         print("registry CPU per request: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in costs.items()), flush=True)
+        starts = {"batchpush": startup_s([sys.executable, "-m", "batchpush", "--version"]), "skopeo": startup_s(["skopeo", "--version"])}
+        print(f"start-up (--version, best of 5): batchpush {starts['batchpush']:.2f} s, skopeo {starts['skopeo']:.2f} s", flush=True)
         only = os.environ.get("BENCH_ONLY")
         if only:  # one scenario, for profiling: BENCH_ONLY=heavy|wide|tiny (batchpush and skopeo)
             result = scenario(work, built[only], only, cron=only != "tiny", repeats=1 if only == "tiny" else REPEATS)
@@ -272,7 +284,7 @@ def main() -> int:
                     print(f"  {name:7} {key:15} {value.tool:11} wall {value.wall_s:7.2f}s cpu {value.cpu_s:7.2f}s registry cpu {value.registry_cpu_s:6.2f}s ({per_request:4.1f} ms/req) "
                           f"(cpu bound {bound:5.2f}s) rss {value.peak_rss_mb:6.0f}MB up {value.bytes_uploaded / 1e6:8.1f}MB req {value.requests:6} fail {value.failures}")
         with open(os.path.join(HERE, "results.json"), "w") as f:
-            json.dump({k: {kk: (vv.__dict__ if isinstance(vv, Run) else vv) for kk, vv in v.items()} for k, v in results.items()} | {"limits": {"isal_mb_s_per_core": isal, "ingest_mb_s": ingest, "registry_cpu_ms_per_request": costs}}, f, indent=1)
+            json.dump({k: {kk: (vv.__dict__ if isinstance(vv, Run) else vv) for kk, vv in v.items()} for k, v in results.items()} | {"limits": {"isal_mb_s_per_core": isal, "ingest_mb_s": ingest, "registry_cpu_ms_per_request": costs, "startup_s": starts}}, f, indent=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
