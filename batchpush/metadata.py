@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS fingerprints (
 );
 CREATE INDEX IF NOT EXISTS fingerprints_size ON fingerprints (size, recipe);
 CREATE INDEX IF NOT EXISTS fingerprints_diff_id ON fingerprints (diff_id, recipe);
-CREATE INDEX IF NOT EXISTS fingerprints_digest ON fingerprints (digest, recipe);
 """
 
 
@@ -136,14 +135,13 @@ class MetadataStore:
             row = self._db.execute("SELECT diff_id, digest, compressed_size FROM fingerprints WHERE xxh3_128 = ? AND size = ? AND recipe = ?", (xxh3_128, size, recipe)).fetchone()
         return Fingerprint(Digest.parse(row[0]), Digest.parse(row[1]), row[2]) if row else None
 
-    def get_fingerprint_by_digest(self, declared: Digest, size: int, recipe: str, *, as_diff_id: bool) -> Fingerprint | None:
-        """What this store learned of a layer that declares ``declared`` (its DiffID
-        when ``as_diff_id``, else its blob digest), of ``size`` bytes, under ``recipe``."""
-        column = "diff_id" if as_diff_id else "digest"
+    def get_fingerprint_by_diff_id(self, diff_id: Digest, size: int, recipe: str) -> Fingerprint | None:
+        """What this store learned of a layer of ``size`` bytes whose DiffID is
+        ``diff_id``, compressed with ``recipe``."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT diff_id, digest, compressed_size FROM fingerprints WHERE {column} = ? AND size = ? AND recipe = ? ORDER BY last_seen DESC LIMIT 1",  # noqa: S608 - a fixed column name
-                (str(declared), size, recipe),
+                "SELECT diff_id, digest, compressed_size FROM fingerprints WHERE diff_id = ? AND size = ? AND recipe = ? ORDER BY last_seen DESC LIMIT 1",
+                (str(diff_id), size, recipe),
             ).fetchone()
         return Fingerprint(Digest.parse(row[0]), Digest.parse(row[1]), row[2]) if row else None
 

@@ -4,13 +4,13 @@ A local layer's bytes are checked before they are sent. The first time, an
 uncompressed layer is compressed (``compress.py``, in worker processes for large
 layers) and its DiffID checked against the config; a compressed layer's bytes are
 checked against its digest. What was learned is kept in the metadata store under
-the layer's xxh3-128 fingerprint, size and digests. A later run that meets a layer
-declaring a digest the store learned (a cron re-run) prepares it without reading
-it, as docker's pusher trusts a DiffID it pushed: the registry only ever sees
-digests that were checked, and if the layer must really be uploaded it is
-compressed again and checked (``materialize``). A layer without a declared digest
-is recognised by its fingerprint after one xxhash pass. Nothing is ever trusted
-on a path or an mtime. Each blob is done once per batch.
+the layer's xxh3-128 fingerprint, size and digests. A later run that meets an
+uncompressed layer declaring a DiffID the store learned (a cron re-run) prepares
+it without reading it, as docker's pusher trusts a DiffID it pushed: the registry
+only ever sees digests that were checked, and if the layer must really be
+uploaded it is compressed again and checked (``materialize``). Other layers are
+recognised by their fingerprint after one xxhash pass. Nothing is ever trusted on
+a path or an mtime. Each blob is done once per batch.
 """
 
 from __future__ import annotations
@@ -294,15 +294,17 @@ class Preparer:
 
     def _declared(self, layer: SourceLayer) -> Fingerprint | None:
         """What the store learned of the content the layer declares by digest, if it
-        compressed (or hashed) that content before. A layer is then prepared without
+        compressed that content before. A layer is then prepared without
         reading it, as docker's pusher trusts a DiffID it has pushed: everything it
         stands for was checked when learned (the DiffID, and the digest our recipe
         made of it); only the registry sees it unless it must be uploaded, and an
         upload compresses the file again and checks it (``materialize``)."""
         digest = layer.descriptor.digest
-        if not self.use_fingerprints or digest is None or layer.blob is None:
+        # only layers we compress: their upload always compresses and checks the file
+        # again (a layer pushed as it is would be sent from the file unchecked)
+        if not self.use_fingerprints or digest is None or layer.blob is None or not _compresses(layer):
             return None
-        return self.store.get_fingerprint_by_digest(digest, layer.blob.size, _recipe(layer), as_diff_id=_compresses(layer))
+        return self.store.get_fingerprint_by_diff_id(digest, layer.blob.size, RECIPE)
 
     def _full_pass(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[Any]:
         assert layer.blob is not None
