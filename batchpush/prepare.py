@@ -269,8 +269,8 @@ class Preparer:
                         os.unlink(compressed.result().path)
 
     def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> None:
-        """Start each layer's first pass. A layer whose declared digest the store
-        knows is not read; else a layer seen before is fingerprinted (xxh3, waited
+        """Start each layer's first pass. An uncompressed layer whose declared DiffID
+        the store knows is not read; else a layer seen before is fingerprinted (xxh3, waited
         for: another image may be running the same pass) and looked up once: found,
         its future holds the Fingerprint; not found, or never seen, its full pass
         (compression or hashing) is under way."""
