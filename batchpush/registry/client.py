@@ -25,7 +25,7 @@ from requests import certs
 
 from .. import __version__
 from ..digest import Digest
-from ..sources.base import FileRange, read_chunks
+from ..sources.base import FileRange, read_views
 from .auth import Authenticator, Credentials, scope_for
 from .errors import AuthError, ManifestDigestError, RegistryError, UploadGoneError, error_from_response, release
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
@@ -118,8 +118,8 @@ class _Body:
     def __len__(self) -> int:
         return self.blob.size
 
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in read_chunks(self.blob):
+    def __iter__(self) -> Iterator[memoryview]:
+        for chunk in read_views(self.blob):
             if self.cancel.is_set():
                 raise Cancelled()
             yield chunk

@@ -5,7 +5,10 @@ proxy variables, ``~/.netrc`` (credentials we must never send unasked) and
 ``REQUESTS_CA_BUNDLE`` (which would override a host's trust). That costs about half
 of a small request's CPU. Our sessions turn it off; the proxy variables are read
 once per origin instead, with the same rules (``NO_PROXY`` included), and the CA
-bundle is always passed explicitly.
+bundle is always passed explicitly. ``send`` hands a request we prepare ourselves
+straight to the session's adapter (its pools, TLS and proxies): a registry request
+needs none of what ``Session.request`` adds around it (cookies, hooks, redirects,
+which the client follows itself).
 """
 
 from __future__ import annotations

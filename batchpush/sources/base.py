@@ -82,22 +82,9 @@ class _RangeReader(io.RawIOBase):
         self._left -= got
         return got
 
-    def read_chunk(self) -> bytes:
-        """Exactly CHUNK_BYTES (fewer only at the end): a fixed block layout for compression."""
-        want = min(CHUNK_BYTES, self._left)
-        if want == 0:
-            return b""
-        chunk = self._file.read(want)
-        while len(chunk) < want:  # a short read: fill the block, or the file is truncated
-            more = self._file.read(want - len(chunk))
-            if not more:
-                raise SourceError(self._blob.path, f"truncated: {self._left - len(chunk)} bytes missing at offset {self._blob.offset + self._blob.size - self._left + len(chunk)}")
-            chunk += more
-        self._left -= want
-        return chunk
-
     def read_chunk_into(self, view: memoryview) -> int:
-        """``read_chunk`` into ``view`` (CHUNK_BYTES long): the same split, no new bytes."""
+        """Exactly ``len(view)`` bytes (fewer only at the end) into ``view``: with
+        CHUNK_BYTES, the fixed block layout compression relies on."""
         want = min(len(view), self._left)
         got = 0
         while got < want:
@@ -113,20 +100,11 @@ class _RangeReader(io.RawIOBase):
         super().close()
 
 
-def read_chunks(blob: FileRange):  # type: ignore[no-untyped-def]
-    """Yield the blob in CHUNK_BYTES pieces; the same split on every run."""
-    reader = _RangeReader(blob)
-    try:
-        while chunk := reader.read_chunk():
-            yield chunk
-    finally:
-        reader.close()
-
-
 def read_views(blob: FileRange) -> Iterator[memoryview]:
-    """``read_chunks`` through one reused buffer: each view holds until the next one
-    is asked for, so it suits a consumer that takes it at once (hashing,
-    compressing), and spares a new bytes object and a copy per piece."""
+    """The blob in CHUNK_BYTES pieces (the same split on every run), through one
+    reused buffer: each view holds until the next one is asked for, so the
+    consumer takes it at once (hashing, compressing, sending), and no piece is
+    copied into a new bytes object."""
     view = memoryview(bytearray(max(1, min(CHUNK_BYTES, blob.size))))
     reader = _RangeReader(blob)
     try:
