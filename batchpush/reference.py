@@ -12,11 +12,14 @@ DOCKER_HUB = "docker.io"
 #: the host that actually serves docker.io
 DOCKER_HUB_API = "registry-1.docker.io"
 
-# distribution/reference's grammar, lower-case path components
+# distribution/reference's grammar, lower-case path components. Every pattern is
+# re.ASCII: the grammar's \w is [a-zA-Z0-9_], and without the flag Python's \w (and
+# \d) also match letters and digits of any script ('é', Arabic-Indic digits), which
+# no registry accepts in a tag.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
-_DOMAIN = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?")
+_PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*", re.ASCII)
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
+_DOMAIN = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?", re.ASCII)
 MAX_NAME_LENGTH = 255
 
 
@@ -88,3 +91,15 @@ def parse_reference(text: str) -> Reference:
     if len(registry) + 1 + len(path) > MAX_NAME_LENGTH:
         raise ReferenceError_(text, f"name longer than {MAX_NAME_LENGTH} characters")
     return Reference(registry, path, tag, digest)
+
+
+def parse_target(text: str) -> Reference:
+    """Parse a push target, ``registry/repository[:tag]``; raises ReferenceError_.
+
+    A target names where an image goes; its digest is whatever the pushed manifest
+    hashes to, so a target naming one (``...@sha256:...``) is refused rather than
+    silently ignored."""
+    reference = parse_reference(text)
+    if reference.digest is not None:
+        raise ReferenceError_(text, "a target cannot name a digest; give a tag or none")
+    return reference
