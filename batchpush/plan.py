@@ -20,17 +20,18 @@ field; unknown keys are errors. Relative source paths are relative to the plan f
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 
 from .engine import PushJob
 from .errors import BatchPushError, PlanError
-from .reference import parse_reference
+from .reference import parse_target
 from .registry.client import RegistryOptions
 
 PLAN_VERSION = 1
@@ -38,9 +39,76 @@ PLAN_VERSION = 1
 MAX_PLAN_BYTES = 64 << 20
 
 _REGISTRY_FIELDS = {f.name: f for f in fields(RegistryOptions)}
-_INT_FIELDS = {name for name, f in _REGISTRY_FIELDS.items() if f.type in ("int", int)}
-_BOOL_FIELDS = {name for name, f in _REGISTRY_FIELDS.items() if f.type in ("bool", bool)}
-_STR_FIELDS = {name for name, f in _REGISTRY_FIELDS.items() if name not in _INT_FIELDS | _BOOL_FIELDS}
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldRule:
+    """How a plan value for one RegistryOptions type is checked and stored."""
+
+    #: what the value must be, as the error message says it
+    expected: str
+    #: the value as stored; raises ValueError if it is refused
+    convert: Callable[[Any], Any]
+
+
+def _bool_value(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(value)
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    # bool is an int subclass: ``true`` must not become 1
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(value)
+    return value
+
+
+def _positive_number(value: Any) -> float:
+    # an int is welcome (``retry_after_cap_s: 30``) but stored as float, so the field
+    # holds the type its annotation says; inf and nan are not settings
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(value) from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(value)
+    return number
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(value)
+    return value
+
+
+#: one rule per type RegistryOptions uses, keyed by the evaluated type (``get_type_hints``),
+#: never by the annotation string that ``from __future__ import annotations`` leaves
+_RULES: dict[object, _FieldRule] = {
+    bool: _FieldRule("true or false", _bool_value),
+    int: _FieldRule("a positive integer", _positive_int),
+    float: _FieldRule("a positive number", _positive_number),
+    str | None: _FieldRule("a string or null", _optional_str),
+}
+
+
+def _field_rules(options_type: type) -> dict[str, _FieldRule]:
+    """The rule of every field of the dataclass ``options_type``, found by its type
+    hint. A field whose type has no rule raises TypeError (at import, for
+    RegistryOptions) rather than being accepted unchecked."""
+    hints = get_type_hints(options_type)
+    rules = {}
+    for f in fields(options_type):
+        rule = _RULES.get(hints[f.name])
+        if rule is None:
+            raise TypeError(f"{options_type.__name__}.{f.name}: no plan rule for type {hints[f.name]!r}; add one to plan._RULES")
+        rules[f.name] = rule
+    return rules
+
+
+_FIELD_RULES = _field_rules(RegistryOptions)
 _TOP_KEYS = {"version", "defaults", "registries", "images"}
 _IMAGE_KEYS = {"source", "targets", "tags"}
 
@@ -75,13 +143,11 @@ def _registry_options(path: str, where: str, raw: Any, base: RegistryOptions) ->
     for key, value in raw.items():
         if key not in _REGISTRY_FIELDS:
             raise _error(path, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(_REGISTRY_FIELDS))})")
-        if key in _BOOL_FIELDS and not isinstance(value, bool):
-            raise _error(path, f"{where}.{key}", "must be true or false")
-        if key in _INT_FIELDS and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise _error(path, f"{where}.{key}", "must be a positive integer")
-        if key in _STR_FIELDS and value is not None and not isinstance(value, str):
-            raise _error(path, f"{where}.{key}", "must be a string")
-        values[key] = value
+        rule = _FIELD_RULES[key]
+        try:
+            values[key] = rule.convert(value)
+        except ValueError:
+            raise _error(path, f"{where}.{key}", f"must be {rule.expected}") from None
     return RegistryOptions(**{**{f: getattr(base, f) for f in _REGISTRY_FIELDS}, **values})
 
 
@@ -105,6 +171,9 @@ def load_plan(path: str) -> Plan:
 
 
 def validate_plan(path: str, document: Any) -> Plan:
+    """Validate a parsed plan ``document`` (``path`` is the file errors name); raises
+    PlanError naming the file, the entry and the field. Registry settings are checked
+    against RegistryOptions' type hints and stored as those types."""
     if not isinstance(document, dict):
         raise _error(path, "top level", "must be a mapping")
     for key in document:
@@ -139,7 +208,7 @@ def validate_plan(path: str, document: Any) -> Plan:
             raise _error(path, f"{where}.targets", "must be a non-empty list of REGISTRY/REPOSITORY[:TAG]")
         for j, target in enumerate(targets):
             try:
-                parse_reference(target)
+                parse_target(target)
             except BatchPushError as exc:
                 raise _error(path, f"{where}.targets[{j}]", exc.message) from exc
         tags = entry.get("tags")
