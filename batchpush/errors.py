@@ -3,14 +3,21 @@
     BatchPushError
     ├── UsageError            bad command line or arguments
     ├── ReferenceError_       an image reference that does not parse
+    ├── InvalidDigestError    a digest that does not parse (digest.py)
     ├── SourceError           a source (file or layout) that cannot be read or lies
     │   └── DigestMismatchError   bytes that do not hash to what they claim
     ├── PlanError             a plan file that does not validate
+    ├── CredentialsError      a configured credential source that fails (registry/credentials.py)
     ├── InterruptedError_     the run was stopped before this image was complete
+    ├── Cancelled             the run is being interrupted: stop, do not retry
     └── RegistryError         a registry answered with an error (registry/errors.py)
         ├── AuthError             401/403, or no usable credentials
-        ├── BlobUnknownError      404 BLOB_UNKNOWN on a blob request
-        └── ManifestDigestError   the registry reports another digest than ours
+        ├── ManifestDigestError   the registry reports another digest than ours
+        └── UploadGoneError       the registry no longer knows an upload session
+
+Outside the tree for now: ``layer_push.ImageAbandoned`` and, until retry.py
+raises the ``Cancelled`` above, ``registry.retry.Cancelled``: plain Exceptions that
+stop a push from inside, to move into the tree.
 
 Lower-level errors (OSError, requests exceptions, tarfile errors) are mapped to
 these at one boundary each, with ``raise ... from exc``. No message ever contains a
@@ -99,3 +106,14 @@ class InterruptedError_(BatchPushError):
     """The run was stopped (SIGINT/SIGTERM) before this image was complete."""
 
     kind = "interrupted"
+
+
+class Cancelled(BatchPushError):
+    """The run was interrupted (SIGINT/SIGTERM): stop, do not retry."""
+
+    kind = "cancelled"
+
+    def __init__(self, message: str = "the run was interrupted") -> None:
+        # a default message: it is raised bare (``raise Cancelled()``) wherever a
+        # cancelled run is noticed
+        super().__init__(message)

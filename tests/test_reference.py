@@ -1,11 +1,17 @@
-"""Image references: ASCII-only names and tags, targets without digests."""
+"""Image references: ASCII-only names and tags, targets without digests; the exception tree they belong to."""
 
 from __future__ import annotations
+
+import importlib
+import pickle
+import pkgutil
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import batchpush
+from batchpush import errors
 from batchpush.digest import Digest
 from batchpush.errors import BatchPushError, ReferenceError_
 from batchpush.reference import Reference, parse_reference, parse_target
@@ -77,3 +83,54 @@ def test_parse_target_refuses_what_parse_reference_refuses(text):
     with pytest.raises(ReferenceError_):
         parse_target(text)
 
+
+# The exception tree (batchpush/errors.py). These would sit best in a tests/test_errors.py;
+# they are here because this change owns only its reference and plan test files.
+
+
+def _drawn_tree() -> dict[str, str | None]:
+    """Each class drawn in errors.py's docstring -> the class it is drawn under."""
+    parents: dict[str, str | None] = {}
+    stack: list[str] = []
+    root_column = 0
+    for line in (errors.__doc__ or "").splitlines():
+        connector = next((line.find(c) for c in ("├── ", "└── ") if c in line), -1)
+        if connector < 0:
+            if line.strip() == "BatchPushError":
+                parents["BatchPushError"], stack, root_column = None, ["BatchPushError"], line.index("B")
+            continue
+        # each level of the drawing is 4 columns right of its parent's connector
+        depth = (connector - root_column) // 4 + 1
+        name = line[connector + 4 :].split()[0]
+        del stack[depth:]
+        parents[name] = stack[-1]
+        stack.append(name)
+    return parents
+
+
+def _real_tree() -> dict[str, str | None]:
+    """Every BatchPushError subclass defined in batchpush -> its base."""
+    for module in pkgutil.walk_packages(batchpush.__path__, "batchpush."):
+        if not module.name.endswith("__main__"):  # it would run the command line
+            importlib.import_module(module.name)
+    tree: dict[str, str | None] = {"BatchPushError": None}
+    pending = [errors.BatchPushError]
+    while pending:
+        cls = pending.pop()
+        for sub in cls.__subclasses__():
+            if sub.__module__.startswith("batchpush."):
+                tree[sub.__name__] = cls.__name__
+                pending.append(sub)
+    return tree
+
+
+def test_the_drawn_error_tree_is_the_real_one():
+    assert _drawn_tree() == _real_tree()
+
+
+def test_cancelled_is_a_batchpush_error():
+    error = errors.Cancelled()
+    assert isinstance(error, errors.BatchPushError) and error.kind == "cancelled"
+    assert str(error) == "the run was interrupted"
+    copy = pickle.loads(pickle.dumps(errors.Cancelled("stopped by SIGTERM")))  # noqa: S301 - our own bytes
+    assert type(copy) is errors.Cancelled and str(copy) == "stopped by SIGTERM"
