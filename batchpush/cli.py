@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -17,7 +18,7 @@ from .errors import BatchPushError, UsageError
 from .outcome import LayerOutcome
 from .plan import load_plan
 from .progress import PlainProgress, Progress, RichProgress
-from .reference import parse_reference
+from .reference import parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
 from .registry.credentials import ChainedCredentials, DockerConfigCredentials
@@ -117,7 +118,7 @@ def _push_credentials(args: argparse.Namespace) -> CredentialProvider:
     explicit = {}
     for target in args.targets:
         try:
-            explicit[parse_reference(target).api_host] = Credentials(args.username, password)
+            explicit[parse_target(target).api_host] = Credentials(args.username, password)
         except BatchPushError:
             continue  # reported as that target's failure
     return ChainedCredentials(explicit, DockerConfigCredentials())
@@ -167,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Engine(options) as engine:
 
             def stop(signum: int, frame: FrameType | None) -> None:
+                if received:  # a second Ctrl-C: stop now, without waiting for anything
+                    os.write(2, b"error: stopped at once by a second signal\n")
+                    os._exit(128 + signum)
                 received.append(signum)
                 engine.cancel()
 

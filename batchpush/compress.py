@@ -153,7 +153,9 @@ def assemble(blob: FileRange, parts: Iterable[DeflatedBlock], spool_dir: str, ha
             out.write(trailer)
             size += len(trailer)
         digest = Digest("sha256", output_hash.hexdigest())
-        final = os.path.join(spool_dir, digest.hex)
+        # named by digest and by this compression: a layer released and compressed
+        # again while the first file is still being deleted never shares its name
+        final = os.path.join(spool_dir, f"{digest.hex}{os.path.basename(tmp_path).removeprefix('.partial')}")
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(OSError):

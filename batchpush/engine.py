@@ -7,12 +7,16 @@ serves every target and every retry; its spooled files are released when its
 last target is done. Within an image, layers go up on the target registry's own
 bounded pool. One PushState spans the batch: a blob uploaded to R/x is the first
 mount candidate for R/y, single-flight per (registry, blob). An image that fails
-gets no manifest and is reported with its error; the others go on.
+gets no manifest and is reported with its error; the others go on. Whatever
+goes wrong inside one image (an unexpected exception included) fails that image
+with a one-line reason, never the run. No lock is held while anything waits,
+does I/O or runs foreign code (credential helpers, progress renderers).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import re
 import shutil
 import signal
@@ -23,24 +27,28 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import BatchPushError, InterruptedError_, SourceError, UsageError
+from . import waits
+from .errors import BatchPushError, Cancelled, InterruptedError_, SourceError, UsageError
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
 from .metadata import MetadataStore
 from .policy import hmac_key
-from .prepare import PendingManifest, PreparedNode, Preparer
+from .prepare import PendingManifest, PreparedLayer, PreparedNode, Preparer
 from .progress import NoProgress, Progress
-from .reference import Reference, parse_reference
+from .reference import Reference, parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
 from .registry.credentials import DockerConfigCredentials, password_from
-from .registry.retry import Cancelled
+from .registry.dry_run import DryRunClient
 from .report import BatchResult, ImageResult
 from .sources import SourceImage, SourceManifest, open_source
+from .sources.base import FileRange
 from .state import PushState
 
 if TYPE_CHECKING:
     import multiprocessing.context
+
+log = logging.getLogger(__name__)
 
 #: memory one compression worker may need (isal state, buffers, interpreter)
 WORKER_MEMORY_BYTES = 256 << 20
@@ -150,13 +158,16 @@ def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tup
 
 
 class _Entry:
-    """A source image shared by its targets: prepared once, released after the last."""
+    """A source image shared by its targets: prepared once, released after the last.
+
+    The first target to need it prepares it; the others wait for that (with the
+    cancel flag in view), never on a lock held while it is prepared."""
 
     def __init__(self, image: SourceImage, uses: int) -> None:
         self.image = image
         self.uses = uses
         self.lock = threading.Lock()
-        self.node: PreparedNode | PendingManifest | BatchPushError | None = None
+        self.node: cf.Future[PreparedNode | PendingManifest] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +193,7 @@ class Engine:
         self.cancelled = threading.Event()
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
-        self.preparer = Preparer(self._spool, self.store, self._pool)
+        self.preparer = Preparer(self._spool, self.store, self._pool, cancel=self.cancelled)
 
     def cancel(self) -> None:
         """Stop: start nothing new; in-flight uploads stop and their sessions are
@@ -220,55 +231,100 @@ class Engine:
         return self.options.credentials(host)
 
     def client(self, host: str) -> RegistryClient:
-        """The client for ``host``; raises CredentialsError (that host's images fail)."""
+        """The client for ``host``; raises CredentialsError (that host's images fail).
+        Made outside the lock: asking for credentials may run a helper program."""
         with self._clients_lock:
-            if host not in self._clients:
-                options = self.registry_options(host)
-                self._clients[host] = RegistryClient(host, options, self.credentials(host, options), cancel=self.cancelled, other_threads=self.options.max_concurrent_images + 2)
+            client = self._clients.get(host)
+        if client is not None:
+            return client
+        options = self.registry_options(host)
+        kind = DryRunClient if self.options.dry_run else RegistryClient
+        made = kind(host, options, self.credentials(host, options), cancel=self.cancelled, other_threads=self.options.max_concurrent_images + 2)
+        with self._clients_lock:
+            client = self._clients.setdefault(host, made)
+            if client is made:
                 self._executors[host] = cf.ThreadPoolExecutor(max_workers=options.max_concurrent_uploads, thread_name_prefix=f"push-{host}")
-            return self._clients[host]
+        if client is not made:  # another thread made it first
+            made.close()
+        return client
 
     # -- the batch -----------------------------------------------------------
     def run(self, jobs: Iterable[PushJob]) -> BatchResult:
+        """Every job's images to their targets. Each (image, target) ends ``pushed``,
+        ``up-to-date``, ``dry-run`` or ``failed`` with a one-line reason. A
+        KeyboardInterrupt (the Python API's Ctrl-C) cancels the run: the images in
+        flight stop and fail as interrupted, then it is raised again."""
         result = BatchResult()
-        slots = threading.BoundedSemaphore(self.options.max_concurrent_images * 2)
         ordered: list[ImageResult | cf.Future[ImageResult]] = []
+        interrupted = False
         with cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image") as images:
-            for job in jobs:
-                if self.cancelled.is_set():
+            try:
+                self._submit_all(jobs, images, ordered)
+            except KeyboardInterrupt:
+                interrupted = True
+                self.cancel()
+            while True:
+                try:
+                    result.images = [self._image_result(item) for item in ordered]
                     break
-                for work in self._expand(job):
-                    if work.error is not None:
-                        ordered.append(self._failed(work.source, work.target, work.error, time.monotonic()))
-                        continue
-                    while not slots.acquire(timeout=0.2):
-                        if self.cancelled.is_set():
-                            break
-                    if self.cancelled.is_set():
-                        break
-                    future = images.submit(self._run_work, work)
-                    future.add_done_callback(lambda _: slots.release())
-                    ordered.append(future)
-            result.images = [item.result() if isinstance(item, cf.Future) else item for item in ordered]
+                except KeyboardInterrupt:  # the images stop at once; collect what they say
+                    interrupted = True
+                    self.cancel()
         result.bytes_read = self.preparer.bytes_read
         result.bytes_compressed = self.preparer.bytes_compressed
-        for client in self._clients.values():
+        with self._clients_lock:
+            clients = list(self._clients.values())
+        for client in clients:
             result.requests_by_method.update(client.requests_by_method)
             result.bytes_uploaded += client.bytes_sent
+        if interrupted:
+            raise KeyboardInterrupt
         return result
+
+    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | cf.Future[ImageResult]]) -> None:
+        # a bounded number of pushes waits in the pool, so a plan of any size is
+        # expanded as it runs and memory stays flat
+        slots = threading.BoundedSemaphore(self.options.max_concurrent_images * 2)
+        for job in jobs:
+            for work in self._expand(job):
+                if self.cancelled.is_set():
+                    return
+                if work.error is not None:
+                    ordered.append(self._failed(work.source, work.target, work.error, time.monotonic()))
+                    continue
+                while not slots.acquire(timeout=waits.POLL_S):
+                    if self.cancelled.is_set():
+                        self._abandon(work)
+                        return
+                future = images.submit(self._run_work, work)
+                future.add_done_callback(lambda _: slots.release())
+                ordered.append(future)
+
+    def _abandon(self, work: _Work) -> None:
+        if work.entry is not None:
+            self._release(work.entry)
+
+    def _image_result(self, item: ImageResult | cf.Future[ImageResult]) -> ImageResult:
+        if isinstance(item, ImageResult):
+            return item
+        while True:  # a wait the main thread's Ctrl-C can interrupt
+            done, _ = cf.wait((item,), timeout=waits.POLL_S * 5)
+            if done:
+                return item.result()
 
     def _expand(self, job: PushJob) -> Iterator[_Work]:
         targets: list[Reference] = []
         for text in job.targets:
             try:
-                targets.append(parse_reference(text))
+                targets.append(parse_target(text))
             except BatchPushError as exc:
                 yield _Work(job.source, text, error=exc)
         try:
             images = open_source(job.source).images()
-        except BatchPushError as exc:
+        except Exception as exc:
+            error = exc if isinstance(exc, BatchPushError) else _unexpected(exc, job.source)
             for target in targets:
-                yield _Work(job.source, str(target), error=exc)
+                yield _Work(job.source, str(target), error=error)
             return
         if job.tags is not None:
             pattern = job.tags
@@ -292,33 +348,45 @@ class Engine:
             yield _Work(image.name, str(reference), entries[id(image)], reference)
 
     def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:
-        self.options.progress.failed(target, error.message)
+        try:
+            self.options.progress.failed(target, error.message)
+        except Exception:  # a renderer's fault must not lose the image's result
+            log.exception("progress renderer failed")
         return ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
 
     def _prepared(self, entry: _Entry) -> PreparedNode | PendingManifest:
         """The entry's image, prepared once for all its targets. A single manifest
         is started without waiting (its layers upload as they are checked); an index
-        is prepared whole."""
+        (or a dry run) is prepared whole."""
         with entry.lock:
-            if entry.node is None:
-                try:
-                    source = entry.image.node
-                    if isinstance(source, SourceManifest) and not self.options.dry_run:
-                        entry.node = self.preparer.start(source)
-                    else:
-                        entry.node = self.preparer.prepare(source)
-                except BatchPushError as exc:
-                    entry.node = exc
-            if isinstance(entry.node, BatchPushError):
-                raise entry.node
-            return entry.node
+            mine = entry.node is None
+            if mine:
+                entry.node = cf.Future()
+            node = entry.node
+        assert node is not None
+        if mine:
+            try:
+                source = entry.image.node
+                if isinstance(source, SourceManifest) and not self.options.dry_run:
+                    node.set_result(self.preparer.start(source))
+                else:
+                    node.set_result(self.preparer.prepare(source))
+            except BaseException as exc:
+                node.set_exception(exc)
+        return waits.result(node, self.cancelled)
 
     def _release(self, entry: _Entry) -> None:
         with entry.lock:
             entry.uses -= 1
-            if entry.uses == 0 and entry.node is not None and not isinstance(entry.node, BatchPushError):
-                self.preparer.release(entry.node)
-                entry.node = None
+            last = entry.uses == 0
+            node, entry.node = (entry.node, None) if last else (None, entry.node)
+        if node is not None and node.done() and node.exception() is None:
+            self.preparer.release(node.result())
+
+    def _materialize(self, layer: PreparedLayer) -> FileRange:
+        if self.options.dry_run:  # nothing is read or sent: the size is what counts
+            return layer.blob or FileRange("", 0, layer.size)
+        return self.preparer.materialize(layer)
 
     def _run_work(self, work: _Work) -> ImageResult:
         assert work.entry is not None and work.reference is not None
@@ -329,7 +397,7 @@ class Engine:
         try:
             node = self._prepared(work.entry)
             client = self.client(target.api_host)
-            layers = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self.preparer.materialize, progress=progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
+            layers = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
             pusher = ImagePusher(layers, self._executors[target.api_host])
             progress.image_started(str(target), target.name)
             if isinstance(node, PendingManifest) and not node.ready():
@@ -338,25 +406,39 @@ class Engine:
                 pushed = pusher.push_streaming(node, tag)
             else:
                 if isinstance(node, PendingManifest):
-                    node = node.wait()
+                    node = node.wait(self.cancelled)
                 current = pusher.up_to_date(node, tag)
                 if current is not None:
                     progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
                     return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
-                if self.options.dry_run:
-                    planned = pusher.dry_run(node)
-                    for layer in planned:
-                        progress.layer_done(str(target), layer)
-                    return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=planned)
                 pushed = pusher.push(node, tag)
-        except BatchPushError as exc:
-            return self._failed(work.source, str(target), exc, started)
+            if self.options.dry_run:
+                for layer in pushed.layers:
+                    progress.layer_done(str(target), layer)
+                return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=pushed.layers)
+            progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
         except Cancelled:
             return self._failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started)
+        except BatchPushError as exc:
+            return self._failed(work.source, str(target), exc, started)
+        except Exception as exc:  # a bug, a dead worker pool, a full disk...: this image fails, the run goes on
+            log.debug("%s: unexpected error", target, exc_info=True)
+            return self._failed(work.source, str(target), _unexpected(exc, work.source), started)
         finally:
             self._release(work.entry)
-        progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers)
+
+
+def _unexpected(exc: Exception, source: str) -> BatchPushError:
+    """An exception nobody mapped, as one line: its type and message (OSError: its
+    strerror and file name)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        detail = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+    error = BatchPushError(f"{source}: unexpected {type(exc).__name__}" + (f": {detail}" if detail else ""))
+    error.kind = "internal"
+    return error
 
 
 def push(source: str, targets: Sequence[str], options: PushOptions | None = None) -> BatchResult:

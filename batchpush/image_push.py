@@ -2,23 +2,29 @@
 
 An index (multi-arch) is pushed whole: every child manifest by digest, then the
 index by tag. A manifest is written only after every blob it names has arrived.
+The image's thread waits for its layers' checks and hands each checked layer to
+the registry's upload pool, so an upload thread never waits on a compression.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
-import functools
 import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import mediatypes as mt
+from . import waits
 from .digest import Digest
 from .layer_push import ImageGate, LayerOutcome, LayerPusher, LayerResult
-from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode
+from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedNode
+from .registry.errors import RegistryError
 from .sources.base import SourceManifest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,12 @@ def index_bytes(node: PreparedIndex, children: list[PushedManifest]) -> bytes:
     return _dump(document) if changed else node.source.raw
 
 
+def _done(layer: PreparedLayer) -> cf.Future[PreparedLayer]:
+    future: cf.Future[PreparedLayer] = cf.Future()
+    future.set_result(layer)
+    return future
+
+
 def _as_prepared(layer: PreparedLayer) -> LayerResult:
     return LayerResult(layer.diff_id, layer.digest, layer.size, layer.media_type, LayerOutcome.UPLOADED)
 
@@ -104,7 +116,11 @@ class ImagePusher:
         if not self._pushed_here_before(node):
             return None
         expected = predict(node)
-        current = self.client.with_retries(lambda: self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT), f"manifest {tag}")
+        try:
+            current = self.client.with_retries(lambda: self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT), f"manifest {tag}")
+        except RegistryError as exc:  # only a shortcut: the full push decides
+            log.info("%s: the tag HEAD failed (%s); pushing in full", tag, exc)
+            return None
         if current is not None and current[0] == expected.digest:
             return expected
         return None
@@ -124,48 +140,36 @@ class ImagePusher:
         as it is checked, and no blob is committed nor mounted before all are (so a
         layer that lies still means nothing is pushed for the image)."""
         gate = ImageGate(pending.layers, self.client.cancel)
-
-        def push_layer(checked: cf.Future[PreparedLayer]) -> LayerResult:
-            return self.layers.push(checked.result(), gate=gate)
-
-        jobs = [functools.partial(push_layer, checked) for checked in pending.layers]
-        return self._push_image(pending.source, jobs, pending.config, tag, gate=gate, checks=pending.layers)
-
-    def dry_run(self, node: PreparedNode) -> tuple[LayerResult, ...]:
-        """What pushing ``node`` would do to each layer, with read requests only."""
-        if isinstance(node, PreparedIndex):
-            return tuple(layer for child in node.children for layer in self.dry_run(child))
-        self.layers.dry_run(node.config)
-        return tuple(self.layers.dry_run(layer) for layer in node.layers)
+        return self._push_image(pending.source, pending.layers, pending.config, tag, gate=gate)
 
     def _push_node(self, node: PreparedNode, reference: str | None) -> PushedManifest:
         if isinstance(node, PreparedIndex):
             return self._push_index(node, reference)
-        return self._push_manifest(node, reference)
+        return self._push_image(node.source, tuple(_done(layer) for layer in node.layers), node.config, reference)
 
-    def _push_manifest(self, node: PreparedManifest, reference: str | None) -> PushedManifest:
-        jobs = [functools.partial(self.layers.push, layer) for layer in node.layers]
-        return self._push_image(node.source, jobs, node.config, reference)
-
-    def _push_image(
-        self,
-        source: SourceManifest,
-        layer_jobs: Sequence[Callable[[], LayerResult]],
-        config: PreparedLayer,
-        reference: str | None,
-        *,
-        gate: ImageGate | None = None,
-        checks: tuple[cf.Future[PreparedLayer], ...] = (),
-    ) -> PushedManifest:
-        """Layers and config at once on the registry's pool, then the manifest. The
-        first failure is raised (a layer's own failed check before the others'
-        consequences) and no manifest is written."""
-        pushes = [self.executor.submit(job) for job in layer_jobs]
-        pushes.append(self.executor.submit(self.layers.push, config, is_config=True, gate=gate))
-        cf.wait(pushes)
+    def _push_image(self, source: SourceManifest, checks: Sequence[cf.Future[PreparedLayer]], config: PreparedLayer, reference: str | None, *, gate: ImageGate | None = None) -> PushedManifest:
+        """Each layer as soon as it is checked, and the config, on the registry's
+        pool; then the manifest. The first failure is raised (a layer's own failed
+        check before the others' consequences) and no manifest is written."""
+        cancel = self.client.cancel
+        positions: dict[cf.Future[PreparedLayer], list[int]] = {}
+        for position, check in enumerate(checks):
+            positions.setdefault(check, []).append(position)
+        pushes: dict[int, cf.Future[LayerResult]] = {}
+        config_push = self.executor.submit(self.layers.push, config, is_config=True, gate=gate)
+        try:
+            for check in waits.as_completed(positions, cancel):
+                if check.exception() is not None:
+                    break  # raised below, once the pushes under way have stopped
+                for position in positions[check]:
+                    pushes[position] = self.executor.submit(self.layers.push, check.result(), gate=gate)
+        finally:
+            # pushes under way end on their own: their gate fails, or the run's cancel stops them
+            waits.wait_done([config_push, *pushes.values()], cancel)
         for check in checks:
             check.result()
-        layers = [push.result() for push in pushes][:-1]
+        layers = [pushes[position].result() for position in range(len(checks))]
+        config_push.result()
         data = manifest_bytes(source, layers)
         digest = self._put(reference or str(Digest.sha256_of(data)), source.media_type, data)
         return PushedManifest(digest, len(data), source.media_type, tuple(layers))

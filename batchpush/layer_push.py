@@ -11,6 +11,13 @@ In the seed's order:
  6. more existence checks, up to the tier's remaining count;
  7. upload (the blob compressed while hashed, in prepare), then the DiffID ->
     digest metadata is recorded with our HMAC and the target repository.
+
+Steps 3-7 hold the blob's single-flight (per registry and blob, state.py), never
+longer: a layer of an image still being checked (its gate not open) leaves the
+flight before it waits, so another image that needs the same blob goes on.
+Only a definite answer to a mount (the registry opened an upload instead, or
+denied it) may remove a store entry; a temporary one is retried under the policy.
+A descriptor's size is what we hashed, or what a valid registry answer said.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import mediatypes as mt
+from . import waits
 from .digest import Digest
+from .errors import BatchPushError, Cancelled
 from .metadata import MetadataStore
 from .outcome import LayerOutcome, LayerResult
 from .policy import Tier, V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
@@ -32,7 +41,6 @@ from .progress import NoProgress, Progress
 from .reference import Reference
 from .registry.client import BlobUpload, RegistryClient, UploadSession
 from .registry.errors import AuthError, RegistryError, UploadGoneError
-from .registry.retry import Cancelled
 from .sources.base import FileRange
 from .state import PushState, RemoteBlob
 
@@ -58,12 +66,16 @@ class ImageGate:
             future.add_done_callback(self._done)
 
     def _done(self, future: cf.Future[Any]) -> None:
+        # may run at once in the thread that registers it: it takes only this lock,
+        # and asks the (done) future before taking it
+        error = Cancelled() if future.cancelled() else future.exception()
         with self._lock:
             self._left -= 1
-            if self._error is None and (future.cancelled() or future.exception() is not None):
-                self._error = future.exception() or Cancelled()
-            if self._left == 0 or self._error is not None:
-                self._opened.set()
+            if self._error is None and error is not None:
+                self._error = error
+            opened = self._left == 0 or self._error is not None
+        if opened:
+            self._opened.set()
 
     @property
     def open(self) -> bool:
@@ -71,15 +83,19 @@ class ImageGate:
 
     def wait(self) -> None:
         """Block until every layer is checked; raises the first layer's error."""
-        while not self._opened.wait(0.2):
-            if self._cancel.is_set():
-                raise Cancelled()
+        waits.event(self._opened, self._cancel)
         if self._error is not None:
             raise ImageAbandoned(f"another layer of the image failed: {self._error}")
 
 
-class ImageAbandoned(Exception):
+class ImageAbandoned(BatchPushError):
     """This layer's image will not be pushed: stop, cancel the session."""
+
+    kind = "abandoned"
+
+
+class _Staged(Exception):
+    """The layer's data is sent; its commit waits for the image's gate (outside the flight)."""
 
 
 @dataclass(slots=True)
@@ -134,9 +150,10 @@ class LayerPusher:
         attempts are spent or the failure is not temporary (its session cancelled).
 
         With a ``gate`` (the image's layers are still being checked), nothing is
-        written before the gate opens — no mount, no commit — but a layer to upload
-        sends its data meanwhile and commits when the gate opens; if it never does,
-        its session is cancelled."""
+        written before the gate opens — no mount, no commit — but a large layer to
+        upload sends its data meanwhile and commits when the gate opens; if it
+        never does, its session is cancelled. The layer waits for its gate outside
+        the blob's flight."""
         carry = _Carry(gate=gate)
         try:
             result = self.client.with_retries(lambda: self._push_once(layer, carry), f"layer {layer.digest}")
@@ -149,10 +166,21 @@ class LayerPusher:
         return result
 
     def _push_once(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
-        if carry.upload is not None:  # a retry: go on with the upload that broke
-            return self._upload(layer, carry)
-        with self.state.single_flight(self.target.registry, layer.digest):
-            return self._settled(layer) or self._push(layer, carry)
+        while True:
+            with self.state.single_flight(self.target.registry, layer.digest, self.client.cancel):
+                result = self._settled(layer)
+                if result is not None:
+                    if carry.upload is not None:  # staged, and another image's push got there first
+                        self.client.cancel_upload(self.repository, carry.upload.session)
+                        carry.upload = None
+                elif carry.upload is not None:  # a retry, or staged data: go on with that upload
+                    result = self._upload(layer, carry)
+                else:
+                    result = self._push(layer, carry)
+            if result is not None:
+                return result
+            assert carry.gate is not None
+            carry.gate.wait()  # outside the flight: other images' pushes of this blob go on
 
     def _settled(self, layer: PreparedLayer) -> LayerResult | None:
         """The seed's first two steps: a foreign layer is skipped; a layer the push
@@ -185,7 +213,10 @@ class LayerPusher:
         # another recipe's gzip blob of the same DiffID (seed: schema2.MediaTypeLayer)
         return layer.media_type if layer.media_type in mt.GZIP_LAYERS else mt.DOCKER_LAYER_GZIP
 
-    def _push(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
+    def _push(self, layer: PreparedLayer, carry: _Carry) -> LayerResult | None:
+        """Steps 3-7 for a layer not known in the target repository. None: a write is
+        due but the image's gate is not open (the caller waits for it outside the
+        flight, then comes back)."""
         tier, entries, holders = self._candidates(layer)
         # A repository of this registry that this batch saw receive the blob is the
         # first mount candidate (it is there for sure), then the store's candidates.
@@ -199,8 +230,8 @@ class LayerPusher:
                 return found
         candidates = batch + [c for c in mount_candidates(self.target.name, self.hmac_key, tier.max_mount_attempts, entries) if c not in batch]
         candidates = candidates[: max(tier.max_mount_attempts, len(batch))]
-        if candidates and carry.gate is not None:
-            carry.gate.wait()  # a mount writes: only once the whole image is checked
+        if candidates and carry.gate is not None and not carry.gate.open:
+            return None  # a mount writes: only once the whole image is checked
         session: UploadSession | None = None
         for candidate in candidates:
             from_repository = candidate.source_repository.split("/", 1)[1]
@@ -211,14 +242,20 @@ class LayerPusher:
             except AuthError as exc:
                 unauthorized, error, result = True, exc, None
             except RegistryError as exc:
+                if exc.temporary:  # no answer about the candidate: retried, the store keeps it
+                    if session is not None:
+                        self.client.cancel_upload(self.repository, session)
+                    raise
                 error, result = exc, None
             if result is not None and result.mounted:
                 if session is not None:
                     self.client.cancel_upload(self.repository, session)
-                size = layer.size if candidate.digest == layer.digest else self.client.head_blob(self.repository, candidate.digest)
-                blob = RemoteBlob(candidate.digest, size if size is not None else layer.size, self._media_type(layer, candidate.digest))
-                self._remember(layer, blob, candidate.recipe)
-                return self._result(layer, blob, LayerOutcome.MOUNTED, mounted_from=from_repository)
+                    session = None
+                blob = self._mounted_blob(layer, candidate.digest)
+                if blob is not None:
+                    self._remember(layer, blob, candidate.recipe)
+                    return self._result(layer, blob, LayerOutcome.MOUNTED, mounted_from=from_repository)
+                continue
             log.debug("mount of %s from %s failed: %s", candidate.digest, from_repository, error or "registry opened an upload instead")
             if candidate not in batch and remove_after_failed_mount(candidate, unauthorized=unauthorized, has_auth_info=self.client.auth.has_credentials, key=self.hmac_key):
                 self.store.remove(candidate)
@@ -237,6 +274,18 @@ class LayerPusher:
         if session is not None:
             carry.upload = BlobUpload(session)
         return self._upload(layer, carry)
+
+    def _mounted_blob(self, layer: PreparedLayer, digest: Digest) -> RemoteBlob | None:
+        """What a mount of ``digest`` put in the repository. Our own digest has the
+        size we hashed; another recipe's blob has the size a HEAD answers, and one
+        the HEAD cannot find is not used (the next candidate, or our upload, is)."""
+        if digest == layer.digest:
+            return RemoteBlob(digest, layer.size, layer.media_type)
+        size = self.client.head_blob(self.repository, digest)
+        if size is None or size < 0:
+            log.debug("mounted %s but its HEAD gives no size: not used", digest)
+            return None
+        return RemoteBlob(digest, size, self._media_type(layer, digest))
 
     def _already_exists(self, layer: PreparedLayer, entries: list[V2Metadata], checked: set[Digest], *, check_other_repositories: bool, max_checks: int) -> LayerResult | None:
         """seed: layerAlreadyExists — HEAD unique digests in likeness order."""
@@ -259,7 +308,10 @@ class LayerPusher:
                 if entry.source_repository == self.target.name:
                     self.store.remove(entry)
                 continue
-            blob = RemoteBlob(digest, size, self._media_type(layer, digest))
+            if size < 0:
+                continue  # an answer without a valid size: not used
+            # our own digest has the size we hashed; another's, the registry's
+            blob = RemoteBlob(digest, layer.size if digest == layer.digest else size, self._media_type(layer, digest))
             if entry.source_repository != self.target.name or not hmac_matches(entry, self.hmac_key):
                 self._remember(layer, blob, entry.recipe)
             else:
@@ -267,9 +319,15 @@ class LayerPusher:
             return self._result(layer, blob, LayerOutcome.EXISTS)
         return None
 
-    def _upload(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
+    def _upload(self, layer: PreparedLayer, carry: _Carry) -> LayerResult | None:
+        """Step 7. None: the image's gate is not open; a large layer's data is sent
+        first (``carry.upload`` keeps the session), a small one waits unsent."""
         if layer.source.blob is None:
             raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes", permanent=True)
+        gate = carry.gate
+        staging = gate is not None and not gate.open
+        if staging and (carry.upload is not None or layer.size < STREAM_MIN_BYTES):
+            return None  # data already sent, or too small to be worth sending early
         blob = self.materialize(layer)
         if carry.upload is None:
             carry.upload = BlobUpload(self.client.start_upload(self.repository))
@@ -278,15 +336,14 @@ class LayerPusher:
         def on_progress(sent_bytes: int) -> None:
             self.progress.layer_bytes(target, digest, sent_bytes, blob.size)
 
-        gate = carry.gate
-        before_commit = None
-        if gate is not None and not gate.open:
-            if blob.size >= STREAM_MIN_BYTES:
-                before_commit = gate.wait  # send the data now, commit once the image is checked
-            else:
-                gate.wait()
+        def stage() -> None:
+            if gate is not None and not gate.open:
+                raise _Staged()
+
         try:
-            sent = self.client.upload_blob(self.repository, carry.upload, blob, layer.digest, on_progress=on_progress, before_commit=before_commit)
+            sent = self.client.upload_blob(self.repository, carry.upload, blob, layer.digest, on_progress=on_progress, before_commit=stage if staging else None)
+        except _Staged:
+            return None
         except UploadGoneError:
             carry.upload = None  # the next attempt starts a new session...
             if self.client.head_blob(self.repository, layer.digest) is None:
@@ -301,38 +358,3 @@ class LayerPusher:
         remote = RemoteBlob(layer.digest, layer.size, layer.media_type)
         self._remember(layer, remote, layer.recipe)
         return self._result(layer, remote, LayerOutcome.UPLOADED, sent)
-
-    # -- dry run ---------------------------------------------------------------
-    def dry_run(self, layer: PreparedLayer) -> LayerResult:
-        """What ``push`` would do, found with read requests only (HEAD). A mount is
-        reported when a candidate repository holds the blob; what would be uploaded
-        is counted in ``bytes_sent``. The batch state records planned uploads, so
-        later images of a dry run see the mounts they would make."""
-        settled = self._settled(layer)
-        if settled is not None:
-            return settled
-        registry = self.target.registry
-        tier, entries, batch = self._candidates(layer)
-        candidates = [e for e in sort_by_likeness_and_age(self.target.name, self.hmac_key, entries) if e.source_repository == self.target.name or tier.check_other_repositories]
-        for entry in candidates[: tier.max_existence_checks]:
-            size = self._head_quietly(self.repository, entry.digest)
-            if size is not None:
-                return self._result(layer, RemoteBlob(entry.digest, size, self._media_type(layer, entry.digest)), LayerOutcome.EXISTS)
-        mounts = [V2Metadata(layer.digest, repo) for repo in batch[:1]] + mount_candidates(self.target.name, self.hmac_key, tier.max_mount_attempts, entries)
-        for candidate in mounts[: max(tier.max_mount_attempts, 1)]:
-            from_repository = candidate.source_repository.split("/", 1)[1]
-            planned = candidate.source_repository in batch
-            if planned or self._head_quietly(from_repository, candidate.digest) is not None:
-                blob = RemoteBlob(candidate.digest, layer.size, self._media_type(layer, candidate.digest))
-                self.state.add_layer(registry, self.repository, layer.key, blob)
-                return self._result(layer, blob, LayerOutcome.MOUNTED, mounted_from=from_repository)
-        blob = RemoteBlob(layer.digest, layer.size, layer.media_type)
-        self.state.add_layer(registry, self.repository, layer.key, blob)
-        return self._result(layer, blob, LayerOutcome.UPLOADED, layer.size)
-
-    def _head_quietly(self, repository: str, digest: Digest) -> int | None:
-        try:
-            return self.client.head_blob(repository, digest)
-        except RegistryError:
-            return None
-

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
+import logging
 import os
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 from . import mediatypes as mt
-from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob, hash_input
+from . import waits
+from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, DeflatedBlock, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob, hash_input
 from .digest import Digest
-from .errors import BatchPushError, DigestMismatchError
+from .errors import BatchPushError, Cancelled, DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
 from .sources.base import Compression, FileRange, SourceIndex, SourceLayer, SourceManifest, SourceNode
 
@@ -34,6 +38,10 @@ from .sources.base import Compression, FileRange, SourceIndex, SourceLayer, Sour
 POOL_MIN_BYTES = 1 << 20
 #: the fingerprint "recipe" of a blob pushed as it is (its digest is its sha256)
 AS_IS = "as-is"
+#: how long a failed compression waits for its other blocks to end (each is bounded)
+BLOCK_WAIT_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +102,16 @@ class PendingManifest:
     def ready(self) -> bool:
         return all(future.done() for future in self.layers)
 
-    def wait(self) -> PreparedManifest:
+    def wait(self, cancel: threading.Event) -> PreparedManifest:
         """Every layer, or the first error (a SourceError naming the file)."""
-        return PreparedManifest(self.source, tuple(future.result() for future in self.layers), self.config)
+        return PreparedManifest(self.source, tuple(waits.result(future, cancel) for future in self.layers), self.config)
+
+
+def _unlink_spool_file(future: cf.Future[Any]) -> None:
+    """Done callback of a compression no image holds any more: its file goes."""
+    if not future.cancelled() and future.exception() is None:
+        with contextlib.suppress(OSError):
+            os.unlink(future.result().path)
 
 
 def _compresses(layer: SourceLayer) -> bool:
@@ -121,21 +136,31 @@ def _recipe(layer: SourceLayer) -> str:
 
 class Preparer:
     """Prepares source nodes. ``pool`` runs the heavy passes of large blobs; without
-    one everything runs inline. Thread-safe."""
+    one everything runs inline. Thread-safe.
 
-    def __init__(self, spool_dir: str, store: MetadataStore, pool: cf.Executor | None = None, *, use_fingerprints: bool = True) -> None:
+    One place owns each layer's lifetime in the spool: an image holds its layers
+    (``_hold``) before any pass starts, and the last ``release`` deletes the spool
+    file, or has it deleted when a compression still under way ends. The lock
+    guards the dictionaries only: no pass, future method, callback or file
+    operation runs under it. Every wait looks at ``cancel``."""
+
+    def __init__(self, spool_dir: str, store: MetadataStore, pool: cf.Executor | None = None, *, use_fingerprints: bool = True, cancel: threading.Event | None = None) -> None:
         self.spool_dir = spool_dir
         self.store = store
         self.pool = pool
         self.use_fingerprints = use_fingerprints
+        #: set when the run is interrupted: waits end with Cancelled
+        self.cancel = cancel or threading.Event()
         self._lock = threading.Lock()
         self._work: dict[tuple[str, Hashable], cf.Future[Any]] = {}
         #: the file each pass actually read, by its key
         self._read: dict[tuple[str, Hashable], FileRange] = {}
         #: prepared images holding each layer; at zero its spool file goes
         self._uses: dict[Hashable, int] = {}
-        #: threads joining the blocks of large layers (hashing releases the GIL)
-        self._assemblers = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="assemble")
+        #: threads that run the pool's passes: each hands its blob (or a large
+        #: layer's blocks) to the worker processes and joins the result; hashing
+        #: releases the GIL
+        self._assemblers = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="assemble")
         #: threads that check layers as their passes finish (streaming images)
         self._finishers = cf.ThreadPoolExecutor(max_workers=32, thread_name_prefix="check")
         self.bytes_read = 0
@@ -150,26 +175,56 @@ class Preparer:
         # saves, and a cron run that only fingerprints never starts the pool
         inline = self.pool is None or blob.size < POOL_MIN_BYTES or fn is fingerprint_blob
         with self._lock:
-            future = self._work.get((kind, key))
-            if future is not None and not (future.done() and future.exception() is not None):
-                return future
-            if inline:
-                future = cf.Future()
-            elif fn is compress_to_spool and blob.size > BLOCK_BYTES:
-                future = self._assemblers.submit(self._compress_in_blocks, blob)
-            else:
-                future = self.pool.submit(fn, blob, *args)  # type: ignore[union-attr]
+            running = self._work.get((kind, key))
+            if running is not None:
+                return running
+            future: cf.Future[Any] = cf.Future()
             self._work[(kind, key)] = future
             self._read[(kind, key)] = blob
             self.bytes_read += blob.size
-            if fn is compress_to_spool:
-                future.add_done_callback(self._count_compressed)
         if inline:
-            try:
-                future.set_result(fn(blob, *args))
-            except BaseException as exc:
-                future.set_exception(exc)
+            self._fill(future, kind, key, fn, blob, *args)
+            return future
+        if fn is compress_to_spool and blob.size > BLOCK_BYTES:
+            task: Callable[..., Any] = lambda blob, *_: self._compress_in_blocks(blob)  # noqa: E731 - the spool is ours
+        else:
+            task = functools.partial(self._in_pool, fn)
+        try:
+            self._assemblers.submit(self._fill, future, kind, key, task, blob, *args)
+        except RuntimeError as exc:  # shut down: the run is over
+            self._fail(future, kind, key, Cancelled(f"not started: {exc}"))
         return future
+
+    def _fill(self, future: cf.Future[Any], kind: str, key: Hashable, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            value = fn(*args)
+        except BaseException as exc:
+            self._fail(future, kind, key, exc)
+            return
+        if isinstance(value, CompressedBlob):
+            with self._lock:
+                self.bytes_compressed += value.size
+        future.set_result(value)
+
+    def _fail(self, future: cf.Future[Any], kind: str, key: Hashable, error: BaseException) -> None:
+        """A failed pass is forgotten first, so the next caller runs it again."""
+        with self._lock:
+            if self._work.get((kind, key)) is future:
+                del self._work[(kind, key)]
+        future.set_exception(error)
+
+    def _in_pool(self, fn: Callable[..., Any], blob: FileRange, *args: Any) -> Any:
+        """``fn`` in a worker process. A worker that died (the OOM killer) broke the
+        pool: the pool is rebuilt and the pass sent again, once."""
+        assert self.pool is not None
+        for attempt in (1, 2):
+            try:
+                return waits.result(self.pool.submit(fn, blob, *args), self.cancel)
+            except BrokenProcessPool:
+                if attempt == 2:
+                    raise
+                log.warning("a compression worker died; %s is compressed again", blob.path)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._finishers.shutdown(wait=True, cancel_futures=True)
@@ -178,26 +233,36 @@ class Preparer:
     def _compress_in_blocks(self, blob: FileRange) -> CompressedBlob:
         """A large layer's blocks go to every worker at once. Meanwhile this thread
         hashes the input (hashing releases the GIL), then joins the blocks as they
-        come back, so the layer is ready soon after its last block."""
+        come back, so the layer is ready soon after its last block. A block lost
+        with a dead worker is deflated again, once."""
         assert self.pool is not None
-        futures = [self.pool.submit(deflate_block, block, last, self.spool_dir) for block, last in blocks_of(blob)]
+        pool = self.pool
+        blocks = blocks_of(blob)
+        futures = [pool.submit(deflate_block, block, last, self.spool_dir) for block, last in blocks]
+
+        def joined() -> Iterator[DeflatedBlock]:
+            for index, (block, last) in enumerate(blocks):
+                try:
+                    yield waits.result(futures[index], self.cancel)
+                except BrokenProcessPool:
+                    log.warning("a compression worker died; a block of %s is deflated again", blob.path)
+                    futures[index] = pool.submit(deflate_block, block, last, self.spool_dir)
+                    yield waits.result(futures[index], self.cancel)
+
         try:
             hashed = hash_input(blob)
-            return assemble(blob, (future.result() for future in futures), self.spool_dir, hashed)
+            return assemble(blob, joined(), self.spool_dir, hashed)
         except BaseException:
             for future in futures:
                 future.cancel()
-            cf.wait(futures)
+            # blocks still being deflated end on their own (a block is bounded); the
+            # spool directory is removed with the engine if the run is cancelled
+            cf.wait(futures, timeout=BLOCK_WAIT_S)
             for future in futures:
-                if not future.cancelled() and future.exception() is None:
+                if future.done() and not future.cancelled() and future.exception() is None:
                     with contextlib.suppress(OSError):
                         os.unlink(future.result().path)
             raise
-
-    def _count_compressed(self, future: cf.Future[CompressedBlob]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            with self._lock:
-                self.bytes_compressed += future.result().size
 
     def _compress(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[CompressedBlob]:
         assert layer.blob is not None
@@ -206,17 +271,28 @@ class Preparer:
     # -- preparing ----------------------------------------------------------
     def prepare(self, node: SourceNode) -> PreparedNode:
         """Raises SourceError / DigestMismatchError naming the file; nothing is pushed then."""
-        first: dict[int, cf.Future[Any]] = {}
-        self._start(node, first)
-        prepared = self._finish(node, first)
         self._hold(node)
-        return prepared
+        try:
+            first: dict[int, cf.Future[Any]] = {}
+            self._start(node, first)
+            return self._finish(node, first)
+        except BaseException:
+            self.release(node)
+            raise
 
     def start(self, node: SourceManifest) -> PendingManifest:
         """Like ``prepare`` for one image manifest, without waiting: each layer is
         checked as soon as its own pass is done, so its upload can begin while the
         image's other layers are still compressing (the caller withholds every
         commit until all are checked)."""
+        self._hold(node)
+        try:
+            return self._started(node)
+        except BaseException:
+            self.release(node)
+            raise
+
+    def _started(self, node: SourceManifest) -> PendingManifest:
         first: dict[int, cf.Future[Any]] = {}
         self._start(node, first)
         layers: list[cf.Future[PreparedLayer]] = []
@@ -237,36 +313,37 @@ class Preparer:
                 layers.append(checked)
             else:
                 layers.append(self._finishers.submit(self._check_when_done, layer, future))
-        self._hold(node)
         return PendingManifest(node, tuple(layers), self._config(node))
 
     def _check_when_done(self, layer: SourceLayer, future: cf.Future[Any]) -> PreparedLayer:
-        return self._layer(layer, future.result())
+        return self._layer(layer, waits.result(future, self.cancel))
 
     def _hold(self, node: SourceNode) -> None:
         with self._lock:
             for key in _keys(node):
                 self._uses[key] = self._uses.get(key, 0) + 1
 
-    def release(self, node: PreparedNode | PendingManifest) -> None:
+    def release(self, node: PreparedNode | PendingManifest | SourceNode) -> None:
         """The caller is done with ``node``: spool files no prepared image still
-        holds are deleted, and their passes forgotten (a later image that needs
-        one again finds its fingerprint and compresses on demand)."""
+        holds are deleted (a compression still under way deletes its own when it
+        ends), and their passes forgotten (a later image that needs one again finds
+        its fingerprint and compresses on demand)."""
+        source = node if isinstance(node, SourceIndex | SourceManifest) else node.source
+        compressions: list[cf.Future[Any]] = []
         with self._lock:
-            for key in _keys(node.source):
+            for key in _keys(source):
                 left = self._uses.get(key, 0) - 1
                 if left > 0:
                     self._uses[key] = left
                     continue
                 self._uses.pop(key, None)
-                for kind in ("xxh3", "sha"):
-                    self._work.pop((kind, key), None)
+                for kind in ("xxh3", "sha", "gzip"):
                     self._read.pop((kind, key), None)
-                self._read.pop(("gzip", key), None)
-                compressed = self._work.pop(("gzip", key), None)
-                if compressed is not None and compressed.done() and not compressed.cancelled() and compressed.exception() is None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(compressed.result().path)
+                    future = self._work.pop((kind, key), None)
+                    if kind == "gzip" and future is not None:
+                        compressions.append(future)
+        for future in compressions:
+            future.add_done_callback(_unlink_spool_file)
 
     def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> None:
         """Start each layer's first pass. An uncompressed layer whose declared DiffID
@@ -283,7 +360,7 @@ class Preparer:
                 continue
             known = self._declared(layer)
             if known is None and self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
-                xxh3 = self._run("xxh3", _key(layer), layer.blob, fingerprint_blob).result()
+                xxh3 = waits.result(self._run("xxh3", _key(layer), layer.blob, fingerprint_blob), self.cancel)
                 known = self.store.get_fingerprint(xxh3, layer.blob.size, _recipe(layer))
             if known is not None:
                 found: cf.Future[Any] = cf.Future()
@@ -322,7 +399,7 @@ class Preparer:
         layers = []
         for layer in node.layers:
             future = futures.get(id(layer))
-            layers.append(self._foreign(layer) if future is None else self._layer(layer, future.result()))
+            layers.append(self._foreign(layer) if future is None else self._layer(layer, waits.result(future, self.cancel)))
         return PreparedManifest(node, tuple(layers), self._config(node))
 
     @staticmethod
@@ -349,7 +426,7 @@ class Preparer:
             if self._read.get((kind, _key(layer)), layer.blob) == layer.blob:
                 raise
             # the pass read another file that claims the same digest: judge this file by itself
-            result = self._full_pass(layer, key=layer.blob).result()
+            result = waits.result(self._full_pass(layer, key=layer.blob), self.cancel)
             prepared = self._from_pass(layer, result)
         if self.use_fingerprints:
             fingerprint = Fingerprint(prepared.diff_id or prepared.digest, prepared.digest, prepared.size)
@@ -391,7 +468,7 @@ class Preparer:
         if layer.blob is not None:
             return layer.blob
         assert layer.source.blob is not None
-        result = self._compress(layer.source).result()
+        result = waits.result(self._compress(layer.source), self.cancel)
         if result.digest != layer.digest or result.diff_id != layer.diff_id:
             raise DigestMismatchError(layer.source.blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
         return result.blob

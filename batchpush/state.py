@@ -4,6 +4,12 @@ The seed's ``pushState.remoteLayers`` widened from one repository to the batch:
 which blobs exist in which (registry, repository), including those this batch just
 uploaded, and single-flight per (registry, blob) so a blob is uploaded once and the
 other repositories mount it.
+
+A flight is held by one blob's work, never by an image: its holder does that blob's
+requests and nothing else (it does not wait for its image's other layers while it
+holds it). No lock is held while anyone waits or does I/O: the state's lock guards
+its dictionaries only, and a flight is an Event that waiters watch together with
+the run's cancel flag.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from . import waits
 from .digest import Digest
 
 
@@ -31,7 +38,8 @@ class PushState:
         self._lock = threading.Lock()
         self._layers: dict[tuple[str, str, Digest], RemoteBlob] = {}
         self._repositories: dict[tuple[str, Digest], list[str]] = {}
-        self._flights: dict[tuple[str, Digest], threading.Lock] = {}
+        #: the flight under way per (registry, blob): set when it ends
+        self._flights: dict[tuple[str, Digest], threading.Event] = {}
 
     def known_layer(self, registry: str, repository: str, key: Digest) -> RemoteBlob | None:
         with self._lock:
@@ -50,10 +58,22 @@ class PushState:
             return list(self._repositories.get((registry, digest), ()))
 
     @contextmanager
-    def single_flight(self, registry: str, digest: Digest) -> Iterator[None]:
+    def single_flight(self, registry: str, digest: Digest, cancel: threading.Event) -> Iterator[None]:
         """One holder at a time per (registry, blob): a second job waits for the
-        first, then finds the blob in the state (or, if it failed, tries itself)."""
-        with self._lock:
-            flight = self._flights.setdefault((registry, digest), threading.Lock())
-        with flight:
+        first to end (or for the run to be cancelled: Cancelled), then holds the
+        flight itself and finds the blob in the state (or, if the first failed,
+        tries itself)."""
+        key = (registry, digest)
+        while True:
+            with self._lock:
+                running = self._flights.get(key)
+                if running is None:
+                    mine = self._flights[key] = threading.Event()
+                    break
+            waits.event(running, cancel)
+        try:
             yield
+        finally:
+            with self._lock:
+                del self._flights[key]
+            mine.set()

@@ -166,7 +166,8 @@ def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
         preparer.close()
     assert parallel.digest == inline.digest and parallel.size == inline.size
     assert gzip.decompress(open(parallel.path, "rb").read()) == data
-    assert sorted(os.listdir(tmp_path / "pool")) == [parallel.digest.hex]  # no block left behind
+    assert sorted(os.listdir(tmp_path / "pool")) == [os.path.basename(parallel.path)]  # no block left behind
+    assert parallel.path.startswith(os.path.join(tmp_path / "pool", parallel.digest.hex))
 
     # a source shorter than it claims: a SourceError naming it, and nothing left in the spool
     os.unlink(parallel.path)

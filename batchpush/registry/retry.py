@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..errors import Cancelled
 from .errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,6 @@ BASE_DELAY_S = 0.2
 MAX_DELAY_S = 10.0
 #: the longest pause a Retry-After may impose
 DEFAULT_RETRY_AFTER_CAP_S = 60.0
-
-
-class Cancelled(Exception):
-    """The run was interrupted (SIGINT/SIGTERM): stop, do not retry."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

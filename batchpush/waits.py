@@ -1,0 +1,53 @@
+"""Waits that end: every wait in the engine either has a bound or looks at the cancel flag.
+
+A thread that waits on another's work (a compression, a blob's flight, an image's
+checks) wakes every ``POLL_S`` to look at the run's cancel flag, so an interrupted
+run stops within that time wherever its threads are waiting. No wait here holds a
+lock, and a future is only asked for its result once it is done.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from .errors import Cancelled
+
+T = TypeVar("T")
+
+#: how often a waiting thread looks at the cancel flag
+POLL_S = 0.1
+
+
+def wait_done(futures: Iterable[cf.Future[Any]], cancel: threading.Event) -> None:
+    """Until every future is done; raises Cancelled once the run is cancelled."""
+    pending = set(futures)
+    while pending:
+        if cancel.is_set():
+            raise Cancelled()
+        _, pending = cf.wait(pending, timeout=POLL_S)
+
+
+def result(future: cf.Future[T], cancel: threading.Event) -> T:
+    """The future's result (or its exception, raised), waiting with the cancel flag in view."""
+    wait_done((future,), cancel)
+    return future.result()
+
+
+def as_completed(futures: Iterable[cf.Future[T]], cancel: threading.Event) -> Iterator[cf.Future[T]]:
+    """Each future as soon as it is done, in that order; raises Cancelled once cancelled."""
+    pending = set(futures)
+    while pending:
+        if cancel.is_set():
+            raise Cancelled()
+        done, pending = cf.wait(pending, timeout=POLL_S, return_when=cf.FIRST_COMPLETED)
+        yield from done
+
+
+def event(flag: threading.Event, cancel: threading.Event) -> None:
+    """Until ``flag`` is set; raises Cancelled once the run is cancelled."""
+    while not flag.wait(POLL_S):
+        if cancel.is_set():
+            raise Cancelled()
