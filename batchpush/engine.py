@@ -31,7 +31,7 @@ from . import waits
 from .errors import BatchPushError, Cancelled, InterruptedError_, SourceError, UsageError
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
-from .metadata import MetadataStore
+from .metadata import MetadataStore, OverlayStore
 from .policy import hmac_key
 from .prepare import PendingManifest, PreparedLayer, PreparedNode, Preparer
 from .progress import NoProgress, Progress
@@ -186,6 +186,8 @@ class Engine:
         self.options = options or PushOptions()
         self.state = PushState()
         self.store = MetadataStore(self.options.metadata_dir)
+        #: where the layer path records what it learns of registries (a dry run's stays in memory)
+        self._remote_store = OverlayStore(self.store) if self.options.dry_run else self.store
         self._clients: dict[str, RegistryClient] = {}
         self._executors: dict[str, cf.ThreadPoolExecutor] = {}
         self._clients_lock = threading.Lock()
@@ -397,7 +399,7 @@ class Engine:
         try:
             node = self._prepared(work.entry)
             client = self.client(target.api_host)
-            layers = LayerPusher(client, target, self.state, self.store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
+            layers = LayerPusher(client, target, self.state, self._remote_store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
             pusher = ImagePusher(layers, self._executors[target.api_host])
             progress.image_started(str(target), target.name)
             if isinstance(node, PendingManifest) and not node.ready():

@@ -33,7 +33,7 @@ from . import mediatypes as mt
 from . import waits
 from .digest import Digest
 from .errors import BatchPushError, Cancelled
-from .metadata import MetadataStore
+from .metadata import MetadataStore, OverlayStore
 from .outcome import LayerOutcome, LayerResult
 from .policy import Tier, V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
 from .prepare import PreparedLayer
@@ -124,7 +124,7 @@ class LayerPusher:
         client: RegistryClient,
         target: Reference,
         state: PushState,
-        store: MetadataStore,
+        store: MetadataStore | OverlayStore,
         hmac_key: bytes,
         *,
         materialize: Callable[[PreparedLayer], FileRange],
@@ -182,6 +182,12 @@ class LayerPusher:
             assert carry.gate is not None
             carry.gate.wait()  # outside the flight: other images' pushes of this blob go on
 
+    @property
+    def _has_auth_info(self) -> bool:
+        """seed: a registry token, or a username with a password (an identity token is not)."""
+        c = self.client.auth.credentials
+        return c is not None and (bool(c.registry_token) or bool(c.username and c.password))
+
     def _settled(self, layer: PreparedLayer) -> LayerResult | None:
         """The seed's first two steps: a foreign layer is skipped; a layer the push
         state knows is in the target repository needs no request."""
@@ -233,14 +239,16 @@ class LayerPusher:
         if candidates and carry.gate is not None and not carry.gate.open:
             return None  # a mount writes: only once the whole image is checked
         session: UploadSession | None = None
+        # seed: once a mount is refused as UNAUTHORIZED, so are the rest of this layer's
+        unauthorized = False
         for candidate in candidates:
             from_repository = candidate.source_repository.split("/", 1)[1]
-            unauthorized = False
             error: RegistryError | None = None
             try:
                 result = self.client.mount_blob(self.repository, candidate.digest, from_repository)
             except AuthError as exc:
-                unauthorized, error, result = True, exc, None
+                unauthorized = unauthorized or "UNAUTHORIZED" in exc.codes
+                error, result = exc, None
             except RegistryError as exc:
                 if exc.temporary:  # no answer about the candidate: retried, the store keeps it
                     if session is not None:
@@ -257,7 +265,7 @@ class LayerPusher:
                     return self._result(layer, blob, LayerOutcome.MOUNTED, mounted_from=from_repository)
                 continue
             log.debug("mount of %s from %s failed: %s", candidate.digest, from_repository, error or "registry opened an upload instead")
-            if candidate not in batch and remove_after_failed_mount(candidate, unauthorized=unauthorized, has_auth_info=self.client.auth.has_credentials, key=self.hmac_key):
+            if candidate not in batch and remove_after_failed_mount(candidate, unauthorized=unauthorized, has_auth_info=self._has_auth_info, key=self.hmac_key):
                 self.store.remove(candidate)
             if result is not None and result.session is not None:
                 if session is not None:

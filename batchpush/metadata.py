@@ -157,3 +157,30 @@ class MetadataStore:
                 "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (xxh3_128, size, recipe, str(fingerprint.diff_id), str(fingerprint.digest), fingerprint.compressed_size, time.time()),
             )
+
+
+class OverlayStore:
+    """The dry run's view of a store: reads see the store and what this run would
+    have written; writes stay in memory, so a dry run changes nothing on disk
+    (the next real run must find the store as the dry run found it)."""
+
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._added: dict[Digest, list[V2Metadata]] = {}
+        self._removed: set[V2Metadata] = set()
+
+    def get_metadata(self, diff_id: Digest) -> list[V2Metadata]:
+        entries = self.store.get_metadata(diff_id)
+        with self._lock:
+            added = [e for e in self._added.get(diff_id, ()) if e not in entries]
+            return [e for e in entries + added if e not in self._removed]
+
+    def add(self, diff_id: Digest, entry: V2Metadata) -> None:
+        with self._lock:
+            self._removed.discard(entry)
+            self._added.setdefault(diff_id, []).append(entry)
+
+    def remove(self, entry: V2Metadata) -> None:
+        with self._lock:
+            self._removed.add(entry)

@@ -1,0 +1,301 @@
+"""The engine under failure: no deadlock, no run lost to one image, no spool file lost,
+cancellation that ends, single-flight per blob, and a dry run that is the push."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+from conftest import pull_and_verify
+from fault_proxy import FaultProxy, Rule
+from images import LayoutWriter, layer_tar, random_layer, simple_layout
+from registry import start_registry
+
+import batchpush
+from batchpush.engine import Engine, PushJob, PushOptions
+from batchpush.layer_push import ImageGate, LayerPusher
+from batchpush.metadata import MetadataStore
+from batchpush.outcome import LayerOutcome
+from batchpush.policy import hmac_key
+from batchpush.prepare import PreparedManifest, Preparer
+from batchpush.progress import NoProgress
+from batchpush.reference import parse_reference
+from batchpush.registry.client import RegistryClient, RegistryOptions
+from batchpush.sources import open_source
+from batchpush.state import PushState
+
+#: how long a test waits for something that must end (a hang detector, not a timing)
+BOUND_S = 60
+
+
+class _SynchronousExecutor(cf.Executor):
+    """Runs each task at once in the caller: its future is done when submit returns
+    (as a process pool's may be, on a loaded machine, by the time it is looked at)."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        future: cf.Future = cf.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:  # type: ignore[no-untyped-def]
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_pass_done_before_it_is_registered_does_not_deadlock(tmp_path):
+    """Defect 1: a pool future already done when its callback was added ran the
+    callback at once, under the preparer's lock, which it took again."""
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    descriptor, _ = writer.image([random_layer(5, 2 << 20)])  # pooled (>= 1 MiB), one block
+    writer.tag(descriptor, "1")
+    node = open_source(f"oci:{tmp_path / 'layout'}").images()[0].node
+    preparer = Preparer(str(tmp_path), MetadataStore(str(tmp_path / "md")), _SynchronousExecutor())
+    try:
+        thread, out = _in_thread(lambda: preparer.prepare(node))
+        thread.join(BOUND_S)
+        assert not thread.is_alive(), "prepare deadlocked"
+        assert isinstance(out[0], PreparedManifest), out
+        assert preparer.bytes_compressed == out[0].layers[0].size
+    finally:
+        preparer.close()
+
+
+class _FailingProgress(NoProgress):
+    """A progress renderer (foreign code, through the Python API) that breaks for one target."""
+
+    def image_started(self, target: str, repository: str) -> None:
+        if repository.endswith("/broken"):
+            raise RuntimeError("renderer broke\nsecond line")
+
+
+def test_an_unexpected_error_fails_its_image_and_the_others_go_on(registry, tmp_path, metadata_dir):
+    """Defect 2: an exception that is not a BatchPushError ended Engine.run with a
+    traceback, and the other images' results were lost."""
+    simple_layout(str(tmp_path / "layout"), {"1.0": [1, 2]})
+    options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, progress=_FailingProgress())
+    targets = [f"{registry.host}/team/broken", f"{registry.host}/team/fine"]
+    result = batchpush.push(f"oci:{tmp_path / 'layout'}", targets, options)
+    broken, fine = result.images
+    assert broken.status == "failed" and broken.error_kind == "internal"
+    assert broken.error is not None and "unexpected RuntimeError: renderer broke" in broken.error and "\n" not in broken.error
+    assert fine.status == "pushed"
+    assert result.exit_code == 1
+    pull_and_verify(registry, "team/fine:1.0", str(tmp_path / "pulled"))
+    assert registry.count("PUT", "/v2/team/broken/manifests/") == 0
+
+
+def test_a_shared_spool_file_outlives_the_image_that_released_it(registry, tmp_path, metadata_dir):
+    """Defect 3: an index and a single image share a base layer and go to different
+    registries. The single image finishes first and releases the base; the index,
+    still compressing its own large layer, took its hold only after its passes:
+    the base's spool file was gone when it uploaded it."""
+    other = start_registry(str(tmp_path / "other"))
+    try:
+        base = random_layer(31, 3 << 20)
+        writer = LayoutWriter(str(tmp_path / "multi"))
+        amd64, _ = writer.image([base, random_layer(32, 40 << 20)], arch="amd64")
+        arm64, _ = writer.image([base, layer_tar(33)], arch="arm64")
+        writer.tag(writer.index([amd64, arm64]), "multi")
+        single = LayoutWriter(str(tmp_path / "single"))
+        descriptor, single_image = single.image([base])
+        single.tag(descriptor, "1")
+        options = PushOptions(registries={registry.host: RegistryOptions(insecure=True), other.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, jobs=2)
+        with Engine(options) as engine:
+            result = engine.run([PushJob(f"oci:{tmp_path / 'multi'}", (f"{registry.host}/team/multi",)), PushJob(f"oci:{tmp_path / 'single'}", (f"{other.host}/team/single",))])
+            assert result.ok, [i.error for i in result.images]
+            assert os.listdir(engine._spool) == []  # every spool file went with its last holder
+        assert len(pull_and_verify(registry, "team/multi:multi", str(tmp_path / "pulled-multi"))) == 2
+        assert pull_and_verify(other, "team/single:1", str(tmp_path / "pulled-single"))[0].diff_ids == single_image.diff_ids
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize("status", [401, 403, 500])
+def test_a_failing_tag_head_falls_back_to_a_full_push(registry, tmp_path, metadata_dir, status):
+    """Defect 8: the cron fast path's tag HEAD is a shortcut; its failure failed the image."""
+    proxy = FaultProxy(registry.host)
+    try:
+        simple_layout(str(tmp_path / "layout"), {"1.0": [1, 2]})
+        options = PushOptions(registries={proxy.host: RegistryOptions(insecure=True, max_attempts=2)}, metadata_dir=metadata_dir)
+        source, targets = f"oci:{tmp_path / 'layout'}", [f"{proxy.host}/team/app"]
+        assert batchpush.push(source, targets, options).ok
+        proxy.add(Rule("HEAD", "/manifests/", "status", status=status, times=-1))
+        again = batchpush.push(source, targets, options)
+        assert [i.status for i in again.images] == ["pushed"], again.images[0].error
+        assert proxy.requests("HEAD", "/manifests/")  # the shortcut was tried
+        assert len(proxy.requests("PUT", "/manifests/")) == 2
+        pull_and_verify(registry, "team/app:1.0", str(tmp_path / "pulled"))
+    finally:
+        proxy.stop()
+
+
+class _WatchedGate(ImageGate):
+    """An image gate that says when a layer starts waiting on it."""
+
+    def __init__(self, layers, cancel) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(layers, cancel)
+        self.waiting = threading.Event()
+
+    def wait(self) -> None:
+        self.waiting.set()
+        super().wait()
+
+
+def test_one_images_gate_does_not_hold_another_images_blob(registry, tmp_path, metadata_dir):
+    """Defect 12: image A's layer held the blob's single-flight while it waited for
+    A's other layers to be checked, so image B, whose layers were all checked,
+    waited for A's compressions before it could push the same blob."""
+    simple_layout(str(tmp_path / "layout"), {"1": [41]})
+    node = open_source(f"oci:{tmp_path / 'layout'}").images()[0].node
+    store = MetadataStore(metadata_dir)
+    preparer = Preparer(str(tmp_path), store)
+    client = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    try:
+        prepared = preparer.prepare(node)
+        assert isinstance(prepared, PreparedManifest)
+        layer = prepared.layers[0]
+        state, key = PushState(), hmac_key(None)
+
+        def pusher(repository: str) -> LayerPusher:
+            return LayerPusher(client, parse_reference(f"{registry.host}/{repository}"), state, store, key, materialize=preparer.materialize)
+
+        never_checked: cf.Future = cf.Future()  # image A's other layer, still compressing
+        gate = _WatchedGate((never_checked,), client.cancel)
+        a_thread, a_out = _in_thread(lambda: pusher("gate/a").push(layer, gate=gate))
+        assert gate.waiting.wait(BOUND_S)
+        b_thread, b_out = _in_thread(lambda: pusher("gate/b").push(layer))
+        b_thread.join(BOUND_S)
+        assert not b_thread.is_alive(), "image B waited for image A's gate"
+        assert b_out[0].outcome is LayerOutcome.UPLOADED
+        never_checked.set_result(None)  # A's image is checked: its layer mounts what B sent
+        a_thread.join(BOUND_S)
+        assert a_out[0].outcome is LayerOutcome.MOUNTED and a_out[0].mounted_from == "gate/b"
+        assert registry.count("PUT", "/v2/gate/a/blobs/uploads/") == 0
+    finally:
+        client.close()
+        preparer.close()
+        store.close()
+
+
+def _step(method: str, target: str) -> tuple[str, str]:
+    """A request as a protocol step: no query, no session id."""
+    path, _, query = target.partition("?")
+    path = re.sub(r"/blobs/uploads/[^/]+$", "/blobs/uploads/", path)
+    if method == "POST" and "mount=" in query:
+        return method, path + "?mount"
+    return method, path
+
+
+def test_dry_run_plans_what_the_push_then_does(registry, tmp_path, metadata_dir):
+    """Defect 13: the dry run was a second copy of the layer path with other rules.
+    It is now the push over a client that answers writes: on the same registry
+    state, its plan is the push's requests, step for step, and its layers' outcomes
+    are the push's."""
+    proxy = FaultProxy(registry.host)
+    try:
+        simple_layout(str(tmp_path / "old"), {"1": [51, 52]})
+        simple_layout(str(tmp_path / "new"), {"2": [51, 52, 53], "3": [51, 54]})
+        registries = {proxy.host: RegistryOptions(insecure=True)}
+        assert batchpush.push(f"oci:{tmp_path / 'old'}", [f"{proxy.host}/dry/old"], PushOptions(registries=registries, metadata_dir=metadata_dir)).ok
+        jobs = [PushJob(f"oci:{tmp_path / 'new'}", (f"{proxy.host}/dry/new", f"{proxy.host}/dry/copy"))]
+
+        with Engine(PushOptions(registries=registries, metadata_dir=metadata_dir, dry_run=True, max_concurrent_images=1)) as engine:
+            before = len(proxy.requests())
+            planned = engine.run(jobs)
+            writes = [s for s in proxy.requests()[before:] if s.method not in ("GET", "HEAD")]
+            plan = Counter(engine._clients[proxy.host].planned)  # type: ignore[attr-defined]
+        assert not writes, writes
+        assert [i.status for i in planned.images] == ["dry-run"] * 4
+
+        before = len(proxy.requests())
+        pushed = batchpush.push(jobs[0].source, list(jobs[0].targets), PushOptions(registries=registries, metadata_dir=metadata_dir, max_concurrent_images=1))
+        assert pushed.ok
+        sent = Counter(_step(s.method, s.target) for s in proxy.requests()[before:] if s.target != "/v2/")
+        assert plan == sent
+        outcomes = [[(layer.digest, layer.outcome, layer.mounted_from) for layer in image.layers] for image in planned.images]
+        assert outcomes == [[(layer.digest, layer.outcome, layer.mounted_from) for layer in image.layers] for image in pushed.images]
+        assert {layer.outcome for image in pushed.images for layer in image.layers} >= {LayerOutcome.MOUNTED, LayerOutcome.UPLOADED}
+    finally:
+        proxy.stop()
+
+
+def _spool_dirs(root: str) -> list[str]:
+    return [name for name in os.listdir(root) if name.startswith("batchpush-spool-")]
+
+
+def test_sigint_while_the_pool_compresses_ends_the_run_cleanly(registry, tmp_path):
+    """Defect 11: threads waited on compressions without looking at the cancel flag.
+    SIGINT while two workers compress a large layer: exit 130, no manifest, every
+    opened upload session cancelled, nothing left in the spool."""
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    descriptor, _ = writer.image([layer_tar(61), random_layer(62, 160 << 20)])
+    writer.tag(descriptor, "1")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    command = [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path / 'layout'}", f"{registry.host}/sig/app", "--insecure", registry.host, "--jobs", "2", "--metadata-dir", str(tmp_path / "md")]
+    run = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(spool)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not any(name.startswith(".block-") for d in _spool_dirs(str(spool)) for name in os.listdir(spool / d)):
+            assert run.poll() is None and time.monotonic() < deadline, "compression never started"
+            time.sleep(0.01)
+        signalled = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=BOUND_S)
+        print(f"exited {time.monotonic() - signalled:.2f} s after SIGINT")  # measured, not asserted
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, err
+    assert "stopped by signal 2" in err
+    assert registry.count("PUT", "/manifests/") == 0
+    opened = registry.count("POST", "/blobs/uploads/")
+    assert opened <= registry.count("DELETE", "/blobs/uploads/") + registry.count("PUT", "digest=")
+    assert _spool_dirs(str(spool)) == []
+
+
+def test_ctrl_c_through_the_python_api_cancels_the_run(registry, tmp_path, metadata_dir):
+    """Defect 11: a KeyboardInterrupt in Engine.run never set the cancel flag: the run
+    waited for every image in flight. It now cancels them and is raised again."""
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    descriptor, _ = writer.image([random_layer(71, 96 << 20)])
+    writer.tag(descriptor, "1")
+    options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, jobs=2)
+    with Engine(options) as engine:
+        started = threading.Event()
+        engine.preparer._assemblers.submit(started.set)
+
+        def interrupt() -> None:
+            started.wait(BOUND_S)
+            while not engine.preparer.bytes_read:
+                time.sleep(0.01)
+            import _thread
+
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            engine.run([PushJob(f"oci:{tmp_path / 'layout'}", (f"{registry.host}/api/app",))])
+        assert engine.cancelled.is_set()
+    assert registry.count("PUT", "/manifests/") == 0
