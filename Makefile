@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # independent checker), umoci (makes OCI layouts with gzip layers)
 DEBS   := docker-registry skopeo umoci
 
-.PHONY: setup system-deps demo test lint bench clean
+.PHONY: setup system-deps demo test soak lint bench clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -32,6 +32,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the stress test, 50 runs with both cores loaded (tests/test_stress.py says what each run checks)
+soak: setup
+	BATCHPUSH_STRESS_RUNS=50 $(BIN)/python -m pytest -q -s tests/test_stress.py
 
 lint: setup
 	$(BIN)/ruff check batchpush tests bench
