@@ -74,40 +74,61 @@ class MetadataStore:
         self.path = os.path.join(directory, "metadata.db")
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        #: one connection per thread: SQLite (WAL, busy timeout) orders the writers,
+        #: so no lock of ours is held while a statement waits or does I/O
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards the list below only
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._connections.append(db)
+            if closed:
+                db.close()
+                raise sqlite3.ProgrammingError("the metadata store is closed")
+            self._local.db = db
+        return db
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
 
     # -- V2 metadata ---------------------------------------------------------
     def get_metadata(self, diff_id: Digest) -> list[V2Metadata]:
         """Entries for a DiffID, oldest first (seed: GetMetadata)."""
-        with self._lock:
-            rows = self._db.execute("SELECT digest, source_repository, hmac, recipe FROM v2_metadata WHERE diff_id = ? ORDER BY seq", (str(diff_id),)).fetchall()
+        rows = self._db.execute("SELECT digest, source_repository, hmac, recipe FROM v2_metadata WHERE diff_id = ? ORDER BY seq", (str(diff_id),)).fetchall()
         return [V2Metadata(Digest.parse(d), repo, mac, recipe) for d, repo, mac, recipe in rows]
 
     def get_diff_id(self, digest: Digest) -> Digest | None:
-        with self._lock:
-            row = self._db.execute("SELECT diff_id FROM v2_metadata WHERE digest = ? ORDER BY seq DESC LIMIT 1", (str(digest),)).fetchone()
+        row = self._db.execute("SELECT diff_id FROM v2_metadata WHERE digest = ? ORDER BY seq DESC LIMIT 1", (str(digest),)).fetchone()
         return Digest.parse(row[0]) if row else None
 
     def add(self, diff_id: Digest, entry: V2Metadata) -> None:
@@ -131,25 +152,22 @@ class MetadataStore:
 
     # -- fingerprints --------------------------------------------------------
     def get_fingerprint(self, xxh3_128: str, size: int, recipe: str) -> Fingerprint | None:
-        with self._lock:
-            row = self._db.execute("SELECT diff_id, digest, compressed_size FROM fingerprints WHERE xxh3_128 = ? AND size = ? AND recipe = ?", (xxh3_128, size, recipe)).fetchone()
+        row = self._db.execute("SELECT diff_id, digest, compressed_size FROM fingerprints WHERE xxh3_128 = ? AND size = ? AND recipe = ?", (xxh3_128, size, recipe)).fetchone()
         return Fingerprint(Digest.parse(row[0]), Digest.parse(row[1]), row[2]) if row else None
 
     def get_fingerprint_by_diff_id(self, diff_id: Digest, size: int, recipe: str) -> Fingerprint | None:
         """What this store learned of a layer of ``size`` bytes whose DiffID is
         ``diff_id``, compressed with ``recipe``."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT diff_id, digest, compressed_size FROM fingerprints WHERE diff_id = ? AND size = ? AND recipe = ? ORDER BY last_seen DESC LIMIT 1",
-                (str(diff_id), size, recipe),
-            ).fetchone()
+        row = self._db.execute(
+            "SELECT diff_id, digest, compressed_size FROM fingerprints WHERE diff_id = ? AND size = ? AND recipe = ? ORDER BY last_seen DESC LIMIT 1",
+            (str(diff_id), size, recipe),
+        ).fetchone()
         return Fingerprint(Digest.parse(row[0]), Digest.parse(row[1]), row[2]) if row else None
 
     def has_fingerprints(self, size: int, recipe: str) -> bool:
         """Whether any layer of this size was fingerprinted: if not, a fingerprint
         pass could only miss, and the full pass runs at once."""
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM fingerprints WHERE size = ? AND recipe = ? LIMIT 1", (size, recipe)).fetchone() is not None
+        return self._db.execute("SELECT 1 FROM fingerprints WHERE size = ? AND recipe = ? LIMIT 1", (size, recipe)).fetchone() is not None
 
     def put_fingerprint(self, xxh3_128: str, size: int, recipe: str, fingerprint: Fingerprint) -> None:
         with self._transaction() as db:
