@@ -1,8 +1,14 @@
 """Authentication: challenge parsing, bearer tokens per scope, basic auth.
 
-Credentials come from a ``CredentialProvider`` (a seam: the security issue adds
-docker's config.json and helpers). Tokens are cached per scope set with their
-expiry; a token or a credential never appears in a message or a log line.
+Credentials come from a ``CredentialProvider`` (credentials.py reads docker's
+config.json and helpers). A bearer token is fetched from the challenge's realm: with
+an identity token, as an OAuth2 refresh-token grant (POST), else a GET with basic
+credentials, or anonymous. Tokens are cached per scope set with their expiry.
+
+A token fetch that fails like any request may (transport error, 408, 429, 5xx) raises
+a temporary RegistryError, so the caller's retry policy retries the step; a realm
+that refuses the credentials (401/403, or 400 to a refresh-token grant) raises a
+permanent AuthError. A token or a credential never appears in a message or a log line.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
+import urllib3
 
-from .errors import AuthError, error_from_response, read_limited
+from .errors import AuthError, RegistryError, error_from_response, read_limited
 from .transport import proxies_for
 
 #: the most of a token response we read
@@ -26,6 +33,12 @@ MAX_TOKEN_BODY_BYTES = 1 << 20
 DEFAULT_TOKEN_TTL_S = 60
 #: refresh a token this long before it expires
 TOKEN_EXPIRY_MARGIN_S = 5
+#: seconds to connect to the token realm, and to wait for its answer
+TOKEN_CONNECT_TIMEOUT_S = 10.0
+TOKEN_READ_TIMEOUT_S = 30.0
+#: the OAuth2 client_id of a refresh-token grant: the form requires one (docker sends
+#: "registry-client", containers/image its own name); token services log it
+OAUTH_CLIENT_ID = "batchpush"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +128,10 @@ class Authenticator:
         self._tokens: dict[tuple[str, ...], _Token] = {}
         #: one token fetch at a time per scope set (single-flight)
         self._fetching: dict[tuple[str, ...], threading.Lock] = {}
+        #: refresh-token grants one at a time; the refresh token they send (the
+        #: identity token, until a realm hands out another), guarded by this lock
+        self._oauth_lock = threading.Lock()
+        self._refresh_token: str | None = None
 
     @property
     def has_credentials(self) -> bool:
@@ -163,37 +180,95 @@ class Authenticator:
         return first_time or had_token
 
     def _fetch_token(self, challenge: Challenge, scopes: tuple[str, ...]) -> str:
+        """A token for ``scopes`` from the challenge's realm, cached with its expiry.
+        Raises a temporary RegistryError when the realm fails as any server may, a
+        permanent AuthError when it refuses the credentials."""
         realm = challenge.params.get("realm")
         if not realm:
             raise AuthError("GET", f"https://{self.host}/v2/", 401, (), "bearer challenge without a realm")
         if self.verify_realm is not None:
             self.verify_realm(realm)
-        params: list[tuple[str, str]] = []
-        if challenge.params.get("service"):
-            params.append(("service", challenge.params["service"]))
-        params.extend(("scope", s) for s in scopes)
-        headers = {}
         c = self.credentials
         if c is not None and c.registry_token:
             return c.registry_token
+        service = challenge.params.get("service", "")
+        if c is not None and c.identity_token:
+            # one refresh-token grant at a time: a realm that rotates refresh tokens
+            # may revoke the one a concurrent grant is still using
+            with self._oauth_lock:
+                value, ttl_s = self._token_by_refresh(realm, service, scopes)
+        else:
+            value, ttl_s = self._token_by_get(realm, service, scopes)
+        with self._lock:
+            self._tokens[scopes] = _Token(value, time.monotonic() + ttl_s, ttl_s)
+        return value
+
+    def _token_by_get(self, realm: str, service: str, scopes: tuple[str, ...]) -> tuple[str, float]:
+        """The distribution token spec's GET: scopes in the query, basic credentials if any."""
+        params = [("service", service)] if service else []
+        params.extend(("scope", s) for s in scopes)
         basic = self._basic()
-        if basic:
-            headers["Authorization"] = basic
+        headers = {"Authorization": basic} if basic else {}
+        document = self._ask_realm("GET", realm, headers, params=params, refused="the token service refused the credentials" if basic else "the token service refused anonymous access")
+        return _token_from(document, "GET", realm)
+
+    def _token_by_refresh(self, realm: str, service: str, scopes: tuple[str, ...]) -> tuple[str, float]:
+        """The OAuth2 refresh-token grant docker and containers/image make with an
+        identity token: a form POST, the scopes space-separated in one ``scope``. A
+        ``refresh_token`` in the answer replaces the identity token for later grants.
+        Called with ``_oauth_lock`` held."""
+        if self._refresh_token is None:
+            assert self.credentials is not None
+            self._refresh_token = self.credentials.identity_token
+        form = [("grant_type", "refresh_token"), ("refresh_token", self._refresh_token), ("service", service), ("client_id", OAUTH_CLIENT_ID)]
+        if scopes:
+            form.append(("scope", " ".join(scopes)))
+        document = self._ask_realm("POST", realm, {}, data=form, refused="the token service refused the identity token")
+        refreshed = document.get("refresh_token")
+        if isinstance(refreshed, str) and refreshed:
+            self._refresh_token = refreshed
+        return _token_from(document, "POST", realm)
+
+    def _ask_realm(
+        self, method: str, realm: str, headers: dict[str, str], *, refused: str, params: list[tuple[str, str]] | None = None, data: list[tuple[str, str]] | None = None
+    ) -> dict[str, object]:
+        """One request to the token realm, its JSON answer on a 200. Errors name the
+        realm without its query (the scopes) and never carry what was sent; ``refused``
+        is the detail of the AuthError a refusal raises."""
+        timeout = (TOKEN_CONNECT_TIMEOUT_S, TOKEN_READ_TIMEOUT_S)
         try:
-            response = self.session.get(realm, params=params, headers=headers, stream=True, timeout=30, allow_redirects=False, verify=self.session.verify, proxies=proxies_for(realm))
+            response = self.session.request(
+                method, realm, params=params, data=data, headers=headers, stream=True, timeout=timeout, allow_redirects=False, verify=self.session.verify, proxies=proxies_for(realm)
+            )
+        except requests.exceptions.SSLError as exc:
+            raise RegistryError(method, realm, None, (), "token request: TLS verification failed", permanent=True) from exc
         except requests.RequestException as exc:
-            raise AuthError("GET", realm, None, (), f"token request failed: {type(exc).__name__}") from exc
+            raise RegistryError(method, realm, None, (), f"token request: {type(exc).__name__}") from exc
         if response.status_code != 200:
-            raise error_from_response(response, "GET")
-        body = read_limited(response, MAX_TOKEN_BODY_BYTES)
+            error = error_from_response(response, method)
+            # an OAuth2 token endpoint answers a bad grant with 400 invalid_grant (RFC 6749 5.2)
+            if response.status_code in (401, 403) or (method == "POST" and response.status_code == 400):
+                raise AuthError(method, realm, response.status_code, error.codes, refused)
+            raise RegistryError(method, realm, response.status_code, error.codes, "token request failed", retry_after_s=error.retry_after_s)
+        try:
+            body = read_limited(response, MAX_TOKEN_BODY_BYTES)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:  # the answer broke off
+            raise RegistryError(method, realm, None, (), f"token request: {type(exc).__name__}") from exc
         try:
             document = json.loads(body)
-            value = document.get("token") or document.get("access_token")
-            ttl = float(document.get("expires_in") or DEFAULT_TOKEN_TTL_S)
-        except (ValueError, AttributeError, TypeError):
-            raise AuthError("GET", realm, 200, (), "token response is not valid JSON") from None
-        if not isinstance(value, str) or not value:
-            raise AuthError("GET", realm, 200, (), "token response holds no token")
-        with self._lock:
-            self._tokens[scopes] = _Token(value, time.monotonic() + ttl, ttl)
-        return value
+        except ValueError:
+            raise AuthError(method, realm, 200, (), "token response is not valid JSON") from None
+        if not isinstance(document, dict):
+            raise AuthError(method, realm, 200, (), "token response is not a JSON object")
+        return document
+
+
+def _token_from(document: dict[str, object], method: str, realm: str) -> tuple[str, float]:
+    """The token and its lifetime in seconds from a realm's answer. ``access_token``
+    is OAuth2's name, ``token`` the distribution spec's; both mean the same."""
+    value = document.get("access_token") or document.get("token")
+    if not isinstance(value, str) or not value:
+        raise AuthError(method, realm, 200, (), "token response holds no token")
+    expires_in = document.get("expires_in")
+    ttl_s = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else DEFAULT_TOKEN_TTL_S
+    return value, ttl_s

@@ -6,6 +6,20 @@ Docker's conventions: ``$DOCKER_CONFIG/config.json`` (default ``~/.docker``) wit
 run as ``docker-credential-NAME get`` with the server on stdin. A configured helper
 that is missing or fails is an error for that registry, never a silent anonymous
 push (CVE-2021-41092). Secrets never reach a message.
+
+The lookup is docker's (cli/config/configfile ``GetAuthConfig``), for the key docker
+files a registry under (``registry.GetAuthConfigKey``): ``https://index.docker.io/v1/``
+for Docker Hub, ``host[:port]`` for any other registry.
+
+1. The helper for the key: ``credHelpers[key]`` if the key is there (an empty name
+   there means "config.json only", even with a ``credsStore``), else ``credsStore``.
+   It is asked for the key on stdin (another registry's helper, which has nothing
+   under ``host[:port]``, is asked again for ``https://host[:port]``).
+2. Where the helper has none, or no helper is configured: the ``auths`` entry, under
+   the key itself, else under a key that names the same host as a URL
+   (``https://host:port``, ``http://host:port/v2/``: docker's ``ConvertToHostname``).
+3. Still none: anonymous, except that a helper named in ``credHelpers`` must answer
+   (an error, where docker would push anonymously).
 """
 
 from __future__ import annotations
@@ -17,27 +31,46 @@ import os
 import shutil
 import subprocess
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from ..errors import BatchPushError
 from ..reference import DOCKER_HUB, DOCKER_HUB_API
 from .auth import Credentials
 
-#: docker's key for Docker Hub in config.json
+#: docker's key for Docker Hub in config.json (and the server its helpers are asked for)
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
+#: the hosts that are Docker Hub: the name, the API host, the legacy index
+DOCKER_HUB_HOSTS = frozenset({DOCKER_HUB, DOCKER_HUB_API, "index.docker.io"})
 #: seconds a credential helper may take
 HELPER_TIMEOUT_S = 30
 #: the most of config.json or a helper's answer we read
 MAX_CONFIG_BYTES = 4 << 20
+#: what a helper answers for a server it has nothing for (docker-credential-helpers'
+#: ``ErrCredentialsNotFound``), on its stdout
+HELPER_NOT_FOUND = b"credentials not found"
+#: the Username a helper answers with an identity token in its Secret
+HELPER_TOKEN_USERNAME = "<token>"  # noqa: S105 (a marker docker defines, not a secret)
 
 
 class CredentialsError(BatchPushError):
     kind = "credentials"
 
 
-def _host_of(key: str) -> str:
-    """config.json keys may be URLs: ``https://host:port/v1/`` -> ``host:port``."""
-    host = key.split("://", 1)[-1].split("/", 1)[0]
-    return DOCKER_HUB_API if host in ("index.docker.io", DOCKER_HUB) else host
+def config_key(host: str) -> str:
+    """The key docker files ``host``'s credentials under (``registry.GetAuthConfigKey``):
+    DOCKER_HUB_KEY for Docker Hub, ``host[:port]`` itself for any other registry."""
+    return DOCKER_HUB_KEY if host in DOCKER_HUB_HOSTS else host
+
+
+def convert_to_hostname(key: str) -> str:
+    """docker's ``ConvertToHostname``: an ``auths`` key written as a URL names its
+    ``host[:port]`` (``https://host:5000/v2/`` -> ``host:5000``); any other key its
+    text up to the first ``/``."""
+    if "://" in key:
+        netloc = urlsplit(key).netloc.rpartition("@")[2]
+        if netloc:
+            return netloc
+    return key.split("/", 1)[0]
 
 
 def docker_config_path() -> str:
@@ -45,7 +78,8 @@ def docker_config_path() -> str:
 
 
 class DockerConfigCredentials:
-    """A CredentialProvider over docker's config.json (read once, lazily)."""
+    """A CredentialProvider over docker's config.json (read once, lazily); the lookup
+    is the module docstring's. Helpers run on every call (the engine asks once per host)."""
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path or docker_config_path()
@@ -73,23 +107,30 @@ class DockerConfigCredentials:
 
     def __call__(self, host: str) -> Credentials | None:
         config = self._config()
+        key = config_key(host)
         helpers = config.get("credHelpers")
-        helper = helpers.get(host) if isinstance(helpers, dict) else None
-        if helper is None and host == DOCKER_HUB_API and isinstance(helpers, dict):
-            helper = helpers.get(DOCKER_HUB) or helpers.get("index.docker.io")
-        store = config.get("credsStore")
-        if isinstance(helper, str) and helper:
-            return run_helper(helper, host)
+        helpers = helpers if isinstance(helpers, dict) else {}
+        named = key in helpers
+        helper = helpers[key] if named else config.get("credsStore")
+        helper = helper if isinstance(helper, str) else ""
+        if helper:
+            found = run_helper(helper, key)
+            if found is not None:
+                return found
+        found = self._auth_entry(config, key)
+        if found is None and named and helper:
+            raise CredentialsError(f"credential helper docker-credential-{helper} has no credentials for {key} (named in credHelpers of {self.path})")
+        return found
+
+    def _auth_entry(self, config: Mapping[str, object], key: str) -> Credentials | None:
+        """docker's file store: ``auths[key]``, else the first entry whose key names the same host."""
         auths = config.get("auths")
-        if isinstance(auths, dict):
-            for key, entry in auths.items():
-                if _host_of(str(key)) == host and isinstance(entry, dict):
-                    found = _from_auth_entry(entry, self.path, host)
-                    if found is not None:
-                        return found
-        if isinstance(store, str) and store:
-            return run_helper(store, host, missing_ok=True)
-        return None
+        if not isinstance(auths, dict):
+            return None
+        entry = auths.get(key)
+        if entry is None:
+            entry = next((value for name, value in auths.items() if convert_to_hostname(str(name)) == key), None)
+        return _from_auth_entry(entry, self.path, key) if isinstance(entry, dict) else None
 
 
 def _from_auth_entry(entry: Mapping[str, object], path: str, host: str) -> Credentials | None:
@@ -109,32 +150,34 @@ def _from_auth_entry(entry: Mapping[str, object], path: str, host: str) -> Crede
     return Credentials(username, password, auth=auth, identity_token=identity_token)
 
 
-def run_helper(name: str, host: str, *, missing_ok: bool = False) -> Credentials | None:
-    """``docker-credential-NAME get``; its "credentials not found" means anonymous
-    only for the default store (``missing_ok``) — a helper named for this host must answer."""
+def run_helper(name: str, server: str) -> Credentials | None:
+    """``docker-credential-NAME get`` for ``server`` (a config key); None when the
+    helper has no credentials for it. A missing or failing helper raises
+    CredentialsError; the helper's output never reaches a message."""
     program = f"docker-credential-{name}"
     path = shutil.which(program)
     if path is None:
-        raise CredentialsError(f"credential helper {program} for {host} is not installed (configured in {docker_config_path()})")
-    for server in (host, f"https://{host}"):
+        raise CredentialsError(f"credential helper {program} for {server} is not installed (configured in {docker_config_path()})")
+    # docker asks for the key only; a helper that stored another registry under its
+    # URL (as some logins do) is asked for that too
+    asks = (server,) if "://" in server else (server, f"https://{server}")
+    for ask in asks:
         try:
-            done = subprocess.run([path, "get"], input=server.encode(), capture_output=True, timeout=HELPER_TIMEOUT_S, check=False)
+            done = subprocess.run([path, "get"], input=ask.encode(), capture_output=True, timeout=HELPER_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CredentialsError(f"credential helper {program} for {host} failed to run: {type(exc).__name__}") from None
+            raise CredentialsError(f"credential helper {program} for {server} failed to run: {type(exc).__name__}") from None
         if done.returncode == 0:
             break
-        if b"credentials not found" not in done.stdout + done.stderr:
-            raise CredentialsError(f"credential helper {program} for {host} failed (exit {done.returncode})")
+        if HELPER_NOT_FOUND not in done.stdout + done.stderr:
+            raise CredentialsError(f"credential helper {program} for {server} failed (exit {done.returncode})")
     else:
-        if missing_ok:
-            return None
-        raise CredentialsError(f"credential helper {program} has no credentials for {host}")
+        return None
     try:
         answer = json.loads(done.stdout[:MAX_CONFIG_BYTES])
         username, secret = str(answer.get("Username") or ""), str(answer.get("Secret") or "")
     except (ValueError, AttributeError):
-        raise CredentialsError(f"credential helper {program} for {host} answered something that is not its JSON") from None
-    if username == "<token>":
+        raise CredentialsError(f"credential helper {program} for {server} answered something that is not its JSON") from None
+    if username == HELPER_TOKEN_USERNAME:
         return Credentials(identity_token=secret)
     return Credentials(username, secret)
 
