@@ -299,3 +299,45 @@ def test_ctrl_c_through_the_python_api_cancels_the_run(registry, tmp_path, metad
             engine.run([PushJob(f"oci:{tmp_path / 'layout'}", (f"{registry.host}/api/app",))])
         assert engine.cancelled.is_set()
     assert registry.count("PUT", "/manifests/") == 0
+
+
+def test_a_mounted_blob_whose_size_no_head_confirms_is_not_used(registry, tmp_path, metadata_dir):
+    """Defect 9: after a mount of another recipe's blob (same DiffID, other gzip), a
+    HEAD 404 made the layer path take our own blob's size for the other digest: a
+    manifest with a size nobody verified. Now the mount is not used; our blob goes up."""
+    import gzip
+
+    from batchpush.digest import Digest
+    from batchpush.policy import V2Metadata, entry_hmac
+    from batchpush.registry.client import BlobUpload
+    from batchpush.sources.base import FileRange
+
+    simple_layout(str(tmp_path / "layout"), {"1": [81]})
+    node = open_source(f"oci:{tmp_path / 'layout'}").images()[0].node
+    store = MetadataStore(metadata_dir)
+    preparer = Preparer(str(tmp_path), store)
+    proxy = FaultProxy(registry.host)
+    client = RegistryClient(proxy.host, RegistryOptions(insecure=True, max_attempts=2))
+    try:
+        prepared = preparer.prepare(node)
+        assert isinstance(prepared, PreparedManifest)
+        layer = prepared.layers[0]
+        assert layer.source.blob is not None
+        other = gzip.compress(open(layer.source.blob.path, "rb").read(), mtime=0, compresslevel=9)  # another recipe's blob of the same DiffID
+        other_path = tmp_path / "other.gz"
+        other_path.write_bytes(other)
+        other_digest = Digest.sha256_of(other)
+        assert other_digest != layer.digest
+        client.upload_blob("size/src", BlobUpload(client.start_upload("size/src")), FileRange(str(other_path), 0, len(other)), other_digest)
+        key = hmac_key(None)
+        store.add(layer.key, V2Metadata(other_digest, f"{proxy.host}/size/src", entry_hmac(key, other_digest, f"{proxy.host}/size/src"), ""))
+        proxy.add(Rule("HEAD", f"/v2/size/dst/blobs/{other_digest}", "status", status=404, times=-1))
+        pusher = LayerPusher(client, parse_reference(f"{proxy.host}/size/dst"), PushState(), store, key, materialize=preparer.materialize)
+        result = pusher.push(layer)
+        assert proxy.requests("POST", "mount=")  # the mount was made...
+        assert (result.digest, result.size, result.outcome) == (layer.digest, layer.size, LayerOutcome.UPLOADED)  # ...and not used
+    finally:
+        client.close()
+        proxy.stop()
+        preparer.close()
+        store.close()
