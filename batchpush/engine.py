@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import waits
-from .errors import BatchPushError, Cancelled, InterruptedError_, SourceError, UsageError
+from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
 from .metadata import MetadataStore, OverlayStore
@@ -324,7 +324,7 @@ class Engine:
         try:
             images = open_source(job.source).images()
         except Exception as exc:
-            error = exc if isinstance(exc, BatchPushError) else _unexpected(exc, job.source)
+            error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, job.source)
             for target in targets:
                 yield _Work(job.source, str(target), error=error)
             return
@@ -425,22 +425,10 @@ class Engine:
             return self._failed(work.source, str(target), exc, started)
         except Exception as exc:  # a bug, a dead worker pool, a full disk...: this image fails, the run goes on
             log.debug("%s: unexpected error", target, exc_info=True)
-            return self._failed(work.source, str(target), _unexpected(exc, work.source), started)
+            return self._failed(work.source, str(target), InternalError.of(exc, work.source), started)
         finally:
             self._release(work.entry)
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers)
-
-
-def _unexpected(exc: Exception, source: str) -> BatchPushError:
-    """An exception nobody mapped, as one line: its type and message (OSError: its
-    strerror and file name)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        detail = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    else:
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-    error = BatchPushError(f"{source}: unexpected {type(exc).__name__}" + (f": {detail}" if detail else ""))
-    error.kind = "internal"
-    return error
 
 
 def push(source: str, targets: Sequence[str], options: PushOptions | None = None) -> BatchResult:

@@ -10,14 +10,13 @@
     ├── CredentialsError      a configured credential source that fails (registry/credentials.py)
     ├── InterruptedError_     the run was stopped before this image was complete
     ├── Cancelled             the run is being interrupted: stop, do not retry
+    ├── ImageAbandoned        another layer of the image failed: stop this one (layer_push.py)
+    ├── WorkerPoolError       the compression workers keep dying (workers.py)
+    ├── InternalError         an exception nobody mapped: it fails its image, not the run
     └── RegistryError         a registry answered with an error (registry/errors.py)
         ├── AuthError             401/403, or no usable credentials
         ├── ManifestDigestError   the registry reports another digest than ours
         └── UploadGoneError       the registry no longer knows an upload session
-
-Outside the tree for now: ``layer_push.ImageAbandoned`` and, until retry.py
-raises the ``Cancelled`` above, ``registry.retry.Cancelled``: plain Exceptions that
-stop a push from inside, to move into the tree.
 
 Lower-level errors (OSError, requests exceptions, tarfile errors) are mapped to
 these at one boundary each, with ``raise ... from exc``. No message ever contains a
@@ -117,3 +116,19 @@ class Cancelled(BatchPushError):
         # a default message: it is raised bare (``raise Cancelled()``) wherever a
         # cancelled run is noticed
         super().__init__(message)
+
+
+class InternalError(BatchPushError):
+    """An exception nobody mapped (a bug, a full disk, a foreign callback's fault):
+    the engine fails that image with this one line and goes on with the others."""
+
+    kind = "internal"
+
+    @classmethod
+    def of(cls, exc: BaseException, where: str) -> InternalError:
+        """``exc`` in one line: its type and message (an OSError: its strerror and file)."""
+        if isinstance(exc, OSError) and exc.strerror:
+            detail = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+        else:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+        return cls(f"{where}: unexpected {type(exc).__name__}" + (f": {detail}" if detail else ""))
