@@ -15,8 +15,7 @@ the run's cancel flag.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from . import waits
@@ -38,8 +37,7 @@ class PushState:
         self._lock = threading.Lock()
         self._layers: dict[tuple[str, str, Digest], RemoteBlob] = {}
         self._repositories: dict[tuple[str, Digest], list[str]] = {}
-        #: the flight under way per (registry, blob): set when it ends
-        self._flights: dict[tuple[str, Digest], threading.Event] = {}
+        self._flights = waits.Flights()
 
     def known_layer(self, registry: str, repository: str, key: Digest) -> RemoteBlob | None:
         with self._lock:
@@ -57,23 +55,9 @@ class PushState:
         with self._lock:
             return list(self._repositories.get((registry, digest), ()))
 
-    @contextmanager
-    def single_flight(self, registry: str, digest: Digest, cancel: threading.Event) -> Iterator[None]:
+    def single_flight(self, registry: str, digest: Digest, cancel: threading.Event) -> AbstractContextManager[None]:
         """One holder at a time per (registry, blob): a second job waits for the
         first to end (or for the run to be cancelled: Cancelled), then holds the
         flight itself and finds the blob in the state (or, if the first failed,
         tries itself)."""
-        key = (registry, digest)
-        while True:
-            with self._lock:
-                running = self._flights.get(key)
-                if running is None:
-                    mine = self._flights[key] = threading.Event()
-                    break
-            waits.event(running, cancel)
-        try:
-            yield
-        finally:
-            with self._lock:
-                del self._flights[key]
-            mine.set()
+        return self._flights.hold((registry, digest), cancel)

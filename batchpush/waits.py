@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from .errors import Cancelled
@@ -51,3 +52,30 @@ def event(flag: threading.Event, cancel: threading.Event) -> None:
     while not flag.wait(POLL_S):
         if cancel.is_set():
             raise Cancelled()
+
+
+class Flights:
+    """Single-flight by key: one holder at a time; the others wait for it to end
+    (with the cancel flag in view), then hold the flight in turn. The lock guards
+    the dictionary only: nobody waits or does I/O while holding it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: the flight under way per key: set when it ends
+        self._running: dict[Hashable, threading.Event] = {}
+
+    @contextmanager
+    def hold(self, key: Hashable, cancel: threading.Event) -> Iterator[None]:
+        while True:
+            with self._lock:
+                running = self._running.get(key)
+                if running is None:
+                    mine = self._running[key] = threading.Event()
+                    break
+            event(running, cancel)
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._running[key]
+            mine.set()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import requests
 import urllib3
 
+from ..waits import Flights
 from .errors import AuthError, RegistryError, error_from_response, read_limited
 from .transport import proxies_for
 
@@ -118,7 +119,7 @@ class Authenticator:
     False when a retry would not help (no new credentials to offer).
     """
 
-    def __init__(self, host: str, session: requests.Session, credentials: Credentials | None, *, verify_realm: Callable[[str], None] | None = None) -> None:
+    def __init__(self, host: str, session: requests.Session, credentials: Credentials | None, *, verify_realm: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> None:
         self.host = host
         self.session = session
         self.credentials = credentials
@@ -126,12 +127,14 @@ class Authenticator:
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[tuple[str, ...], _Token] = {}
-        #: one token fetch at a time per scope set (single-flight)
-        self._fetching: dict[tuple[str, ...], threading.Lock] = {}
-        #: refresh-token grants one at a time; the refresh token they send (the
-        #: identity token, until a realm hands out another), guarded by this lock
-        self._oauth_lock = threading.Lock()
+        #: one token fetch at a time per scope set, and one refresh-token grant at a
+        #: time (single-flight; no lock is held while a token is fetched)
+        self._fetching = Flights()
+        #: the refresh token the grants send: the identity token, until a realm
+        #: hands out another (read and replaced only by the grant in flight)
         self._refresh_token: str | None = None
+        #: set when the run is interrupted: a thread waiting for another's fetch stops
+        self.cancel = cancel or threading.Event()
 
     @property
     def has_credentials(self) -> bool:
@@ -153,10 +156,9 @@ class Authenticator:
             token = self._tokens.get(scopes)
             if token and token.fresh():
                 return f"Bearer {token.value}"
-            fetching = self._fetching.setdefault(scopes, threading.Lock())
         if challenge.scheme != "bearer":
             return None
-        with fetching:
+        with self._fetching.hold(scopes, self.cancel):
             with self._lock:  # another thread may have fetched it meanwhile
                 token = self._tokens.get(scopes)
                 if token and token.fresh():
@@ -195,7 +197,7 @@ class Authenticator:
         if c is not None and c.identity_token:
             # one refresh-token grant at a time: a realm that rotates refresh tokens
             # may revoke the one a concurrent grant is still using
-            with self._oauth_lock:
+            with self._fetching.hold("refresh-token grant", self.cancel):
                 value, ttl_s = self._token_by_refresh(realm, service, scopes)
         else:
             value, ttl_s = self._token_by_get(realm, service, scopes)
@@ -216,7 +218,7 @@ class Authenticator:
         """The OAuth2 refresh-token grant docker and containers/image make with an
         identity token: a form POST, the scopes space-separated in one ``scope``. A
         ``refresh_token`` in the answer replaces the identity token for later grants.
-        Called with ``_oauth_lock`` held."""
+        Called by the one refresh-token grant in flight."""
         if self._refresh_token is None:
             assert self.credentials is not None
             self._refresh_token = self.credentials.identity_token
