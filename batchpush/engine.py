@@ -19,13 +19,11 @@ import concurrent.futures as cf
 import logging
 import re
 import shutil
-import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
 
 from . import waits
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
@@ -44,69 +42,12 @@ from .report import BatchResult, ImageResult
 from .sources import SourceImage, SourceManifest, open_source
 from .sources.base import FileRange
 from .state import PushState
-
-if TYPE_CHECKING:
-    import multiprocessing.context
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-#: memory one compression worker may need (isal state, buffers, interpreter)
-WORKER_MEMORY_BYTES = 256 << 20
 #: (image, target) pushes running at once
 DEFAULT_MAX_CONCURRENT_IMAGES = 8
-
-
-def _ignore_interrupts() -> None:
-    """Compression workers leave SIGINT/SIGTERM to the main process, which stops cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """forkserver (no fork of a threaded process), its server loading only the
-    compression module, so each worker starts with it and nothing else."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["batchpush.compress"])
-    return context
-
-
-def default_jobs() -> int:
-    """Compression workers: one per core, fewer if memory is short."""
-    import psutil
-
-    cores = psutil.cpu_count(logical=True) or 1
-    by_memory = max(1, psutil.virtual_memory().available // WORKER_MEMORY_BYTES)
-    return max(1, min(cores, by_memory))
-
-
-class WorkerPool(cf.Executor):
-    """The compression worker processes, started by the first submit: a run that
-    only fingerprints (a cron re-run) never starts them, nor multiprocessing's
-    helper processes. ``jobs`` None: ``default_jobs()``, counted then."""
-
-    def __init__(self, jobs: int | None) -> None:
-        self._jobs = jobs
-        self._pool: cf.ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if self._pool is None:
-                self._pool = cf.ProcessPoolExecutor(max_workers=self._jobs or default_jobs(), mp_context=_worker_context(), initializer=_ignore_interrupts)
-            pool = self._pool
-        return pool.submit(fn, *args, **kwargs)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._closed = True
-            pool = self._pool
-        if pool is not None:
-            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

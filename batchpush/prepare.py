@@ -18,17 +18,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import functools
-import logging
 import os
 import threading
-from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from . import mediatypes as mt
 from . import waits
-from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, DeflatedBlock, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob, hash_input
+from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob, hash_input
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
@@ -40,8 +38,6 @@ POOL_MIN_BYTES = 1 << 20
 AS_IS = "as-is"
 #: how long a failed compression waits for its other blocks to end (each is bounded)
 BLOCK_WAIT_S = 60.0
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,18 +209,15 @@ class Preparer:
                 del self._work[(kind, key)]
         future.set_exception(error)
 
-    def _in_pool(self, fn: Callable[..., Any], blob: FileRange, *args: Any) -> Any:
-        """``fn`` in a worker process. A worker that died (the OOM killer) broke the
-        pool: the pool is rebuilt and the pass sent again, once."""
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+        """``fn`` in a worker process. On a WorkerPool, a task lost with a worker that
+        died (the OOM killer) is sent again to a rebuilt pool (workers.py)."""
         assert self.pool is not None
-        for attempt in (1, 2):
-            try:
-                return waits.result(self.pool.submit(fn, blob, *args), self.cancel)
-            except BrokenProcessPool:
-                if attempt == 2:
-                    raise
-                log.warning("a compression worker died; %s is compressed again", blob.path)
-        raise AssertionError("unreachable")
+        submit = getattr(self.pool, "submit_resubmitting", self.pool.submit)
+        return submit(fn, *args)  # type: ignore[no-any-return]
+
+    def _in_pool(self, fn: Callable[..., Any], blob: FileRange, *args: Any) -> Any:
+        return waits.result(self._submit(fn, blob, *args), self.cancel)
 
     def close(self) -> None:
         self._finishers.shutdown(wait=True, cancel_futures=True)
@@ -233,25 +226,11 @@ class Preparer:
     def _compress_in_blocks(self, blob: FileRange) -> CompressedBlob:
         """A large layer's blocks go to every worker at once. Meanwhile this thread
         hashes the input (hashing releases the GIL), then joins the blocks as they
-        come back, so the layer is ready soon after its last block. A block lost
-        with a dead worker is deflated again, once."""
-        assert self.pool is not None
-        pool = self.pool
-        blocks = blocks_of(blob)
-        futures = [pool.submit(deflate_block, block, last, self.spool_dir) for block, last in blocks]
-
-        def joined() -> Iterator[DeflatedBlock]:
-            for index, (block, last) in enumerate(blocks):
-                try:
-                    yield waits.result(futures[index], self.cancel)
-                except BrokenProcessPool:
-                    log.warning("a compression worker died; a block of %s is deflated again", blob.path)
-                    futures[index] = pool.submit(deflate_block, block, last, self.spool_dir)
-                    yield waits.result(futures[index], self.cancel)
-
+        come back, so the layer is ready soon after its last block."""
+        futures = [self._submit(deflate_block, block, last, self.spool_dir) for block, last in blocks_of(blob)]
         try:
             hashed = hash_input(blob)
-            return assemble(blob, joined(), self.spool_dir, hashed)
+            return assemble(blob, (waits.result(future, self.cancel) for future in futures), self.spool_dir, hashed)
         except BaseException:
             for future in futures:
                 future.cancel()
