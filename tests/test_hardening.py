@@ -341,3 +341,41 @@ def test_a_mounted_blob_whose_size_no_head_confirms_is_not_used(registry, tmp_pa
         proxy.stop()
         preparer.close()
         store.close()
+
+
+def test_a_compression_worker_killed_mid_batch(registry, tmp_path, metadata_dir):
+    """Defect 2: a worker SIGKILLed by the OOM killer broke the process pool, and the
+    BrokenProcessPool ended the whole run. The pool is rebuilt, the lost blocks are
+    compressed again, and every image arrives."""
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    built = {}
+    for i in range(3):
+        descriptor, built[f"t{i}"] = writer.image([random_layer(90 + i, 40 << 20), layer_tar(95 + i)])
+        writer.tag(descriptor, f"t{i}")
+    options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, jobs=2)
+    with Engine(options) as engine:
+        pool = engine._pool
+        assert pool is not None
+        killed: list[int] = []
+
+        def kill_a_worker() -> None:
+            deadline = time.monotonic() + BOUND_S
+            while time.monotonic() < deadline:
+                running = pool._pool
+                if running is not None and any(name.startswith(".block-") for name in os.listdir(engine._spool)):
+                    pids = list(getattr(running, "_processes", None) or {})
+                    if pids:
+                        os.kill(pids[0], signal.SIGKILL)
+                        killed.append(pids[0])
+                        return
+                time.sleep(0.005)
+
+        killer = threading.Thread(target=kill_a_worker, daemon=True)
+        killer.start()
+        result = engine.run([PushJob(f"oci:{tmp_path / 'layout'}", (f"{registry.host}/oom/app",))])
+        killer.join(BOUND_S)
+        assert killed, "no worker was seen compressing"
+        assert pool.breakages >= 1
+        assert [i.status for i in result.images] == ["pushed"] * 3, [i.error for i in result.images]
+    for tag, image in built.items():
+        assert pull_and_verify(registry, f"oom/app:{tag}", str(tmp_path / tag))[0].diff_ids == image.diff_ids
