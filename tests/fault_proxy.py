@@ -4,8 +4,13 @@ Rules match requests by method and path and act on the first ``times`` matches
 (after skipping ``skip``): answer a status, reset the connection after N request
 body bytes (``reset`` streams those bytes to the registry first, as a plain TCP
 proxy would; ``reset_buffered`` holds them back, as nginx's request buffering
-does), or forward the request and reset before the response reaches the client.
-Request bodies can be throttled. Counters record every request and body byte.
+does), forward the request and reset before the response reaches the client, or
+forward it and change the headers of the registry's answer (``headers``).
+A ``status`` answer can be written exactly as the rule says (``raw_headers``: no
+Content-Length or Content-Type of ours, so a test can omit or garble them) and be
+followed by closing the connection (``close``: a body shorter than its
+Content-Length then ends early). Request bodies can be throttled. Counters record
+every request, its body bytes and the status it was answered with.
 """
 
 from __future__ import annotations
@@ -24,10 +29,15 @@ from dataclasses import dataclass, field
 class Rule:
     method: str | None
     path: str  # a regular expression searched in the request target
-    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response"
+    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers"
     status: int = 503
+    #: headers added to a ``status`` answer, or set on the registry's (``headers``)
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    #: a ``status`` answer's head carries only ``headers``, exactly as given
+    raw_headers: bool = False
+    #: close the connection once a ``status`` answer is written
+    close: bool = False
     after_body_bytes: int = 0
     times: int = 1  # -1: every match
     skip: int = 0
@@ -46,6 +56,8 @@ class Seen:
     action: str
     body_bytes: int
     headers: dict[str, str] = field(default_factory=dict)
+    #: the status the client was answered with (None: no answer reached it)
+    status: int | None = None
 
 
 class FaultProxy:
@@ -102,9 +114,11 @@ class FaultProxy:
                         return rule
         return None
 
-    def _record(self, method: str, target: str, action: str, body_bytes: int, headers: dict[str, str] | None = None) -> None:
+    def _record(self, method: str, target: str, action: str, body_bytes: int, headers: dict[str, str] | None = None, status: int | None = None) -> Seen:
+        seen = Seen(time.monotonic(), method, target, action, body_bytes, headers or {}, status)
         with self.lock:
-            self.seen.append(Seen(time.monotonic(), method, target, action, body_bytes, headers or {}))
+            self.seen.append(seen)
+        return seen
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
@@ -147,20 +161,23 @@ class FaultProxy:
                 length = int(next((v for k, v in headers if k.strip().lower() == "content-length"), "0"))
                 rule = self._pick(method, target)
                 request_headers = {k.strip().lower(): v.strip() for k, v in headers}
-                if rule is None or rule.action == "reset_after_response":
-                    if not self._forward(client, reader, head, method, target, length, reset_after=rule is not None, request_headers=request_headers):
+                if rule is None or rule.action in ("reset_after_response", "headers"):
+                    if not self._forward(client, reader, head, method, target, length, rule=rule, request_headers=request_headers):
                         return
                     continue
                 if rule.action == "status":
                     got = self._read_body(reader, length)
-                    self._record(method, target, f"status {rule.status}", got, request_headers)
+                    self._record(method, target, f"status {rule.status}", got, request_headers, rule.status)
                     location = rule.headers.get("Location", "")
                     if "{target}" in location:  # a redirect to the same path elsewhere
                         rule_headers = {**rule.headers, "Location": location.replace("{target}", target)}
                     else:
                         rule_headers = rule.headers
+                    ours = "" if rule.raw_headers else f"Content-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n"
                     extra = "".join(f"{k}: {v}\r\n" for k, v in rule_headers.items())
-                    client.sendall(f"HTTP/1.1 {rule.status} Injected\r\nContent-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n{extra}\r\n".encode() + rule.body)
+                    client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{ours}{extra}\r\n".encode("latin-1") + (b"" if method == "HEAD" else rule.body))
+                    if rule.close:
+                        return
                     continue
                 if rule.action == "reset_buffered":
                     got = self._read_body(reader, min(length, rule.after_body_bytes))
@@ -181,7 +198,9 @@ class FaultProxy:
         finally:
             reader.close()
 
-    def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, reset_after: bool, request_headers: dict[str, str]) -> bool:  # type: ignore[no-untyped-def]
+    def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, rule: Rule | None, request_headers: dict[str, str]) -> bool:  # type: ignore[no-untyped-def]
+        reset_after = rule is not None and rule.action == "reset_after_response"
+        replaced = {k.lower(): (k, v) for k, v in rule.headers.items()} if rule is not None and rule.action == "headers" else {}
         try:
             upstream = socket.create_connection((self.upstream_host, self.upstream_port), timeout=60)
         except OSError:
@@ -191,17 +210,20 @@ class FaultProxy:
         with upstream:
             upstream.sendall(head)
             got = self._read_body(reader, length, upstream.sendall)
-            self._record(method, target, "reset_after_response" if reset_after else "forward", got, request_headers)
+            seen = self._record(method, target, rule.action if rule is not None else "forward", got, request_headers)
             response = http.client.HTTPResponse(upstream, method=method)
             response.begin()
             body = response.read()
             if reset_after:
                 self._reset(client)
                 return False
+            with self.lock:
+                seen.status = response.status
             lines = [f"HTTP/1.1 {response.status} {response.reason}"]
             for key, value in response.getheaders():
-                if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                if key.lower() not in ("transfer-encoding", "content-length", "connection", *replaced):
                     lines.append(f"{key}: {value}")
+            lines.extend(f"{key}: {value}" for key, value in replaced.values())
             if method != "HEAD" or "content-length" not in {k.lower() for k, _ in response.getheaders()}:
                 lines.append(f"Content-Length: {len(body)}")
             else:

@@ -5,12 +5,18 @@ carrying method, redacted URL, status and OCI error codes. A 401 is answered onc
 the authenticator learns the challenge, fetches a token, and the request is sent
 again with its body reopened from its factory. Retries of failed steps are the
 caller's (one policy around a whole step sequence, never nested here).
+
+Nothing but a RegistryError leaves a step for what the registry or the network did:
+a transport failure is mapped where the request is sent (``_send``) or its body read
+(``errors.read_limited``), and a header that must carry a number or a digest and
+does not is a MalformedResponseError, never a ValueError nor an invented value.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import threading
 from collections import Counter
@@ -24,10 +30,10 @@ import urllib3
 from requests import certs
 
 from .. import __version__
-from ..digest import Digest
+from ..digest import Digest, InvalidDigestError
 from ..sources.base import FileRange, read_views
 from .auth import Authenticator, Credentials, scope_for
-from .errors import AuthError, ManifestDigestError, RegistryError, UploadGoneError, error_from_response, release
+from .errors import TRANSPORT_ERRORS, AuthError, MalformedResponseError, ManifestDigestError, RegistryError, UploadGoneError, UploadRangeError, error_from_response, release, transport_error
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
 from .transport import new_session, send
 
@@ -58,6 +64,7 @@ class RegistryOptions:
     password_env: str | None = None
     password_file: str | None = None
     monolithic_limit_bytes: int = DEFAULT_MONOLITHIC_LIMIT_BYTES
+    #: 0 or less: the default (an empty chunk would never move the upload on)
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
     #: attempts of each step sequence (retry policy), the first included
@@ -88,14 +95,26 @@ class BlobUpload:
     interrupted: bool = False
 
 
+#: a header's decimal number: ASCII digits only ("\u00b2".isdigit() is true, int()
+#: refuses it), and few enough that int() never meets its digit limit
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+
+
+def _decimal(value: str | None) -> int | None:
+    """A header's non-negative decimal number; None if absent or not one."""
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if _DECIMAL.fullmatch(value) else None
+
+
 def _range_end(value: str | None) -> int:
     """Bytes received from ``Range: 0-<last>``. distribution answers ``0-0`` for an
-    empty upload, so ``0-0`` counts as none (a one-byte upload is resent whole)."""
+    empty upload, so ``0-0`` counts as none (a one-byte upload is resent whole). A
+    Range that does not parse counts as none too."""
     _, sep, end = (value or "").partition("-")
-    if not sep or not end.strip().isdigit():
-        return 0
-    last = int(end)
-    return last + 1 if last > 0 else 0
+    last = _decimal(end) if sep else None
+    return last + 1 if last else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +150,17 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 #: docker's per-host trust directories
 CERTS_DIRS = ("/etc/docker/certs.d", os.path.join(os.path.expanduser("~"), ".docker", "certs.d"))
+
+
+def _resolve(base: str, location: str, method: str, status: int) -> str:
+    """A Location header resolved against the URL that answered it. One that is not a
+    URL (``http://[::1/``: urllib.parse raises ValueError) is a malformed answer."""
+    try:
+        target = urljoin(base, location)
+        urlsplit(target)
+    except ValueError as exc:
+        raise MalformedResponseError(method, base, status, (), "its Location is not a URL") from exc
+    return target
 
 
 def same_origin(url: str, base: str) -> bool:
@@ -186,7 +216,7 @@ class RegistryClient:
             if extra:
                 self._bundle = combined_bundle(extra)
                 self.session.verify = self._bundle
-        self.auth = Authenticator(host, self.session, credentials, verify_realm=self._check_realm)
+        self.auth = Authenticator(host, self.session, credentials, verify_realm=self._check_realm, cancel=self.cancel)
         self.insecure_hosts: frozenset[str] = frozenset({host} if self.options.insecure else ())
         self.requests_by_method: Counter[str] = Counter()
         self.bytes_sent = 0
@@ -213,7 +243,10 @@ class RegistryClient:
 
     def _check_realm(self, realm: str) -> None:
         """A token realm must be https, unless the user marked its host insecure."""
-        parts = urlsplit(realm)
+        try:
+            parts = urlsplit(realm)
+        except ValueError:
+            raise AuthError("GET", realm, None, (), "the token realm is not a URL") from None
         if parts.scheme == "https":
             return
         insecure = {h.rsplit(":", 1)[0] if not h.startswith("[") else h for h in self.insecure_hosts} | set(self.insecure_hosts)
@@ -226,10 +259,13 @@ class RegistryClient:
         try:
             # verify is passed explicitly (the session does not read the environment)
             return send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), verify=self.session.verify)
-        except requests.exceptions.SSLError as exc:
-            raise RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)", permanent=True) from exc
-        except requests.RequestException as exc:
-            raise RegistryError(method, url, None, (), type(exc).__name__) from exc
+        except ValueError as exc:
+            # not a transport failure: http.client refuses the request itself (a URL or
+            # a header value it cannot carry). Its text quotes the value, which may be
+            # a token, so it is not chained: a traceback would print it.
+            raise transport_error(method, url, exc, sending=True) from None
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(method, url, exc, sending=True) from exc
 
     def request(
         self,
@@ -259,7 +295,7 @@ class RegistryClient:
                 continue
             if response.status_code in REDIRECTS and response.status_code not in expected and response.headers.get("Location"):
                 release(response)
-                target = urljoin(url, response.headers["Location"])
+                target = _resolve(url, response.headers["Location"], method, response.status_code)
                 if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
                     raise RegistryError(method, url, response.status_code, (), "refusing a redirect from https to plain http")
                 hops += 1
@@ -307,19 +343,31 @@ class RegistryClient:
 
     # -- blobs ---------------------------------------------------------------
     def head_blob(self, repository: str, digest: Digest) -> int | None:
-        """The blob's size if the repository has it, None if not (404)."""
-        response = self.request("HEAD", self._url(repository, f"blobs/{digest}"), scopes=(scope_for(repository, "pull,push"),), expected={200, 404})
+        """The blob's size if the repository has it, None if not (404). A 200 whose
+        Content-Length is missing or not a non-negative number raises
+        MalformedResponseError (temporary): the size goes into manifests, so none is
+        invented."""
+        url = self._url(repository, f"blobs/{digest}")
+        response = self.request("HEAD", url, scopes=(scope_for(repository, "pull,push"),), expected={200, 404})
         release(response)
         if response.status_code == 404:
             return None
-        return int(response.headers.get("Content-Length", "-1"))
+        return self._size(response, url)
+
+    @staticmethod
+    def _size(response: requests.Response, url: str) -> int:
+        """A HEAD 200's Content-Length: what the registry holds is that large."""
+        size = _decimal(response.headers.get("Content-Length"))
+        if size is None:
+            raise MalformedResponseError("HEAD", url, response.status_code, (), "the answer carries no valid Content-Length (the content's size)")
+        return size
 
     def _session_from(self, response: requests.Response) -> UploadSession:
         location = response.headers.get("Location")
         if not location:
             raise RegistryError(response.request.method or "POST", response.url, response.status_code, (), "no Location header on an upload response")
-        minimum = response.headers.get("OCI-Chunk-Min-Length", "")
-        return UploadSession(urljoin(response.url, location), int(minimum) if minimum.isdigit() else 0)
+        # a minimum that does not parse is ignored: chunks of our own size are sent
+        return UploadSession(_resolve(response.url, location, response.request.method or "POST", response.status_code), _decimal(response.headers.get("OCI-Chunk-Min-Length")) or 0)
 
     def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> MountResult:
         """``POST ?mount=&from=``: 201 mounted, 202 an upload session instead."""
@@ -361,8 +409,11 @@ class RegistryClient:
         Monolithic ``PUT ?digest=`` up to the registry's limit; above it, or when the
         registry asks for a minimum chunk, ``PATCH`` chunks with ``Content-Range``
         then a bodiless ``PUT ?digest=``. Called again after a failure, it first asks
-        the registry where the upload is and continues from there (a 416 is answered
-        the same way); UploadGoneError means a new session is needed. The
+        the registry where the upload is and continues from there. A 416 is answered
+        the same way once per call; a second one raises UploadRangeError (temporary),
+        so the caller's retry policy bounds how often a registry whose answers
+        disagree is asked again. UploadGoneError means a new session is needed (the
+        registry dropped it, or says it holds more than the blob has). The
         registry's Docker-Content-Digest must match ours. ``before_commit`` (which
         may raise) runs after the data is sent and before the committing PUT: the
         data then goes in PATCH chunks, so nothing is committed until it allows.
@@ -384,8 +435,11 @@ class RegistryClient:
         if upload.interrupted:
             self.upload_status(repository, upload)
         chunked = blob.size > self.options.monolithic_limit_bytes or bool(upload.session.chunk_min_bytes) or before_commit is not None
-        chunk = max(self.options.chunk_size_bytes, upload.session.chunk_min_bytes)
+        # a chunk size of 0 (``--chunk-size 0``) would send empty PATCHes for ever:
+        # the registry accepts each and the offset never moves
+        chunk = max(self.options.chunk_size_bytes if self.options.chunk_size_bytes > 0 else DEFAULT_CHUNK_SIZE_BYTES, upload.session.chunk_min_bytes)
         upload.interrupted = True  # until a response says otherwise
+        range_refused = False
         while chunked and upload.offset < blob.size:
             length = min(chunk, blob.size - upload.offset)
             headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{upload.offset}-{upload.offset + length - 1}"}
@@ -394,12 +448,21 @@ class RegistryClient:
             except RegistryError as exc:
                 if exc.status != 416:
                     raise
+                if range_refused:
+                    # Asking again could go on forever (a registry or proxy that answers
+                    # every PATCH with 416): this attempt ends, and the retry policy
+                    # decides whether another one asks again.
+                    raise UploadRangeError(exc.method, exc.url, exc.status, exc.codes, "the registry refused the chunk's range again after saying where the upload is") from exc
+                range_refused = True
                 self.upload_status(repository, upload)  # the registry says where it is
                 upload.interrupted = True
                 continue
             release(response)
             upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes)
             upload.offset = max(_range_end(response.headers.get("Range")), upload.offset + length) if response.headers.get("Range") else upload.offset + length
+        if upload.offset > blob.size:
+            # a Range past our blob: the session holds bytes that are not ours
+            raise UploadGoneError("PATCH", upload.session.location, None, (), f"the registry reports {upload.offset} bytes received of a {blob.size}-byte blob")
         if before_commit is not None:
             before_commit()
         rest = blob.size - upload.offset
@@ -427,12 +490,21 @@ class RegistryClient:
         return digest
 
     def head_manifest(self, repository: str, reference: str, accept: str) -> tuple[Digest, int] | None:
-        """The digest and size a tag resolves to, None if unknown."""
-        response = self.request("HEAD", self._url(repository, f"manifests/{reference}"), scopes=(scope_for(repository, "pull,push"),), expected={200, 404}, headers={"Accept": accept})
+        """The digest and size a tag resolves to; None if unknown (404) or if the
+        registry does not say its digest. A digest or a Content-Length that does
+        not parse raises MalformedResponseError (temporary)."""
+        url = self._url(repository, f"manifests/{reference}")
+        response = self.request("HEAD", url, scopes=(scope_for(repository, "pull,push"),), expected={200, 404}, headers={"Accept": accept})
         release(response)
         if response.status_code == 404 or "Docker-Content-Digest" not in response.headers:
             return None
-        return Digest.parse(response.headers["Docker-Content-Digest"]), int(response.headers.get("Content-Length", "0"))
+        value = response.headers["Docker-Content-Digest"]
+        try:
+            digest = Digest.parse(value)
+        except InvalidDigestError as exc:
+            # quoted short: it is the registry's text, and it goes into the report
+            raise MalformedResponseError("HEAD", url, response.status_code, (), f"its Docker-Content-Digest {value[:100]!r} does not parse") from exc
+        return digest, self._size(response, url)
 
     def close(self) -> None:
         self.session.close()

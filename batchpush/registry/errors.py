@@ -1,26 +1,48 @@
-"""Registry errors: method, redacted URL, status and the OCI error codes of the body."""
+"""Registry errors: method, redacted URL, status and the OCI error codes of the body.
+
+    RegistryError               a request that failed; ``status`` None: the transport failed
+    ├── AuthError               401/403, or no usable credentials (never retried)
+    ├── ManifestDigestError     the registry reports another manifest digest than ours
+    ├── UploadGoneError         the upload session is unusable: a new one must be started
+    ├── UploadRangeError        the registry refused a chunk's range again after saying
+    │                           where the upload is (retried: the next attempt asks again)
+    └── MalformedResponseError  an expected status whose headers do not parse (a size, a
+                                digest): retried, never turned into an invented value
+
+What the HTTP stack raises (requests', urllib3's outside requests' wrapping, the
+socket's) becomes a RegistryError in one place, ``transport_error``, called where a
+request is sent (the client's ``_send``) and where a body is read (``read_limited``).
+"""
 
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import time
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from ..errors import BatchPushError
 
-#: the most of an error body we read
+#: the most of an error body we read, and of its errors we quote
 MAX_ERROR_BODY_BYTES = 64 << 10
+MAX_QUOTED_ERRORS = 10
 #: statuses and OCI codes worth another try (the retry issue uses ``temporary``)
 TEMPORARY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 TEMPORARY_CODES = frozenset({"TOOMANYREQUESTS", "UNAVAILABLE"})
 
 
 def redact_url(url: str) -> str:
-    """Scheme, host and path only: upload locations carry state (``_state=``) in the query."""
-    parts = urlsplit(url)
+    """Scheme, host and path only: upload locations carry state (``_state=``) in the query.
+    A URL that does not parse (a registry's Location such as ``http://[::1/``) is not
+    quoted at all: its query could not be told apart."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that does not parse)"
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
@@ -70,7 +92,8 @@ class ManifestDigestError(RegistryError):
 
 
 class UploadGoneError(RegistryError):
-    """The registry no longer knows an upload session (a new one must be started)."""
+    """The registry no longer knows an upload session, or reports it holding more
+    than the blob has: a new one must be started."""
 
     kind = "upload-gone"
 
@@ -79,12 +102,57 @@ class UploadGoneError(RegistryError):
         return True
 
 
+class UploadRangeError(RegistryError):
+    """A 416 again after the registry said where the upload is: its answers disagree.
+    Temporary, so the retry policy (max_attempts) bounds how often it is asked again."""
+
+    kind = "upload-range"
+
+    @property
+    def temporary(self) -> bool:
+        return True
+
+
+class MalformedResponseError(RegistryError):
+    """An expected status with a header that does not parse (a HEAD's Content-Length,
+    a Docker-Content-Digest). Temporary: a proxy's or a registry's glitch may pass."""
+
+    kind = "malformed-response"
+
+    @property
+    def temporary(self) -> bool:
+        return True
+
+
+#: what sending a request or reading its body may raise: requests' errors, urllib3's
+#: (a streamed body is read outside requests' wrapping, and requests re-raises some
+#: of them as they are), http.client's and the socket's
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+#: what reading a body may raise besides: ValueError, reading a file already closed
+BODY_ERRORS: tuple[type[Exception], ...] = (*TRANSPORT_ERRORS, ValueError)
+
+
+def transport_error(method: str, url: str, exc: Exception, *, sending: bool) -> RegistryError:
+    """The one mapping of an HTTP stack failure to a RegistryError without a status.
+
+    Only the exception's type is named, never its text: that may quote a header
+    (``Invalid header value b'Bearer ...'``) or a URL with its query. Temporary,
+    except while ``sending``: TLS verification failing (requests' SSLError), and a
+    ValueError (a URL or a header value HTTP cannot carry, e.g. a token holding a
+    newline), which no retry can fix."""
+    if sending and isinstance(exc, requests.exceptions.SSLError):
+        return RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)", permanent=True)
+    if sending and isinstance(exc, ValueError):
+        return RegistryError(method, url, None, (), f"the request cannot be sent: its URL or a header value is not valid HTTP ({type(exc).__name__})", permanent=True)
+    return RegistryError(method, url, None, (), type(exc).__name__)
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """``Retry-After`` as seconds: delta-seconds or an HTTP date."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "\u00b2".isdigit() is true, float() refuses it
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -103,7 +171,8 @@ MAX_DRAIN_BYTES = 64 << 10
 def release(response: requests.Response) -> None:
     """Done with a streamed ``response``. Closing it would close its connection too
     (every request would then open a new one, and the registry set up each); so the
-    rest of a small body is read and the connection goes back to the pool."""
+    rest of a small body is read and the connection goes back to the pool. Never
+    raises for a broken rest: its connection is closed instead."""
     raw = response.raw
     if raw is None or response._content_consumed:  # type: ignore[attr-defined]
         response.close()
@@ -116,16 +185,23 @@ def release(response: requests.Response) -> None:
                 raw.release_conn()
                 return
             left -= len(data)
-    except Exception:  # a broken rest: the connection is not reused
+    except BODY_ERRORS:  # a broken rest: the connection is not reused
         pass
     response.close()
 
 
 def read_limited(response: requests.Response, limit_bytes: int) -> bytes:
-    """At most ``limit_bytes`` of a (streamed or not) response body."""
-    if not response.raw or response._content_consumed:  # type: ignore[attr-defined]
-        return response.content[:limit_bytes]
-    data = response.raw.read(limit_bytes, decode_content=True) or b""
+    """At most ``limit_bytes`` of a (streamed or not) response body. A body that
+    breaks off (the connection closed or timed out mid-way, a bad encoding) raises
+    a RegistryError without a status (temporary), its connection closed."""
+    try:
+        if not response.raw or response._content_consumed:  # type: ignore[attr-defined]
+            return response.content[:limit_bytes]
+        data = response.raw.read(limit_bytes, decode_content=True) or b""
+    except BODY_ERRORS as exc:
+        response.close()
+        method = (response.request.method if response.request else None) or "GET"
+        raise transport_error(method, response.url, exc, sending=False) from exc
     release(response)
     return data
 
@@ -135,15 +211,23 @@ def error_from_response(response: requests.Response, method: str | None = None) 
     method = method or (response.request.method if response.request else "?") or "?"
     codes: list[str] = []
     messages: list[str] = []
-    body = read_limited(response, MAX_ERROR_BODY_BYTES) if method != "HEAD" else b""
+    body = b""
+    if method != "HEAD":
+        try:
+            body = read_limited(response, MAX_ERROR_BODY_BYTES)
+        except RegistryError as exc:
+            # the status arrived whole and decides what the error is (and whether it
+            # is retried); the body would only have added its OCI codes
+            messages.append(f"its body broke off ({exc.detail})")
     try:
         document = json.loads(body) if body else {}
-        for error in document.get("errors") or []:
+        errors = document.get("errors") if isinstance(document, dict) else None
+        for error in errors[:MAX_QUOTED_ERRORS] if isinstance(errors, list) else ():
             if isinstance(error, dict):
-                codes.append(str(error.get("code", "")))
+                codes.append(str(error.get("code", ""))[:100])
                 if error.get("message"):
                     messages.append(str(error["message"])[:200])
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested too deep to parse
         pass
     cls = AuthError if response.status_code in (401, 403) else RegistryError
     retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status_code in (429, 503) else None
