@@ -46,10 +46,13 @@ class RedactingFormatter(logging.Formatter):
 
 def _size(text: str) -> int:
     units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    match = re.fullmatch(r"(\d+)\s*([kmg]?)(?:i?b)?", text.strip().lower())
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)(?:i?b)?", text.strip().lower(), re.ASCII)
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64M)")
-    return int(match.group(1)) * units[match.group(2)]
+    size = int(match.group(1)) * units[match.group(2)]
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return size
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

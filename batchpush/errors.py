@@ -16,7 +16,9 @@
     └── RegistryError         a registry answered with an error (registry/errors.py)
         ├── AuthError             401/403, or no usable credentials
         ├── ManifestDigestError   the registry reports another digest than ours
-        └── UploadGoneError       the registry no longer knows an upload session
+        ├── UploadGoneError       the registry no longer knows an upload session
+        ├── UploadRangeError      a 416 again after the registry said where the upload is
+        └── MalformedResponseError  an expected status whose headers do not parse
 
 Lower-level errors (OSError, requests exceptions, tarfile errors) are mapped to
 these at one boundary each, with ``raise ... from exc``. No message ever contains a

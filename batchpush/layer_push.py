@@ -290,8 +290,8 @@ class LayerPusher:
         if digest == layer.digest:
             return RemoteBlob(digest, layer.size, layer.media_type)
         size = self.client.head_blob(self.repository, digest)
-        if size is None or size < 0:
-            log.debug("mounted %s but its HEAD gives no size: not used", digest)
+        if size is None:
+            log.debug("mounted %s but a HEAD does not find it: not used", digest)
             return None
         return RemoteBlob(digest, size, self._media_type(layer, digest))
 
@@ -316,8 +316,6 @@ class LayerPusher:
                 if entry.source_repository == self.target.name:
                     self.store.remove(entry)
                 continue
-            if size < 0:
-                continue  # an answer without a valid size: not used
             # our own digest has the size we hashed; another's, the registry's
             blob = RemoteBlob(digest, layer.size if digest == layer.digest else size, self._media_type(layer, digest))
             if entry.source_repository != self.target.name or not hmac_matches(entry, self.hmac_key):

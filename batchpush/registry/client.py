@@ -285,7 +285,12 @@ class RegistryClient:
         while True:
             self.gate.wait()
             sent = dict(headers or {})
-            authorization = self.auth.authorization(scopes)
+            try:
+                authorization = self.auth.authorization(scopes)
+            except RegistryError as refused:
+                if refused.retry_after_s is not None:  # the realm's 429/503 pauses the host like the registry's own
+                    self.gate.pause(min(refused.retry_after_s, self.policy.retry_after_cap_s))
+                raise
             if authorization and same_origin(url, self.base_url if self._base_url else url):
                 sent["Authorization"] = authorization
             response = self._send(method, url, sent, body() if body else None)
