@@ -67,11 +67,12 @@ class PlainProgress(NoProgress):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.quiet = quiet
-        self._lock = threading.Lock()
 
     def _print(self, text: str, stream: TextIO) -> None:
-        with self._lock:
-            print(text, file=stream, flush=True)
+        # one write per line (print writes the newline separately): lines of images
+        # pushed at once stay whole without a lock held across the write
+        stream.write(text + "\n")
+        stream.flush()
 
     def image_started(self, target: str, repository: str) -> None:
         if not self.quiet:
