@@ -277,24 +277,20 @@ def test_sigint_while_the_pool_compresses_ends_the_run_cleanly(registry, tmp_pat
 
 def test_ctrl_c_through_the_python_api_cancels_the_run(registry, tmp_path, metadata_dir):
     """Defect 11: a KeyboardInterrupt in Engine.run never set the cancel flag: the run
-    waited for every image in flight. It now cancels them and is raised again."""
-    writer = LayoutWriter(str(tmp_path / "layout"))
-    descriptor, _ = writer.image([random_layer(71, 96 << 20)])
-    writer.tag(descriptor, "1")
-    options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, jobs=2)
+    waited for every image in flight. It now cancels them and is raised again. The
+    Ctrl-C comes while an image is in flight: its thread holds until the run is
+    cancelled (and would hold the run for BOUND_S if it never were)."""
+    import _thread
+
+    simple_layout(str(tmp_path / "layout"), {"1": [71, 72]})
+
+    class CtrlCWhileInFlight(NoProgress):
+        def image_started(self, target: str, repository: str) -> None:
+            _thread.interrupt_main()  # what Ctrl-C does to a Python program
+            engine.cancelled.wait(BOUND_S)
+
+    options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, progress=CtrlCWhileInFlight())
     with Engine(options) as engine:
-        started = threading.Event()
-        engine.preparer._assemblers.submit(started.set)
-
-        def interrupt() -> None:
-            started.wait(BOUND_S)
-            while not engine.preparer.bytes_read:
-                time.sleep(0.01)
-            import _thread
-
-            _thread.interrupt_main()
-
-        threading.Thread(target=interrupt, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
             engine.run([PushJob(f"oci:{tmp_path / 'layout'}", (f"{registry.host}/api/app",))])
         assert engine.cancelled.is_set()
