@@ -5,7 +5,12 @@ Rules match requests by method and path and act on the first ``times`` matches
 body bytes (``reset`` streams those bytes to the registry first, as a plain TCP
 proxy would; ``reset_buffered`` holds them back, as nginx's request buffering
 does), forward the request and reset before the response reaches the client, or
-forward it and change the headers of the registry's answer (``headers``).
+forward it and change the headers of the registry's answer (``headers``), forward it
+and reset the connection after N bytes of the answer's body (``reset_response``: a
+read that breaks mid-body), or forward it with one byte of the answer's body
+flipped (``corrupt_body``). Any forwarding rule may drop request headers on the way
+(``drop_request_headers``: e.g. ``Range``, as a server that ignores it); ``forward``
+does only that.
 A ``status`` answer can be written exactly as the rule says (``raw_headers``: no
 Content-Length or Content-Type of ours, so a test can omit or garble them) and be
 followed by closing the connection (``close``: a body shorter than its
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 class Rule:
     method: str | None
     path: str  # a regular expression searched in the request target
-    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers"
+    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "forward"
     status: int = 503
     #: headers added to a ``status`` answer, or set on the registry's (``headers``)
     headers: dict[str, str] = field(default_factory=dict)
@@ -39,6 +44,11 @@ class Rule:
     #: close the connection once a ``status`` answer is written
     close: bool = False
     after_body_bytes: int = 0
+    #: ``reset_response``: answer-body bytes sent before the reset; ``corrupt_body``:
+    #: the offset of the flipped byte
+    response_bytes: int = 0
+    #: request headers not forwarded (any case)
+    drop_request_headers: tuple[str, ...] = ()
     times: int = 1  # -1: every match
     skip: int = 0
     seen: int = 0
@@ -58,6 +68,20 @@ class Seen:
     headers: dict[str, str] = field(default_factory=dict)
     #: the status the client was answered with (None: no answer reached it)
     status: int | None = None
+    #: answer-body bytes sent to the client (a forwarded answer's)
+    response_bytes: int = 0
+
+
+#: actions that forward the request to the registry
+FORWARDING = ("reset_after_response", "headers", "reset_response", "corrupt_body", "forward")
+
+
+def _drop_headers(head: bytes, names: tuple[str, ...]) -> bytes:
+    """The request head without the headers ``names``."""
+    dropped = {name.lower() for name in names}
+    lines = head.decode("latin-1").split("\r\n")
+    kept = [line for line in lines if line.split(":", 1)[0].strip().lower() not in dropped or ":" not in line]
+    return "\r\n".join(kept).encode("latin-1")
 
 
 class FaultProxy:
@@ -161,7 +185,7 @@ class FaultProxy:
                 length = int(next((v for k, v in headers if k.strip().lower() == "content-length"), "0"))
                 rule = self._pick(method, target)
                 request_headers = {k.strip().lower(): v.strip() for k, v in headers}
-                if rule is None or rule.action in ("reset_after_response", "headers"):
+                if rule is None or rule.action in FORWARDING:
                     if not self._forward(client, reader, head, method, target, length, rule=rule, request_headers=request_headers):
                         return
                     continue
@@ -201,6 +225,8 @@ class FaultProxy:
     def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, rule: Rule | None, request_headers: dict[str, str]) -> bool:  # type: ignore[no-untyped-def]
         reset_after = rule is not None and rule.action == "reset_after_response"
         replaced = {k.lower(): (k, v) for k, v in rule.headers.items()} if rule is not None and rule.action == "headers" else {}
+        if rule is not None and rule.drop_request_headers:
+            head = _drop_headers(head, rule.drop_request_headers)
         try:
             upstream = socket.create_connection((self.upstream_host, self.upstream_port), timeout=60)
         except OSError:
@@ -217,6 +243,9 @@ class FaultProxy:
             if reset_after:
                 self._reset(client)
                 return False
+            cut = rule is not None and rule.action == "reset_response"
+            if rule is not None and rule.action == "corrupt_body" and rule.response_bytes < len(body):
+                body = body[: rule.response_bytes] + bytes([body[rule.response_bytes] ^ 0xFF]) + body[rule.response_bytes + 1 :]
             with self.lock:
                 seen.status = response.status
             lines = [f"HTTP/1.1 {response.status} {response.reason}"]
@@ -228,5 +257,12 @@ class FaultProxy:
                 lines.append(f"Content-Length: {len(body)}")
             else:
                 lines.append(f"Content-Length: {response.getheader('Content-Length')}")
-            client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if method == "HEAD" else body))
+            sent = b"" if method == "HEAD" else body[: rule.response_bytes] if cut and rule is not None else body
+            with self.lock:
+                seen.response_bytes = len(sent)
+            client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent)
+            if cut:
+                time.sleep(0.2)  # the bytes sent reach the client before the reset does
+                self._reset(client)
+                return False
         return True

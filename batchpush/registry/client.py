@@ -10,19 +10,24 @@ Nothing but a RegistryError leaves a step for what the registry or the network d
 a transport failure is mapped where the request is sent (``_send``) or its body read
 (``errors.read_limited``), and a header that must carry a number or a digest and
 does not is a MalformedResponseError, never a ValueError nor an invented value.
+
+The read side (a mirror's source: ``get_manifest``, ``list_tags``, ``blob_reader``)
+returns the types of ``reads.py``, where its limits and checks are described. A
+stream (``reads.BlobStream``) can be uploaded as it is read (``upload_blob``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
-import re
 import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
@@ -30,12 +35,47 @@ import urllib3
 from requests import certs
 
 from .. import __version__
+from .. import mediatypes as mt
 from ..digest import Digest, InvalidDigestError
+from ..errors import DigestMismatchError, ReferenceError_, SourceError
 from ..sources.base import FileRange, read_views
 from .auth import Authenticator, Credentials, scope_for
-from .errors import TRANSPORT_ERRORS, AuthError, MalformedResponseError, ManifestDigestError, RegistryError, UploadGoneError, UploadRangeError, error_from_response, release, transport_error
+from .errors import (
+    TRANSPORT_ERRORS,
+    AuthError,
+    MalformedResponseError,
+    ManifestDigestError,
+    RegistryError,
+    UploadGoneError,
+    UploadRangeError,
+    error_from_response,
+    parse_decimal,
+    read_limited,
+    release,
+    transport_error,
+)
+from .reads import (
+    MAX_MANIFEST_BYTES,
+    MAX_QUOTED_TAGS,
+    MAX_TAG_PAGE_BYTES,
+    MAX_TAG_PAGES,
+    MAX_TAGS,
+    TAG_PAGE_SIZE,
+    BlobReader,
+    BlobStream,
+    FetchedManifest,
+    RateLimit,
+    media_type_of,
+    next_link,
+    next_page,
+    rate_limit_of,
+    valid_tag,
+)
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
 from .transport import new_session, send
+
+if TYPE_CHECKING:
+    from ..sources.base import RegistryBlob
 
 #: blobs up to this size go in one PUT; larger ones in PATCH chunks
 DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
@@ -49,6 +89,7 @@ READ_TIMEOUT_S = 300.0
 
 USER_AGENT = f"batchpush/{__version__}"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,25 +136,12 @@ class BlobUpload:
     interrupted: bool = False
 
 
-#: a header's decimal number: ASCII digits only ("\u00b2".isdigit() is true, int()
-#: refuses it), and few enough that int() never meets its digit limit
-_DECIMAL = re.compile(r"[0-9]{1,18}")
-
-
-def _decimal(value: str | None) -> int | None:
-    """A header's non-negative decimal number; None if absent or not one."""
-    if value is None:
-        return None
-    value = value.strip()
-    return int(value) if _DECIMAL.fullmatch(value) else None
-
-
 def _range_end(value: str | None) -> int:
     """Bytes received from ``Range: 0-<last>``. distribution answers ``0-0`` for an
     empty upload, so ``0-0`` counts as none (a one-byte upload is resent whole). A
     Range that does not parse counts as none too."""
     _, sep, end = (value or "").partition("-")
-    last = _decimal(end) if sep else None
+    last = parse_decimal(end) if sep else None
     return last + 1 if last else 0
 
 
@@ -143,6 +171,70 @@ class _Body:
                 raise Cancelled()
             yield chunk
             self.on_bytes(len(chunk))
+
+
+class _StreamBody:
+    """A request body of ``length`` bytes taken from a stream (``pieces``): sized (so
+    requests sends Content-Length), counted as it goes, stopped by a cancelled run.
+    What the stream raised is kept in ``failure``: whatever the HTTP stack makes of
+    an exception raised inside its send loop, upload_blob raises this one."""
+
+    def __init__(self, pieces: Iterator[memoryview], length: int, on_bytes: Callable[[int], None], cancel: threading.Event) -> None:
+        self.pieces = pieces
+        self.length = length
+        self.on_bytes = on_bytes
+        self.cancel = cancel
+        self.failure: Exception | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[memoryview]:
+        try:
+            for piece in self.pieces:
+                if self.cancel.is_set():
+                    raise Cancelled()
+                yield piece
+                self.on_bytes(len(piece))
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+
+class _Cutter:
+    """One read of a stream, cut into consecutive pieces of the lengths asked for
+    (PATCH chunks): no byte is read twice. A piece held over between two chunks is
+    a view of the stream's buffer, valid because the stream is not asked for its
+    next piece before that one is sent."""
+
+    def __init__(self, stream: BlobStream) -> None:
+        self.name = stream.name
+        self._views = stream.views()
+        self._rest = memoryview(b"")
+        self.taken = 0
+
+    def take(self, length: int) -> Iterator[memoryview]:
+        left = length
+        while left:
+            if not self._rest:
+                piece = next(self._views, None)
+                if piece is None:
+                    raise SourceError(self.name, f"the stream ended after {self.taken} bytes")
+                self._rest = piece
+            part = self._rest[:left]
+            self._rest = self._rest[len(part) :]
+            left -= len(part)
+            self.taken += len(part)
+            yield part
+
+    def close(self) -> None:
+        close = getattr(self._views, "close", None)
+        if close is not None:
+            close()  # a read left mid-way gives up its response
+
+
+class _StreamSpent(Exception):
+    """A chunk of a stream was asked for again (a 401's resend): it was read once."""
 
 
 #: redirect statuses followed, and how many hops at most
@@ -220,6 +312,11 @@ class RegistryClient:
         self.insecure_hosts: frozenset[str] = frozenset({host} if self.options.insecure else ())
         self.requests_by_method: Counter[str] = Counter()
         self.bytes_sent = 0
+        #: body bytes read from this registry by blob streams (resumed and skipped ones included)
+        self.bytes_read = 0
+        #: the pull quota the last manifest answer stated (Docker Hub's RateLimit-*
+        #: headers); None when it stated none. Exposed only: no decision reads it here.
+        self.rate_limit: RateLimit | None = None
         self._count_lock = threading.Lock()
         self._base_url: str | None = None
         self._ping_lock = threading.Lock()
@@ -240,6 +337,18 @@ class RegistryClient:
     def _count_bytes(self, n: int) -> None:
         with self._count_lock:
             self.bytes_sent += n
+
+    def count_read(self, n: int) -> None:
+        """``n`` body bytes read from this registry (a BlobReader's)."""
+        with self._count_lock:
+            self.bytes_read += n
+
+    @property
+    def rate_limit_remaining(self) -> int | None:
+        """Pulls left in the quota's window, as the last manifest answer said; None
+        if it said nothing."""
+        limit = self.rate_limit
+        return limit.remaining if limit is not None else None
 
     def _check_realm(self, realm: str) -> None:
         """A token realm must be https, unless the user marked its host insecure."""
@@ -362,7 +471,7 @@ class RegistryClient:
     @staticmethod
     def _size(response: requests.Response, url: str) -> int:
         """A HEAD 200's Content-Length: what the registry holds is that large."""
-        size = _decimal(response.headers.get("Content-Length"))
+        size = parse_decimal(response.headers.get("Content-Length"))
         if size is None:
             raise MalformedResponseError("HEAD", url, response.status_code, (), "the answer carries no valid Content-Length (the content's size)")
         return size
@@ -372,7 +481,7 @@ class RegistryClient:
         if not location:
             raise RegistryError(response.request.method or "POST", response.url, response.status_code, (), "no Location header on an upload response")
         # a minimum that does not parse is ignored: chunks of our own size are sent
-        return UploadSession(_resolve(response.url, location, response.request.method or "POST", response.status_code), _decimal(response.headers.get("OCI-Chunk-Min-Length")) or 0)
+        return UploadSession(_resolve(response.url, location, response.request.method or "POST", response.status_code), parse_decimal(response.headers.get("OCI-Chunk-Min-Length")) or 0)
 
     def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> MountResult:
         """``POST ?mount=&from=``: 201 mounted, 202 an upload session instead."""
@@ -408,7 +517,16 @@ class RegistryClient:
         upload.offset = _range_end(response.headers.get("Range"))
         upload.interrupted = False
 
-    def upload_blob(self, repository: str, upload: BlobUpload, blob: FileRange, digest: Digest, *, on_progress: Callable[[int], None] | None = None, before_commit: Callable[[], None] | None = None) -> int:
+    def upload_blob(
+        self,
+        repository: str,
+        upload: BlobUpload,
+        blob: FileRange | BlobStream,
+        digest: Digest,
+        *,
+        on_progress: Callable[[int], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> int:
         """Send the blob through ``upload`` and commit it; returns the bytes sent.
 
         Monolithic ``PUT ?digest=`` up to the registry's limit; above it, or when the
@@ -422,8 +540,23 @@ class RegistryClient:
         registry's Docker-Content-Digest must match ours. ``before_commit`` (which
         may raise) runs after the data is sent and before the committing PUT: the
         data then goes in PATCH chunks, so nothing is committed until it allows.
+
+        A stream (``BlobStream``: a source registry's blob, ``reads.BlobReader``) is
+        read as it is sent, once per attempt and from its first byte: the monolithic
+        PUT's body is one read (a 401's resend is a new read), and PATCH chunks are
+        cut from one read. A stream cannot continue a session mid-way, so called
+        again after a failure: if the registry holds all of the blob's bytes (only
+        the commit was left, e.g. ``before_commit`` stopped it), the upload is
+        committed; if it holds some, the session is cancelled and a new one started
+        in ``upload`` — unless the registry holds the digest already (an earlier
+        commit went through before its answer was lost): then nothing is sent. A 416
+        to a chunk, a Range past the bytes sent, or a chunk a 401 would have resent
+        ends the attempt with UploadGoneError, the session cancelled. What the
+        stream raises comes out as it is, whatever the HTTP stack wraps it in: a
+        DigestMismatchError (the source's bytes are not the blob) stops the body
+        before its Content-Length, so nothing is committed, and the session is
+        cancelled here (any SourceError: it can never be completed from that source).
         """
-        scopes = (scope_for(repository, "pull,push"),)
         sent = 0
 
         def counted(n: int) -> None:
@@ -433,16 +566,30 @@ class RegistryClient:
             if on_progress is not None:
                 on_progress(upload.offset + sent)
 
+        if isinstance(blob, FileRange):
+            self._upload_file(repository, upload, blob, digest, counted, before_commit)
+        else:
+            self._upload_stream(repository, upload, blob, digest, counted, before_commit)
+        return sent
+
+    def _chunking(self, size: int, upload: BlobUpload, before_commit: Callable[[], None] | None) -> tuple[bool, int]:
+        """Whether the data goes in PATCH chunks, and their size."""
+        chunked = size > self.options.monolithic_limit_bytes or bool(upload.session.chunk_min_bytes) or before_commit is not None
+        # a chunk size of 0 (``--chunk-size 0``) would send empty PATCHes for ever:
+        # the registry accepts each and the offset never moves
+        chunk = max(self.options.chunk_size_bytes if self.options.chunk_size_bytes > 0 else DEFAULT_CHUNK_SIZE_BYTES, upload.session.chunk_min_bytes)
+        return chunked, chunk
+
+    def _upload_file(self, repository: str, upload: BlobUpload, blob: FileRange, digest: Digest, counted: Callable[[int], None], before_commit: Callable[[], None] | None) -> None:
+        scopes = (scope_for(repository, "pull,push"),)
+
         def body(start: int, length: int) -> Callable[[], _Body]:
             piece = FileRange(blob.path, blob.offset + start, length)
             return lambda: _Body(piece, counted, self.cancel)
 
         if upload.interrupted:
             self.upload_status(repository, upload)
-        chunked = blob.size > self.options.monolithic_limit_bytes or bool(upload.session.chunk_min_bytes) or before_commit is not None
-        # a chunk size of 0 (``--chunk-size 0``) would send empty PATCHes for ever:
-        # the registry accepts each and the offset never moves
-        chunk = max(self.options.chunk_size_bytes if self.options.chunk_size_bytes > 0 else DEFAULT_CHUNK_SIZE_BYTES, upload.session.chunk_min_bytes)
+        chunked, chunk = self._chunking(blob.size, upload, before_commit)
         upload.interrupted = True  # until a response says otherwise
         range_refused = False
         while chunked and upload.offset < blob.size:
@@ -470,16 +617,96 @@ class RegistryClient:
             raise UploadGoneError("PATCH", upload.session.location, None, (), f"the registry reports {upload.offset} bytes received of a {blob.size}-byte blob")
         if before_commit is not None:
             before_commit()
-        rest = blob.size - upload.offset
+        self._commit(repository, upload, digest, blob.size, body(upload.offset, blob.size - upload.offset))
+
+    def _commit(self, repository: str, upload: BlobUpload, digest: Digest, size: int, body: Callable[[], Any] | None) -> None:
+        """The committing ``PUT ?digest=`` (with the rest of the data, if any)."""
         final = _with_query(upload.session.location, "digest", str(digest))
-        response = self.request("PUT", final, scopes=scopes, expected={201}, headers={"Content-Type": "application/octet-stream"}, body=body(upload.offset, rest))
+        response = self.request("PUT", final, scopes=(scope_for(repository, "pull,push"),), expected={201}, headers={"Content-Type": "application/octet-stream"}, body=body)
         release(response)
         upload.interrupted = False
-        upload.offset = blob.size
+        upload.offset = size
         reported = response.headers.get("Docker-Content-Digest")
         if reported and reported != str(digest):
             raise RegistryError("PUT", final, 201, (), f"registry stored blob {reported}, we sent {digest}", permanent=True)
-        return sent
+
+    def _restart_stream(self, repository: str, upload: BlobUpload, digest: Digest, size: int) -> bool:
+        """A stream's upload that holds part of the blob cannot go on: its session is
+        cancelled and ``upload`` gets a new one. True when the registry holds the
+        digest already (nothing to send)."""
+        self.cancel_upload(repository, upload.session)
+        if self.head_blob(repository, digest) is not None:
+            upload.offset, upload.interrupted = size, False
+            return True
+        upload.session = self.start_upload(repository)
+        upload.offset, upload.interrupted = 0, False
+        return False
+
+    def _stream_gone(self, repository: str, upload: BlobUpload, method: str, status: int | None, detail: str) -> UploadGoneError:
+        """The session cannot take the rest of this read: cancelled, and a new one is needed."""
+        self.cancel_upload(repository, upload.session)
+        return UploadGoneError(method, upload.session.location, status, (), detail)
+
+    def _upload_stream(self, repository: str, upload: BlobUpload, stream: BlobStream, digest: Digest, counted: Callable[[int], None], before_commit: Callable[[], None] | None) -> None:
+        scopes = (scope_for(repository, "pull,push"),)
+        size = stream.size
+        if upload.interrupted and upload.offset >= size:
+            self.upload_status(repository, upload)  # all of it was sent: only the commit may be left
+        if (upload.interrupted or upload.offset not in (0, size)) and self._restart_stream(repository, upload, digest, size):
+            return
+        chunked, chunk = self._chunking(size, upload, before_commit)
+        bodies: list[_StreamBody] = []
+        reads: list[_Cutter] = []
+
+        def chunk_body(cutter: _Cutter, length: int) -> Callable[[], _StreamBody]:
+            def make() -> _StreamBody:
+                if any(b.pieces is pieces for b in bodies):
+                    raise _StreamSpent()
+                bodies.append(_StreamBody(pieces, length, counted, self.cancel))
+                return bodies[-1]
+
+            pieces = cutter.take(length)
+            return make
+
+        def whole_body() -> _StreamBody:
+            reads.append(_Cutter(stream))  # a new read each time: a 401's resend reads again
+            bodies.append(_StreamBody(reads[-1].take(size), size, counted, self.cancel))
+            return bodies[-1]
+
+        upload.interrupted = True  # until a response says otherwise
+        try:
+            if chunked and upload.offset < size:
+                reads.append(_Cutter(stream))
+                while upload.offset < size:
+                    length = min(chunk, size - upload.offset)
+                    headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{upload.offset}-{upload.offset + length - 1}"}
+                    try:
+                        response = self.request("PATCH", upload.session.location, scopes=scopes, expected={202}, headers=headers, body=chunk_body(reads[0], length))
+                    except RegistryError as exc:
+                        if exc.status == 416:
+                            raise self._stream_gone(repository, upload, "PATCH", 416, "the registry refused a chunk's range, and a stream cannot go back to where it is") from exc
+                        raise
+                    release(response)
+                    upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes)
+                    if response.headers.get("Range") and _range_end(response.headers.get("Range")) > upload.offset + length:
+                        raise self._stream_gone(repository, upload, "PATCH", 202, f"the registry reports more bytes received than the {upload.offset + length} sent")
+                    upload.offset += length
+            if before_commit is not None:
+                before_commit()
+            self._commit(repository, upload, digest, size, whole_body if upload.offset < size else None)
+        except _StreamSpent:
+            raise self._stream_gone(repository, upload, "PATCH", 401, "a chunk read from a stream cannot be sent again after a fresh token: the upload starts over") from None
+        except BaseException as exc:
+            failure = next((b.failure for b in bodies if b.failure is not None), None)
+            error = failure if failure is not None else exc
+            if isinstance(error, SourceError):
+                self.cancel_upload(repository, upload.session)
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            for read in reads:
+                read.close()
 
     # -- manifests -----------------------------------------------------------
     def put_manifest(self, repository: str, reference: str, media_type: str, data: bytes) -> Digest:
@@ -501,6 +728,7 @@ class RegistryClient:
         url = self._url(repository, f"manifests/{reference}")
         response = self.request("HEAD", url, scopes=(scope_for(repository, "pull,push"),), expected={200, 404}, headers={"Accept": accept})
         release(response)
+        self.rate_limit = rate_limit_of(response.headers)
         if response.status_code == 404 or "Docker-Content-Digest" not in response.headers:
             return None
         value = response.headers["Docker-Content-Digest"]
@@ -510,6 +738,128 @@ class RegistryClient:
             # quoted short: it is the registry's text, and it goes into the report
             raise MalformedResponseError("HEAD", url, response.status_code, (), f"its Docker-Content-Digest {value[:100]!r} does not parse") from exc
         return digest, self._size(response, url)
+
+    # -- reads (a mirror's source) -------------------------------------------
+    def get_manifest(self, repository: str, reference: str, accept: str = mt.MANIFEST_ACCEPT) -> FetchedManifest:
+        """``GET`` a manifest by tag or digest: its exact bytes, media type and digest.
+
+        At most MAX_MANIFEST_BYTES are read: a larger Content-Length or body raises a
+        permanent RegistryError naming the manifest. The bytes must hash to
+        ``reference`` when it is a digest, and to the registry's
+        Docker-Content-Digest when it sends one (in that digest's algorithm): else
+        DigestMismatchError (``what`` "manifest"). A Docker-Content-Digest that does
+        not parse raises MalformedResponseError (temporary). The pull quota the
+        answer states is kept in ``rate_limit``. ``reference`` that is neither a
+        tag nor a digest raises ReferenceError_ before any request."""
+        pinned = self._manifest_reference(reference)
+        where = f"{repository}@{reference}" if pinned else f"{repository}:{reference}"
+        path = f"docker://{self.host}/{where}"
+        url = self._url(repository, f"manifests/{reference}")
+        # identity: the digest is of the bytes as stored
+        response = self.request("GET", url, scopes=(scope_for(repository, "pull"),), expected={200}, headers={"Accept": accept, "Accept-Encoding": "identity"})
+        self.rate_limit = rate_limit_of(response.headers)
+        too_large = f"the manifest {where} is larger than {MAX_MANIFEST_BYTES} bytes (containerd's limit): refused"
+        length = parse_decimal(response.headers.get("Content-Length"))
+        if length is not None and length > MAX_MANIFEST_BYTES:
+            response.close()  # not drained: its rest could be anything
+            raise RegistryError("GET", url, response.status_code, (), too_large, permanent=True)
+        raw = read_limited(response, MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise RegistryError("GET", url, response.status_code, (), too_large, permanent=True)
+        digest = Digest.sha256_of(raw)
+        if pinned is not None:
+            actual = digest if pinned.algorithm == "sha256" else Digest.of(pinned.algorithm, raw)
+            if actual != pinned:
+                raise DigestMismatchError(path, "manifest", str(pinned), str(actual))
+        stated = response.headers.get("Docker-Content-Digest")
+        if stated is not None:
+            try:
+                claimed = Digest.parse(stated.strip())
+            except InvalidDigestError as exc:
+                raise MalformedResponseError("GET", url, response.status_code, (), f"its Docker-Content-Digest {stated[:100]!r} does not parse") from exc
+            actual = digest if claimed.algorithm == "sha256" else Digest.of(claimed.algorithm, raw)
+            if actual != claimed:
+                raise DigestMismatchError(path, "manifest (the registry's Docker-Content-Digest)", str(claimed), str(actual))
+        return FetchedManifest(raw, media_type_of(response.headers.get("Content-Type")), digest)
+
+    @staticmethod
+    def _manifest_reference(reference: str) -> Digest | None:
+        """The digest ``reference`` names, or None for a tag; anything else is refused
+        (it would go into a URL)."""
+        if ":" in reference:
+            try:
+                return Digest.parse(reference)
+            except InvalidDigestError as exc:
+                raise ReferenceError_(reference, exc.message) from None
+        if not valid_tag(reference):
+            raise ReferenceError_(reference, "not a valid tag")
+        return None
+
+    def list_tags(self, repository: str, *, page_size: int = TAG_PAGE_SIZE, max_pages: int = MAX_TAG_PAGES, max_tags: int = MAX_TAGS) -> list[str]:
+        """Every tag of ``repository`` (``GET /v2/<name>/tags/list?n=``), in the
+        registry's order, each once.
+
+        ``Link: <...>; rel="next"`` is followed to the end, resolved against the page
+        that named it. A link to another origin or another path, to a page already
+        read, a list longer than ``max_pages`` pages or ``max_tags`` tags: a
+        permanent RegistryError (nothing is returned). A name that is not a valid
+        tag is skipped with a warning. A page that is not a JSON tag list raises
+        MalformedResponseError (temporary). One request failing fails the listing:
+        the caller's retry policy runs it again from the first page."""
+        path = f"/v2/{repository}/tags/list"
+        url = f"{self.base_url}{path}?n={max(1, page_size)}"
+        seen_pages: set[str] = set()
+        tags: dict[str, None] = {}  # ordered, each once
+        received = skipped = 0
+        while True:
+            if len(seen_pages) >= max_pages:
+                raise RegistryError("GET", url, None, (), f"the tag list of {repository} runs past {max_pages} pages: refused", permanent=True)
+            seen_pages.add(url)
+            response = self.request("GET", url, scopes=(scope_for(repository, "pull"),), expected={200}, headers={"Accept": "application/json"})
+            page = self._tag_page(response, url, repository)
+            received += len(page)
+            if received > max_tags:
+                raise RegistryError("GET", url, 200, (), f"the tag list of {repository} holds more than {max_tags} tags: refused", permanent=True)
+            for tag in page:
+                if valid_tag(tag):
+                    tags[tag] = None
+                    continue
+                skipped += 1
+                if skipped <= MAX_QUOTED_TAGS:
+                    log.warning("%s: skipping a tag that is not a valid tag name: %.140r", repository, tag)
+            link = next_link(response.headers.get("Link"))
+            if link is None:
+                break
+            url = next_page(response.url, link, origin=self.base_url, path=path)
+            if url in seen_pages:
+                raise RegistryError("GET", url, 200, (), f"the tag list of {repository} links back to a page already read: refused", permanent=True)
+        if skipped > MAX_QUOTED_TAGS:
+            log.warning("%s: %d tags that are not valid tag names skipped in all", repository, skipped)
+        return list(tags)
+
+    @staticmethod
+    def _tag_page(response: requests.Response, url: str, repository: str) -> list[object]:
+        """The ``tags`` of one page (``null``: none)."""
+        body = read_limited(response, MAX_TAG_PAGE_BYTES + 1)
+        if len(body) > MAX_TAG_PAGE_BYTES:
+            raise RegistryError("GET", url, 200, (), f"a page of the tag list of {repository} is larger than {MAX_TAG_PAGE_BYTES} bytes: refused", permanent=True)
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            raise MalformedResponseError("GET", url, 200, (), "the tag list is not JSON") from None
+        tags = document.get("tags") if isinstance(document, dict) else []
+        if tags is None:
+            return []
+        if not isinstance(tags, list):
+            raise MalformedResponseError("GET", url, 200, (), "the tag list's tags are not a list")
+        return tags
+
+    def blob_reader(self, blob: RegistryBlob) -> BlobReader:
+        """A stream of ``blob`` from this registry (see ``reads.BlobReader``): nothing
+        is requested until its ``views()`` are read."""
+        if blob.host != self.host:
+            raise ValueError(f"blob of {blob.host} asked of the client of {self.host}")
+        return BlobReader(self, blob)
 
     def close(self) -> None:
         self.session.close()

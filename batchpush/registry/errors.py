@@ -19,6 +19,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import re
 import time
 from urllib.parse import urlsplit
 
@@ -145,6 +146,20 @@ def transport_error(method: str, url: str, exc: Exception, *, sending: bool) -> 
     if sending and isinstance(exc, ValueError):
         return RegistryError(method, url, None, (), f"the request cannot be sent: its URL or a header value is not valid HTTP ({type(exc).__name__})", permanent=True)
     return RegistryError(method, url, None, (), type(exc).__name__)
+
+
+#: a header's decimal number: ASCII digits only ("\u00b2".isdigit() is true, int()
+#: refuses it), and few enough that int() never meets its digit limit
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+
+
+def parse_decimal(value: str | None) -> int | None:
+    """A header's non-negative decimal number (Content-Length, OCI-Chunk-Min-Length);
+    None if absent or not one."""
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if _DECIMAL.fullmatch(value) else None
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
