@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-import resource
 import subprocess
 import sys
+import threading
 from collections import Counter
 
 import pytest
@@ -179,6 +180,23 @@ def test_defaults_flow_into_registries(tmp_path):
     assert plan.defaults.max_concurrent_uploads == 3
 
 
+def run_measured(command: list[str], tmp_path, *, timeout_s: float) -> tuple[int, str, int]:
+    """Run ``command``; its exit code, stderr, and its own peak RSS in bytes (os.wait4:
+    that child only; RUSAGE_CHILDREN would also count every registry and skopeo this
+    test process ever waited for)."""
+    err_path = tmp_path / "measured.err"
+    with open(err_path, "wb") as err:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        timer = threading.Timer(timeout_s, child.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        finally:
+            timer.cancel()
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    return child.returncode, err_path.read_text(errors="replace"), usage.ru_maxrss * 1024
+
+
 def test_thousand_small_images_with_flat_memory(registry, tmp_path):
     writer = LayoutWriter(str(tmp_path / "many"))
     base = layer_tar(1, files=1, file_size=2_000)
@@ -187,12 +205,11 @@ def test_thousand_small_images_with_flat_memory(registry, tmp_path):
         writer.tag(descriptor, f"t{i}")
     plan = write_plan(tmp_path, {"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [{"source": f"oci:{tmp_path}/many", "targets": [f"{registry.host}/many/app"]}]})
     report = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "batchpush", "run", plan, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--max-concurrent-images", "16"], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    returncode, err, peak_rss_bytes = run_measured([sys.executable, "-m", "batchpush", "run", plan, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--max-concurrent-images", "16"], tmp_path, timeout_s=900)
+    assert returncode == 0, err[-3000:]
     document = json.loads(report.read_text())
     assert len(document["images"]) == 1000
     assert {i["status"] for i in document["images"]} == {"pushed"}
-    peak_rss_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     assert peak_rss_bytes < 300 << 20, f"peak RSS {peak_rss_bytes >> 20} MiB"
     uploads = uploads_by_digest(registry)
     assert max(uploads.values()) == 1 and len(uploads) == 1 + 1000 + 1000  # the base once; app layers and configs
