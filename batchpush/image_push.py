@@ -12,14 +12,14 @@ import concurrent.futures as cf
 import copy
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import mediatypes as mt
 from . import waits
 from .digest import Digest
-from .layer_push import ImageGate, LayerOutcome, LayerPusher, LayerResult
+from .layer_push import ImageGate, LayerOutcome, LayerPusher, LayerResult, Staged
 from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedNode
 from .registry.errors import RegistryError
 from .sources.base import SourceManifest
@@ -116,14 +116,17 @@ class ImagePusher:
         if not self._pushed_here_before(node):
             return None
         expected = predict(node)
+        return expected if self.tag_digest(tag) == expected.digest else None
+
+    def tag_digest(self, tag: str) -> Digest | None:
+        """What the target's tag names now (one HEAD); None if nothing, or if the
+        HEAD fails: it is only a shortcut, the full push decides."""
         try:
             current = self.client.with_retries(lambda: self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT), f"manifest {tag}")
-        except RegistryError as exc:  # only a shortcut: the full push decides
+        except RegistryError as exc:
             log.info("%s: the tag HEAD failed (%s); pushing in full", tag, exc)
             return None
-        if current is not None and current[0] == expected.digest:
-            return expected
-        return None
+        return current[0] if current is not None else None
 
     def _pushed_here_before(self, node: PreparedNode) -> bool:
         if isinstance(node, PreparedIndex):
@@ -149,14 +152,16 @@ class ImagePusher:
 
     def _push_image(self, source: SourceManifest, checks: Sequence[cf.Future[PreparedLayer]], config: PreparedLayer, reference: str | None, *, gate: ImageGate | None = None) -> PushedManifest:
         """Each layer as soon as it is checked, and the config, on the registry's
-        pool; then the manifest. The first failure is raised (a layer's own failed
-        check before the others' consequences) and no manifest is written."""
+        pool; then the manifest. With a gate, what must wait for it comes back
+        ``Staged`` and this thread (not an upload thread) waits for the gate, then
+        has them finished. The first failure is raised (a layer's own failed check
+        before the others' consequences), staged sessions are cancelled, and no
+        manifest is written."""
         cancel = self.client.cancel
         positions: dict[cf.Future[PreparedLayer], list[int]] = {}
         for position, check in enumerate(checks):
             positions.setdefault(check, []).append(position)
-        pushes: dict[int, cf.Future[LayerResult]] = {}
-        config_push = self.executor.submit(self.layers.push, config, is_config=True, gate=gate)
+        pushes: dict[int, cf.Future[LayerResult | Staged]] = {-1: self.executor.submit(self.layers.push, config, is_config=True, gate=gate)}
         try:
             for check in waits.as_completed(positions, cancel):
                 if check.exception() is not None:
@@ -164,15 +169,34 @@ class ImagePusher:
                 for position in positions[check]:
                     pushes[position] = self.executor.submit(self.layers.push, check.result(), gate=gate)
         finally:
-            # pushes under way end on their own: their gate fails, or the run's cancel stops them
-            waits.wait_done([config_push, *pushes.values()], cancel)
-        for check in checks:
-            check.result()
-        layers = [pushes[position].result() for position in range(len(checks))]
-        config_push.result()
-        data = manifest_bytes(source, layers)
+            # pushes under way end on their own (a gated one returns Staged at once)
+            waits.wait_done(pushes.values(), cancel)
+        try:
+            waits.wait_done(checks, cancel)
+            for check in checks:
+                check.result()
+            if gate is not None:
+                gate.wait()
+            staged = {position: push.result() for position, push in pushes.items()}
+        except BaseException:
+            self._abandon(pushes.values())
+            raise
+        finished = {position: self.executor.submit(self.layers.finish, outcome) for position, outcome in staged.items() if isinstance(outcome, Staged)}
+        waits.wait_done(finished.values(), cancel)
+        results = {position: finished[position].result() if position in finished else outcome for position, outcome in staged.items()}
+        layers = [results[position] for position in range(len(checks))]
+        assert all(isinstance(layer, LayerResult) for layer in layers)
+        data = manifest_bytes(source, layers)  # type: ignore[arg-type]
         digest = self._put(reference or str(Digest.sha256_of(data)), source.media_type, data)
-        return PushedManifest(digest, len(data), source.media_type, tuple(layers))
+        return PushedManifest(digest, len(data), source.media_type, tuple(layers))  # type: ignore[arg-type]
+
+    def _abandon(self, pushes: Iterable[cf.Future[LayerResult | Staged]]) -> None:
+        """The image fails: every staged layer's session is cancelled."""
+        for push in pushes:
+            if push.done() and not push.cancelled() and push.exception() is None:
+                outcome = push.result()
+                if isinstance(outcome, Staged):
+                    self.layers.abandon(outcome)
 
     def _put(self, reference: str, media_type: str, data: bytes) -> Digest:
         """PUT a manifest under the retry policy (a 5xx is retried; a digest that

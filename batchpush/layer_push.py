@@ -26,7 +26,7 @@ import concurrent.futures as cf
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import mediatypes as mt
@@ -39,8 +39,9 @@ from .policy import Tier, V2Metadata, entry_hmac, hmac_matches, mount_candidates
 from .prepare import PreparedLayer
 from .progress import NoProgress, Progress
 from .reference import Reference
-from .registry.client import BlobUpload, RegistryClient, UploadSession
+from .registry.client import BlobUpload, RegistryClient
 from .registry.errors import AuthError, RegistryError, UploadGoneError
+from .registry.reads import BlobStream
 from .sources.base import FileRange
 from .state import PushState, RemoteBlob
 
@@ -105,6 +106,25 @@ class _Carry:
     upload: BlobUpload | None = None
     #: the image's gate, when its layers are still being checked
     gate: ImageGate | None = None
+    #: digests whose existence was checked already (seed: checkedDigests), so a
+    #: layer that comes back after its gate opened does not check them again
+    checked: set[Digest] = field(default_factory=set)
+    #: this push is the one sending the blob's data ahead of its gate (state.py)
+    staging: bool = False
+    #: bytes of the blob sent ahead of the commit
+    sent: int = 0
+
+
+@dataclass(slots=True)
+class Staged:
+    """A layer that waits for its image's gate: nothing of it is written yet (a large
+    layer's data may be sent, uncommitted). ``LayerPusher.finish`` completes it once
+    the gate is open; ``LayerPusher.abandon`` cancels it. Until then it holds no
+    thread: the image's own thread waits for the gate."""
+
+    layer: PreparedLayer
+    carry: _Carry
+    is_config: bool
 
 
 def _compatible(layer: PreparedLayer, entry: V2Metadata) -> bool:
@@ -127,7 +147,7 @@ class LayerPusher:
         store: MetadataStore | OverlayStore,
         hmac_key: bytes,
         *,
-        materialize: Callable[[PreparedLayer], FileRange],
+        materialize: Callable[[PreparedLayer], FileRange | BlobStream],
         progress: Progress | None = None,
         allow_nondistributable: bool = False,
     ) -> None:
@@ -142,45 +162,62 @@ class LayerPusher:
         self.materialize = materialize
         self.progress: Progress = progress or NoProgress()
 
-    def push(self, layer: PreparedLayer, *, is_config: bool = False, gate: ImageGate | None = None) -> LayerResult:
+    def push(self, layer: PreparedLayer, *, is_config: bool = False, gate: ImageGate | None = None) -> LayerResult | Staged:
         """Make ``layer`` (or the image config) present in the target repository.
 
         The whole path runs under the host's retry policy; an upload that broke is
         resumed, not restarted, on the next attempt. Raises RegistryError when the
         attempts are spent or the failure is not temporary (its session cancelled).
 
-        With a ``gate`` (the image's layers are still being checked), nothing is
-        written before the gate opens — no mount, no commit — but a large layer to
-        upload sends its data meanwhile and commits when the gate opens; if it
-        never does, its session is cancelled. The layer waits for its gate outside
-        the blob's flight."""
-        carry = _Carry(gate=gate)
+        With a ``gate`` that is not open (the image's layers are still being
+        checked), nothing is written — no mount, no commit — and ``Staged`` is
+        returned at once: a large layer to upload has sent its data first (one push
+        per registry and blob does that; the others send nothing). The caller
+        waits for the gate, then calls ``finish`` (or ``abandon``)."""
+        return self._run(layer, _Carry(gate=gate), is_config)
+
+    def finish(self, staged: Staged) -> LayerResult:
+        """Complete a staged layer, its gate now open."""
+        gate = staged.carry.gate
+        assert gate is None or gate.open
+        staged.carry.gate = None
+        result = self._run(staged.layer, staged.carry, staged.is_config)
+        assert isinstance(result, LayerResult)
+        return result
+
+    def abandon(self, staged: Staged) -> None:
+        """The staged layer's image will not be pushed: its session is cancelled."""
+        self._drop_upload(staged.layer, staged.carry)
+
+    def _drop_upload(self, layer: PreparedLayer, carry: _Carry) -> None:
+        if carry.upload is not None:
+            self.client.cancel_upload(self.repository, carry.upload.session)
+            carry.upload = None
+        if carry.staging:
+            self.state.unstage(self.target.registry, layer.digest)
+            carry.staging = False
+
+    def _run(self, layer: PreparedLayer, carry: _Carry, is_config: bool) -> LayerResult | Staged:
         try:
             result = self.client.with_retries(lambda: self._push_once(layer, carry), f"layer {layer.digest}")
         except BaseException:
-            if carry.upload is not None:
-                self.client.cancel_upload(self.repository, carry.upload.session)
+            self._drop_upload(layer, carry)
             raise
+        if result is None:
+            return Staged(layer, carry, is_config)
         if not is_config:
             self.progress.layer_done(str(self.target), result)
         return result
 
-    def _push_once(self, layer: PreparedLayer, carry: _Carry) -> LayerResult:
-        while True:
-            with self.state.single_flight(self.target.registry, layer.digest, self.client.cancel):
-                result = self._settled(layer)
-                if result is not None:
-                    if carry.upload is not None:  # staged, and another image's push got there first
-                        self.client.cancel_upload(self.repository, carry.upload.session)
-                        carry.upload = None
-                elif carry.upload is not None:  # a retry, or staged data: go on with that upload
-                    result = self._upload(layer, carry)
-                else:
-                    result = self._push(layer, carry)
+    def _push_once(self, layer: PreparedLayer, carry: _Carry) -> LayerResult | None:
+        with self.state.single_flight(self.target.registry, layer.digest, self.client.cancel):
+            result = self._settled(layer)
             if result is not None:
+                self._drop_upload(layer, carry)  # staged, and another push got there first
                 return result
-            assert carry.gate is not None
-            carry.gate.wait()  # outside the flight: other images' pushes of this blob go on
+            if carry.upload is not None:  # a retry, or staged data: go on with that upload
+                return self._upload(layer, carry)
+            return self._push(layer, carry)
 
     @property
     def _has_auth_info(self) -> bool:
@@ -227,8 +264,8 @@ class LayerPusher:
         # A repository of this registry that this batch saw receive the blob is the
         # first mount candidate (it is there for sure), then the store's candidates.
         batch = [V2Metadata(layer.digest, holder, entry_hmac(self.hmac_key, layer.digest, holder), layer.recipe) for holder in holders[:1]]
-        checked: set[Digest] = set()
-        if entries and not batch:
+        checked = carry.checked
+        if entries and not batch and not checked:
             # the seed's first existence check; skipped when a sure mount is at hand,
             # which takes one request too and leaves no doubt
             found = self._already_exists(layer, entries, checked, check_other_repositories=True, max_checks=1)
@@ -238,7 +275,6 @@ class LayerPusher:
         candidates = candidates[: max(tier.max_mount_attempts, len(batch))]
         if candidates and carry.gate is not None and not carry.gate.open:
             return None  # a mount writes: only once the whole image is checked
-        session: UploadSession | None = None
         # seed: once a mount is refused as UNAUTHORIZED, so are the rest of this layer's
         unauthorized = False
         for candidate in candidates:
@@ -251,14 +287,10 @@ class LayerPusher:
                 error, result = exc, None
             except RegistryError as exc:
                 if exc.temporary:  # no answer about the candidate: retried, the store keeps it
-                    if session is not None:
-                        self.client.cancel_upload(self.repository, session)
                     raise
                 error, result = exc, None
             if result is not None and result.mounted:
-                if session is not None:
-                    self.client.cancel_upload(self.repository, session)
-                    session = None
+                self._drop_upload(layer, carry)
                 blob = self._mounted_blob(layer, candidate.digest)
                 if blob is not None:
                     self._remember(layer, blob, candidate.recipe)
@@ -268,19 +300,17 @@ class LayerPusher:
             if candidate not in batch and remove_after_failed_mount(candidate, unauthorized=unauthorized, has_auth_info=self._has_auth_info, key=self.hmac_key):
                 self.store.remove(candidate)
             if result is not None and result.session is not None:
-                if session is not None:
-                    self.client.cancel_upload(self.repository, session)
-                session = result.session
+                # the session offered instead replaces (and cancels) the one before;
+                # kept in the carry at once, so a failure anywhere cancels it
+                self._drop_upload(layer, carry)
+                carry.upload = BlobUpload(result.session)
 
         remaining = tier.max_existence_checks - len(checked)
         if remaining > 0 and entries:
             found = self._already_exists(layer, entries, checked, check_other_repositories=tier.check_other_repositories, max_checks=remaining)
             if found is not None:
-                if session is not None:
-                    self.client.cancel_upload(self.repository, session)
+                self._drop_upload(layer, carry)
                 return found
-        if session is not None:
-            carry.upload = BlobUpload(session)
         return self._upload(layer, carry)
 
     def _mounted_blob(self, layer: PreparedLayer, digest: Digest) -> RemoteBlob | None:
@@ -328,12 +358,16 @@ class LayerPusher:
     def _upload(self, layer: PreparedLayer, carry: _Carry) -> LayerResult | None:
         """Step 7. None: the image's gate is not open; a large layer's data is sent
         first (``carry.upload`` keeps the session), a small one waits unsent."""
-        if layer.source.blob is None:
+        if layer.source.blob is None and layer.blob is None:
             raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes", permanent=True)
         gate = carry.gate
         staging = gate is not None and not gate.open
-        if staging and (carry.upload is not None or layer.size < STREAM_MIN_BYTES):
-            return None  # data already sent, or too small to be worth sending early
+        if staging:
+            if (carry.upload is not None and carry.upload.offset > 0) or layer.size < STREAM_MIN_BYTES:
+                return None  # data already sent, or too small to be worth sending early
+            if not carry.staging and not self.state.stage(self.target.registry, layer.digest):
+                return None  # another push is sending this blob's data: no second copy
+            carry.staging = True
         blob = self.materialize(layer)
         if carry.upload is None:
             carry.upload = BlobUpload(self.client.start_upload(self.repository))
@@ -346,21 +380,27 @@ class LayerPusher:
             if gate is not None and not gate.open:
                 raise _Staged()
 
+        def counted(sent_bytes: int) -> None:
+            carry.sent = sent_bytes
+            on_progress(sent_bytes)
+
         try:
-            sent = self.client.upload_blob(self.repository, carry.upload, blob, layer.digest, on_progress=on_progress, before_commit=stage if staging else None)
+            self.client.upload_blob(self.repository, carry.upload, blob, layer.digest, on_progress=counted, before_commit=stage if staging else None)
         except _Staged:
             return None
         except UploadGoneError:
             carry.upload = None  # the next attempt starts a new session...
             if self.client.head_blob(self.repository, layer.digest) is None:
                 raise
-            sent = 0  # ...unless the commit went through before the connection broke
+            # ...unless the commit went through before the connection broke
         except RegistryError as exc:
-            if not exc.temporary and carry.upload is not None:
-                self.client.cancel_upload(self.repository, carry.upload.session)
-                carry.upload = None
+            if not exc.temporary:
+                self._drop_upload(layer, carry)
             raise
         carry.upload = None
+        if carry.staging:
+            self.state.unstage(self.target.registry, layer.digest)
+            carry.staging = False
         remote = RemoteBlob(layer.digest, layer.size, layer.media_type)
         self._remember(layer, remote, layer.recipe)
-        return self._result(layer, remote, LayerOutcome.UPLOADED, sent)
+        return self._result(layer, remote, LayerOutcome.UPLOADED, carry.sent)

@@ -38,6 +38,8 @@ class PushState:
         self._layers: dict[tuple[str, str, Digest], RemoteBlob] = {}
         self._repositories: dict[tuple[str, Digest], list[str]] = {}
         self._flights = waits.Flights()
+        #: (registry, blob) whose data a push is sending ahead of its image's gate
+        self._staging: set[tuple[str, Digest]] = set()
 
     def known_layer(self, registry: str, repository: str, key: Digest) -> RemoteBlob | None:
         with self._lock:
@@ -61,3 +63,17 @@ class PushState:
         flight itself and finds the blob in the state (or, if the first failed,
         tries itself)."""
         return self._flights.hold((registry, digest), cancel)
+
+    def stage(self, registry: str, digest: Digest) -> bool:
+        """Claim the sending of a blob's data ahead of its image's gate: False if
+        another push has it (this one then sends nothing and, once its gate opens,
+        mounts what the other committed, or uploads if it did not)."""
+        with self._lock:
+            if (registry, digest) in self._staging:
+                return False
+            self._staging.add((registry, digest))
+            return True
+
+    def unstage(self, registry: str, digest: Digest) -> None:
+        with self._lock:
+            self._staging.discard((registry, digest))

@@ -21,11 +21,12 @@ from registry import start_registry
 
 import batchpush
 from batchpush.engine import Engine, PushJob, PushOptions
-from batchpush.layer_push import ImageGate, LayerPusher
+from batchpush.image_push import ImagePusher
+from batchpush.layer_push import LayerPusher
 from batchpush.metadata import MetadataStore
 from batchpush.outcome import LayerOutcome
 from batchpush.policy import hmac_key
-from batchpush.prepare import PreparedManifest, Preparer
+from batchpush.prepare import PendingManifest, PreparedManifest, Preparer
 from batchpush.progress import NoProgress
 from batchpush.reference import parse_reference
 from batchpush.registry.client import RegistryClient, RegistryOptions
@@ -150,52 +151,55 @@ def test_a_failing_tag_head_falls_back_to_a_full_push(registry, tmp_path, metada
         proxy.stop()
 
 
-class _WatchedGate(ImageGate):
-    """An image gate that says when a layer starts waiting on it."""
-
-    def __init__(self, layers, cancel) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(layers, cancel)
-        self.waiting = threading.Event()
-
-    def wait(self) -> None:
-        self.waiting.set()
-        super().wait()
-
-
-def test_one_images_gate_does_not_hold_another_images_blob(registry, tmp_path, metadata_dir):
-    """Defect 12: image A's layer held the blob's single-flight while it waited for
-    A's other layers to be checked, so image B, whose layers were all checked,
-    waited for A's compressions before it could push the same blob."""
-    simple_layout(str(tmp_path / "layout"), {"1": [41]})
-    node = open_source(f"oci:{tmp_path / 'layout'}").images()[0].node
+def test_an_image_waiting_for_its_checks_holds_no_blob_and_no_upload_thread(registry, tmp_path, metadata_dir):
+    """Defect 12: image A's layers held the blob's single-flight, and then the
+    registry's upload threads, while they waited for A's other layers to be
+    checked; image B, whose layers were all checked, waited for A's compressions.
+    Now A's checked layers come back staged at once and A's own thread waits."""
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    a_descriptor, _ = writer.image([layer_tar(s) for s in (41, 42, 43, 44, 45)])
+    writer.tag(a_descriptor, "a")
+    b_descriptor, _ = writer.image([layer_tar(41)])
+    writer.tag(b_descriptor, "b")
+    sources = {image.tags[0]: image.node for image in open_source(f"oci:{tmp_path / 'layout'}").images()}
     store = MetadataStore(metadata_dir)
     preparer = Preparer(str(tmp_path), store)
     client = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    uploads = cf.ThreadPoolExecutor(max_workers=2)  # fewer upload threads than A has layers
     try:
-        prepared = preparer.prepare(node)
-        assert isinstance(prepared, PreparedManifest)
-        layer = prepared.layers[0]
+        a, b = preparer.prepare(sources["a"]), preparer.prepare(sources["b"])
+        assert isinstance(a, PreparedManifest) and isinstance(b, PreparedManifest)
         state, key = PushState(), hmac_key(None)
 
-        def pusher(repository: str) -> LayerPusher:
-            return LayerPusher(client, parse_reference(f"{registry.host}/{repository}"), state, store, key, materialize=preparer.materialize)
+        def pusher(repository: str) -> ImagePusher:
+            layers = LayerPusher(client, parse_reference(f"{registry.host}/{repository}"), state, store, key, materialize=preparer.materialize)
+            return ImagePusher(layers, uploads)
 
-        never_checked: cf.Future = cf.Future()  # image A's other layer, still compressing
-        gate = _WatchedGate((never_checked,), client.cancel)
-        a_thread, a_out = _in_thread(lambda: pusher("gate/a").push(layer, gate=gate))
-        assert gate.waiting.wait(BOUND_S)
-        b_thread, b_out = _in_thread(lambda: pusher("gate/b").push(layer))
+        never_checked: cf.Future = cf.Future()  # A's last layer, still compressing
+        checks = (*(_done(layer) for layer in a.layers[:-1]), never_checked)
+        pending = PendingManifest(a.source, checks, a.config)
+        a_thread, a_out = _in_thread(lambda: pusher("gate/a").push_streaming(pending, "a"))
+        b_thread, b_out = _in_thread(lambda: pusher("gate/b").push(b, "b"))
         b_thread.join(BOUND_S)
-        assert not b_thread.is_alive(), "image B waited for image A's gate"
-        assert b_out[0].outcome is LayerOutcome.UPLOADED
-        never_checked.set_result(None)  # A's image is checked: its layer mounts what B sent
+        assert not b_thread.is_alive(), "image B waited for image A's checks"
+        assert [layer.outcome for layer in b_out[0].layers] == [LayerOutcome.UPLOADED]
+        assert registry.count("PUT", "/v2/gate/a/") == 0  # A wrote nothing yet
+        never_checked.set_result(a.layers[-1])  # A's image is checked: it goes on
         a_thread.join(BOUND_S)
-        assert a_out[0].outcome is LayerOutcome.MOUNTED and a_out[0].mounted_from == "gate/b"
-        assert registry.count("PUT", "/v2/gate/a/blobs/uploads/") == 0
+        assert not a_thread.is_alive()
+        assert a_out[0].layers[0].outcome is LayerOutcome.MOUNTED and a_out[0].layers[0].mounted_from == "gate/b"
+        pull_and_verify(registry, "gate/a:a", str(tmp_path / "pulled"))
     finally:
+        uploads.shutdown(wait=False, cancel_futures=True)
         client.close()
         preparer.close()
         store.close()
+
+
+def _done(layer):  # type: ignore[no-untyped-def]
+    future: cf.Future = cf.Future()
+    future.set_result(layer)
+    return future
 
 
 def _step(method: str, target: str) -> tuple[str, str]:
