@@ -24,6 +24,7 @@ from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_
 from .registry.credentials import ChainedCredentials, DockerConfigCredentials
 from .registry.retry import DEFAULT_MAX_ATTEMPTS
 from .report import BatchResult
+from .sources.registry import Platform
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -55,6 +56,13 @@ def _size(text: str) -> int:
     return size
 
 
+def _platform(text: str) -> Platform:
+    try:
+        return Platform.parse(text)
+    except BatchPushError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-nondistributable-artifacts", action="append", default=[], metavar="HOST[:PORT]", help="push foreign (non-distributable) layers to this host too (repeatable)")
     parser.add_argument("--max-attempts", type=int, metavar="N", help=f"attempts of each protocol step sequence, retries included (default {DEFAULT_MAX_ATTEMPTS}; overrides the plan)")
@@ -72,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchpush {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     push = commands.add_parser("push", help="push the images of one source to one or more repositories")
-    push.add_argument("source", help="oci:PATH[:TAG] or docker-archive:PATH[:REF]")
+    push.add_argument("source", help="oci:PATH[:TAG], docker-archive:PATH[:REF] or docker://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
     push.add_argument("targets", nargs="+", metavar="TARGET", help="REGISTRY/REPOSITORY[:TAG]; without a tag, the source's tags")
     push.add_argument("--insecure", action="append", default=[], metavar="HOST[:PORT]", help="plain HTTP or unverified TLS for this host (repeatable)")
+    push.add_argument("--platform", action="append", default=[], type=_platform, metavar="OS/ARCH[/VARIANT]", help="of a registry source's index, copy only this platform (repeatable; default all)")
     push.add_argument("--username", metavar="NAME", help="log in to the target registries as NAME (password from --password-stdin)")
     push.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     push.add_argument("--ca-file", metavar="PATH", help="trust this CA for the target registries (docker's certs.d is read too)")
@@ -142,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             credentials: CredentialProvider = DockerConfigCredentials()
         else:
             defaults = RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit, ca_file=args.ca_file)
-            registries, jobs = {}, iter([PushJob(args.source, tuple(args.targets))])
+            registries, jobs = {}, iter([PushJob(args.source, tuple(args.targets), platforms=tuple(args.platform))])
             credentials = _push_credentials(args)
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,23 +25,28 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from . import mediatypes as mt
 from . import waits
+from .digest import Digest
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
 from .metadata import MetadataStore, OverlayStore
 from .policy import hmac_key
-from .prepare import PendingManifest, PreparedLayer, PreparedNode, Preparer
+from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer, prepared_remote
 from .progress import NoProgress, Progress
 from .reference import Reference, parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
 from .registry.credentials import DockerConfigCredentials, password_from
 from .registry.dry_run import DryRunClient
+from .registry.reads import BlobStream
 from .report import BatchResult, ImageResult
 from .sources import SourceImage, SourceManifest, open_source
-from .sources.base import FileRange
-from .state import PushState
+from .sources.base import FileRange, ImageSource, RegistryBlob
+from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
+from .sources.registry import Platform, RegistrySource, RemoteImage, parse_registry_source, resolve
+from .state import PushState, RemoteBlob
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,8 @@ class PushJob:
     source: str
     targets: tuple[str, ...]
     tags: re.Pattern[str] | None = None
+    #: of an index from a registry source, copy only these platforms (empty: all)
+    platforms: tuple[Platform, ...] = ()
 
 
 def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tuple[SourceImage, Reference]]:
@@ -104,11 +111,14 @@ class _Entry:
     The first target to need it prepares it; the others wait for that (with the
     cancel flag in view), never on a lock held while it is prepared."""
 
-    def __init__(self, image: SourceImage, uses: int) -> None:
+    def __init__(self, image: SourceImage, uses: int, platforms: tuple[Platform, ...] = ()) -> None:
         self.image = image
         self.uses = uses
+        self.platforms = platforms
         self.lock = threading.Lock()
         self.node: cf.Future[PreparedNode | PendingManifest] | None = None
+        #: a registry source's digest for the image, asked once (a HEAD)
+        self.source_digest: cf.Future[Digest] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +273,7 @@ class Engine:
             except BatchPushError as exc:
                 yield _Work(job.source, text, error=exc)
         try:
-            images = open_source(job.source).images()
+            images = self._open(job.source).images()
         except Exception as exc:
             error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, job.source)
             for target in targets:
@@ -285,10 +295,15 @@ class Engine:
                 yield _Work(job.source, str(target), error=exc)
         entries: dict[int, _Entry] = {}
         for image, _ in planned:
-            entry = entries.setdefault(id(image), _Entry(image, 0))
+            entry = entries.setdefault(id(image), _Entry(image, 0, job.platforms))
             entry.uses += 1
         for image, reference in planned:
             yield _Work(image.name, str(reference), entries[id(image)], reference)
+
+    def _open(self, spec: str) -> ImageSource:
+        if spec.startswith(REGISTRY_TRANSPORT):
+            return RegistrySource(spec, self.client(parse_registry_source(spec).api_host))
+        return open_source(spec)
 
     def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:
         try:
@@ -310,13 +325,69 @@ class Engine:
         if mine:
             try:
                 source = entry.image.node
-                if isinstance(source, SourceManifest) and not self.options.dry_run:
+                if isinstance(source, RemoteImage):
+                    node.set_result(self._resolve(entry, source))
+                elif isinstance(source, SourceManifest) and not self.options.dry_run:
                     node.set_result(self.preparer.start(source))
                 else:
                     node.set_result(self.preparer.prepare(source))
             except BaseException as exc:
                 node.set_exception(exc)
         return waits.result(node, self.cancelled)
+
+    def _resolve(self, entry: _Entry, image: RemoteImage) -> PreparedNode:
+        """A registry source's image, read by the digest its tag had when compared
+        with the target (so the copy is what was compared, even if the tag moves)."""
+        client = self.client(image.reference.api_host)
+        pinned = RemoteImage(replace(image.reference, digest=self._source_digest(entry, image)))
+
+        def fetch(repository: str, reference: str) -> tuple[bytes, str, Digest]:
+            fetched = client.with_retries(lambda: client.get_manifest(repository, reference, mt.MANIFEST_ACCEPT), f"manifest {repository}@{reference}")
+            return fetched.raw, fetched.media_type, fetched.digest
+
+        return prepared_remote(resolve(pinned, fetch, entry.platforms))
+
+    def _source_digest(self, entry: _Entry, image: RemoteImage) -> Digest:
+        """The digest the source's tag names now: one HEAD, once for all targets."""
+        if image.reference.digest is not None:
+            return image.reference.digest
+        with entry.lock:
+            mine = entry.source_digest is None
+            if mine:
+                entry.source_digest = cf.Future()
+            future = entry.source_digest
+        assert future is not None
+        if mine:
+            client = self.client(image.reference.api_host)
+            repository, tag = image.reference.repository, image.selector
+            try:
+                found = client.with_retries(lambda: client.head_manifest(repository, tag, mt.MANIFEST_ACCEPT), f"manifest {repository}:{tag}")
+                if found is None:
+                    raise SourceError(image.spec, "the source has no such tag (any more)")
+                future.set_result(found[0])
+            except BaseException as exc:
+                future.set_exception(exc)
+        return waits.result(future, self.cancelled)
+
+    def _mirror_up_to_date(self, entry: _Entry, image: RemoteImage, pusher: ImagePusher, tag: str) -> Digest | None:
+        """The mirror's cron fast path: the target's tag already names the source's
+        digest (a HEAD at each end, nothing read). A platform subset is never
+        "up to date" this way: its index is not the source's."""
+        if entry.platforms:
+            return None
+        digest = self._source_digest(entry, image)
+        return digest if pusher.tag_digest(tag) == digest else None
+
+    def _pusher(self, client: RegistryClient, target: Reference) -> ImagePusher:
+        layers = LayerPusher(client, target, self.state, self._remote_store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=self.options.progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
+        return ImagePusher(layers, self._executors[target.api_host])
+
+    def _held_by_source(self, image: RemoteImage, node: PreparedNode | PendingManifest) -> None:
+        """The source repository holds every blob of its image: on the same registry,
+        the push state names it as the first mount candidate of each."""
+        registry, repository = image.reference.registry, image.reference.repository
+        for layer in _blobs(node):
+            self.state.add_layer(registry, repository, layer.key, RemoteBlob(layer.digest, layer.size, layer.media_type))
 
     def _release(self, entry: _Entry) -> None:
         with entry.lock:
@@ -326,10 +397,13 @@ class Engine:
         if node is not None and node.done() and node.exception() is None:
             self.preparer.release(node.result())
 
-    def _materialize(self, layer: PreparedLayer) -> FileRange:
+    def _materialize(self, layer: PreparedLayer) -> FileRange | BlobStream:
         if self.options.dry_run:  # nothing is read or sent: the size is what counts
-            return layer.blob or FileRange("", 0, layer.size)
-        return self.preparer.materialize(layer)
+            return FileRange("", 0, layer.size)
+        blob = self.preparer.materialize(layer)
+        if isinstance(blob, RegistryBlob):  # streamed from the source registry, checked as it passes
+            return self.client(blob.host).blob_reader(blob)
+        return blob
 
     def _run_work(self, work: _Work) -> ImageResult:
         assert work.entry is not None and work.reference is not None
@@ -338,10 +412,18 @@ class Engine:
         tag = target.tag or "latest"
         progress = self.options.progress
         try:
-            node = self._prepared(work.entry)
+            remote = work.entry.image.node if isinstance(work.entry.image.node, RemoteImage) else None
             client = self.client(target.api_host)
-            layers = LayerPusher(client, target, self.state, self._remote_store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
-            pusher = ImagePusher(layers, self._executors[target.api_host])
+            if remote is not None:
+                pusher = self._pusher(client, target)
+                digest = self._mirror_up_to_date(work.entry, remote, pusher, tag)
+                if digest is not None:
+                    progress.pushed(str(target), tag, str(digest), 0, up_to_date=True)
+                    return ImageResult(work.source, str(target), "up-to-date", str(digest), None, seconds=time.monotonic() - started, source_digest=str(digest))
+            node = self._prepared(work.entry)
+            if remote is not None and remote.reference.registry == target.registry:
+                self._held_by_source(remote, node)  # a mount from the source repository sends nothing
+            pusher = self._pusher(client, target)
             progress.image_started(str(target), target.name)
             if isinstance(node, PendingManifest) and not node.ready():
                 # layers still compressing: none is known to this store, so the tag
@@ -355,9 +437,7 @@ class Engine:
                     progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
                     return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
                 pushed = pusher.push(node, tag)
-            if self.options.dry_run:
-                for layer in pushed.layers:
-                    progress.layer_done(str(target), layer)
+            if self.options.dry_run:  # (each layer's line was printed by the layer path)
                 return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=pushed.layers)
             progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
         except Cancelled:
@@ -369,7 +449,18 @@ class Engine:
             return self._failed(work.source, str(target), InternalError.of(exc, work.source), started)
         finally:
             self._release(work.entry)
-        return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers)
+        source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
+        return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
+
+
+def _blobs(node: PreparedNode | PendingManifest) -> Iterator[PreparedLayer]:
+    """The config and layers of every manifest of a prepared image."""
+    if isinstance(node, PreparedIndex):
+        for child in node.children:
+            yield from _blobs(child)
+    elif isinstance(node, PreparedManifest):
+        yield node.config
+        yield from node.layers
 
 
 def push(source: str, targets: Sequence[str], options: PushOptions | None = None) -> BatchResult:

@@ -15,6 +15,8 @@ images:
 
 YAML (PyYAML's safe loader) or JSON. Every error names the file, the entry and the
 field; unknown keys are errors. Relative source paths are relative to the plan file.
+A source may be a registry (``docker://REGISTRY/REPOSITORY[:TAG|@DIGEST]``:
+mirroring); ``platforms: [linux/amd64, ...]`` then copies that subset of an index.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from .engine import PushJob
 from .errors import BatchPushError, PlanError
 from .reference import parse_target
 from .registry.client import RegistryOptions
+from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
+from .sources.registry import Platform, parse_registry_source
 
 PLAN_VERSION = 1
 #: the largest plan file read
@@ -110,7 +114,7 @@ def _field_rules(options_type: type) -> dict[str, _FieldRule]:
 
 _FIELD_RULES = _field_rules(RegistryOptions)
 _TOP_KEYS = {"version", "defaults", "registries", "images"}
-_IMAGE_KEYS = {"source", "targets", "tags"}
+_IMAGE_KEYS = {"source", "targets", "tags", "platforms"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +130,11 @@ class Plan:
         for entry in self.entries:
             source = entry["source"]
             transport, _, rest = source.partition(":")
-            if not os.path.isabs(rest):
+            if not source.startswith(REGISTRY_TRANSPORT) and not os.path.isabs(rest):
                 source = f"{transport}:{os.path.join(base, rest)}"
             tags = entry.get("tags")
-            yield PushJob(source, tuple(entry["targets"]), re.compile(tags) if tags else None)
+            platforms = tuple(Platform.parse(p) for p in entry.get("platforms") or ())
+            yield PushJob(source, tuple(entry["targets"]), re.compile(tags) if tags else None, platforms)
 
 
 def _error(path: str, where: str, problem: str) -> PlanError:
@@ -198,7 +203,21 @@ def validate_plan(path: str, document: Any) -> Plan:
                 raise _error(path, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(_IMAGE_KEYS))})")
         source = entry.get("source")
         if not isinstance(source, str) or ":" not in source:
-            raise _error(path, f"{where}.source", "must be oci:PATH[:TAG] or docker-archive:PATH[:REF]")
+            raise _error(path, f"{where}.source", "must be oci:PATH[:TAG], docker-archive:PATH[:REF] or docker://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
+        if source.startswith(REGISTRY_TRANSPORT):
+            try:
+                parse_registry_source(source)
+            except BatchPushError as exc:
+                raise _error(path, f"{where}.source", exc.message) from exc
+        platforms = entry.get("platforms")
+        if platforms is not None:
+            if not isinstance(platforms, list) or not platforms or not all(isinstance(p, str) for p in platforms):
+                raise _error(path, f"{where}.platforms", "must be a non-empty list of OS/ARCH[/VARIANT]")
+            for p in platforms:
+                try:
+                    Platform.parse(p)
+                except BatchPushError as exc:
+                    raise _error(path, f"{where}.platforms", exc.message) from exc
         targets = entry.get("targets")
         if isinstance(targets, str):
             targets = [targets]

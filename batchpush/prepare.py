@@ -30,7 +30,7 @@ from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, HashedBlob, assemble,
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
-from .sources.base import Compression, FileRange, SourceIndex, SourceLayer, SourceManifest, SourceNode
+from .sources.base import BlobSource, Compression, FileRange, RegistryBlob, SourceIndex, SourceLayer, SourceManifest, SourceNode
 
 #: blobs smaller than this are handled in the calling thread, not shipped to a worker
 POOL_MIN_BYTES = 1 << 20
@@ -52,7 +52,8 @@ class PreparedLayer:
     media_type: str
     #: what produced ``digest``: our RECIPE, or the source's own compression
     recipe: str
-    blob: FileRange | None
+    #: where the bytes to send are (a file range, or a source registry's blob)
+    blob: BlobSource | None
 
     @property
     def compressed_by_us(self) -> bool:
@@ -385,7 +386,7 @@ class Preparer:
     def _config(node: SourceManifest) -> PreparedLayer:
         config = node.config_descriptor
         assert config.digest is not None
-        source = SourceLayer(config, None, node.config_blob, Compression.NONE)
+        source = SourceLayer(config, None, node.config_blob if isinstance(node.config_blob, FileRange) else None, Compression.NONE)
         return PreparedLayer(source, None, config.digest, config.size, config.media_type, AS_IS, node.config_blob)
 
     def _foreign(self, layer: SourceLayer) -> PreparedLayer:
@@ -441,7 +442,7 @@ class Preparer:
             self._check_diff_id(layer, result.digest)
         return PreparedLayer(layer, layer.diff_id, result.digest, result.size, descriptor.media_type, layer.compression.value, layer.blob)
 
-    def materialize(self, layer: PreparedLayer) -> FileRange:
+    def materialize(self, layer: PreparedLayer) -> BlobSource:
         """The bytes of a layer prepared from its fingerprint: compressed now, and
         checked to be exactly what the fingerprint promised."""
         if layer.blob is not None:
@@ -451,3 +452,22 @@ class Preparer:
         if result.digest != layer.digest or result.diff_id != layer.diff_id:
             raise DigestMismatchError(layer.source.blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
         return result.blob
+
+
+def prepared_remote(node: SourceNode) -> PreparedNode:
+    """A registry source's image, ready to push as it is: nothing to read, compress
+    or check here (each blob is checked against its digest while it streams)."""
+    if isinstance(node, SourceIndex):
+        return PreparedIndex(node, tuple(prepared_remote(child) for child in node.children))
+    config_blob = node.config_blob
+    assert isinstance(config_blob, RegistryBlob)
+    layers = []
+    for layer in node.layers:
+        d = layer.descriptor
+        assert d.digest is not None
+        blob = RegistryBlob(config_blob.host, config_blob.repository, d.digest, d.size)
+        layers.append(PreparedLayer(layer, None, d.digest, d.size, d.media_type, layer.compression.value, blob))
+    config = node.config_descriptor
+    assert config.digest is not None
+    source = SourceLayer(config, None, None, Compression.NONE)
+    return PreparedManifest(node, tuple(layers), PreparedLayer(source, None, config.digest, config.size, config.media_type, AS_IS, config_blob))

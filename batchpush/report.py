@@ -27,6 +27,9 @@ class ImageResult:
     error_kind: str | None = None
     seconds: float = 0.0
     layers: tuple[LayerResult, ...] = ()
+    #: a registry source's digest for the image (differs from ``digest`` when a
+    #: platform subset of an index was copied)
+    source_digest: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -38,6 +41,7 @@ class ImageResult:
             "target": self.target,
             "status": self.status,
             "digest": self.digest,
+            "source_digest": self.source_digest,
             "size": self.size,
             "error": self.error,
             "error_kind": self.error_kind,

@@ -22,6 +22,7 @@ from ..digest import Digest
 from ..sources.base import FileRange
 from .client import BlobUpload, MountResult, RegistryClient, UploadSession
 from .errors import RegistryError
+from .reads import BlobStream
 
 #: the location of a session the dry run pretends the registry opened
 _SESSION = "dry-run:"
@@ -72,7 +73,7 @@ class DryRunClient(RegistryClient):
     def cancel_upload(self, repository: str, session: UploadSession) -> None:
         self._plan("DELETE", f"/v2/{repository}/blobs/uploads/")
 
-    def upload_blob(self, repository: str, upload: BlobUpload, blob: FileRange, digest: Digest, *, on_progress: Callable[[int], None] | None = None, before_commit: Callable[[], None] | None = None) -> int:
+    def upload_blob(self, repository: str, upload: BlobUpload, blob: FileRange | BlobStream, digest: Digest, *, on_progress: Callable[[int], None] | None = None, before_commit: Callable[[], None] | None = None) -> int:
         """What the upload would send (the blob's size); nothing is read or sent."""
         if before_commit is not None:
             before_commit()

@@ -100,6 +100,22 @@ class _RangeReader(io.RawIOBase):
         super().close()
 
 
+@dataclass(frozen=True, slots=True)
+class RegistryBlob:
+    """A blob held by a registry (a ``docker://`` source): read by streaming it from
+    there, its bytes checked against ``digest`` while they pass. Picklable."""
+
+    #: the source registry's host[:port], as its RegistryClient knows it
+    host: str
+    repository: str
+    digest: Digest
+    size: int
+
+
+#: where a blob's bytes come from: a range of a local file, or a source registry
+BlobSource = FileRange | RegistryBlob
+
+
 def read_views(blob: FileRange) -> Iterator[memoryview]:
     """The blob in CHUNK_BYTES pieces (the same split on every run), through one
     reused buffer: each view holds until the next one is asked for, so the
@@ -153,9 +169,10 @@ class SourceManifest:
     raw: bytes | None
     document: dict[str, Any] | None
     config_descriptor: Descriptor
+    #: the config's bytes (empty for a registry source: the config is copied as a blob, never read)
     config: bytes
     #: where the config's bytes lie, for uploading it
-    config_blob: FileRange
+    config_blob: FileRange | RegistryBlob
     layers: tuple[SourceLayer, ...]
 
 

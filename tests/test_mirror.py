@@ -1,0 +1,200 @@
+"""Mirroring: ``docker://`` sources copied registry to registry, both real registries.
+
+The source registry is filled by skopeo (an independent client) from OCI layouts
+our test code writes; what arrives is read back by skopeo and compared, digest for
+digest, with the source.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+import yaml
+from conftest import pull_and_verify, remote_digest, skopeo
+from images import LayoutWriter, layer_tar, random_layer
+from registry import Registry, start_registry
+
+BLOB_COMMIT = re.compile(r'"PUT /v2/(\S+)/blobs/uploads/\S*digest=sha256%3A([0-9a-f]{64})\S* HTTP/1.1" 201')
+
+
+@pytest.fixture
+def source(tmp_path):
+    started = start_registry(str(tmp_path / "source"))
+    yield started
+    started.stop()
+
+
+def fill(registry: Registry, layout: str, tag: str, repository: str) -> None:
+    """skopeo copies one tag of a layout into the registry, multi-arch whole."""
+    done = skopeo("copy", "--all", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{registry.host}/{repository}:{tag}")
+    assert done.returncode == 0, done.stderr
+
+
+def app_layout(path: str, tags: dict[str, list[int]]) -> str:
+    writer = LayoutWriter(path)
+    for tag, seeds in tags.items():
+        descriptor, _ = writer.image([layer_tar(s, file_size=20_000) for s in seeds])
+        writer.tag(descriptor, tag)
+    return path
+
+
+def commits(registry: Registry) -> Counter[tuple[str, str]]:
+    """(repository, digest) of every blob upload the registry committed."""
+    return Counter(m.groups() for line in registry.access_log() if (m := BLOB_COMMIT.search(line)))
+
+
+def requests_since(registry: Registry, mark: int) -> list[str]:
+    return [line.split('"')[1] for line in registry.access_log()[mark:]]
+
+
+def report_of(path) -> dict:  # type: ignore[no-untyped-def]
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_one_tag_is_copied_byte_for_byte(source, registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {"1.0": [1, 2, 3]})
+    fill(source, layout, "1.0", "team/app")
+    report = tmp_path / "report.json"
+    run = batchpush("push", f"docker://{source.host}/team/app:1.0", f"{registry.host}/mirror/app:1.0", "--insecure", source.host, "--insecure", registry.host, "--report", str(report))
+    assert run.code == 0, run.err
+    expected = remote_digest(source, "team/app:1.0")
+    assert remote_digest(registry, "mirror/app:1.0") == expected
+    image = report_of(report)["images"][0]
+    assert (image["source"], image["digest"], image["source_digest"]) == (f"docker://{source.host}/team/app:1.0", expected, expected)
+    pull_and_verify(registry, "mirror/app:1.0", str(tmp_path / "pulled"))
+
+
+def test_every_tag_of_a_repository_and_a_tag_filter(source, registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {f"v{i}": [1, 10 + i] for i in range(4)} | {"latest": [1, 20]})
+    for tag in ("v0", "v1", "v2", "v3", "latest"):
+        fill(source, layout, tag, "team/app")
+    run = batchpush("push", f"docker://{source.host}/team/app", f"{registry.host}/all/app", "--insecure", source.host, "--insecure", registry.host)
+    assert run.code == 0, run.err
+    for tag in ("v0", "v1", "v2", "v3", "latest"):
+        assert remote_digest(registry, f"all/app:{tag}") == remote_digest(source, f"team/app:{tag}")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "version": 1,
+        "defaults": {"insecure": True},
+        "images": [{"source": f"docker://{source.host}/team/app", "targets": [f"{registry.host}/some/app"], "tags": "^v[12]$"}],
+    }))
+    run = batchpush("run", str(plan), "--metadata-dir", str(tmp_path / "md2"))
+    assert run.code == 0, run.err
+    listed = json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.host}/some/app").stdout)["Tags"]
+    assert sorted(listed) == ["v1", "v2"]
+
+
+def multi_arch(path: str) -> str:
+    writer = LayoutWriter(path)
+    amd64, _ = writer.image([layer_tar(40), layer_tar(41)], arch="amd64")
+    arm64, _ = writer.image([layer_tar(40), layer_tar(42)], arch="arm64")
+    writer.tag(writer.index([amd64, arm64]), "multi")
+    return path
+
+
+def test_multi_arch_whole_and_a_platform_subset(source, registry, tmp_path, batchpush):
+    fill(source, multi_arch(str(tmp_path / "multi")), "multi", "team/multi")
+    run = batchpush("push", f"docker://{source.host}/team/multi:multi", f"{registry.host}/whole/multi:multi", "--insecure", source.host, "--insecure", registry.host)
+    assert run.code == 0, run.err
+    assert remote_digest(registry, "whole/multi:multi") == remote_digest(source, "team/multi:multi")
+    assert len(pull_and_verify(registry, "whole/multi:multi", str(tmp_path / "whole"))) == 2
+
+    report = tmp_path / "report.json"
+    run = batchpush("push", f"docker://{source.host}/team/multi:multi", f"{registry.host}/arm/multi:multi", "--insecure", source.host, "--insecure", registry.host, "--platform", "linux/arm64", "--report", str(report))
+    assert run.code == 0, run.err
+    raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/arm/multi:multi").stdout)
+    assert [m["platform"]["architecture"] for m in raw["manifests"]] == ["arm64"]
+    source_index = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{source.host}/team/multi:multi").stdout)
+    assert raw["manifests"][0] == source_index["manifests"][1]  # the child is the source's, untouched
+    image = report_of(report)["images"][0]
+    assert image["source_digest"] == remote_digest(source, "team/multi:multi") != image["digest"] == remote_digest(registry, "arm/multi:multi")
+    assert len(pull_and_verify(registry, "arm/multi:multi", str(tmp_path / "arm"))) == 1
+
+
+def test_same_registry_mounts_everything(registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {"1.0": [1, 2]})
+    fill(registry, layout, "1.0", "team/app")
+    before = commits(registry)
+    run = batchpush("push", f"docker://{registry.host}/team/app:1.0", f"{registry.host}/copy/app:1.0", "--insecure", registry.host)
+    assert run.code == 0, run.err
+    assert commits(registry) == before  # no blob sent: all mounted from the source repository
+    assert sum(1 for line in registry.access_log() if '"POST /v2/copy/app/blobs/uploads/?mount=' in line and '" 201 ' in line) == 3
+    assert remote_digest(registry, "copy/app:1.0") == remote_digest(registry, "team/app:1.0")
+
+
+def test_each_blob_crosses_once_per_target_registry(source, registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {"a": [1, 2, 3], "b": [1, 2, 4]})
+    for tag in ("a", "b"):
+        fill(source, layout, tag, "team/app")
+    targets = [f"{registry.host}/one/app", f"{registry.host}/two/app"]
+    run = batchpush("push", f"docker://{source.host}/team/app", *targets, "--insecure", source.host, "--insecure", registry.host)
+    assert run.code == 0, run.err
+    by_digest = Counter(digest for (_, digest) in commits(registry).elements())
+    assert by_digest and max(by_digest.values()) == 1, by_digest
+    for repo in ("one/app", "two/app"):
+        for tag in ("a", "b"):
+            assert remote_digest(registry, f"{repo}:{tag}") == remote_digest(source, f"team/app:{tag}")
+
+
+def test_a_cron_rerun_reads_no_manifest_and_no_blob(source, registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {"v1": [1, 2], "v2": [1, 3]})
+    for tag in ("v1", "v2"):
+        fill(source, layout, tag, "team/app")
+    args = ("push", f"docker://{source.host}/team/app", f"{registry.host}/cron/app", "--insecure", source.host, "--insecure", registry.host)
+    assert batchpush(*args).code == 0
+    source_mark, target_mark = len(source.access_log()), len(registry.access_log())
+    report = tmp_path / "report.json"
+    run = batchpush(*args, "--report", str(report))
+    assert run.code == 0, run.err
+    assert [i["status"] for i in report_of(report)["images"]] == ["up-to-date", "up-to-date"]
+    at_source = [r for r in requests_since(source, source_mark) if not r.startswith("GET /v2/ ")]
+    at_target = [r for r in requests_since(registry, target_mark) if not r.startswith("GET /v2/ ")]
+    assert sorted(r.split(" ")[0] for r in at_source) == ["GET", "HEAD", "HEAD"]  # the tag list, a manifest HEAD per image
+    assert all("/tags/list" in r for r in at_source if r.startswith("GET"))
+    assert sorted(r.split(" ")[0] for r in at_target) == ["HEAD", "HEAD"]
+    assert not [r for r in at_source + at_target if "/blobs/" in r]
+
+
+def test_dry_run_reads_only(source, registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {"1.0": [1, 2]})
+    fill(source, layout, "1.0", "team/app")
+    mark = len(registry.access_log())
+    run = batchpush("push", f"docker://{source.host}/team/app:1.0", f"{registry.host}/dry/app:1.0", "--insecure", source.host, "--insecure", registry.host, "--dry-run")
+    assert run.code == 0, run.err
+    assert "upload" in run.out
+    assert not [r for r in requests_since(registry, mark) if r.split(" ")[0] not in ("GET", "HEAD")]
+
+
+def test_a_large_blob_streams_through(source, registry, tmp_path, batchpush):
+    """A blob larger than a chunk streams from the source to the target (never
+    spooled): it arrives whole and skopeo reads it back."""
+    writer = LayoutWriter(str(tmp_path / "big"))
+    descriptor, _ = writer.image([random_layer(7, 12 << 20)])
+    writer.tag(descriptor, "big")
+    fill(source, str(tmp_path / "big"), "big", "team/big")
+    run = batchpush("push", f"docker://{source.host}/team/big:big", f"{registry.host}/big/app:big", "--insecure", source.host, "--insecure", registry.host)
+    assert run.code == 0, run.err
+    assert remote_digest(registry, "big/app:big") == remote_digest(source, "team/big:big")
+    pull_and_verify(registry, "big/app:big", str(tmp_path / "pulled"))
+
+
+def test_a_tag_that_is_missing_at_the_source_fails_that_image_only(source, registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {"1.0": [1]})
+    fill(source, layout, "1.0", "team/app")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "version": 1,
+        "defaults": {"insecure": True},
+        "images": [
+            {"source": f"docker://{source.host}/team/app:nope", "targets": [f"{registry.host}/miss/app:nope"]},
+            {"source": f"docker://{source.host}/team/app:1.0", "targets": [f"{registry.host}/miss/app:1.0"]},
+        ],
+    }))
+    run = batchpush("run", str(plan), "--metadata-dir", str(tmp_path / "md"))
+    assert run.code == 1
+    assert f"docker://{source.host}/team/app:nope" in run.err
+    assert remote_digest(registry, "miss/app:1.0") == remote_digest(source, "team/app:1.0")
