@@ -176,26 +176,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=progress,
     )
     received: list[int] = []
+    engine: Engine | None = None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if received:  # a second Ctrl-C: stop now, without waiting for anything
+            os.write(2, b"error: stopped at once by a second signal\n")
+            os._exit(128 + signum)
+        received.append(signum)
+        if engine is not None:
+            engine.cancel()
+
+    # installed until the engine is closed: a second Ctrl-C while it closes still ends the process
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with Engine(options) as engine:
-
-            def stop(signum: int, frame: FrameType | None) -> None:
-                if received:  # a second Ctrl-C: stop now, without waiting for anything
-                    os.write(2, b"error: stopped at once by a second signal\n")
-                    os._exit(128 + signum)
-                received.append(signum)
-                engine.cancel()
-
-            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                result = engine.run(jobs)
-            finally:
-                for sig, earlier in previous.items():
-                    signal.signal(sig, earlier)
+        engine = Engine(options)
+        if received:
+            engine.cancel()
+        try:
+            result = engine.run(jobs)
+        finally:
+            engine.close()
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
+        for sig, earlier in previous.items():
+            signal.signal(sig, earlier)
         progress.close()
     if args.report:
         result.write(args.report)
@@ -203,7 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_dry_run(result)
     if received:
         print(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report", file=sys.stderr)
-        return 128 + received[0]
+        # the report is written and the spool gone; a request still waiting for its
+        # answer must not hold the exit (the interpreter would join its thread)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + received[0])
     if any(image.error_kind == "usage" for image in result.images):
         return EXIT_USAGE
     return result.exit_code

@@ -51,6 +51,8 @@ from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
+#: after a cancel, how long an image may take to stop before it is reported interrupted unwaited
+CANCEL_GRACE_S = 5.0
 #: (image, target) pushes running at once
 DEFAULT_MAX_CONCURRENT_IMAGES = 8
 
@@ -160,11 +162,21 @@ class Engine:
         self.close()
 
     def close(self) -> None:
+        """Release pools, sessions and the spool. After ``cancel()`` nothing is
+        waited for: a request still waiting for its answer ends on its own timeout."""
+        wait = not self.cancelled.is_set()
         for executor in self._executors.values():
-            executor.shutdown(wait=True, cancel_futures=True)
-        self.preparer.close()
+            executor.shutdown(wait=wait, cancel_futures=True)
+        if not wait:
+            # uploads stopped by the cancel still cancel their sessions (a DELETE
+            # each): they get CANCEL_GRACE_S in all, not a wait without end
+            deadline = time.monotonic() + CANCEL_GRACE_S
+            for executor in self._executors.values():
+                for thread in list(getattr(executor, "_threads", ())):
+                    thread.join(max(0.0, deadline - time.monotonic()))
+        self.preparer.close(wait=wait)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
         for client in self._clients.values():
             client.close()
         self.store.close()
@@ -208,9 +220,10 @@ class Engine:
         KeyboardInterrupt (the Python API's Ctrl-C) cancels the run: the images in
         flight stop and fail as interrupted, then it is raised again."""
         result = BatchResult()
-        ordered: list[ImageResult | cf.Future[ImageResult]] = []
+        ordered: list[ImageResult | tuple[_Work, cf.Future[ImageResult]]] = []
         interrupted = False
-        with cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image") as images:
+        images = cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image")
+        try:
             try:
                 self._submit_all(jobs, images, ordered)
             except KeyboardInterrupt:
@@ -223,6 +236,8 @@ class Engine:
                 except KeyboardInterrupt:  # the images stop at once; collect what they say
                     interrupted = True
                     self.cancel()
+        finally:
+            images.shutdown(wait=not self.cancelled.is_set(), cancel_futures=True)
         result.bytes_read = self.preparer.bytes_read
         result.bytes_compressed = self.preparer.bytes_compressed
         with self._clients_lock:
@@ -234,7 +249,7 @@ class Engine:
             raise KeyboardInterrupt
         return result
 
-    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | cf.Future[ImageResult]]) -> None:
+    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | tuple[_Work, cf.Future[ImageResult]]]) -> None:
         # a bounded number of pushes waits in the pool, so a plan of any size is
         # expanded as it runs and memory stays flat
         slots = threading.BoundedSemaphore(self.options.max_concurrent_images * 2)
@@ -251,19 +266,28 @@ class Engine:
                         return
                 future = images.submit(self._run_work, work)
                 future.add_done_callback(lambda _: slots.release())
-                ordered.append(future)
+                ordered.append((work, future))
 
     def _abandon(self, work: _Work) -> None:
         if work.entry is not None:
             self._release(work.entry)
 
-    def _image_result(self, item: ImageResult | cf.Future[ImageResult]) -> ImageResult:
+    def _image_result(self, item: ImageResult | tuple[_Work, cf.Future[ImageResult]]) -> ImageResult:
+        """The image's result; once the run is cancelled, an image that has not
+        stopped within CANCEL_GRACE_S (a request waiting for its answer) is reported
+        interrupted without waiting for it."""
         if isinstance(item, ImageResult):
             return item
+        work, future = item
+        cancelled_at: float | None = None
         while True:  # a wait the main thread's Ctrl-C can interrupt
-            done, _ = cf.wait((item,), timeout=waits.POLL_S * 5)
+            done, _ = cf.wait((future,), timeout=waits.POLL_S * 5)
             if done:
-                return item.result()
+                return future.result()
+            if self.cancelled.is_set():
+                cancelled_at = cancelled_at or time.monotonic()
+                if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
+                    return ImageResult(work.source, work.target, "failed", error="interrupted while a request was waiting for its answer; no manifest was written", error_kind=InterruptedError_.kind)
 
     def _expand(self, job: PushJob) -> Iterator[_Work]:
         targets: list[Reference] = []

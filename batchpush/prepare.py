@@ -26,7 +26,7 @@ from typing import Any
 
 from . import mediatypes as mt
 from . import waits
-from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob, hash_input
+from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, DeflatedBlock, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob, hash_input
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
@@ -36,8 +36,6 @@ from .sources.base import BlobSource, Compression, FileRange, RegistryBlob, Sour
 POOL_MIN_BYTES = 1 << 20
 #: the fingerprint "recipe" of a blob pushed as it is (its digest is its sha256)
 AS_IS = "as-is"
-#: how long a failed compression waits for its other blocks to end (each is bounded)
-BLOCK_WAIT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +103,7 @@ class PendingManifest:
 
 
 def _unlink_spool_file(future: cf.Future[Any]) -> None:
-    """Done callback of a compression no image holds any more: its file goes."""
+    """Done callback of a compression (or a block) nobody needs any more: its file goes."""
     if not future.cancelled() and future.exception() is None:
         with contextlib.suppress(OSError):
             os.unlink(future.result().path)
@@ -220,28 +218,24 @@ class Preparer:
     def _in_pool(self, fn: Callable[..., Any], blob: FileRange, *args: Any) -> Any:
         return waits.result(self._submit(fn, blob, *args), self.cancel)
 
-    def close(self) -> None:
-        self._finishers.shutdown(wait=True, cancel_futures=True)
-        self._assemblers.shutdown(wait=True, cancel_futures=True)
+    def close(self, *, wait: bool = True) -> None:
+        self._finishers.shutdown(wait=wait, cancel_futures=True)
+        self._assemblers.shutdown(wait=wait, cancel_futures=True)
 
     def _compress_in_blocks(self, blob: FileRange) -> CompressedBlob:
         """A large layer's blocks go to every worker at once. Meanwhile this thread
         hashes the input (hashing releases the GIL), then joins the blocks as they
         come back, so the layer is ready soon after its last block."""
-        futures = [self._submit(deflate_block, block, last, self.spool_dir) for block, last in blocks_of(blob)]
+        futures: list[cf.Future[DeflatedBlock]] = []
         try:
+            futures.extend(self._submit(deflate_block, block, last, self.spool_dir) for block, last in blocks_of(blob))
             hashed = hash_input(blob)
             return assemble(blob, (waits.result(future, self.cancel) for future in futures), self.spool_dir, hashed)
         except BaseException:
+            # nothing waits for the other blocks: each deletes its spool file when it
+            # ends (at once if done already)
             for future in futures:
-                future.cancel()
-            # blocks still being deflated end on their own (a block is bounded); the
-            # spool directory is removed with the engine if the run is cancelled
-            cf.wait(futures, timeout=BLOCK_WAIT_S)
-            for future in futures:
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(future.result().path)
+                future.add_done_callback(_unlink_spool_file)
             raise
 
     def _compress(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[CompressedBlob]:

@@ -379,7 +379,9 @@ def test_an_upload_location_that_is_not_a_url_is_a_registry_error(registry, prox
     proxy.add(Rule("POST", "/blobs/uploads/", "headers", headers={"Location": "http://[::1/upload?_state=secret-state"}))
     result = push(f"oci:{tmp_path}/layout", f"{proxy.host}/faults/location", proxy, metadata_dir, chunked=False)
     assert result.ok, result.images[0].error
-    assert next(s.action for s in proxy.requests("POST", "/v2/faults/location/blobs/uploads/")) == "headers"  # then retried
+    posts = proxy.requests("POST", "/v2/faults/location/blobs/uploads/")
+    # the garbled answer, then the same layer's retry (the config's POST may come in between)
+    assert [s.action for s in posts].count("headers") == 1 and len(posts) >= 3
     assert pull_and_verify(registry, "faults/location:1.0", str(tmp_path / "pulled"))[0].diff_ids == diff_ids
 
 

@@ -379,3 +379,50 @@ def test_a_compression_worker_killed_mid_batch(registry, tmp_path, metadata_dir)
         assert [i.status for i in result.images] == ["pushed"] * 3, [i.error for i in result.images]
     for tag, image in built.items():
         assert pull_and_verify(registry, f"oom/app:{tag}", str(tmp_path / tag))[0].diff_ids == image.diff_ids
+
+
+def test_sigint_while_a_request_waits_for_an_answer_that_never_comes(tmp_path):
+    """Review of defect 11: a request waiting for its answer (a registry that
+    accepts and never answers: up to the 300 s read timeout) held SIGINT's exit,
+    and a ping held a lock the other threads queued on. Now the run reports the
+    image interrupted after a short grace and exits 130 without joining it."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+
+    def swallow() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            held.append(connection)  # read nothing, answer nothing
+
+    threading.Thread(target=swallow, daemon=True).start()
+    host = f"127.0.0.1:{listener.getsockname()[1]}"
+    simple_layout(str(tmp_path / "layout"), {"1": [1], "2": [2], "3": [3]})
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path / 'layout'}", f"{host}/hole/app", "--insecure", host, "--metadata-dir", str(tmp_path / "md"), "--report", str(report)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not held:  # the first request is waiting for its answer
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=BOUND_S)  # far below the read timeout
+    finally:
+        if run.poll() is None:
+            run.kill()
+        listener.close()
+        for connection in held:
+            connection.close()
+    assert run.returncode == 130, err
+    import json
+
+    images = json.loads(report.read_text())["images"]
+    assert len(images) == 3 and {i["status"] for i in images} == {"failed"}
+    assert {i["error_kind"] for i in images} == {"interrupted"}

@@ -136,10 +136,6 @@ class Authenticator:
         #: set when the run is interrupted: a thread waiting for another's fetch stops
         self.cancel = cancel or threading.Event()
 
-    @property
-    def has_credentials(self) -> bool:
-        return self.credentials is not None
-
     def _basic(self) -> str | None:
         c = self.credentials
         if c is None or not (c.username or c.password):

@@ -39,6 +39,7 @@ from .. import mediatypes as mt
 from ..digest import Digest, InvalidDigestError
 from ..errors import DigestMismatchError, ReferenceError_, SourceError
 from ..sources.base import FileRange, read_views
+from ..waits import Flights
 from .auth import Authenticator, Credentials, scope_for
 from .errors import (
     TRANSPORT_ERRORS,
@@ -319,7 +320,7 @@ class RegistryClient:
         self.rate_limit: RateLimit | None = None
         self._count_lock = threading.Lock()
         self._base_url: str | None = None
-        self._ping_lock = threading.Lock()
+        self._pinging = Flights()
 
     # -- plumbing ------------------------------------------------------------
     @property
@@ -392,6 +393,9 @@ class RegistryClient:
         challenged = False
         hops = 0
         while True:
+            # a cancelled run sends nothing more, but the DELETEs that cancel its sessions
+            if self.cancel.is_set() and method != "DELETE":
+                raise Cancelled()
             self.gate.wait()
             sent = dict(headers or {})
             try:
@@ -426,7 +430,9 @@ class RegistryClient:
 
     def ping(self) -> None:
         """``GET /v2/``: choose the scheme, and learn the auth challenge up front."""
-        with self._ping_lock:
+        # one ping at a time, and no lock held across it: the others wait (watching
+        # the cancel flag) and find the scheme chosen, or ping in turn if it failed
+        with self._pinging.hold("ping", self.cancel):
             if self._base_url is not None:
                 return
             schemes = ("https", "http") if self.options.insecure else ("https",)

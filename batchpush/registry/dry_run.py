@@ -54,6 +54,10 @@ class DryRunClient(RegistryClient):
         size = self._written_size(repository, digest)
         return size if size is not None else super().head_blob(repository, digest)
 
+    def head_manifest(self, repository: str, reference: str, accept: str) -> tuple[Digest, int] | None:
+        self._plan("HEAD", f"/v2/{repository}/manifests/{reference}")
+        return super().head_manifest(repository, reference, accept)
+
     def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> MountResult:
         size = self._written_size(from_repository, digest)
         if size is None:
