@@ -71,6 +71,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
     parser.add_argument("--max-concurrent-images", type=int, default=DEFAULT_MAX_CONCURRENT_IMAGES, metavar="N", help="images pushed at once")
     parser.add_argument("--dry-run", action="store_true", help="print what would happen, with read requests only")
+    parser.add_argument("--no-signatures", action="store_true", help="from a registry source, do not copy each image's signatures, attestations and SBOMs (sha256-<digest>.sig tags; overrides the plan)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     parser.add_argument("--debug", action="store_true", help="log every request (secrets and upload state redacted)")
 
@@ -153,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             defaults = RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit, ca_file=args.ca_file)
             registries, jobs = {}, iter([PushJob(args.source, tuple(args.targets), platforms=tuple(args.platform))])
             credentials = _push_credentials(args)
+        if args.no_signatures:
+            jobs = (replace(job, signatures=False) for job in jobs)
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -90,6 +90,9 @@ class PushJob:
     tags: re.Pattern[str] | None = None
     #: of an index from a registry source, copy only these platforms (empty: all)
     platforms: tuple[Platform, ...] = ()
+    #: from a registry source, copy each image's signatures, attestations and SBOMs
+    #: (cosign's ``sha256-<hex>.sig`` tags, the referrers fallback tag) with it
+    signatures: bool = True
 
 
 def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tuple[SourceImage, Reference]]:
@@ -297,7 +300,7 @@ class Engine:
             except BatchPushError as exc:
                 yield _Work(job.source, text, error=exc)
         try:
-            images = self._open(job.source).images()
+            images = self._open(job.source, signatures=job.signatures).images()
         except Exception as exc:
             error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, job.source)
             for target in targets:
@@ -324,9 +327,9 @@ class Engine:
         for image, reference in planned:
             yield _Work(image.name, str(reference), entries[id(image)], reference)
 
-    def _open(self, spec: str) -> ImageSource:
+    def _open(self, spec: str, *, signatures: bool = True) -> ImageSource:
         if spec.startswith(REGISTRY_TRANSPORT):
-            return RegistrySource(spec, self.client(parse_registry_source(spec).api_host))
+            return RegistrySource(spec, self.client(parse_registry_source(spec).api_host), signatures=signatures)
         return open_source(spec)
 
     def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:
@@ -430,6 +433,28 @@ class Engine:
         return blob
 
     def _run_work(self, work: _Work) -> ImageResult:
+        result = self._push_work(work)
+        assert work.entry is not None and work.reference is not None
+        remote = work.entry.image.node
+        if result.ok and isinstance(remote, RemoteImage) and remote.attachments and not work.entry.platforms and result.source_digest:
+            return self._copy_attachments(work, remote, Digest.parse(result.source_digest), result)
+        return result
+
+    def _copy_attachments(self, work: _Work, image: RemoteImage, digest: Digest, result: ImageResult) -> ImageResult:
+        """The image's signatures, attestations and SBOMs (tags naming its digest),
+        each copied as an image of its own under the same tag. One that fails fails
+        the image: it did not arrive whole."""
+        assert work.reference is not None
+        copied = []
+        for tag in image.attachments_of(digest):
+            source = SourceImage(f"{REGISTRY_TRANSPORT}{image.reference.name}:{tag}", (tag,), RemoteImage(image.reference.with_tag(tag)))  # type: ignore[arg-type]
+            attached = self._push_work(_Work(source.name, str(work.reference.with_tag(tag)), _Entry(source, 1), work.reference.with_tag(tag)))
+            if not attached.ok:
+                return replace(result, status="failed", error=f"{tag}: {attached.error}", error_kind=attached.error_kind)
+            copied.append(tag)
+        return replace(result, attachments=tuple(copied))
+
+    def _push_work(self, work: _Work) -> ImageResult:
         assert work.entry is not None and work.reference is not None
         started = time.monotonic()
         target = work.reference

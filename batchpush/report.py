@@ -30,6 +30,8 @@ class ImageResult:
     #: a registry source's digest for the image (differs from ``digest`` when a
     #: platform subset of an index was copied)
     source_digest: str | None = None
+    #: a registry source's attachment tags copied with the image (signatures, ...)
+    attachments: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -42,6 +44,7 @@ class ImageResult:
             "status": self.status,
             "digest": self.digest,
             "source_digest": self.source_digest,
+            "attachments": list(self.attachments),
             "size": self.size,
             "error": self.error,
             "error_kind": self.error_kind,

@@ -198,3 +198,63 @@ def test_a_tag_that_is_missing_at_the_source_fails_that_image_only(source, regis
     assert run.code == 1
     assert f"docker://{source.host}/team/app:nope" in run.err
     assert remote_digest(registry, "miss/app:1.0") == remote_digest(source, "team/app:1.0")
+
+
+def attach_signature(registry: Registry, repository: str, subject: str, tmp_path) -> tuple[str, str]:
+    """A cosign-style signature of ``subject`` (``sha256-<hex>.sig``: an OCI manifest
+    whose layer is a simple-signing payload) and the OCI 1.1 referrers fallback tag
+    (``sha256-<hex>``: an index naming it), written with our own client."""
+    import hashlib
+
+    from batchpush.digest import Digest
+    from batchpush.registry.client import BlobUpload, RegistryClient, RegistryOptions
+    from batchpush.sources.base import FileRange
+
+    client = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    try:
+        def blob(data: bytes, name: str) -> dict:
+            path = tmp_path / name
+            path.write_bytes(data)
+            digest = Digest.sha256_of(data)
+            client.upload_blob(repository, BlobUpload(client.start_upload(repository)), FileRange(str(path), 0, len(data)), digest)
+            return {"digest": str(digest), "size": len(data)}
+
+        payload = json.dumps({"critical": {"image": {"docker-manifest-digest": subject}, "type": "cosign container image signature"}}).encode()
+        config = {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(b"{}", "config.json")}
+        layer = {"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", **blob(payload, "payload.json"), "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ-test"}}
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": [layer]}).encode()
+        hex_ = subject.split(":")[1]
+        sig_tag = f"sha256-{hex_}.sig"
+        client.put_manifest(repository, sig_tag, "application/vnd.oci.image.manifest.v1+json", manifest)
+        index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(), "size": len(manifest), "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json"},
+        ]}).encode()
+        client.put_manifest(repository, f"sha256-{hex_}", "application/vnd.oci.image.index.v1+json", index)
+        return sig_tag, f"sha256-{hex_}"
+    finally:
+        client.close()
+
+
+def test_signatures_go_with_their_image(source, registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {"1.0": [1, 2], "2.0": [1, 3]})
+    for tag in ("1.0", "2.0"):
+        fill(source, layout, tag, "team/app")
+    signed = remote_digest(source, "team/app:1.0")
+    sig_tag, referrers_tag = attach_signature(source, "team/app", signed, tmp_path)
+    report = tmp_path / "report.json"
+    run = batchpush("push", f"docker://{source.host}/team/app", f"{registry.host}/signed/app", "--insecure", source.host, "--insecure", registry.host, "--report", str(report))
+    assert run.code == 0, run.err
+    for tag in (sig_tag, referrers_tag):  # byte for byte
+        assert remote_digest(registry, f"signed/app:{tag}") == remote_digest(source, f"team/app:{tag}")
+    images = {i["target"].rsplit(":", 1)[1]: i for i in report_of(report)["images"]}
+    assert set(images) == {"1.0", "2.0"}  # attachments are not images of their own
+    assert sorted(images["1.0"]["attachments"]) == sorted([sig_tag, referrers_tag]) and images["2.0"]["attachments"] == []
+
+    # one tag named: its signatures still come with it; --no-signatures: they do not
+    run = batchpush("push", f"docker://{source.host}/team/app:1.0", f"{registry.host}/one/app:1.0", "--insecure", source.host, "--insecure", registry.host)
+    assert run.code == 0, run.err
+    assert remote_digest(registry, f"one/app:{sig_tag}") == remote_digest(source, f"team/app:{sig_tag}")
+    run = batchpush("push", f"docker://{source.host}/team/app:1.0", f"{registry.host}/bare/app:1.0", "--insecure", source.host, "--insecure", registry.host, "--no-signatures")
+    assert run.code == 0, run.err
+    listed = json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.host}/bare/app").stdout)["Tags"]
+    assert listed == ["1.0"]

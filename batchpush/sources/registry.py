@@ -16,6 +16,8 @@ the digest that named it, and its JSON is validated before any blob is copied.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,8 @@ from .base import Compression, Descriptor, RegistryBlob, SourceImage, SourceInde
 
 if TYPE_CHECKING:
     from ..registry.client import RegistryClient
+
+log = logging.getLogger(__name__)
 
 TRANSPORT = "docker://"
 
@@ -42,12 +46,24 @@ def parse_registry_source(spec: str) -> Reference:
         raise UsageError(f"bad source {spec!r}: {exc.message}") from exc
 
 
+#: the tags cosign and the OCI 1.1 referrers fallback give an image's attachments:
+#: ``sha256-<hex>`` (the referrers index), ``sha256-<hex>.sig`` / ``.att`` / ``.sbom``
+ATTACHMENT_TAG = re.compile(r"sha256-([0-9a-f]{64})(?:\.(?:sig|att|sbom))?", re.ASCII)
+
+
 @dataclass(frozen=True, slots=True)
 class RemoteImage:
     """An image of a source registry, resolved (its manifests read) when its push starts."""
 
     #: the source repository, with the tag or digest that names the image
     reference: Reference
+    #: the repository's attachment tags (signatures, attestations, SBOMs, referrers
+    #: index), copied with the image whose digest they name; empty: none copied
+    attachments: tuple[str, ...] = ()
+
+    def attachments_of(self, digest: Digest) -> list[str]:
+        """The attachment tags naming ``digest``."""
+        return [tag for tag in self.attachments if (m := ATTACHMENT_TAG.fullmatch(tag)) and m.group(1) == digest.hex and digest.algorithm == "sha256"]
 
     @property
     def spec(self) -> str:
@@ -60,22 +76,39 @@ class RemoteImage:
 
 
 class RegistrySource:
-    """The images a ``docker://`` source selects (tags listed now, manifests read later)."""
+    """The images a ``docker://`` source selects (tags listed now, manifests read later).
 
-    def __init__(self, spec: str, client: RegistryClient) -> None:
+    Attachment tags (``ATTACHMENT_TAG``) are never images of their own: with
+    ``signatures`` they go with the image whose digest they name, else nowhere.
+    Listing the tags costs one request per repository (pages aside), for a single
+    tag too when ``signatures`` is on."""
+
+    def __init__(self, spec: str, client: RegistryClient, *, signatures: bool = True) -> None:
         self.spec = spec
         self.reference = parse_registry_source(spec)
         self.client = client
+        self.signatures = signatures
+
+    def _tags(self) -> list[str]:
+        client, ref = self.client, self.reference
+        return client.with_retries(lambda: client.list_tags(ref.repository), f"tags of {ref.name}")
 
     def images(self) -> list[SourceImage]:
         ref = self.reference
         if ref.digest is not None or ref.tag is not None:
-            return [SourceImage(self.spec, (ref.tag,) if ref.tag else (), RemoteImage(ref))]  # type: ignore[arg-type]
-        client = self.client
-        tags = client.with_retries(lambda: client.list_tags(ref.repository), f"tags of {ref.name}")
-        if not tags:
+            attachments: tuple[str, ...] = ()
+            if self.signatures:
+                try:
+                    attachments = tuple(t for t in self._tags() if ATTACHMENT_TAG.fullmatch(t))
+                except BatchPushError as exc:  # the image itself may still be copied
+                    log.warning("%s: the tag list (for signatures) failed: %s; copying the image without them", self.spec, exc)
+            return [SourceImage(self.spec, (ref.tag,) if ref.tag else (), RemoteImage(ref, attachments))]  # type: ignore[arg-type]
+        tags = self._tags()
+        images = [tag for tag in tags if not ATTACHMENT_TAG.fullmatch(tag)]
+        if not images:
             raise SourceError(self.spec, "the repository has no tags")
-        return [SourceImage(f"{self.spec}:{tag}", (tag,), RemoteImage(ref.with_tag(tag))) for tag in tags]  # type: ignore[arg-type]
+        attachments = tuple(t for t in tags if ATTACHMENT_TAG.fullmatch(t)) if self.signatures else ()
+        return [SourceImage(f"{self.spec}:{tag}", (tag,), RemoteImage(ref.with_tag(tag), attachments)) for tag in images]  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
