@@ -210,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result.write(args.report)
     if args.dry_run:
         _print_dry_run(result)
+    for pruned in result.pruned:
+        verb = ("would delete" if args.dry_run else "deleted") if pruned.deleted else "kept"
+        print(f"{pruned.target}: {verb} ({pruned.digest}){': ' + pruned.reason if pruned.reason else ''}")
     if received:
         print(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report", file=sys.stderr)
         # the report is written and the spool gone; a request still waiting for its

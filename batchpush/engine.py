@@ -35,6 +35,7 @@ from .metadata import MetadataStore, OverlayStore
 from .policy import hmac_key
 from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer, prepared_remote
 from .progress import NoProgress, Progress
+from .prune import prune as prune_target
 from .reference import Reference, parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
@@ -93,6 +94,9 @@ class PushJob:
     #: from a registry source, copy each image's signatures, attestations and SBOMs
     #: (cosign's ``sha256-<hex>.sig`` tags, the referrers fallback tag) with it
     signatures: bool = True
+    #: a true mirror: once every image arrived, delete the targets' tags the source
+    #: no longer has (prune.py; a registry source without a tag, targets without one)
+    prune: bool = False
 
 
 def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tuple[SourceImage, Reference]]:
@@ -126,6 +130,18 @@ class _Entry:
         self.source_digest: cf.Future[Digest] | None = None
 
 
+@dataclass(slots=True)
+class _Prune:
+    """A pruning plan entry: its source's tag list, its targets and its images."""
+
+    job: PushJob
+    listed: list[str] | None
+    targets: list[Reference]
+    works: list[_Work] = field(default_factory=list)
+    #: an image of it could not even be planned
+    failed: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class _Work:
     source: str
@@ -147,6 +163,8 @@ class Engine:
         self._clients: dict[str, RegistryClient] = {}
         self._executors: dict[str, cf.ThreadPoolExecutor] = {}
         self._clients_lock = threading.Lock()
+        #: pruning plan entries of this run, pruned once every image is done
+        self._prunes: list[_Prune] = []
         #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
         self.cancelled = threading.Event()
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
@@ -241,6 +259,8 @@ class Engine:
                     self.cancel()
         finally:
             images.shutdown(wait=not self.cancelled.is_set(), cancel_futures=True)
+        if not self.cancelled.is_set():
+            self._run_prunes(ordered, result)
         result.bytes_read = self.preparer.bytes_read
         result.bytes_compressed = self.preparer.bytes_compressed
         with self._clients_lock:
@@ -248,9 +268,26 @@ class Engine:
         for client in clients:
             result.requests_by_method.update(client.requests_by_method)
             result.bytes_uploaded += client.bytes_sent
+            result.bytes_read += client.bytes_read  # blobs streamed from registry sources
         if interrupted:
             raise KeyboardInterrupt
         return result
+
+    def _run_prunes(self, ordered: list[ImageResult | tuple[_Work, cf.Future[ImageResult]]], result: BatchResult) -> None:
+        """Each pruning plan entry whose images all arrived drops the targets' tags
+        its source no longer has; one that cannot is a failure of its own."""
+        status = {id(item[0]): image.ok for item, image in zip(ordered, result.images, strict=True) if isinstance(item, tuple)}
+        for prune in self._prunes:
+            if prune.failed or not all(status.get(id(work), False) for work in prune.works):
+                log.warning("%s: not pruned: an image of it did not arrive", prune.job.source)
+                continue
+            assert prune.listed is not None
+            for target in prune.targets:
+                try:
+                    result.pruned.extend(prune_target(self.client(target.api_host), target, prune.listed, prune.job.tags))
+                except Exception as exc:
+                    error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, str(target))
+                    result.images.append(self._failed(prune.job.source, str(target), BatchPushError(f"prune: {error.message}"), time.monotonic()))
 
     def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | tuple[_Work, cf.Future[ImageResult]]]) -> None:
         # a bounded number of pushes waits in the pool, so a plan of any size is
@@ -300,12 +337,16 @@ class Engine:
             except BatchPushError as exc:
                 yield _Work(job.source, text, error=exc)
         try:
-            images = self._open(job.source, signatures=job.signatures).images()
+            opened = self._open(job.source, signatures=job.signatures)
+            images = opened.images()
         except Exception as exc:
             error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, job.source)
             for target in targets:
                 yield _Work(job.source, str(target), error=error)
             return
+        prune = _Prune(job, opened.listed, targets) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
+        if prune is not None:
+            self._prunes.append(prune)
         if job.tags is not None:
             pattern = job.tags
             images = [SourceImage(i.name, tuple(t for t in i.tags if pattern.search(t)), i.node) for i in images]
@@ -319,13 +360,18 @@ class Engine:
             try:
                 planned.extend(expand_targets(images, target))
             except BatchPushError as exc:
+                if prune is not None:
+                    prune.failed = True
                 yield _Work(job.source, str(target), error=exc)
         entries: dict[int, _Entry] = {}
         for image, _ in planned:
             entry = entries.setdefault(id(image), _Entry(image, 0, job.platforms))
             entry.uses += 1
         for image, reference in planned:
-            yield _Work(image.name, str(reference), entries[id(image)], reference)
+            work = _Work(image.name, str(reference), entries[id(image)], reference)
+            if prune is not None:
+                prune.works.append(work)
+            yield work
 
     def _open(self, spec: str, *, signatures: bool = True) -> ImageSource:
         if spec.startswith(REGISTRY_TRANSPORT):

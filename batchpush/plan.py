@@ -114,7 +114,7 @@ def _field_rules(options_type: type) -> dict[str, _FieldRule]:
 
 _FIELD_RULES = _field_rules(RegistryOptions)
 _TOP_KEYS = {"version", "defaults", "registries", "images"}
-_IMAGE_KEYS = {"source", "targets", "tags", "platforms", "signatures"}
+_IMAGE_KEYS = {"source", "targets", "tags", "platforms", "signatures", "prune"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +134,7 @@ class Plan:
                 source = f"{transport}:{os.path.join(base, rest)}"
             tags = entry.get("tags")
             platforms = tuple(Platform.parse(p) for p in entry.get("platforms") or ())
-            yield PushJob(source, tuple(entry["targets"]), re.compile(tags) if tags else None, platforms, signatures=entry.get("signatures", True))
+            yield PushJob(source, tuple(entry["targets"]), re.compile(tags) if tags else None, platforms, signatures=entry.get("signatures", True), prune=entry.get("prune", False))
 
 
 def _error(path: str, where: str, problem: str) -> PlanError:
@@ -209,8 +209,9 @@ def validate_plan(path: str, document: Any) -> Plan:
                 parse_registry_source(source)
             except BatchPushError as exc:
                 raise _error(path, f"{where}.source", exc.message) from exc
-        if "signatures" in entry and not isinstance(entry["signatures"], bool):
-            raise _error(path, f"{where}.signatures", "must be true or false")
+        for key in ("signatures", "prune"):
+            if key in entry and not isinstance(entry[key], bool):
+                raise _error(path, f"{where}.{key}", "must be true or false")
         platforms = entry.get("platforms")
         if platforms is not None:
             if not isinstance(platforms, list) or not platforms or not all(isinstance(p, str) for p in platforms):
@@ -232,6 +233,11 @@ def validate_plan(path: str, document: Any) -> Plan:
                 parse_target(target)
             except BatchPushError as exc:
                 raise _error(path, f"{where}.targets[{j}]", exc.message) from exc
+        if entry.get("prune"):
+            if not source.startswith(REGISTRY_TRANSPORT) or parse_registry_source(source).tag or parse_registry_source(source).digest:
+                raise _error(path, f"{where}.prune", "needs a docker://REGISTRY/REPOSITORY source without a tag: the whole repository is mirrored")
+            if any(parse_target(t).tag for t in targets):
+                raise _error(path, f"{where}.prune", "needs targets without a tag")
         tags = entry.get("tags")
         if tags is not None:
             if not isinstance(tags, str):

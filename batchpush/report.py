@@ -6,9 +6,12 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .outcome import LayerOutcome, LayerResult
+
+if TYPE_CHECKING:
+    from .prune import Pruned
 
 REPORT_VERSION = 1
 
@@ -72,6 +75,8 @@ class BatchResult:
     #: every body byte sent to registries (layers, configs, manifests, retries)
     bytes_uploaded: int = 0
     requests_by_method: Counter[str] = field(default_factory=Counter)
+    #: target tags a pruning plan entry found gone from its source (deleted or kept)
+    pruned: list[Pruned] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -95,6 +100,7 @@ class BatchResult:
                 "blobs_mounted": sum(layer.outcome is LayerOutcome.MOUNTED for layer in layers),
                 "requests": dict(sorted(self.requests_by_method.items())),
             },
+            "pruned": [{"target": p.target, "digest": str(p.digest) if p.digest else None, "deleted": p.deleted, "reason": p.reason or None} for p in self.pruned],
         }
 
     def write(self, path: str) -> None:

@@ -258,3 +258,48 @@ def test_signatures_go_with_their_image(source, registry, tmp_path, batchpush):
     assert run.code == 0, run.err
     listed = json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.host}/bare/app").stdout)["Tags"]
     assert listed == ["1.0"]
+
+
+def test_prune_drops_what_the_source_no_longer_has(source, registry, tmp_path, batchpush):
+    """Plan ``prune: true``: once every image arrived, target tags the source lost are
+    deleted (by digest; one that a kept tag also names stays); --dry-run only lists
+    them; a tag outside the entry's filter is never touched."""
+    layout = app_layout(str(tmp_path / "app"), {"v1": [1, 2], "v2": [1, 3], "v3": [1, 4]})
+    for tag in ("v1", "v2", "v3"):
+        fill(source, layout, tag, "team/app")
+    fill(registry, layout, "v1", "mirror/app")  # the target also holds ...
+    done = skopeo("copy", "--dest-tls-verify=false", "--src-tls-verify=false", f"docker://{registry.host}/mirror/app:v1", f"docker://{registry.host}/mirror/app:old-v1")
+    assert done.returncode == 0, done.stderr  # ... a stale tag naming a kept manifest
+    fill(registry, app_layout(str(tmp_path / "gone"), {"v0": [9]}), "v0", "mirror/app")  # ... a tag the source lost
+    fill(registry, app_layout(str(tmp_path / "other"), {"keep": [8]}), "keep", "mirror/app")  # ... a tag outside the filter
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "version": 1,
+        "defaults": {"insecure": True},
+        "images": [{"source": f"docker://{source.host}/team/app", "targets": [f"{registry.host}/mirror/app"], "tags": "^(v[0-9]+|old-v1)$", "prune": True}],
+    }))
+
+    def target_tags() -> list[str]:
+        return sorted(json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.host}/mirror/app").stdout)["Tags"])
+
+    run = batchpush("run", str(plan), "--metadata-dir", str(tmp_path / "md"), "--dry-run")
+    assert run.code == 0, run.err
+    assert f"{registry.host}/mirror/app:v0: would delete" in run.out
+    assert target_tags() == ["keep", "old-v1", "v0", "v1"]  # the dry run deleted nothing (nor pushed)
+
+    report = tmp_path / "report.json"
+    run = batchpush("run", str(plan), "--metadata-dir", str(tmp_path / "md"), "--report", str(report))
+    assert run.code == 0, run.err
+    assert target_tags() == ["keep", "old-v1", "v1", "v2", "v3"]
+    pruned = {p["target"].rsplit(":", 1)[1]: p for p in report_of(report)["pruned"]}
+    assert pruned["v0"]["deleted"] is True
+    assert pruned["old-v1"]["deleted"] is False and "names the same manifest" in pruned["old-v1"]["reason"]
+
+
+def test_prune_needs_a_whole_repository(tmp_path):
+    from batchpush.errors import PlanError
+    from batchpush.plan import validate_plan
+
+    for source, target in (("docker://r.example/team/app:1", "t.example/m/app"), ("oci:./x", "t.example/m/app"), ("docker://r.example/team/app", "t.example/m/app:1")):
+        with pytest.raises(PlanError, match="prune"):
+            validate_plan("plan.yaml", {"version": 1, "images": [{"source": source, "targets": [target], "prune": True}]})

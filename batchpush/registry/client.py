@@ -727,6 +727,12 @@ class RegistryClient:
             raise ManifestDigestError("PUT", url, 201, (), f"registry reports {reported}, we computed {digest}")
         return digest
 
+    def delete_manifest(self, repository: str, digest: Digest) -> None:
+        """``DELETE`` a manifest by digest (every tag naming it goes with it). A
+        registry that does not allow deletes answers 405 (a RegistryError)."""
+        url = self._url(repository, f"manifests/{digest}")
+        release(self.request("DELETE", url, scopes=(scope_for(repository, "pull,push,delete"),), expected={202}))
+
     def head_manifest(self, repository: str, reference: str, accept: str) -> tuple[Digest, int] | None:
         """The digest and size a tag resolves to; None if unknown (404) or if the
         registry does not say its digest. A digest or a Content-Length that does

@@ -58,6 +58,9 @@ class DryRunClient(RegistryClient):
         self._plan("HEAD", f"/v2/{repository}/manifests/{reference}")
         return super().head_manifest(repository, reference, accept)
 
+    def delete_manifest(self, repository: str, digest: Digest) -> None:
+        self._plan("DELETE", f"/v2/{repository}/manifests/{digest}")
+
     def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> MountResult:
         size = self._written_size(from_repository, digest)
         if size is None:

@@ -88,10 +88,13 @@ class RegistrySource:
         self.reference = parse_registry_source(spec)
         self.client = client
         self.signatures = signatures
+        #: every tag the listing gave (attachments included); None if not listed
+        self.listed: list[str] | None = None
 
     def _tags(self) -> list[str]:
         client, ref = self.client, self.reference
-        return client.with_retries(lambda: client.list_tags(ref.repository), f"tags of {ref.name}")
+        self.listed = client.with_retries(lambda: client.list_tags(ref.repository), f"tags of {ref.name}")
+        return self.listed
 
     def images(self) -> list[SourceImage]:
         ref = self.reference
