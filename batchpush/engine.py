@@ -415,6 +415,7 @@ class Engine:
         pinned = RemoteImage(replace(image.reference, digest=self._source_digest(entry, image)))
 
         def fetch(repository: str, reference: str) -> tuple[bytes, str, Digest]:
+            _check_pull_budget(client, image)
             fetched = client.with_retries(lambda: client.get_manifest(repository, reference, mt.MANIFEST_ACCEPT), f"manifest {repository}@{reference}")
             return fetched.raw, fetched.media_type, fetched.digest
 
@@ -546,6 +547,18 @@ class Engine:
             self._release(work.entry)
         source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
+
+
+def _check_pull_budget(client: RegistryClient, image: RemoteImage) -> None:
+    """Docker Hub counts a manifest GET as a pull (a HEAD is free) and says what is
+    left (RateLimit-Remaining). Once the budget is spent, the source is not asked
+    again: each image still to copy fails at once with this line, instead of
+    earning a 429 each, and the mirror's cron run tries again after the window."""
+    budget = client.rate_limit
+    if budget is not None and budget.remaining is not None and budget.remaining <= 0:
+        window = f" per {budget.window_s} s" if budget.window_s else ""
+        limit = f" of {budget.limit}{window}" if budget.limit is not None else ""
+        raise SourceError(image.spec, f"the source's pull budget is spent (RateLimit-Remaining 0{limit}); not asked again in this run")
 
 
 def _blobs(node: PreparedNode | PendingManifest) -> Iterator[PreparedLayer]:

@@ -303,3 +303,26 @@ def test_prune_needs_a_whole_repository(tmp_path):
     for source, target in (("docker://r.example/team/app:1", "t.example/m/app"), ("oci:./x", "t.example/m/app"), ("docker://r.example/team/app", "t.example/m/app:1")):
         with pytest.raises(PlanError, match="prune"):
             validate_plan("plan.yaml", {"version": 1, "images": [{"source": source, "targets": [target], "prune": True}]})
+
+
+def test_a_spent_pull_budget_stops_asking_the_source(source, registry, tmp_path, batchpush):
+    """Docker Hub's RateLimit-Remaining reaching 0: the images still to copy fail at
+    once with one clear line, and the source gets no more manifest GETs (pulls)."""
+    from fault_proxy import FaultProxy, Rule
+
+    layout = app_layout(str(tmp_path / "app"), {"a": [1], "b": [2], "c": [3]})
+    for tag in ("a", "b", "c"):
+        fill(source, layout, tag, "team/app")
+    proxy = FaultProxy(source.host)
+    try:
+        # the first pull (a manifest GET) spends the budget; HEADs state nothing here
+        proxy.add(Rule("GET", "/manifests/", "headers", headers={"RateLimit-Limit": "100;w=21600", "RateLimit-Remaining": "0;w=21600"}, times=-1))
+        report = tmp_path / "report.json"
+        run = batchpush("push", f"docker://{proxy.host}/team/app", f"{registry.host}/budget/app", "--insecure", proxy.host, "--insecure", registry.host, "--max-concurrent-images", "1", "--report", str(report))
+        assert run.code == 1
+        statuses = [i["status"] for i in report_of(report)["images"]]
+        assert statuses.count("pushed") == 1 and statuses.count("failed") == 2
+        assert run.err.count("pull budget is spent (RateLimit-Remaining 0 of 100 per 21600 s)") == 2
+        assert len(proxy.requests("GET", "/manifests/")) == 1
+    finally:
+        proxy.stop()

@@ -740,7 +740,7 @@ class RegistryClient:
         url = self._url(repository, f"manifests/{reference}")
         response = self.request("HEAD", url, scopes=(scope_for(repository, "pull,push"),), expected={200, 404}, headers={"Accept": accept})
         release(response)
-        self.rate_limit = rate_limit_of(response.headers)
+        self.rate_limit = rate_limit_of(response.headers) or self.rate_limit  # an answer that states none changes nothing
         if response.status_code == 404 or "Docker-Content-Digest" not in response.headers:
             return None
         value = response.headers["Docker-Content-Digest"]
@@ -769,7 +769,7 @@ class RegistryClient:
         url = self._url(repository, f"manifests/{reference}")
         # identity: the digest is of the bytes as stored
         response = self.request("GET", url, scopes=(scope_for(repository, "pull"),), expected={200}, headers={"Accept": accept, "Accept-Encoding": "identity"})
-        self.rate_limit = rate_limit_of(response.headers)
+        self.rate_limit = rate_limit_of(response.headers) or self.rate_limit  # an answer that states none changes nothing
         too_large = f"the manifest {where} is larger than {MAX_MANIFEST_BYTES} bytes (containerd's limit): refused"
         length = parse_decimal(response.headers.get("Content-Length"))
         if length is not None and length > MAX_MANIFEST_BYTES:
