@@ -294,10 +294,16 @@ def test_ctrl_c_through_the_python_api_cancels_the_run(registry, tmp_path, metad
             engine.cancelled.wait(BOUND_S)
 
     options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, progress=CtrlCWhileInFlight())
-    with Engine(options) as engine:
-        with pytest.raises(KeyboardInterrupt):
-            engine.run([PushJob(f"oci:{tmp_path / 'layout'}", (f"{registry.host}/api/app",))])
-        assert engine.cancelled.is_set()
+    # Python's own SIGINT handler (a process started in the background by a shell
+    # inherits SIGINT ignored, and Python then installs none)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with Engine(options) as engine:
+            with pytest.raises(KeyboardInterrupt):
+                engine.run([PushJob(f"oci:{tmp_path / 'layout'}", (f"{registry.host}/api/app",))])
+            assert engine.cancelled.is_set()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert registry.count("PUT", "/manifests/") == 0
 
 
