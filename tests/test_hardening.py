@@ -211,7 +211,8 @@ def _step(method: str, target: str) -> tuple[str, str]:
     return method, path
 
 
-def test_dry_run_plans_what_the_push_then_does(registry, tmp_path, metadata_dir):
+@pytest.mark.parametrize("chunk_bytes", [None, 1024], ids=["monolithic", "chunked"])
+def test_dry_run_plans_what_the_push_then_does(registry, tmp_path, metadata_dir, chunk_bytes):
     """Defect 13: the dry run was a second copy of the layer path with other rules.
     It is now the push over a client that answers writes: on the same registry
     state, its plan is the push's requests, step for step, and its layers' outcomes
@@ -220,7 +221,8 @@ def test_dry_run_plans_what_the_push_then_does(registry, tmp_path, metadata_dir)
     try:
         simple_layout(str(tmp_path / "old"), {"1": [51, 52]})
         simple_layout(str(tmp_path / "new"), {"2": [51, 52, 53], "3": [51, 54]})
-        registries = {proxy.host: RegistryOptions(insecure=True)}
+        chunking = {"monolithic_limit_bytes": chunk_bytes, "chunk_size_bytes": chunk_bytes} if chunk_bytes else {}
+        registries = {proxy.host: RegistryOptions(insecure=True, **chunking)}
         assert batchpush.push(f"oci:{tmp_path / 'old'}", [f"{proxy.host}/dry/old"], PushOptions(registries=registries, metadata_dir=metadata_dir)).ok
         jobs = [PushJob(f"oci:{tmp_path / 'new'}", (f"{proxy.host}/dry/new", f"{proxy.host}/dry/copy"))]
 
@@ -237,6 +239,7 @@ def test_dry_run_plans_what_the_push_then_does(registry, tmp_path, metadata_dir)
         assert pushed.ok
         sent = Counter(_step(s.method, s.target) for s in proxy.requests()[before:] if s.target != "/v2/")
         assert plan == sent
+        assert (("PATCH", "/v2/dry/new/blobs/uploads/") in plan) == bool(chunk_bytes)
         outcomes = [[(layer.digest, layer.outcome, layer.mounted_from) for layer in image.layers] for image in planned.images]
         assert outcomes == [[(layer.digest, layer.outcome, layer.mounted_from) for layer in image.layers] for image in pushed.images]
         assert {layer.outcome for image in pushed.images for layer in image.layers} >= {LayerOutcome.MOUNTED, LayerOutcome.UPLOADED}

@@ -580,11 +580,8 @@ class RegistryClient:
 
     def _chunking(self, size: int, upload: BlobUpload, before_commit: Callable[[], None] | None) -> tuple[bool, int]:
         """Whether the data goes in PATCH chunks, and their size."""
-        chunked = size > self.options.monolithic_limit_bytes or bool(upload.session.chunk_min_bytes) or before_commit is not None
-        # a chunk size of 0 (``--chunk-size 0``) would send empty PATCHes for ever:
-        # the registry accepts each and the offset never moves
-        chunk = max(self.options.chunk_size_bytes if self.options.chunk_size_bytes > 0 else DEFAULT_CHUNK_SIZE_BYTES, upload.session.chunk_min_bytes)
-        return chunked, chunk
+        chunk = self.chunk_bytes(size, upload.session, staged=before_commit is not None)
+        return chunk is not None, chunk or DEFAULT_CHUNK_SIZE_BYTES
 
     def _upload_file(self, repository: str, upload: BlobUpload, blob: FileRange, digest: Digest, counted: Callable[[int], None], before_commit: Callable[[], None] | None) -> None:
         scopes = (scope_for(repository, "pull,push"),)
@@ -726,6 +723,16 @@ class RegistryClient:
         if reported and reported != str(digest):
             raise ManifestDigestError("PUT", url, 201, (), f"registry reports {reported}, we computed {digest}")
         return digest
+
+    def chunk_bytes(self, size: int, session: UploadSession, *, staged: bool = False) -> int | None:
+        """The PATCH size an upload of ``size`` bytes goes in, None for one PUT: chunks
+        above the monolithic limit, when the registry asks for a minimum chunk, or
+        when the data goes ahead of a commit that must wait (``staged``)."""
+        if size <= self.options.monolithic_limit_bytes and not session.chunk_min_bytes and not staged:
+            return None
+        # a chunk size of 0 (``--chunk-size 0``) would send empty PATCHes for ever:
+        # the registry accepts each and the offset never moves
+        return max(self.options.chunk_size_bytes if self.options.chunk_size_bytes > 0 else DEFAULT_CHUNK_SIZE_BYTES, session.chunk_min_bytes)
 
     def delete_manifest(self, repository: str, digest: Digest) -> None:
         """``DELETE`` a manifest by digest (every tag naming it goes with it). A

@@ -82,6 +82,10 @@ class DryRunClient(RegistryClient):
 
     def upload_blob(self, repository: str, upload: BlobUpload, blob: FileRange | BlobStream, digest: Digest, *, on_progress: Callable[[int], None] | None = None, before_commit: Callable[[], None] | None = None) -> int:
         """What the upload would send (the blob's size); nothing is read or sent."""
+        chunk = self.chunk_bytes(blob.size, upload.session, staged=before_commit is not None)
+        if chunk is not None:
+            for _ in range(upload.offset, blob.size, chunk):  # the PATCHes a chunked upload sends
+                self._plan("PATCH", f"/v2/{repository}/blobs/uploads/")
         if before_commit is not None:
             before_commit()
         self._plan("PUT", f"/v2/{repository}/blobs/uploads/", (repository, digest, blob.size))
