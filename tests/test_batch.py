@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import threading
 from collections import Counter
 
 import pytest
@@ -180,21 +178,24 @@ def test_defaults_flow_into_registries(tmp_path):
     assert plan.defaults.max_concurrent_uploads == 3
 
 
-def run_measured(command: list[str], tmp_path, *, timeout_s: float) -> tuple[int, str, int]:
-    """Run ``command``; its exit code, stderr, and its own peak RSS in bytes (os.wait4:
-    that child only; RUSAGE_CHILDREN would also count every registry and skopeo this
-    test process ever waited for)."""
-    err_path = tmp_path / "measured.err"
-    with open(err_path, "wb") as err:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        timer = threading.Timer(timeout_s, child.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            timer.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    return child.returncode, err_path.read_text(errors="replace"), usage.ru_maxrss * 1024
+#: runs the CLI (argv[2:]) and writes its own peak RSS (VmHWM, KiB) to argv[1]. Not
+#: os.wait4's ru_maxrss: a child's high-water mark starts from its parent's at fork,
+#: so it would count the test process's memory too
+PEAK_PROBE = """
+import sys
+from batchpush.cli import main
+code = main(sys.argv[2:])
+with open("/proc/self/status") as status, open(sys.argv[1], "w") as out:
+    out.write(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+sys.exit(code)
+"""
+
+
+def run_measured(args: list[str], tmp_path, *, timeout_s: float) -> tuple[int, str, int]:
+    """``batchpush ARGS`` in a process of its own: exit code, stderr, its peak RSS in bytes."""
+    peak = tmp_path / "peak_kib"
+    done = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(peak), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout_s)
+    return done.returncode, done.stderr, int(peak.read_text()) << 10 if peak.exists() else 0
 
 
 def test_thousand_small_images_with_flat_memory(registry, tmp_path):
@@ -205,7 +206,7 @@ def test_thousand_small_images_with_flat_memory(registry, tmp_path):
         writer.tag(descriptor, f"t{i}")
     plan = write_plan(tmp_path, {"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [{"source": f"oci:{tmp_path}/many", "targets": [f"{registry.host}/many/app"]}]})
     report = tmp_path / "report.json"
-    returncode, err, peak_rss_bytes = run_measured([sys.executable, "-m", "batchpush", "run", plan, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--max-concurrent-images", "16"], tmp_path, timeout_s=900)
+    returncode, err, peak_rss_bytes = run_measured(["run", plan, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--max-concurrent-images", "16"], tmp_path, timeout_s=900)
     assert returncode == 0, err[-3000:]
     document = json.loads(report.read_text())
     assert len(document["images"]) == 1000

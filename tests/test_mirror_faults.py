@@ -504,19 +504,6 @@ def test_a_tag_deleted_between_listing_and_copying_fails_that_image_only(source,
 
 # -- peak memory -----------------------------------------------------------------------------
 
-#: runs the CLI, then writes the process's own peak RSS (VmHWM, KiB) to argv[1].
-#: Not os.wait4's ru_maxrss: a child Python spawns (vfork, then exec) is charged the
-#: high-water mark of the *parent's* memory at exec, so a pytest process that ever
-#: held a few hundred MB would make any child look that large
-PEAK_PROBE = """
-import sys
-from batchpush.cli import main
-code = main(sys.argv[2:])
-with open("/proc/self/status") as status, open(sys.argv[1], "w") as out:
-    out.write(next(line for line in status if line.startswith("VmHWM:")).split()[1])
-sys.exit(code)
-"""
-
 #: writes an OCI layout (argv[1]) of one image, tag "big", whose layer is
 #: random_layer(argv[2], argv[3]); in a process of its own, so the test's stays small
 BIG_LAYOUT = """
@@ -560,19 +547,17 @@ def pull_and_verify_streaming(registry: Registry, ref: str, dest: Path) -> str:
 
 def test_a_200_mb_blob_streams_under_300_mb_of_peak_rss(source, registry, tmp_path):
     """A 200 MB layer is mirrored by a batchpush process of its own whose peak RSS
-    (its own VmHWM, see PEAK_PROBE) stays under 300 MB: blobs stream, never held
+    (its own VmHWM: test_batch.run_measured) stays under 300 MB: blobs stream, never held
     whole. The layer arrives intact: skopeo reads it back, every byte checked."""
     made = subprocess.run([sys.executable, "-c", BIG_LAYOUT, str(tmp_path / "big"), "101", str(LARGE_BLOB_BYTES), os.path.dirname(__file__)], capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     fill(source, str(tmp_path / "big"), "big", "team/big")
     layer = raw_manifest(source, "team/big:big")["layers"][0]
     assert layer["size"] >= LARGE_BLOB_BYTES
-    report, peak = tmp_path / "report.json", tmp_path / "peak_kib"
+    report = tmp_path / "report.json"
     args = ["push", f"docker://{source.host}/team/big:big", f"{registry.host}/mirror/big:big", "--insecure", source.host, "--insecure", registry.host, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md")]
-    returncode, err, _ = run_measured([sys.executable, "-c", PEAK_PROBE, str(peak), *args], tmp_path, timeout_s=600)  # (its wait4 figure: see PEAK_PROBE)
-
+    returncode, err, peak_rss_bytes = run_measured(args, tmp_path, timeout_s=600)
     assert returncode == 0, err[-3000:]
-    peak_rss_bytes = int(peak.read_text()) << 10
     assert peak_rss_bytes < PEAK_RSS_BYTES, f"peak RSS {peak_rss_bytes >> 20} MiB"
     assert report_of(report)["images"][0]["status"] == "pushed"
     assert committed(registry, "mirror/big", layer["digest"]) == 1
