@@ -22,8 +22,9 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from . import mediatypes as mt
 from . import waits
@@ -125,9 +126,9 @@ class _Entry:
         self.uses = uses
         self.platforms = platforms
         self.lock = threading.Lock()
-        self.node: cf.Future[PreparedNode | PendingManifest] | None = None
-        #: a registry source's digest for the image, asked once (a HEAD)
-        self.source_digest: cf.Future[Digest] | None = None
+        #: what is done once for all targets ("node": the prepared image; "digest": a
+        #: registry source's digest for it, one HEAD), by name
+        self.once: dict[str, cf.Future[Any]] = {}
 
 
 @dataclass(slots=True)
@@ -385,28 +386,36 @@ class Engine:
             log.exception("progress renderer failed")
         return ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
 
+    def _once(self, entry: _Entry, name: str, make: Callable[[], Any]) -> Any:
+        """``make()`` once for all the entry's targets: the first to ask runs it, the
+        others wait for its result (with the cancel flag in view), never on a lock
+        held meanwhile."""
+        with entry.lock:
+            future = entry.once.get(name)
+            mine = future is None
+            if future is None:
+                future = entry.once[name] = cf.Future()
+        if mine:
+            try:
+                future.set_result(make())
+            except BaseException as exc:
+                future.set_exception(exc)
+        return waits.result(future, self.cancelled)
+
     def _prepared(self, entry: _Entry) -> PreparedNode | PendingManifest:
         """The entry's image, prepared once for all its targets. A single manifest
         is started without waiting (its layers upload as they are checked); an index
         (or a dry run) is prepared whole."""
-        with entry.lock:
-            mine = entry.node is None
-            if mine:
-                entry.node = cf.Future()
-            node = entry.node
-        assert node is not None
-        if mine:
-            try:
-                source = entry.image.node
-                if isinstance(source, RemoteImage):
-                    node.set_result(self._resolve(entry, source))
-                elif isinstance(source, SourceManifest) and not self.options.dry_run:
-                    node.set_result(self.preparer.start(source))
-                else:
-                    node.set_result(self.preparer.prepare(source))
-            except BaseException as exc:
-                node.set_exception(exc)
-        return waits.result(node, self.cancelled)
+
+        def prepare() -> PreparedNode | PendingManifest:
+            source = entry.image.node
+            if isinstance(source, RemoteImage):
+                return self._resolve(entry, source)
+            if isinstance(source, SourceManifest) and not self.options.dry_run:
+                return self.preparer.start(source)
+            return self.preparer.prepare(source)
+
+        return self._once(entry, "node", prepare)  # type: ignore[no-any-return]
 
     def _resolve(self, entry: _Entry, image: RemoteImage) -> PreparedNode:
         """A registry source's image, read by the digest its tag had when compared
@@ -425,23 +434,16 @@ class Engine:
         """The digest the source's tag names now: one HEAD, once for all targets."""
         if image.reference.digest is not None:
             return image.reference.digest
-        with entry.lock:
-            mine = entry.source_digest is None
-            if mine:
-                entry.source_digest = cf.Future()
-            future = entry.source_digest
-        assert future is not None
-        if mine:
-            client = self.client(image.reference.api_host)
-            repository, tag = image.reference.repository, image.selector
-            try:
-                found = client.with_retries(lambda: client.head_manifest(repository, tag, mt.MANIFEST_ACCEPT), f"manifest {repository}:{tag}")
-                if found is None:
-                    raise SourceError(image.spec, "the source has no such tag (any more)")
-                future.set_result(found[0])
-            except BaseException as exc:
-                future.set_exception(exc)
-        return waits.result(future, self.cancelled)
+        client = self.client(image.reference.api_host)
+        repository, tag = image.reference.repository, image.selector
+
+        def head() -> Digest:
+            found = client.with_retries(lambda: client.head_manifest(repository, tag, mt.MANIFEST_ACCEPT), f"manifest {repository}:{tag}")
+            if found is None:
+                raise SourceError(image.spec, "the source has no such tag (any more)")
+            return found[0]
+
+        return self._once(entry, "digest", head)  # type: ignore[no-any-return]
 
     def _mirror_up_to_date(self, entry: _Entry, image: RemoteImage, pusher: ImagePusher, tag: str) -> Digest | None:
         """The mirror's cron fast path: the target's tag already names the source's
@@ -467,7 +469,7 @@ class Engine:
         with entry.lock:
             entry.uses -= 1
             last = entry.uses == 0
-            node, entry.node = (entry.node, None) if last else (None, entry.node)
+            node = entry.once.pop("node", None) if last else None
         if node is not None and node.done() and node.exception() is None:
             self.preparer.release(node.result())
 
