@@ -69,7 +69,8 @@ class Run:
     bytes_read: int = 0
     #: CPU the whole machine spent meanwhile (every process, ours or not): what is
     #: left after the tool's, the registries' and the sampler's is other work
-    #: sharing the cores
+    #: sharing the cores, and kernel work charged to no process (loopback
+    #: softirqs, disk writeback: not negligible when hundreds of MB move)
     machine_cpu_s: float = 0.0
     sampler_cpu_s: float = 0.0
 
@@ -380,7 +381,8 @@ def print_runs(results: dict) -> None:
                 bound = (value.cpu_s + value.registry_cpu_s) / (os.cpu_count() or 1)
                 per_request = value.registry_cpu_s / value.requests * 1e3 if value.requests else 0.0
                 read = f" read {value.bytes_read / 1e6:7.1f}MB src req {value.source_requests:5}" if value.source_requests else ""
-                # the machine's CPU not spent by the tool or the registries: other work on the same cores
+                # the machine's CPU not spent by the tool, the registries or the sampler: other work
+                # on the same cores (and the kernel's own, see Run.machine_cpu_s)
                 read += f" other cpu {max(0.0, value.machine_cpu_s - value.cpu_s - value.registry_cpu_s - value.sampler_cpu_s):5.2f}s"
                 print(f"  {name:12} {key:15} {value.tool:15} wall {value.wall_s:7.2f}s cpu {value.cpu_s:7.2f}s registry cpu {value.registry_cpu_s:6.2f}s ({per_request:4.1f} ms/req) "
                       f"(cpu bound {bound:5.2f}s) rss {value.peak_rss_mb:6.0f}MB up {value.bytes_uploaded / 1e6:8.1f}MB req {value.requests:6} fail {value.failures}{read}")
