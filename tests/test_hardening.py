@@ -390,7 +390,8 @@ def test_a_compression_worker_killed_mid_batch(registry, tmp_path, metadata_dir)
         assert pull_and_verify(registry, f"oom/app:{tag}", str(tmp_path / tag))[0].diff_ids == image.diff_ids
 
 
-def test_sigint_while_a_request_waits_for_an_answer_that_never_comes(tmp_path):
+@pytest.mark.parametrize("signals", [1, 2], ids=["one-sigint", "second-sigint"])
+def test_sigint_while_a_request_waits_for_an_answer_that_never_comes(tmp_path, signals):
     """Review of defect 11: a request waiting for its answer (a registry that
     accepts and never answers: up to the 300 s read timeout) held SIGINT's exit,
     and a ping held a lock the other threads queued on. Now the run reports the
@@ -422,6 +423,9 @@ def test_sigint_while_a_request_waits_for_an_answer_that_never_comes(tmp_path):
             assert run.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         run.send_signal(signal.SIGINT)
+        if signals == 2:  # while the first one's cancellation waits for the stuck upload
+            time.sleep(0.5)
+            run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=BOUND_S)  # far below the read timeout
     finally:
         if run.poll() is None:
@@ -430,6 +434,9 @@ def test_sigint_while_a_request_waits_for_an_answer_that_never_comes(tmp_path):
         for connection in held:
             connection.close()
     assert run.returncode == 130, err
+    if signals == 2:
+        assert "stopped at once by a second signal" in err
+        return
     import json
 
     images = json.loads(report.read_text())["images"]
