@@ -13,8 +13,10 @@ In the seed's order:
     digest metadata is recorded with our HMAC and the target repository.
 
 Steps 3-7 hold the blob's single-flight (per registry and blob, state.py), never
-longer: a layer of an image still being checked (its gate not open) leaves the
-flight before it waits, so another image that needs the same blob goes on.
+longer: a layer of an image still being checked (its gate not open) comes back
+``Staged`` before any write, leaving the flight and its upload thread, and its
+image's own thread waits for the gate; another image that needs the same blob
+goes on meanwhile.
 Only a definite answer to a mount (the registry opened an upload instead, or
 denied it) may remove a store entry; a temporary one is retried under the policy.
 A descriptor's size is what we hashed, or what a valid registry answer said.
