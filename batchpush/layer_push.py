@@ -34,7 +34,7 @@ from typing import Any
 from . import mediatypes as mt
 from . import waits
 from .digest import Digest
-from .errors import BatchPushError, Cancelled
+from .errors import BatchPushError, Cancelled, SourceError
 from .metadata import MetadataStore, OverlayStore
 from .outcome import LayerOutcome, LayerResult
 from .policy import Tier, V2Metadata, entry_hmac, hmac_matches, mount_candidates, remove_after_failed_mount, sort_by_likeness_and_age, tier_for
@@ -390,6 +390,9 @@ class LayerPusher:
             self.client.upload_blob(self.repository, carry.upload, blob, layer.digest, on_progress=counted, before_commit=stage if staging else None)
         except _Staged:
             return None
+        except SourceError:
+            carry.upload = None  # a stream that lied: the client cancelled its session already
+            raise
         except UploadGoneError:
             carry.upload = None  # the next attempt starts a new session...
             if self.client.head_blob(self.repository, layer.digest) is None:

@@ -36,7 +36,7 @@ from requests import certs
 
 from .. import __version__
 from .. import mediatypes as mt
-from ..digest import Digest, InvalidDigestError
+from ..digest import CHUNK_BYTES, Digest, InvalidDigestError
 from ..errors import DigestMismatchError, ReferenceError_, SourceError
 from ..sources.base import FileRange, read_views
 from ..waits import Flights
@@ -658,6 +658,16 @@ class RegistryClient:
         if (upload.interrupted or upload.offset not in (0, size)) and self._restart_stream(repository, upload, digest, size):
             return
         chunked, chunk = self._chunking(size, upload, before_commit)
+        # The stream checks its digest before it yields its last piece: that piece is
+        # held back from the data requests and sent with the commit, so a lie is
+        # found with no request in flight, and the session's newest location (the
+        # one the registry accepts a DELETE for) cancels it. A blob of one piece is
+        # checked before anything is sent at all. (Staged data, sent ahead of a commit
+        # that waits, goes whole: its commit then sends nothing.)
+        tail = size - CHUNK_BYTES * ((size - 1) // CHUNK_BYTES) if size and before_commit is None else 0
+        ahead = size - tail  # what goes before the commit
+        if not chunked and ahead:
+            chunked, chunk = True, ahead
         bodies: list[_StreamBody] = []
         reads: list[_Cutter] = []
 
@@ -671,17 +681,12 @@ class RegistryClient:
             pieces = cutter.take(length)
             return make
 
-        def whole_body() -> _StreamBody:
-            reads.append(_Cutter(stream))  # a new read each time: a 401's resend reads again
-            bodies.append(_StreamBody(reads[-1].take(size), size, counted, self.cancel))
-            return bodies[-1]
-
         upload.interrupted = True  # until a response says otherwise
         try:
-            if chunked and upload.offset < size:
+            if chunked and upload.offset < ahead:
                 reads.append(_Cutter(stream))
-                while upload.offset < size:
-                    length = min(chunk, size - upload.offset)
+                while upload.offset < ahead:
+                    length = min(chunk, ahead - upload.offset)
                     headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{upload.offset}-{upload.offset + length - 1}"}
                     try:
                         response = self.request("PATCH", upload.session.location, scopes=scopes, expected={202}, headers=headers, body=chunk_body(reads[0], length))
@@ -694,9 +699,17 @@ class RegistryClient:
                     if response.headers.get("Range") and _range_end(response.headers.get("Range")) > upload.offset + length:
                         raise self._stream_gone(repository, upload, "PATCH", 202, f"the registry reports more bytes received than the {upload.offset + length} sent")
                     upload.offset += length
+            last: Callable[[], Any] | None = None
+            if upload.offset < size:  # the held-back piece (a one-piece blob whole), checked as it is taken
+                if not reads:
+                    reads.append(_Cutter(stream))
+                rest = b"".join(bytes(part) for part in reads[0].take(size - upload.offset))
+                last = lambda: rest  # noqa: E731 - a 401's resend sends the same bytes
             if before_commit is not None:
                 before_commit()
-            self._commit(repository, upload, digest, size, whole_body if upload.offset < size else None)
+            self._commit(repository, upload, digest, size, last)
+            if last is not None:
+                counted(len(rest))
         except _StreamSpent:
             raise self._stream_gone(repository, upload, "PATCH", 401, "a chunk read from a stream cannot be sent again after a fresh token: the upload starts over") from None
         except BaseException as exc:
