@@ -326,3 +326,26 @@ def test_a_spent_pull_budget_stops_asking_the_source(source, registry, tmp_path,
         assert len(proxy.requests("GET", "/manifests/")) == 1
     finally:
         proxy.stop()
+
+
+def test_a_source_hosts_max_concurrent_uploads_bounds_its_reads(source, registry, tmp_path, metadata_dir):
+    """Per-host settings apply to a host whether it is read or written: a source with
+    max_concurrent_uploads 1 serves one blob read at a time, however many the
+    target takes at once."""
+    from batchpush.engine import Engine, PushJob, PushOptions
+    from batchpush.registry.client import RegistryOptions
+
+    writer = LayoutWriter(str(tmp_path / "many"))
+    for i in range(4):
+        descriptor, _ = writer.image([random_layer(60 + i, 2 << 20), random_layer(70 + i, 2 << 20)])
+        writer.tag(descriptor, f"t{i}")
+    for i in range(4):
+        fill(source, str(tmp_path / "many"), f"t{i}", "team/many")
+    registries = {source.host: RegistryOptions(insecure=True, max_concurrent_uploads=1), registry.host: RegistryOptions(insecure=True, max_concurrent_uploads=4)}
+    with Engine(PushOptions(registries=registries, metadata_dir=metadata_dir)) as engine:
+        result = engine.run([PushJob(f"docker://{source.host}/team/many", (f"{registry.host}/bounded/many",))])
+        assert result.ok, [i.error for i in result.images]
+        assert engine._clients[source.host].max_concurrent_reads == 1
+        assert engine._clients[registry.host].max_concurrent_reads == 0
+    for i in range(4):
+        assert remote_digest(registry, f"bounded/many:t{i}") == remote_digest(source, f"team/many:t{i}")

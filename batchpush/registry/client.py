@@ -39,7 +39,7 @@ from .. import mediatypes as mt
 from ..digest import CHUNK_BYTES, Digest, InvalidDigestError
 from ..errors import DigestMismatchError, ReferenceError_, SourceError
 from ..sources.base import FileRange, read_views
-from ..waits import Flights
+from ..waits import POLL_S, Flights
 from .auth import Authenticator, Credentials, scope_for
 from .errors import (
     TRANSPORT_ERRORS,
@@ -321,6 +321,10 @@ class RegistryClient:
         self._count_lock = threading.Lock()
         self._base_url: str | None = None
         self._pinging = Flights()
+        self._read_slots = threading.BoundedSemaphore(max(1, self.options.max_concurrent_uploads))
+        self._reading = 0
+        #: the most blob reads from this host at once in this run
+        self.max_concurrent_reads = 0
 
     # -- plumbing ------------------------------------------------------------
     @property
@@ -338,6 +342,24 @@ class RegistryClient:
     def _count_bytes(self, n: int) -> None:
         with self._count_lock:
             self.bytes_sent += n
+
+    @contextlib.contextmanager
+    def read_slot(self) -> Iterator[None]:
+        """One of this host's ``max_concurrent_uploads`` blob reads at a time (its
+        setting bounds reads from it as a source, as it bounds uploads to it); the
+        wait looks at the cancel flag."""
+        while not self._read_slots.acquire(timeout=POLL_S):
+            if self.cancel.is_set():
+                raise Cancelled()
+        with self._count_lock:
+            self._reading += 1
+            self.max_concurrent_reads = max(self.max_concurrent_reads, self._reading)
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self._reading -= 1
+            self._read_slots.release()
 
     def count_read(self, n: int) -> None:
         """``n`` body bytes read from this registry (a BlobReader's)."""

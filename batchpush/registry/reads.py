@@ -234,7 +234,10 @@ class BlobReader:
         return f"docker://{self.blob.host}/{self.blob.repository}@{self.blob.digest}"
 
     def views(self) -> Iterator[memoryview]:
-        return _Read(self).pieces()
+        # a read holds one of its registry's read slots (max_concurrent_uploads of
+        # that host, read or written) until it is done or closed
+        with self.client.read_slot():
+            yield from _Read(self).pieces()
 
     def _counted(self, n: int) -> None:
         with self._lock:
