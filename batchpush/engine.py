@@ -445,14 +445,15 @@ class Engine:
 
         return self._once(entry, "digest", head)  # type: ignore[no-any-return]
 
-    def _mirror_up_to_date(self, entry: _Entry, image: RemoteImage, pusher: ImagePusher, tag: str) -> Digest | None:
+    def _mirror_up_to_date(self, entry: _Entry, image: RemoteImage, pusher: ImagePusher, tag: str) -> tuple[Digest, int] | None:
         """The mirror's cron fast path: the target's tag already names the source's
-        digest (a HEAD at each end, nothing read). A platform subset is never
-        "up to date" this way: its index is not the source's."""
+        digest (a HEAD at each end, nothing read); its digest and size. A platform
+        subset is never "up to date" this way: its index is not the source's."""
         if entry.platforms:
             return None
         digest = self._source_digest(entry, image)
-        return digest if pusher.tag_digest(tag) == digest else None
+        current = pusher.tag_manifest(tag)
+        return current if current is not None and current[0] == digest else None
 
     def _pusher(self, client: RegistryClient, target: Reference) -> ImagePusher:
         layers = LayerPusher(client, target, self.state, self._remote_store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=self.options.progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
@@ -514,10 +515,11 @@ class Engine:
             client = self.client(target.api_host)
             if remote is not None:
                 pusher = self._pusher(client, target)
-                digest = self._mirror_up_to_date(work.entry, remote, pusher, tag)
-                if digest is not None:
-                    progress.pushed(str(target), tag, str(digest), 0, up_to_date=True)
-                    return ImageResult(work.source, str(target), "up-to-date", str(digest), None, seconds=time.monotonic() - started, source_digest=str(digest))
+                current = self._mirror_up_to_date(work.entry, remote, pusher, tag)
+                if current is not None:
+                    digest, size = current
+                    progress.pushed(str(target), tag, str(digest), size, up_to_date=True)
+                    return ImageResult(work.source, str(target), "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
             node = self._prepared(work.entry)
             if remote is not None and remote.reference.registry == target.registry:
                 self._held_by_source(remote, node)  # a mount from the source repository sends nothing

@@ -119,14 +119,17 @@ class ImagePusher:
         return expected if self.tag_digest(tag) == expected.digest else None
 
     def tag_digest(self, tag: str) -> Digest | None:
-        """What the target's tag names now (one HEAD); None if nothing, or if the
-        HEAD fails: it is only a shortcut, the full push decides."""
+        current = self.tag_manifest(tag)
+        return current[0] if current is not None else None
+
+    def tag_manifest(self, tag: str) -> tuple[Digest, int] | None:
+        """What the target's tag names now, its digest and size (one HEAD); None if
+        nothing, or if the HEAD fails: it is only a shortcut, the full push decides."""
         try:
-            current = self.client.with_retries(lambda: self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT), f"manifest {tag}")
+            return self.client.with_retries(lambda: self.client.head_manifest(self.repository, tag, mt.MANIFEST_ACCEPT), f"manifest {tag}")
         except RegistryError as exc:
             log.info("%s: the tag HEAD failed (%s); pushing in full", tag, exc)
             return None
-        return current[0] if current is not None else None
 
     def _pushed_here_before(self, node: PreparedNode) -> bool:
         if isinstance(node, PreparedIndex):

@@ -1,4 +1,4 @@
-"""`make demo`: start a local registry, push a sample batch, show what arrived."""
+"""`make demo`: start local registries, push a sample batch, mirror it, show what arrived."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def run(argv: list[str]) -> int:
 def main() -> int:
     work = tempfile.mkdtemp(prefix="batchpush-demo-")
     registry = start_registry(work)
+    mirror = start_registry(work)
     failures = 0
     try:
         step(f"a real registry (docker-registry) is listening on {registry.host}")
@@ -50,10 +51,17 @@ def main() -> int:
         print(f"report totals: {json.dumps(totals)}")
         step("skopeo reads one back")
         failures += run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/team/worker:0.9"]) != 0
+
+        step(f"mirror every tag to a second registry ({mirror.host}): manifests byte for byte, blobs streamed")
+        mirrored = [*BATCHPUSH, "push", f"docker://{registry.host}/team/web", f"{mirror.host}/mirror/web", *insecure, "--insecure", mirror.host, *metadata]
+        failures += run(mirrored) != 0
+        step("the same mirror again, as cron would: a manifest HEAD at each end per tag, nothing sent")
+        failures += run(mirrored) != 0
     finally:
+        mirror.stop()
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)
-    step("done: registry stopped" + (f", {failures} step(s) failed" if failures else ""))
+    step("done: registries stopped" + (f", {failures} step(s) failed" if failures else ""))
     return 1 if failures else 0
 
 
