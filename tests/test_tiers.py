@@ -443,7 +443,7 @@ def test_a_definite_mount_failure_runs_the_seed_removal_rule(rule, credentials, 
     ],
 )
 def test_a_temporary_mount_failure_keeps_the_entry_and_the_mount_is_retried(rule, registry, proxy, layers, store):
-    """Intended change: a mount that fails for a while (429, 503, a broken
+    """A mount that fails for a while (429, 503, a broken
     connection) says nothing about the candidate: its entry stays, and the retry
     policy tries again, which mounts the layer (nothing uploaded)."""
     layer = layers.by_tier["middle"]
