@@ -324,7 +324,10 @@ class Engine:
         while True:  # a wait the main thread's Ctrl-C can interrupt
             done, _ = cf.wait((future,), timeout=waits.POLL_S * 5)
             if done:
-                return future.result()
+                try:
+                    return future.result()
+                except Exception as exc:  # a fault outside the image's own guard: still its own
+                    return self._failed(work.source, work.target, InternalError.of(exc, work.source), time.monotonic())
             if self.cancelled.is_set():
                 cancelled_at = cancelled_at or time.monotonic()
                 if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
@@ -513,8 +516,8 @@ class Engine:
         try:
             remote = work.entry.image.node if isinstance(work.entry.image.node, RemoteImage) else None
             client = self.client(target.api_host)
+            pusher = self._pusher(client, target)
             if remote is not None:
-                pusher = self._pusher(client, target)
                 current = self._mirror_up_to_date(work.entry, remote, pusher, tag)
                 if current is not None:
                     digest, size = current
@@ -523,7 +526,6 @@ class Engine:
             node = self._prepared(work.entry)
             if remote is not None and remote.reference.registry == target.registry:
                 self._held_by_source(remote, node)  # a mount from the source repository sends nothing
-            pusher = self._pusher(client, target)
             progress.image_started(str(target), target.name)
             if isinstance(node, PendingManifest) and not node.ready():
                 # layers still compressing: none is known to this store, so the tag
@@ -540,6 +542,7 @@ class Engine:
             if self.options.dry_run:  # (each layer's line was printed by the layer path)
                 return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=pushed.layers)
             progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
+            source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
         except Cancelled:
             return self._failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started)
         except BatchPushError as exc:
@@ -549,7 +552,6 @@ class Engine:
             return self._failed(work.source, str(target), InternalError.of(exc, work.source), started)
         finally:
             self._release(work.entry)
-        source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
 
 

@@ -25,10 +25,13 @@ POLL_S = 0.1
 def wait_done(futures: Iterable[cf.Future[Any]], cancel: threading.Event) -> None:
     """Until every future is done; raises Cancelled once the run is cancelled."""
     pending = set(futures)
-    while pending:
+    while True:
+        _, pending = cf.wait(pending, timeout=0)  # what is done counts, cancelled or not
+        if not pending:
+            return
         if cancel.is_set():
             raise Cancelled()
-        _, pending = cf.wait(pending, timeout=POLL_S)
+        cf.wait(pending, timeout=POLL_S, return_when=cf.ALL_COMPLETED)
 
 
 def result(future: cf.Future[T], cancel: threading.Event) -> T:
