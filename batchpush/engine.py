@@ -331,7 +331,7 @@ class Engine:
             if self.cancelled.is_set():
                 cancelled_at = cancelled_at or time.monotonic()
                 if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
-                    return ImageResult(work.source, work.target, "failed", error="interrupted while a request was waiting for its answer; no manifest was written", error_kind=InterruptedError_.kind)
+                    return self._failed(work.source, work.target, InterruptedError_("interrupted while a request was waiting for its answer; no manifest was written"), cancelled_at)
 
     def _expand(self, job: PushJob) -> Iterator[_Work]:
         targets: list[Reference] = []
