@@ -8,7 +8,8 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from types import FrameType
 
@@ -25,6 +26,7 @@ from .registry.credentials import ChainedCredentials, DockerConfigCredentials
 from .registry.retry import DEFAULT_MAX_ATTEMPTS
 from .report import BatchResult
 from .sources.registry import Platform
+from .summary import summary_lines
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -104,19 +106,31 @@ def _progress(args: argparse.Namespace) -> Progress:
     return PlainProgress(quiet=args.quiet)
 
 
-def _print_dry_run(result: BatchResult) -> None:
+def _dry_run_lines(result: BatchResult) -> Iterator[str]:
     total = 0
     for image in result.images:
         if image.status != "dry-run":
-            print(f"{image.target}: {image.status}" + (f" ({image.digest})" if image.digest else ""))
+            yield f"{image.target}: {image.status}" + (f" ({image.digest})" if image.digest else "")
             continue
-        print(f"{image.target}:")
+        yield f"{image.target}:"
         for layer in image.layers:
             where = f" from {layer.mounted_from}" if layer.mounted_from else ""
             sent = f" {layer.bytes_sent} bytes" if layer.outcome is LayerOutcome.UPLOADED else ""
-            print(f"  {layer.digest}: {'upload' if layer.outcome is LayerOutcome.UPLOADED else layer.outcome.value}{where}{sent}")
+            yield f"  {layer.digest}: {'upload' if layer.outcome is LayerOutcome.UPLOADED else layer.outcome.value}{where}{sent}"
             total += layer.bytes_sent
-    print(f"would send {total} bytes of layers")
+    yield f"would send {total} bytes of layers"
+
+
+def _closing_lines(args: argparse.Namespace, result: BatchResult, seconds: float) -> Iterator[str]:
+    """What a run ends with, on stdout through the progress renderer (so never
+    written by a thread that can block, and not at all with ``-q``): a dry run's
+    plan, pruned tags, then the summary."""
+    if args.dry_run:
+        yield from _dry_run_lines(result)
+    for pruned in result.pruned:
+        verb = ("would delete" if args.dry_run else "deleted") if pruned.deleted else "kept"
+        yield f"{pruned.target}: {verb} ({pruned.digest}){': ' + pruned.reason if pruned.reason else ''}"
+    yield from summary_lines(result, seconds)
 
 
 def _push_credentials(args: argparse.Namespace) -> CredentialProvider:
@@ -142,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
+    started = time.monotonic()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler], force=True)
@@ -199,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = engine.run(jobs)
         finally:
             engine.close()
+        for line in _closing_lines(args, result, time.monotonic() - started):
+            progress.note(line)
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -208,11 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.close()
     if args.report:
         result.write(args.report)
-    if args.dry_run:
-        _print_dry_run(result)
-    for pruned in result.pruned:
-        verb = ("would delete" if args.dry_run else "deleted") if pruned.deleted else "kept"
-        print(f"{pruned.target}: {verb} ({pruned.digest}){': ' + pruned.reason if pruned.reason else ''}")
     if received:
         print(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report", file=sys.stderr)
         # the report is written and the spool gone; a request still waiting for its

@@ -1,17 +1,25 @@
 """Progress events and their renderers; no decisions are made here.
 
-``PlainProgress`` writes docker-like lines (for logs and pipes), ``RichProgress`` a
-live display on a terminal, ``NoProgress`` nothing. All are thread-safe.
+``PlainProgress`` writes lines for logs and pipes, each naming its target, through
+one writer thread (``LineWriter``); ``RichProgress`` a live display on a terminal,
+``NoProgress`` nothing. All are thread-safe.
 """
 
 from __future__ import annotations
 
+import queue
 import sys
 import threading
 import time
 from typing import Protocol, TextIO
 
 from .outcome import LayerOutcome, LayerResult
+from .waits import POLL_S
+
+#: lines waiting for the writer thread; a line that finds the queue full is dropped
+QUEUE_LINES = 10_000
+#: at close, how long the writer may go without writing a line before it is left behind
+CLOSE_STALL_S = 5.0
 
 
 class Progress(Protocol):
@@ -33,6 +41,11 @@ def describe(layer: LayerResult) -> str:
     if layer.outcome is LayerOutcome.SKIPPED_FOREIGN:
         return "Skipped foreign layer"
     return "Layer already exists"
+
+
+def one_line(text: str) -> str:
+    """A reason as one log line (a registry's message may span several)."""
+    return " ".join(text.split())
 
 
 class NoProgress:
@@ -58,41 +71,115 @@ class NoProgress:
         pass
 
 
+class LineWriter:
+    """One thread writes every line, so no engine thread ever waits on a terminal or
+    a pipe: a thread blocked in ``write`` holds the stream's lock, and every other
+    thread that prints would queue behind it, for ever if nobody reads the pipe.
+
+    ``write`` never waits: a line that finds the queue full (``QUEUE_LINES``
+    behind) is dropped and counted, and the next line written says how many were
+    lost. Dropping, not a bounded wait, because a bounded wait per line would slow
+    every image by that bound for as long as the reader is stuck, while the lines
+    are only a view: the results are in the report and the summary. ``close`` waits
+    while the writer makes progress and gives up after ``CLOSE_STALL_S`` without
+    any, leaving the (daemon) thread behind, so a run whose output nobody reads
+    still ends."""
+
+    def __init__(self, queue_lines: int = QUEUE_LINES) -> None:
+        self._queue: queue.Queue[tuple[TextIO, str]] = queue.Queue(queue_lines)
+        self._lock = threading.Lock()
+        self._dropped = 0
+        #: lines written so far (only the writer thread counts): close watches it move
+        self.written = 0
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, stream: TextIO, text: str) -> None:
+        try:
+            self._queue.put_nowait((stream, text))
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+
+    def _emit(self, stream: TextIO, text: str) -> None:
+        try:
+            # one write per line (print writes the newline separately)
+            stream.write(text + "\n")
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: the lines are lost, the run is not
+            pass
+        self.written += 1
+
+    def _emit_dropped(self, stream: TextIO) -> None:
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            self._emit(stream, f"({dropped} output line(s) dropped: the output was not read fast enough; the report has every result)")
+
+    def _run(self) -> None:
+        stream: TextIO | None = None
+        while True:
+            try:
+                stream, text = self._queue.get(timeout=0 if self._closed.is_set() else POLL_S)
+            except queue.Empty:
+                if self._closed.is_set():
+                    break
+                continue
+            self._emit_dropped(stream)
+            self._emit(stream, text)
+        if stream is not None:
+            self._emit_dropped(stream)
+
+    def close(self) -> bool:
+        """Write what is queued; True once it is written, False if the writer made
+        no progress for ``CLOSE_STALL_S`` (the stream is not being read)."""
+        self._closed.set()
+        written, since = self.written, time.monotonic()
+        while self._thread.is_alive():
+            self._thread.join(POLL_S)
+            if self.written != written:
+                written, since = self.written, time.monotonic()
+            elif time.monotonic() - since > CLOSE_STALL_S:
+                return False
+        return True
+
+
 class PlainProgress(NoProgress):
-    """docker-like lines: layers and digests on ``out``, errors on ``err``.
-    ``quiet`` keeps only the errors. Lines of images pushed at once interleave, so
-    each names its target."""
+    """Lines for logs and pipes, each naming its target, as images pushed at once
+    interleave: ``TARGET: 1a2b3c4d5e6f: Pushed`` (or ``Mounted from REPO``, ``Layer
+    already exists``) and ``TARGET: digest: sha256:... size: N`` on ``out``; a
+    failure as one line ``error: TARGET: REASON`` on ``err``. ``quiet`` keeps only
+    the failures. Every line goes through one LineWriter: never written by the
+    thread that reports it."""
 
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, quiet: bool = False) -> None:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.quiet = quiet
+        self.writer = LineWriter()
 
     def _print(self, text: str, stream: TextIO) -> None:
-        # one write per line (print writes the newline separately): lines of images
-        # pushed at once stay whole without a lock held across the write
-        stream.write(text + "\n")
-        stream.flush()
-
-    def image_started(self, target: str, repository: str) -> None:
-        if not self.quiet:
-            self._print(f"The push refers to repository [{repository}]", self.out)
+        self.writer.write(stream, text)
 
     def layer_done(self, target: str, layer: LayerResult) -> None:
         if not self.quiet:
-            self._print(f"{layer.digest.hex[:12]}: {describe(layer)}", self.out)
+            self._print(f"{target}: {layer.digest.hex[:12]}: {describe(layer)}", self.out)
 
     def pushed(self, target: str, tag: str, digest: str, size: int, *, up_to_date: bool = False) -> None:
         if not self.quiet:
             suffix = " (up to date)" if up_to_date else ""
-            self._print(f"{tag}: digest: {digest} size: {size}{suffix}", self.out)
+            self._print(f"{target}: digest: {digest} size: {size}{suffix}", self.out)
 
     def failed(self, target: str, message: str) -> None:
-        self._print(f"error: {target}: {message}", self.err)
+        self._print(f"error: {target}: {one_line(message)}", self.err)
 
     def note(self, text: str) -> None:
         if not self.quiet:
             self._print(text, self.out)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class RichProgress(NoProgress):
@@ -174,7 +261,7 @@ class RichProgress(NoProgress):
             self._images_failed += 1
         from rich.text import Text
 
-        self._live.console.print(Text.assemble(("error: ", "red"), f"{target}: {message}"), soft_wrap=True)
+        self._live.console.print(Text.assemble(("error: ", "red"), f"{target}: {one_line(message)}"), soft_wrap=True)
 
     def note(self, text: str) -> None:
         if not self.quiet:

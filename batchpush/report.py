@@ -86,8 +86,11 @@ class BatchResult:
     def exit_code(self) -> int:
         return 0 if self.ok and self.images else 1
 
+    @property
+    def blobs_mounted(self) -> int:
+        return sum(layer.outcome is LayerOutcome.MOUNTED for image in self.images for layer in image.layers)
+
     def to_json(self) -> dict[str, Any]:
-        layers = [layer for image in self.images for layer in image.layers]
         return {
             "version": REPORT_VERSION,
             "images": [image.to_json() for image in self.images],
@@ -97,7 +100,7 @@ class BatchResult:
                 "bytes_read": self.bytes_read,
                 "bytes_compressed": self.bytes_compressed,
                 "bytes_uploaded": self.bytes_uploaded,
-                "blobs_mounted": sum(layer.outcome is LayerOutcome.MOUNTED for layer in layers),
+                "blobs_mounted": self.blobs_mounted,
                 "requests": dict(sorted(self.requests_by_method.items())),
             },
             "pruned": [{"target": p.target, "digest": str(p.digest) if p.digest else None, "deleted": p.deleted, "reason": p.reason or None} for p in self.pruned],
