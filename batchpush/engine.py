@@ -100,6 +100,15 @@ class PushJob:
     prune: bool = False
 
 
+def select_tags(images: Sequence[SourceImage], pattern: re.Pattern[str] | None) -> list[SourceImage]:
+    """The images with a tag ``pattern`` selects, each with only those tags (all of
+    them, untagged ones included, without a pattern)."""
+    if pattern is None:
+        return list(images)
+    selected = [SourceImage(i.name, tuple(t for t in i.tags if pattern.search(t)), i.node) for i in images]
+    return [i for i in selected if i.tags]
+
+
 def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tuple[SourceImage, Reference]]:
     """Which image goes to which tag. A target with a tag takes the one image the
     source selects; a target without one takes every image under its own tags."""
@@ -352,12 +361,10 @@ class Engine:
         if prune is not None:
             self._prunes.append(prune)
         if job.tags is not None:
-            pattern = job.tags
-            images = [SourceImage(i.name, tuple(t for t in i.tags if pattern.search(t)), i.node) for i in images]
-            images = [i for i in images if i.tags]
+            images = select_tags(images, job.tags)
             if not images:
                 for target in targets:
-                    yield _Work(job.source, str(target), error=SourceError(job.source, f"no tag matches {pattern.pattern!r}"))
+                    yield _Work(job.source, str(target), error=SourceError(job.source, f"no tag matches {job.tags.pattern!r}"))
                 return
         planned: list[tuple[SourceImage, Reference]] = []
         for target in targets:

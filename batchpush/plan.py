@@ -31,10 +31,11 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .engine import PushJob
+from .engine import PushJob, select_tags
 from .errors import BatchPushError, PlanError
 from .reference import parse_target
 from .registry.client import RegistryOptions
+from .sources import open_source
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
 from .sources.registry import Platform, parse_registry_source
 
@@ -126,15 +127,54 @@ class Plan:
     entries: tuple[Mapping[str, Any], ...] = field(repr=False)
 
     def jobs(self) -> Iterator[PushJob]:
-        base = os.path.dirname(os.path.abspath(self.path))
-        for entry in self.entries:
-            source = entry["source"]
-            transport, _, rest = source.partition(":")
-            if not source.startswith(REGISTRY_TRANSPORT) and not os.path.isabs(rest):
-                source = f"{transport}:{os.path.join(base, rest)}"
-            tags = entry.get("tags")
-            platforms = tuple(Platform.parse(p) for p in entry.get("platforms") or ())
-            yield PushJob(source, tuple(entry["targets"]), re.compile(tags) if tags else None, platforms, signatures=entry.get("signatures", True), prune=entry.get("prune", False))
+        """The entries as push jobs. First, each layout and archive without a tag in
+        its targets is opened (read here, before any request) to learn the tags it
+        writes: PlanError if two entries write the same one."""
+        jobs = [self._job(entry) for entry in self.entries]
+        _refuse_shared_tags(self, jobs, open_sources=True)
+        return iter(jobs)
+
+    def _job(self, entry: Mapping[str, Any]) -> PushJob:
+        source = entry["source"]
+        transport, _, rest = source.partition(":")
+        if not source.startswith(REGISTRY_TRANSPORT) and not os.path.isabs(rest):
+            source = f"{transport}:{os.path.join(os.path.dirname(os.path.abspath(self.path)), rest)}"
+        tags = entry.get("tags")
+        platforms = tuple(Platform.parse(p) for p in entry.get("platforms") or ())
+        return PushJob(source, tuple(entry["targets"]), re.compile(tags) if tags else None, platforms, signatures=entry.get("signatures", True), prune=entry.get("prune", False))
+
+
+def _written_tags(job: PushJob, *, open_sources: bool) -> list[str]:
+    """The target tags (``registry/repository:tag``) a job writes, as far as they
+    are known without a request: a target's own tag; for a target without one, the
+    tag a ``docker://`` source names, and with ``open_sources`` the tags of a
+    layout or archive. A registry repository's tags (listed by a request) and a
+    source that does not open (the run reports it as its images' failure) add none."""
+    targets = [parse_target(t) for t in job.targets]
+    written = [str(t) for t in targets if t.tag]
+    untagged = [t for t in targets if not t.tag]
+    tags: list[str] = []
+    try:
+        if untagged and job.source.startswith(REGISTRY_TRANSPORT):
+            tag = parse_registry_source(job.source).tag
+            tags = [tag] if tag and (job.tags is None or job.tags.search(tag)) else []
+        elif untagged and open_sources:
+            tags = [tag for image in select_tags(open_source(job.source).images(), job.tags) for tag in image.tags]
+        return written + [str(t.with_tag(tag)) for t in untagged for tag in tags]
+    except BatchPushError:
+        return written
+
+
+def _refuse_shared_tags(plan: Plan, jobs: list[PushJob], *, open_sources: bool) -> None:
+    """Two entries that write one target tag would flip it between them on every
+    run: refused, naming both and the tag."""
+    writers: dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        for tag in _written_tags(job, open_sources=open_sources):
+            first = writers.setdefault(tag, i)
+            if first != i:
+                sources = plan.entries[first]["source"], plan.entries[i]["source"]
+                raise _error(plan.path, f"images[{first}] ({sources[0]}) and images[{i}] ({sources[1]})", f"both write {tag}; one tag must have one source")
 
 
 def _error(path: str, where: str, problem: str) -> PlanError:
@@ -246,4 +286,6 @@ def validate_plan(path: str, document: Any) -> Plan:
                 re.compile(tags)
             except re.error as exc:
                 raise _error(path, f"{where}.tags", f"invalid regular expression: {exc}") from exc
-    return Plan(path, defaults, registries, tuple(images))
+    plan = Plan(path, defaults, registries, tuple(images))
+    _refuse_shared_tags(plan, [plan._job(entry) for entry in plan.entries], open_sources=False)
+    return plan
