@@ -265,7 +265,7 @@ class RichProgress(NoProgress):
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            self._live.console.print(text, markup=False, highlight=False)
+            self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         self._live.stop()
