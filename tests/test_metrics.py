@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 
 import bcrypt
@@ -15,7 +17,7 @@ import requests
 import yaml
 from conftest import _require, pull_and_verify, remote_digest
 from fault_proxy import FaultProxy, Rule
-from images import simple_layout
+from images import LayoutWriter, random_layer, simple_layout
 from prometheus_client.parser import text_string_to_metric_families
 from registry import free_port
 
@@ -210,3 +212,23 @@ def test_bad_metrics_label_is_a_usage_error(batchpush, tmp_path):
         run = batchpush("push", f"oci:{tmp_path}/layout", "127.0.0.1:1/x/y", "--metrics-label", bad)
         assert run.code == 2
         assert "--metrics-label" in run.err
+
+
+def test_a_run_stopped_by_a_signal_publishes_a_failure(registry, proxy, tmp_path):
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    descriptor, _ = writer.image([random_layer(30, 8 << 20)])  # more than the socket buffers hold
+    writer.tag(descriptor, "1.0")
+    proxy.throttle_bytes_per_s = 1_000_000
+    prom = tmp_path / "batchpush.prom"
+    args = [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path}/layout", f"{proxy.host}/gw/stopped", "--insecure", proxy.host, "--metadata-dir", str(tmp_path / "md"), "--metrics-file", str(prom), "--jobs", "1"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while proxy.live_body_bytes < 500_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    text = prom.read_text()
+    assert value(text, "batchpush_last_run_success") == 0
+    assert value(text, "batchpush_images", status="failed") == 1
+    assert value(text, "batchpush_last_success_timestamp_seconds") is None
