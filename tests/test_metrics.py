@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 from conftest import _require, pull_and_verify, remote_digest
-from fault_proxy import FaultProxy, Rule
+from fault_proxy import FaultProxy, Rule, signal_mid_upload
 from images import LayoutWriter, random_layer, simple_layout
 from prometheus_client.parser import text_string_to_metric_families
 from registry import free_port
@@ -221,13 +221,8 @@ def test_a_run_stopped_by_a_signal_publishes_a_failure(registry, proxy, tmp_path
     proxy.throttle_bytes_per_s = 1_000_000
     prom = tmp_path / "batchpush.prom"
     args = [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path}/layout", f"{proxy.host}/gw/stopped", "--insecure", proxy.host, "--metadata-dir", str(tmp_path / "md"), "--metrics-file", str(prom), "--jobs", "1"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while proxy.live_body_bytes < 500_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err
+    code, err = signal_mid_upload(args, proxy, 500_000, signal.SIGTERM)
+    assert code == 143, err
     text = prom.read_text()
     assert value(text, "batchpush_last_run_success") == 0
     assert value(text, "batchpush_images", status="failed") == 1
