@@ -282,6 +282,8 @@ class Engine:
             clients = list(self._clients.values())
         for client in clients:
             result.requests_by_method.update(client.requests_by_method)
+            result.requests_by_registry[client.host] += sum(client.requests_by_method.values())
+            result.errors_by_registry[client.host] += client.errors
             result.bytes_uploaded += client.bytes_sent
             result.bytes_read += client.bytes_read  # blobs streamed from registry sources
         if interrupted:
@@ -397,11 +399,21 @@ class Engine:
         return open_source(spec)
 
     def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:
+        self._tell(lambda: self.options.progress.failed(target, error.message))
+        return self._done(ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started))
+
+    def _done(self, result: ImageResult) -> ImageResult:
+        """Tell the renderers ``result`` is final: a failure where it is made
+        (``_failed``, a failed attachment), every other image from ``_run_work``."""
+        self._tell(lambda: self.options.progress.image_done(result))
+        return result
+
+    @staticmethod
+    def _tell(event: Callable[[], None]) -> None:
         try:
-            self.options.progress.failed(target, error.message)
+            event()
         except Exception:  # a renderer's fault must not lose the image's result
             log.exception("progress renderer failed")
-        return ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
 
     def _once(self, entry: _Entry, name: str, make: Callable[[], Any]) -> Any:
         """``make()`` once for all the entry's targets: the first to ask runs it, the
@@ -504,8 +516,8 @@ class Engine:
         assert work.entry is not None and work.reference is not None
         remote = work.entry.image.node
         if result.ok and isinstance(remote, RemoteImage) and (remote.attachments or remote.referrers) and not work.entry.platforms and result.source_digest:
-            return self._copy_attachments(work, remote, Digest.parse(result.source_digest), result)
-        return result
+            result = self._copy_attachments(work, remote, Digest.parse(result.source_digest), result)
+        return self._done(result) if result.ok else result  # a failure was told where it was made
 
     def _copy_attachments(self, work: _Work, image: RemoteImage, digest: Digest, result: ImageResult) -> ImageResult:
         """The image's signatures, attestations and SBOMs (tags naming its digest),
@@ -516,15 +528,16 @@ class Engine:
         for tag in image.attachments_of(digest):
             attached = self._copy_one(image.reference.with_tag(tag), work.reference.with_tag(tag))
             if not attached.ok:
-                return replace(result, status="failed", error=f"{tag}: {attached.error}", error_kind=attached.error_kind)
+                return self._done(replace(result, status="failed", error=f"{tag}: {attached.error}", error_kind=attached.error_kind))
             copied.append(tag)
         if image.referrers:
             started = time.monotonic()
             try:
                 copied += self._copy_referrers(image, digest, work.reference)
             except BatchPushError as exc:
-                failed = self._failed(work.source, str(work.reference), exc, started)
-                return replace(result, status="failed", error=f"referrers of {digest}: {failed.error}", error_kind=failed.error_kind)
+                error = f"referrers of {digest}: {exc.message}"
+                self._tell(lambda: self.options.progress.failed(result.target, error))
+                return self._done(replace(result, status="failed", error=error, error_kind=exc.kind, seconds=result.seconds + time.monotonic() - started))
         return replace(result, attachments=tuple(copied))
 
     def _copy_one(self, source: Reference, target: Reference) -> ImageResult:

@@ -335,6 +335,8 @@ class RegistryClient:
         self.auth = Authenticator(host, self.session, credentials, verify_realm=self._check_realm, cancel=self.cancel)
         self.insecure_hosts: frozenset[str] = frozenset({host} if self.options.insecure else ())
         self.requests_by_method: Counter[str] = Counter()
+        #: requests that failed: no answer, or a status the step did not expect
+        self.errors = 0
         self.bytes_sent = 0
         #: body bytes read from this registry by blob streams (resumed and skipped ones included)
         self.bytes_read = 0
@@ -364,6 +366,10 @@ class RegistryClient:
         with self._count_lock:
             self.requests_by_method[method] += 1
             self.bytes_sent += sent_bytes
+
+    def _count_error(self) -> None:
+        with self._count_lock:
+            self.errors += 1
 
     def _count_bytes(self, n: int) -> None:
         with self._count_lock:
@@ -454,7 +460,11 @@ class RegistryClient:
                 raise
             if authorization and same_origin(url, self.base_url if self._base_url else url):
                 sent["Authorization"] = authorization
-            response = self._send(method, url, sent, body() if body else None)
+            try:
+                response = self._send(method, url, sent, body() if body else None)
+            except RegistryError:
+                self._count_error()
+                raise
             if response.status_code == 401 and not challenged and self.auth.challenge(response, scopes):
                 challenged = True
                 release(response)
@@ -470,6 +480,7 @@ class RegistryClient:
                 url = target
                 continue
             if response.status_code not in expected:
+                self._count_error()
                 error = error_from_response(response, method)
                 if error.retry_after_s is not None:  # the whole host waits, not only this step
                     self.gate.pause(min(error.retry_after_s, self.policy.retry_after_cap_s))
@@ -495,11 +506,13 @@ class RegistryClient:
                 if response.status_code == 401:
                     self.auth.challenge(response, ())
                 elif response.status_code != 200:
+                    self._count_error()
                     raise error_from_response(response, "GET")
                 release(response)
                 self._base_url = f"{scheme}://{self.host}"
                 return
             assert last is not None
+            self._count_error()  # the https probe of an insecure host that speaks http is none
             raise last
 
     def _url(self, repository: str, tail: str) -> str:
