@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests and the demo run: the real registry, skopeo (the
-# independent checker), umoci (makes OCI layouts with gzip layers)
-DEBS   := docker-registry skopeo umoci
+# independent checker), umoci (makes OCI layouts with gzip layers), the Pushgateway
+# (the metrics tests push to it)
+DEBS   := docker-registry skopeo umoci prometheus-pushgateway
 
 .PHONY: setup system-deps demo test soak lint bench clean
 
@@ -16,6 +17,7 @@ system-deps:
 	[ -x /usr/bin/docker-registry ] || missing="$$missing docker-registry"; \
 	command -v skopeo >/dev/null || missing="$$missing skopeo"; \
 	command -v umoci >/dev/null || missing="$$missing umoci"; \
+	[ -x /usr/bin/prometheus-pushgateway ] || missing="$$missing prometheus-pushgateway"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

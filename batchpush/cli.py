@@ -16,9 +16,11 @@ from types import FrameType
 from . import __version__
 from .engine import DEFAULT_MAX_CONCURRENT_IMAGES, Engine, PushJob, PushOptions
 from .errors import BatchPushError, UsageError
+from .logs import JsonFormatter, RedactingFormatter
+from .metrics import DEFAULT_JOB, MetricsOptions, RunTimes, export, parse_label
 from .outcome import LayerOutcome
 from .plan import load_plan
-from .progress import PlainProgress, Progress, RichProgress
+from .progress import Fanout, JsonProgress, PlainProgress, Progress, RichProgress
 from .reference import parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
@@ -31,21 +33,6 @@ from .summary import summary_lines
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-#: a URL or request path followed by a query string (upload state, token scopes)
-_URL_QUERY = re.compile(r"((?:https?://|/)[^\s?\"']*)\?[^\s\"']*")
-
-
-#: an Authorization header value
-_CREDENTIAL = re.compile(r"\b(Bearer|Basic)\s+[^\s\"']+", re.IGNORECASE)
-
-
-class RedactingFormatter(logging.Formatter):
-    """Drops URL query strings (upload state, tokens) from every log line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return _CREDENTIAL.sub(r"\1 <redacted>", _URL_QUERY.sub(r"\1?<redacted>", super().format(record)))
-
 
 def _size(text: str) -> int:
     units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -76,6 +63,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-signatures", action="store_true", help="from a registry source, do not copy each image's signatures, attestations and SBOMs (sha256-<digest>.sig tags; overrides the plan)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     parser.add_argument("--debug", action="store_true", help="log every request (secrets and upload state redacted)")
+    _operations(parser)
+
+
+def _metrics_label(text: str) -> tuple[str, str]:
+    try:
+        return parse_label(text)
+    except BatchPushError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _operations(parser: argparse.ArgumentParser) -> None:
+    """Flags for runs nobody watches (cron, CI): JSON logs and Prometheus metrics."""
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: every event and log record as one JSON object per line on stderr (progress lines then all on stdout)")
+    parser.add_argument("--metrics-file", metavar="PATH", help="write the run's Prometheus metrics to PATH (node_exporter textfile format, atomically)")
+    parser.add_argument("--pushgateway", metavar="URL", help="push the run's Prometheus metrics to this Pushgateway (a failed push is a warning only)")
+    parser.add_argument("--metrics-job", default=DEFAULT_JOB, metavar="NAME", help=f"the job label of the push (default {DEFAULT_JOB})")
+    parser.add_argument("--metrics-label", action="append", default=[], type=_metrics_label, metavar="KEY=VALUE", help="a grouping label of the push, and a label of every sample of the metrics file (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress(args: argparse.Namespace) -> Progress:
+    if args.log_format == "json":  # stderr carries the JSON lines only: the human ones all go to stdout
+        return Fanout(PlainProgress(err=sys.stdout, quiet=args.quiet), JsonProgress())
     if sys.stdout.isatty() and not args.debug and not args.quiet:
         return RichProgress()
     return PlainProgress(quiet=args.quiet)
@@ -151,15 +157,24 @@ def _push_credentials(args: argparse.Namespace) -> CredentialProvider:
     return ChainedCredentials(explicit, DockerConfigCredentials())
 
 
+def _export_metrics(args: argparse.Namespace, result: BatchResult, started_at: float, started: float, *, success: bool) -> None:
+    """The run's metrics, if asked for; a dry run publishes none (it would be a success that sent nothing)."""
+    if args.dry_run or not (args.metrics_file or args.pushgateway):
+        return
+    options = MetricsOptions(textfile=args.metrics_file, pushgateway=args.pushgateway, job=args.metrics_job, labels=dict(args.metrics_label))
+    export(options, result, RunTimes(started_at, time.time(), time.monotonic() - started), success=success)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
-    started = time.monotonic()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler], force=True)
+    json_logs = args.log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_logs else RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+    # a JSON log carries the events and retries, logged at INFO
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if json_logs else logging.WARNING, handlers=[handler], force=True)
     try:
         if args.command == "run":
             plan = load_plan(args.plan)
@@ -206,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # installed until the engine is closed: a second Ctrl-C while it closes still ends the process
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started_at, started = time.time(), time.monotonic()
     try:
         engine = Engine(options)
         if received:
@@ -218,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.note(line)
     except BatchPushError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _export_metrics(args, BatchResult(), started_at, started, success=False)
         return EXIT_FAILED
     finally:
         for sig, earlier in previous.items():
@@ -225,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.close()
     if args.report:
         result.write(args.report)
+    code = EXIT_USAGE if any(image.error_kind == "usage" for image in result.images) else result.exit_code
+    _export_metrics(args, result, started_at, started, success=code == EXIT_OK and not received)
     if received:
         print(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report", file=sys.stderr)
         # the report is written and the spool gone; a request still waiting for its
@@ -232,9 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + received[0])
-    if any(image.error_kind == "usage" for image in result.images):
-        return EXIT_USAGE
-    return result.exit_code
+    return code
 
 
 if __name__ == "__main__":

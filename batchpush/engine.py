@@ -16,6 +16,7 @@ does I/O or runs foreign code (credential helpers, progress renderers).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import re
 import shutil
@@ -42,12 +43,13 @@ from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
 from .registry.credentials import DockerConfigCredentials, password_from
 from .registry.dry_run import DryRunClient
+from .registry.errors import RegistryError
 from .registry.reads import BlobStream
 from .report import BatchResult, ImageResult
 from .sources import SourceImage, SourceManifest, open_source
 from .sources.base import FileRange, ImageSource, RegistryBlob
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
-from .sources.registry import Platform, RegistrySource, RemoteImage, parse_registry_source, resolve
+from .sources.registry import Platform, RegistrySource, RemoteImage, parse_registry_source, referrers_tag, resolve
 from .state import PushState, RemoteBlob
 from .workers import WorkerPool
 
@@ -159,6 +161,18 @@ class _Work:
     entry: _Entry | None = None
     reference: Reference | None = None
     error: BatchPushError | None = None
+
+
+def _index_entries(raw: bytes) -> list[dict[str, Any]] | None:
+    """The descriptors of an index's bytes; None if they are not an index."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    manifests = document.get("manifests") if isinstance(document, dict) else None
+    if not isinstance(manifests, list) or not all(isinstance(entry, dict) for entry in manifests):
+        return None
+    return manifests
 
 
 class Engine:
@@ -277,6 +291,8 @@ class Engine:
             clients = list(self._clients.values())
         for client in clients:
             result.requests_by_method.update(client.requests_by_method)
+            result.requests_by_registry[client.host] += sum(client.requests_by_method.values())
+            result.errors_by_registry[client.host] += client.errors
             result.bytes_uploaded += client.bytes_sent
             result.bytes_read += client.bytes_read  # blobs streamed from registry sources
         if interrupted:
@@ -390,11 +406,21 @@ class Engine:
         return open_source(spec)
 
     def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:
+        self._tell(lambda: self.options.progress.failed(target, error.message))
+        return self._done(ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started))
+
+    def _done(self, result: ImageResult) -> ImageResult:
+        """Tell the renderers ``result`` is final: a failure where it is made
+        (``_failed``, a failed attachment), every other image from ``_run_work``."""
+        self._tell(lambda: self.options.progress.image_done(result))
+        return result
+
+    @staticmethod
+    def _tell(event: Callable[[], None]) -> None:
         try:
-            self.options.progress.failed(target, error.message)
+            event()
         except Exception:  # a renderer's fault must not lose the image's result
             log.exception("progress renderer failed")
-        return ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
 
     def _once(self, entry: _Entry, name: str, make: Callable[[], Any]) -> Any:
         """``make()`` once for all the entry's targets: the first to ask runs it, the
@@ -496,29 +522,90 @@ class Engine:
         result = self._push_work(work)
         assert work.entry is not None and work.reference is not None
         remote = work.entry.image.node
-        if result.ok and isinstance(remote, RemoteImage) and remote.attachments and not work.entry.platforms and result.source_digest:
-            return self._copy_attachments(work, remote, Digest.parse(result.source_digest), result)
-        return result
+        if result.ok and isinstance(remote, RemoteImage) and (remote.attachments or remote.referrers) and not work.entry.platforms and result.source_digest:
+            result = self._copy_attachments(work, remote, Digest.parse(result.source_digest), result)
+        return self._done(result) if result.ok else result  # a failure was told where it was made
 
     def _copy_attachments(self, work: _Work, image: RemoteImage, digest: Digest, result: ImageResult) -> ImageResult:
         """The image's signatures, attestations and SBOMs (tags naming its digest),
         each copied as an image of its own under the same tag. One that fails fails
         the image: it did not arrive whole."""
         assert work.reference is not None
-        copied = []
+        copied: list[str] = []
         for tag in image.attachments_of(digest):
-            source = SourceImage(f"{REGISTRY_TRANSPORT}{image.reference.name}:{tag}", (tag,), RemoteImage(image.reference.with_tag(tag)))  # type: ignore[arg-type]
-            attached = self._push_work(_Work(source.name, str(work.reference.with_tag(tag)), _Entry(source, 1), work.reference.with_tag(tag)))
+            attached = self._copy_one(image.reference.with_tag(tag), work.reference.with_tag(tag))
             if not attached.ok:
-                return replace(result, status="failed", error=f"{tag}: {attached.error}", error_kind=attached.error_kind)
+                return self._done(replace(result, status="failed", error=f"{tag}: {attached.error}", error_kind=attached.error_kind))
             copied.append(tag)
+        if image.referrers:
+            started = time.monotonic()
+            try:
+                copied += self._copy_referrers(image, digest, work.reference)
+            except BatchPushError as exc:
+                error = f"referrers of {digest}: {exc.message}"
+                self._tell(lambda: self.options.progress.failed(result.target, error))
+                return self._done(replace(result, status="failed", error=error, error_kind=exc.kind, seconds=result.seconds + time.monotonic() - started))
         return replace(result, attachments=tuple(copied))
+
+    def _copy_one(self, source: Reference, target: Reference) -> ImageResult:
+        """One attachment (a tag or a digest of the source repository) copied as an image of its own."""
+        image = SourceImage(f"{REGISTRY_TRANSPORT}{source}", (source.tag,) if source.tag else (), RemoteImage(source))  # type: ignore[arg-type]
+        return self._push_work(_Work(image.name, str(target), _Entry(image, 1), target))
+
+    def _copy_referrers(self, image: RemoteImage, digest: Digest, target: Reference) -> list[str]:
+        """What the source's referrers API lists for ``digest``, each copied by digest
+        (nothing when the source does not serve the API: the fallback tag, an
+        attachment tag, carried them). A target that does not serve the API finds
+        them by the fallback tag, which the client keeps (OCI distribution 1.1): its
+        index gains what it lacks. Raises on the first referrer that fails."""
+        source = self.client(image.reference.api_host)
+        repository = image.reference.repository
+        listed = source.with_retries(lambda: source.referrers(repository, digest), f"referrers of {image.reference.name}@{digest}")
+        if not listed:
+            return []
+        copied = []
+        for descriptor in listed:
+            referrer = Digest.parse(descriptor["digest"])
+            attached = self._copy_one(replace(image.reference, tag=None, digest=referrer), replace(target, tag=None, digest=referrer))
+            if not attached.ok:
+                raise SourceError(f"{REGISTRY_TRANSPORT}{image.reference.name}@{referrer}", attached.error or "not copied")
+            copied.append(str(referrer))
+        if self._keep_fallback_tag(target, digest, listed):
+            copied.append(referrers_tag(digest))
+        return copied
+
+    def _keep_fallback_tag(self, target: Reference, digest: Digest, listed: list[dict[str, Any]]) -> bool:
+        """Adds what ``listed`` names to the target's fallback tag index when the
+        target does not serve the referrers API; True if the tag was written."""
+        client = self.client(target.api_host)
+        if client.with_retries(lambda: client.referrers(target.repository, digest), f"referrers of {target.name}@{digest}") is not None:
+            return False  # served: the registry indexed them as their manifests arrived
+        tag = referrers_tag(digest)
+        manifests: list[dict[str, Any]] | None
+        try:
+            current = client.with_retries(lambda: client.get_manifest(target.repository, tag, mt.OCI_INDEX), f"manifest {tag}")
+        except RegistryError as exc:
+            if exc.status != 404:
+                raise
+            manifests = []
+        else:
+            manifests = _index_entries(current.raw)
+            if manifests is None:
+                raise RegistryError("GET", f"{client.base_url}/v2/{target.repository}/manifests/{tag}", 200, (), "the referrers fallback tag is not an OCI index: left as it is", permanent=True)
+        known = {entry.get("digest") for entry in manifests}
+        missing = [descriptor for descriptor in listed if descriptor["digest"] not in known]
+        if not missing:
+            return False
+        data = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests + missing}, separators=(",", ":")).encode()
+        client.with_retries(lambda: client.put_manifest(target.repository, tag, mt.OCI_INDEX, data), f"manifest {tag}")
+        return True
 
     def _push_work(self, work: _Work) -> ImageResult:
         assert work.entry is not None and work.reference is not None
         started = time.monotonic()
         target = work.reference
-        tag = target.tag or "latest"
+        # a referrer goes by its digest, untagged
+        tag = target.tag or (str(target.digest) if target.digest else "latest")
         progress = self.options.progress
         try:
             remote = work.entry.image.node if isinstance(work.entry.image.node, RemoteImage) else None

@@ -2,16 +2,18 @@
 
 ``PlainProgress`` writes lines for logs and pipes, each naming its target, through
 one writer thread (``LineWriter``); ``RichProgress`` a live display on a terminal,
-``NoProgress`` nothing. All are thread-safe.
+``JsonProgress`` one JSON log record per event, ``NoProgress`` nothing; ``Fanout``
+gives the events to several. All are thread-safe.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import sys
 import threading
 import time
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from .outcome import LayerOutcome, LayerResult
 from .waits import POLL_S
@@ -21,6 +23,9 @@ QUEUE_LINES = 10_000
 #: at close, how long the writer may go without writing a line before it is left behind
 CLOSE_STALL_S = 5.0
 
+if TYPE_CHECKING:
+    from .report import ImageResult
+
 
 class Progress(Protocol):
     def image_started(self, target: str, repository: str) -> None: ...
@@ -28,6 +33,8 @@ class Progress(Protocol):
     def layer_done(self, target: str, layer: LayerResult) -> None: ...
     def pushed(self, target: str, tag: str, digest: str, size: int, *, up_to_date: bool = False) -> None: ...
     def failed(self, target: str, message: str) -> None: ...
+    #: every (image, target) once, with its final result (after its ``pushed`` or ``failed``, if any)
+    def image_done(self, result: ImageResult) -> None: ...
     def note(self, text: str) -> None: ...
     def close(self) -> None: ...
 
@@ -62,6 +69,9 @@ class NoProgress:
         pass
 
     def failed(self, target: str, message: str) -> None:
+        pass
+
+    def image_done(self, result: ImageResult) -> None:
         pass
 
     def note(self, text: str) -> None:
@@ -269,3 +279,80 @@ class RichProgress(NoProgress):
 
     def close(self) -> None:
         self._live.stop()
+
+
+class JsonProgress(NoProgress):
+    """Each event as a log record of ``batchpush.events`` for ``logs.JsonFormatter``:
+    ``image-started``, ``layer`` (its outcome), ``failure`` and ``image-finished``.
+    Through logging, so that these and every other log line (the retries among
+    them) share one stream, one lock and one redaction."""
+
+    log = logging.getLogger("batchpush.events")
+
+    def _emit(self, event: str, message: str, level: int = logging.INFO, **fields: object) -> None:
+        self.log.log(level, message, extra={"event": event, "fields": fields})
+
+    def image_started(self, target: str, repository: str) -> None:
+        self._emit("image-started", f"{target}: started", target=target, repository=repository)
+
+    def layer_done(self, target: str, layer: LayerResult) -> None:
+        self._emit(
+            "layer",
+            f"{target}: {layer.digest}: {layer.outcome.value}",
+            target=target,
+            digest=str(layer.digest),
+            size=layer.size,
+            outcome=layer.outcome.value,
+            bytes_sent=layer.bytes_sent,
+            mounted_from=layer.mounted_from,
+        )
+
+    def image_done(self, result: ImageResult) -> None:
+        if not result.ok:
+            self._emit("failure", f"{result.target}: {result.error}", logging.ERROR, target=result.target, source=result.source, kind=result.error_kind, reason=result.error)
+        self._emit(
+            "image-finished",
+            f"{result.target}: {result.status}",
+            target=result.target,
+            source=result.source,
+            status=result.status,
+            digest=result.digest,
+            size=result.size,
+            bytes_sent=sum(layer.bytes_sent for layer in result.layers),
+            seconds=round(result.seconds, 3),
+        )
+
+
+class Fanout(NoProgress):
+    """Every event to each of ``sinks``, in order."""
+
+    def __init__(self, *sinks: Progress) -> None:
+        self.sinks = sinks
+
+    def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
+        for sink in self.sinks:
+            getattr(sink, method)(*args, **kwargs)
+
+    def image_started(self, target: str, repository: str) -> None:
+        self._each("image_started", target, repository)
+
+    def layer_bytes(self, target: str, digest: str, sent_bytes: int, size_bytes: int) -> None:
+        self._each("layer_bytes", target, digest, sent_bytes, size_bytes)
+
+    def layer_done(self, target: str, layer: LayerResult) -> None:
+        self._each("layer_done", target, layer)
+
+    def pushed(self, target: str, tag: str, digest: str, size: int, *, up_to_date: bool = False) -> None:
+        self._each("pushed", target, tag, digest, size, up_to_date=up_to_date)
+
+    def failed(self, target: str, message: str) -> None:
+        self._each("failed", target, message)
+
+    def image_done(self, result: ImageResult) -> None:
+        self._each("image_done", result)
+
+    def note(self, text: str) -> None:
+        self._each("note", text)
+
+    def close(self) -> None:
+        self._each("close")

@@ -75,6 +75,9 @@ class BatchResult:
     #: every body byte sent to registries (layers, configs, manifests, retries)
     bytes_uploaded: int = 0
     requests_by_method: Counter[str] = field(default_factory=Counter)
+    #: requests, and those that failed (no answer, or a status not expected), per registry host
+    requests_by_registry: Counter[str] = field(default_factory=Counter)
+    errors_by_registry: Counter[str] = field(default_factory=Counter)
     #: target tags a pruning plan entry found gone from its source (deleted or kept)
     pruned: list[Pruned] = field(default_factory=list)
 

@@ -25,6 +25,7 @@ import re
 import socket
 import socketserver
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -266,3 +267,15 @@ class FaultProxy:
                 self._reset(client)
                 return False
         return True
+
+
+def signal_mid_upload(args: list[str], proxy: FaultProxy, at_bytes: int, signum: int) -> tuple[int, str]:
+    """Run ``args``; once the proxy has taken ``at_bytes`` of request bodies (or 60 s
+    have passed) send ``signum``. Returns the exit code and stderr."""
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while proxy.live_body_bytes < at_bytes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    return process.returncode, err

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import pull_and_verify
-from fault_proxy import FaultProxy, Rule
+from fault_proxy import FaultProxy, Rule, signal_mid_upload
 from images import LayoutWriter, random_layer
 
 import batchpush
@@ -206,13 +206,8 @@ def test_sigint_mid_upload_then_rerun(registry, proxy, tmp_path, metadata_dir):
     proxy.throttle_bytes_per_s = 2_000_000
     report = tmp_path / "report.json"
     args = [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path}/layout", f"{proxy.host}/faults/sigint", "--insecure", proxy.host, "--metadata-dir", metadata_dir, "--report", str(report), "--jobs", "1"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while proxy.live_body_bytes < 1_000_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    code, err = signal_mid_upload(args, proxy, 1_000_000, signal.SIGINT)
+    assert code == 130, err
     assert "Traceback" not in err
     document = json.loads(report.read_text())
     assert document["images"][0]["status"] == "failed" and document["images"][0]["error_kind"] == "interrupted"

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import pull_and_verify, remote_digest, skopeo
 from images import LayoutWriter, layer_tar, random_layer
+from referrers_api import ReferrersApi
 from registry import Registry, start_registry
 
 BLOB_COMMIT = re.compile(r'"PUT /v2/(\S+)/blobs/uploads/\S*digest=sha256%3A([0-9a-f]{64})\S* HTTP/1.1" 201')
@@ -153,8 +154,10 @@ def test_a_cron_rerun_reads_no_manifest_and_no_blob(source, registry, tmp_path, 
     assert [i["status"] for i in report_of(report)["images"]] == ["up-to-date", "up-to-date"]
     at_source = [r for r in requests_since(source, source_mark) if not r.startswith("GET /v2/ ")]
     at_target = [r for r in requests_since(registry, target_mark) if not r.startswith("GET /v2/ ")]
-    assert sorted(r.split(" ")[0] for r in at_source) == ["GET", "HEAD", "HEAD"]  # the tag list, a manifest HEAD per image
-    assert all("/tags/list" in r for r in at_source if r.startswith("GET"))
+    # the tag list, a manifest HEAD per image, and the run's one referrers request
+    # (this registry answers 404: it does not serve the API, and is not asked again)
+    assert sorted(r.split(" ")[0] for r in at_source) == ["GET", "GET", "HEAD", "HEAD"]
+    assert sorted(r.split(" ")[1].split("?")[0].rsplit("/", 2)[1] for r in at_source if r.startswith("GET")) == ["referrers", "tags"]
     assert sorted(r.split(" ")[0] for r in at_target) == ["HEAD", "HEAD"]
     assert not [r for r in at_source + at_target if "/blobs/" in r]
 
@@ -200,28 +203,32 @@ def test_a_tag_that_is_missing_at_the_source_fails_that_image_only(source, regis
     assert remote_digest(registry, "miss/app:1.0") == remote_digest(source, "team/app:1.0")
 
 
+def upload_blob(client, repository: str, data: bytes, tmp_path) -> dict:  # type: ignore[no-untyped-def]
+    """``data`` as a blob of ``repository``, with our own client; its digest and size."""
+    from batchpush.digest import Digest
+    from batchpush.registry.client import BlobUpload
+    from batchpush.sources.base import FileRange
+
+    digest = Digest.sha256_of(data)
+    path = tmp_path / f"blob-{digest.hex}"
+    path.write_bytes(data)
+    client.upload_blob(repository, BlobUpload(client.start_upload(repository)), FileRange(str(path), 0, len(data)), digest)
+    return {"digest": str(digest), "size": len(data)}
+
+
 def attach_signature(registry: Registry, repository: str, subject: str, tmp_path) -> tuple[str, str]:
     """A cosign-style signature of ``subject`` (``sha256-<hex>.sig``: an OCI manifest
     whose layer is a simple-signing payload) and the OCI 1.1 referrers fallback tag
     (``sha256-<hex>``: an index naming it), written with our own client."""
     import hashlib
 
-    from batchpush.digest import Digest
-    from batchpush.registry.client import BlobUpload, RegistryClient, RegistryOptions
-    from batchpush.sources.base import FileRange
+    from batchpush.registry.client import RegistryClient, RegistryOptions
 
     client = RegistryClient(registry.host, RegistryOptions(insecure=True))
     try:
-        def blob(data: bytes, name: str) -> dict:
-            path = tmp_path / name
-            path.write_bytes(data)
-            digest = Digest.sha256_of(data)
-            client.upload_blob(repository, BlobUpload(client.start_upload(repository)), FileRange(str(path), 0, len(data)), digest)
-            return {"digest": str(digest), "size": len(data)}
-
         payload = json.dumps({"critical": {"image": {"docker-manifest-digest": subject}, "type": "cosign container image signature"}}).encode()
-        config = {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(b"{}", "config.json")}
-        layer = {"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", **blob(payload, "payload.json"), "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ-test"}}
+        config = {"mediaType": "application/vnd.oci.image.config.v1+json", **upload_blob(client, repository, b"{}", tmp_path)}
+        layer = {"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", **upload_blob(client, repository, payload, tmp_path), "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ-test"}}
         manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": [layer]}).encode()
         hex_ = subject.split(":")[1]
         sig_tag = f"sha256-{hex_}.sig"
@@ -258,6 +265,87 @@ def test_signatures_go_with_their_image(source, registry, tmp_path, batchpush):
     assert run.code == 0, run.err
     listed = json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.host}/bare/app").stdout)["Tags"]
     assert listed == ["1.0"]
+
+
+def push_referrer(registry: Registry, api: ReferrersApi, repository: str, subject: str, artifact_type: str, payload: bytes, tmp_path) -> str:
+    """An OCI 1.1 artifact naming ``subject`` (``docker://`` reference, as skopeo
+    gives it) as its subject, pushed by digest, untagged, through ``api``: its blobs
+    straight to the registry, its manifest through the API's proxy (which indexes
+    it). Its digest."""
+    from batchpush.digest import Digest
+    from batchpush.registry.client import RegistryClient, RegistryOptions
+
+    inspected = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{repository}@{subject}").stdout.encode()
+    direct = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    through_api = RegistryClient(api.host, RegistryOptions(insecure=True))
+    try:
+        config = {"mediaType": "application/vnd.oci.empty.v1+json", **upload_blob(direct, repository, b"{}", tmp_path)}
+        layer = {"mediaType": artifact_type, **upload_blob(direct, repository, payload, tmp_path)}
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "artifactType": artifact_type,
+            "config": config, "layers": [layer],
+            "subject": {"mediaType": json.loads(inspected)["mediaType"], "digest": subject, "size": len(inspected)},
+        }).encode()
+        digest = str(Digest.sha256_of(manifest))
+        through_api.put_manifest(repository, digest, "application/vnd.oci.image.manifest.v1+json", manifest)
+        return digest
+    finally:
+        direct.close()
+        through_api.close()
+
+
+@pytest.fixture
+def source_api(source):
+    api = ReferrersApi(source.host)
+    yield api
+    api.stop()
+
+
+def test_referrers_the_source_lists_go_with_their_image(source, source_api, registry, tmp_path, batchpush):
+    layout = app_layout(str(tmp_path / "app"), {"1.0": [1, 2]})
+    fill(source, layout, "1.0", "team/app")
+    subject = remote_digest(source, "team/app:1.0")
+    sbom = push_referrer(source, source_api, "team/app", subject, "application/spdx+json", b'{"spdxVersion": "SPDX-2.3"}', tmp_path)
+    signature = push_referrer(source, source_api, "team/app", subject, "application/vnd.dev.sigstore.bundle.v0.3+json", b'{"signature": "test"}', tmp_path)
+    fallback = f"sha256-{subject.split(':')[1]}"
+    report = tmp_path / "report.json"
+    args = ("--insecure", source_api.host, "--insecure", registry.host, "--report", str(report))
+
+    # a target without the API: the referrers by digest, byte for byte, and the fallback tag naming them
+    run = batchpush("push", f"docker://{source_api.host}/team/app:1.0", f"{registry.host}/ref/app:1.0", *args)
+    assert run.code == 0, run.err
+    assert sorted(report_of(report)["images"][0]["attachments"]) == sorted([sbom, signature, fallback])
+    for referrer in (sbom, signature):
+        assert remote_digest(registry, f"ref/app@{referrer}") == referrer
+    listed = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/ref/app:{fallback}").stdout)
+    assert {m["digest"] for m in listed["manifests"]} == {sbom, signature}
+    assert {m["artifactType"] for m in listed["manifests"]} == {"application/spdx+json", "application/vnd.dev.sigstore.bundle.v0.3+json"}
+    pull_and_verify(registry, "ref/app:1.0", str(tmp_path / "pulled"))
+
+    # again: nothing written (the referrers are there, the tag names them all)
+    mark = len(registry.access_log())
+    run = batchpush("push", f"docker://{source_api.host}/team/app:1.0", f"{registry.host}/ref/app:1.0", *args)
+    assert run.code == 0, run.err
+    assert report_of(report)["images"][0]["status"] == "up-to-date"
+    assert not [r for r in requests_since(registry, mark) if r.split(" ")[0] not in ("GET", "HEAD")]
+
+    # a target that serves the API indexes them itself: no fallback tag is written
+    target_api = ReferrersApi(registry.host)
+    try:
+        run = batchpush("push", f"docker://{source_api.host}/team/app:1.0", f"{target_api.host}/api/app:1.0", *args, "--insecure", target_api.host)
+        assert run.code == 0, run.err
+        assert sorted(report_of(report)["images"][0]["attachments"]) == sorted([sbom, signature])
+        assert json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.host}/api/app").stdout)["Tags"] == ["1.0"]
+        assert {d for _, d in target_api.asked} == {subject}
+    finally:
+        target_api.stop()
+
+    # --no-signatures: the API is not even asked
+    asked = len(source_api.asked)
+    run = batchpush("push", f"docker://{source_api.host}/team/app:1.0", f"{registry.host}/bare/app:1.0", *args, "--no-signatures")
+    assert run.code == 0, run.err
+    assert len(source_api.asked) == asked
+    assert json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.host}/bare/app").stdout)["Tags"] == ["1.0"]
 
 
 def test_prune_drops_what_the_source_no_longer_has(source, registry, tmp_path, batchpush):

@@ -241,6 +241,8 @@ class _StreamSpent(Exception):
 #: redirect statuses followed, and how many hops at most
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+#: pages of one referrers listing read at most (each at most MAX_MANIFEST_BYTES)
+MAX_REFERRER_PAGES = 20
 #: docker's per-host trust directories
 CERTS_DIRS = ("/etc/docker/certs.d", os.path.join(os.path.expanduser("~"), ".docker", "certs.d"))
 
@@ -254,6 +256,27 @@ def _resolve(base: str, location: str, method: str, status: int) -> str:
     except ValueError as exc:
         raise MalformedResponseError(method, base, status, (), "its Location is not a URL") from exc
     return target
+
+
+def _referrer_page(body: bytes, url: str) -> list[dict[str, Any]]:
+    """The descriptors of one page of a referrers listing (an OCI index): each a
+    manifest's, with a digest that parses and a size that is a count."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise MalformedResponseError("GET", url, 200, (), "the referrers listing is not JSON") from None
+    manifests = document.get("manifests") if isinstance(document, dict) else None
+    if not isinstance(manifests, list):
+        raise MalformedResponseError("GET", url, 200, (), "the referrers listing is not an index")
+    for entry in manifests:
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("mediaType"), str) and isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_MANIFEST_BYTES):
+            raise MalformedResponseError("GET", url, 200, (), f"a referrer's descriptor is malformed: {str(entry)[:140]}")
+        try:
+            Digest.parse(str(entry.get("digest")))
+        except InvalidDigestError:
+            raise MalformedResponseError("GET", url, 200, (), f"a referrer's digest does not parse: {str(entry.get('digest'))[:100]!r}") from None
+    return manifests
 
 
 def same_origin(url: str, base: str) -> bool:
@@ -312,12 +335,17 @@ class RegistryClient:
         self.auth = Authenticator(host, self.session, credentials, verify_realm=self._check_realm, cancel=self.cancel)
         self.insecure_hosts: frozenset[str] = frozenset({host} if self.options.insecure else ())
         self.requests_by_method: Counter[str] = Counter()
+        #: requests that failed: no answer, or a status the step did not expect
+        self.errors = 0
         self.bytes_sent = 0
         #: body bytes read from this registry by blob streams (resumed and skipped ones included)
         self.bytes_read = 0
         #: the pull quota the last manifest answer stated (Docker Hub's RateLimit-*
         #: headers); None when it stated none. Exposed only: no decision reads it here.
         self.rate_limit: RateLimit | None = None
+        #: whether this registry serves the referrers API (None: not asked yet)
+        self.serves_referrers: bool | None = None
+        self._referrers_probe = Flights()
         self._count_lock = threading.Lock()
         self._base_url: str | None = None
         self._pinging = Flights()
@@ -338,6 +366,10 @@ class RegistryClient:
         with self._count_lock:
             self.requests_by_method[method] += 1
             self.bytes_sent += sent_bytes
+
+    def _count_error(self) -> None:
+        with self._count_lock:
+            self.errors += 1
 
     def _count_bytes(self, n: int) -> None:
         with self._count_lock:
@@ -428,7 +460,11 @@ class RegistryClient:
                 raise
             if authorization and same_origin(url, self.base_url if self._base_url else url):
                 sent["Authorization"] = authorization
-            response = self._send(method, url, sent, body() if body else None)
+            try:
+                response = self._send(method, url, sent, body() if body else None)
+            except RegistryError:
+                self._count_error()
+                raise
             if response.status_code == 401 and not challenged and self.auth.challenge(response, scopes):
                 challenged = True
                 release(response)
@@ -444,6 +480,7 @@ class RegistryClient:
                 url = target
                 continue
             if response.status_code not in expected:
+                self._count_error()
                 error = error_from_response(response, method)
                 if error.retry_after_s is not None:  # the whole host waits, not only this step
                     self.gate.pause(min(error.retry_after_s, self.policy.retry_after_cap_s))
@@ -469,11 +506,13 @@ class RegistryClient:
                 if response.status_code == 401:
                     self.auth.challenge(response, ())
                 elif response.status_code != 200:
+                    self._count_error()
                     raise error_from_response(response, "GET")
                 release(response)
                 self._base_url = f"{scheme}://{self.host}"
                 return
             assert last is not None
+            self._count_error()  # the https probe of an insecure host that speaks http is none
             raise last
 
     def _url(self, repository: str, tail: str) -> str:
@@ -914,6 +953,49 @@ class RegistryClient:
         if blob.host != self.host:
             raise ValueError(f"blob of {blob.host} asked of the client of {self.host}")
         return BlobReader(self, blob)
+
+    def referrers(self, repository: str, digest: Digest) -> list[dict[str, Any]] | None:
+        """The manifests that name ``digest`` as their subject (OCI 1.1,
+        ``GET /v2/<name>/referrers/<digest>``): the descriptors of its index, every
+        page (``Link`` followed as for tags, at most MAX_REFERRER_PAGES), each once.
+
+        None when this registry does not serve the API: a registry that does never
+        answers 404 there (the spec), so the first 404 is remembered for the run and
+        no later call sends anything; the caller relies on the fallback tag. An
+        answer that is not an index of well-formed descriptors raises
+        MalformedResponseError (temporary)."""
+        if self.serves_referrers is None:  # the first asks; the others wait for its answer
+            with self._referrers_probe.hold("referrers", self.cancel):
+                if self.serves_referrers is None:
+                    return self._referrers(repository, digest)
+        return self._referrers(repository, digest) if self.serves_referrers else None
+
+    def _referrers(self, repository: str, digest: Digest) -> list[dict[str, Any]] | None:
+        path = f"/v2/{repository}/referrers/{digest}"
+        url = f"{self.base_url}{path}"
+        seen: set[str] = set()
+        found: dict[str, dict[str, Any]] = {}
+        while True:
+            if len(seen) >= MAX_REFERRER_PAGES:
+                raise RegistryError("GET", url, None, (), f"the referrers of {repository}@{digest} run past {MAX_REFERRER_PAGES} pages: refused", permanent=True)
+            seen.add(url)
+            response = self.request("GET", url, scopes=(scope_for(repository, "pull"),), expected={200, 404}, headers={"Accept": mt.OCI_INDEX})
+            if response.status_code == 404:
+                release(response)
+                self.serves_referrers = False
+                return None
+            self.serves_referrers = True
+            body = read_limited(response, MAX_MANIFEST_BYTES + 1)
+            if len(body) > MAX_MANIFEST_BYTES:
+                raise RegistryError("GET", url, 200, (), f"a page of the referrers of {repository}@{digest} is larger than {MAX_MANIFEST_BYTES} bytes: refused", permanent=True)
+            for descriptor in _referrer_page(body, url):
+                found.setdefault(descriptor["digest"], descriptor)
+            link = next_link(response.headers.get("Link"))
+            if link is None:
+                return list(found.values())
+            url = next_page(response.url, link, origin=self.base_url, path=path)
+            if url in seen:
+                raise RegistryError("GET", url, 200, (), f"the referrers of {repository}@{digest} link back to a page already read: refused", permanent=True)
 
     def close(self) -> None:
         self.session.close()

@@ -31,6 +31,7 @@ from ..digest import CHUNK_BYTES, Digest
 from ..errors import Cancelled, DigestMismatchError
 from .auth import scope_for
 from .errors import BODY_ERRORS, MalformedResponseError, RegistryError, parse_decimal, release, transport_error
+from .retry import retry_fields
 
 if TYPE_CHECKING:
     from ..sources.base import RegistryBlob
@@ -374,7 +375,7 @@ class _Read:
             self.resumes += 1
             with self.reader._lock:
                 self.reader.resumes += 1
-            log.info("%s: the read broke off at byte %d of %d (%s); resuming (%d of %d)", self.reader.name, self.position, self.blob.size, cause.detail, self.resumes, policy.max_attempts)
+            log.info("%s: the read broke off at byte %d of %d (%s); resuming (%d of %d)", self.reader.name, self.position, self.blob.size, cause.detail, self.resumes, policy.max_attempts, extra=retry_fields(f"read of {self.blob.digest}", self.resumes, str(cause)))
             self.client.gate.sleep(policy.backoff_s(self.resumes))
             try:
                 response = self._get({"Range": f"bytes={self.position}-"}, {200, 206, 416})

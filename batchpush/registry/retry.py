@@ -72,6 +72,11 @@ class HostGate:
             raise Cancelled()
 
 
+def retry_fields(what: str, attempt: int, reason: str) -> dict[str, object]:
+    """A retry's log record ``extra``: its ``event`` and fields in a JSON log."""
+    return {"event": "retry", "fields": {"what": what, "attempt": attempt, "reason": reason}}
+
+
 def run_with_retries(step: Callable[[], T], policy: RetryPolicy, gate: HostGate, what: str) -> T:
     """Run ``step`` until it succeeds, fails for good, or attempts run out."""
     attempt = 1
@@ -86,6 +91,6 @@ def run_with_retries(step: Callable[[], T], policy: RetryPolicy, gate: HostGate,
             # a Retry-After already paused the host (in the request); the backoff
             # comes on top only when the registry named no time
             delay = 0.0 if exc.retry_after_s is not None else policy.backoff_s(attempt)
-            log.info("%s: %s; attempt %d of %d in %.1f s", what, exc, attempt + 1, policy.max_attempts, delay)
+            log.info("%s: %s; attempt %d of %d in %.1f s", what, exc, attempt + 1, policy.max_attempts, delay, extra=retry_fields(what, attempt + 1, str(exc)))
             gate.sleep(delay)
             attempt += 1

@@ -51,6 +51,12 @@ def parse_registry_source(spec: str) -> Reference:
 ATTACHMENT_TAG = re.compile(r"sha256-([0-9a-f]{64})(?:\.(?:sig|att|sbom))?", re.ASCII)
 
 
+def referrers_tag(digest: Digest) -> str:
+    """The referrers fallback tag of ``digest`` (OCI distribution 1.1): ``<alg>-<hex>``,
+    the hex cut to 64 characters."""
+    return f"{digest.algorithm}-{digest.hex[:64]}"
+
+
 @dataclass(frozen=True, slots=True)
 class RemoteImage:
     """An image of a source registry, resolved (its manifests read) when its push starts."""
@@ -60,6 +66,8 @@ class RemoteImage:
     #: the repository's attachment tags (signatures, attestations, SBOMs, referrers
     #: index), copied with the image whose digest they name; empty: none copied
     attachments: tuple[str, ...] = ()
+    #: ask the source's referrers API for the image's referrers (signatures on)
+    referrers: bool = False
 
     def attachments_of(self, digest: Digest) -> list[str]:
         """The attachment tags naming ``digest``."""
@@ -105,13 +113,13 @@ class RegistrySource:
                     attachments = tuple(t for t in self._tags() if ATTACHMENT_TAG.fullmatch(t))
                 except BatchPushError as exc:  # the image itself may still be copied
                     log.warning("%s: the tag list (for signatures) failed: %s; copying the image without them", self.spec, exc)
-            return [SourceImage(self.spec, (ref.tag,) if ref.tag else (), RemoteImage(ref, attachments))]  # type: ignore[arg-type]
+            return [SourceImage(self.spec, (ref.tag,) if ref.tag else (), RemoteImage(ref, attachments, self.signatures))]  # type: ignore[arg-type]
         tags = self._tags()
         images = [tag for tag in tags if not ATTACHMENT_TAG.fullmatch(tag)]
         if not images:
             raise SourceError(self.spec, "the repository has no tags")
         attachments = tuple(t for t in tags if ATTACHMENT_TAG.fullmatch(t)) if self.signatures else ()
-        return [SourceImage(f"{self.spec}:{tag}", (tag,), RemoteImage(ref.with_tag(tag), attachments)) for tag in images]  # type: ignore[arg-type]
+        return [SourceImage(f"{self.spec}:{tag}", (tag,), RemoteImage(ref.with_tag(tag), attachments, self.signatures)) for tag in images]  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
