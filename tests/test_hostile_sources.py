@@ -57,7 +57,7 @@ PEAK_RSS_BYTES = 300 << 20
 #: what a hostile source streams at us: far more than any limit, and than that RSS
 HUGE_BYTES = 400 << 20
 #: the read timeout of the stall tests: short, so a stall costs seconds
-SHORT_READ_TIMEOUT_S = 1
+SHORT_READ_TIMEOUT_S = 3
 #: a loopback address other than 127.0.0.1: another host for the client
 OTHER_LOOPBACK = "127.0.0.2"
 ALICE = ("alice", "alice-secret-pw")
