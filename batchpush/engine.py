@@ -446,17 +446,18 @@ class Engine:
 
     def _source_head(self, entry: _Entry, image: RemoteImage) -> tuple[Digest, int | None]:
         """The digest the source's tag names now, and the manifest's size the HEAD
-        stated (None when pinned by digest): one HEAD, once for all targets."""
+        stated (None when pinned by digest, or stated as 0, which no manifest is):
+        one HEAD, once for all targets."""
         if image.reference.digest is not None:
             return image.reference.digest, None
         client = self.client(image.reference.api_host)
         repository, tag = image.reference.repository, image.selector
 
-        def head() -> tuple[Digest, int]:
+        def head() -> tuple[Digest, int | None]:
             found = client.with_retries(lambda: client.head_manifest(repository, tag, mt.MANIFEST_ACCEPT), f"manifest {repository}:{tag}")
             if found is None:
                 raise SourceError(image.spec, "the source has no such tag (any more)")
-            return found
+            return found[0], found[1] or None
 
         return self._once(entry, "digest", head)  # type: ignore[no-any-return]
 

@@ -844,10 +844,10 @@ class RegistryClient:
         """``GET`` a manifest by tag or digest: its exact bytes, media type and digest.
 
         At most MAX_MANIFEST_BYTES are read: a larger Content-Length or body raises a
-        permanent RegistryError naming the manifest. ``size``, the length its parent
+        permanent RegistryError naming the manifest. ``size`` is the length its parent
         index or a HEAD declared: a Content-Length that states another, or a body of
-        another length, raises DigestMismatchError with at most ``size`` + 1 bytes read. The bytes must hash to
-        ``reference`` when it is a digest, and to the registry's
+        another length, raises DigestMismatchError, at most ``size`` + 1 bytes read.
+        The bytes must hash to ``reference`` when it is a digest, and to the registry's
         Docker-Content-Digest when it sends one (in that digest's algorithm): else
         DigestMismatchError (``what`` "manifest"). A Docker-Content-Digest that does
         not parse raises MalformedResponseError (temporary). The pull quota the
@@ -868,7 +868,7 @@ class RegistryClient:
         if size is not None and length is not None and length != size:
             response.close()
             raise DigestMismatchError(path, "manifest", f"{size} bytes", f"{length} bytes (its Content-Length)")
-        raw = read_limited(response, min(MAX_MANIFEST_BYTES, MAX_MANIFEST_BYTES if size is None else size) + 1)
+        raw = read_limited(response, (MAX_MANIFEST_BYTES if size is None else min(size, MAX_MANIFEST_BYTES)) + 1)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise RegistryError("GET", url, response.status_code, (), too_large, permanent=True)
         if size is not None and len(raw) != size:
