@@ -361,7 +361,7 @@ def test_a_blob_redirected_to_another_host_is_followed_without_credentials(token
         asked = front.requests("GET", "/blobs/sha256:")
         assert len(asked) == 3 and all(s.headers.get("authorization", "").startswith("Bearer ") for s in asked)
         followed = cdn.requests()
-        assert [s.target for s in followed] == [s.target for s in asked] and all(s.status == 200 for s in followed)
+        assert sorted(s.target for s in followed) == sorted(s.target for s in asked) and all(s.status == 200 for s in followed)  # blobs are read in parallel
         assert all("authorization" not in s.headers and "cookie" not in s.headers for s in followed), [s.headers for s in followed]
         assert all("cookie" not in s.headers for s in front.requests())
     finally:
