@@ -249,7 +249,14 @@ class Engine:
             return client
         options = self.registry_options(host)
         kind = DryRunClient if self.options.dry_run else RegistryClient
-        made = kind(host, options, self.credentials(host, options), cancel=self.cancelled, other_threads=self.options.max_concurrent_images + 2)
+        made = kind(
+            host,
+            options,
+            self.credentials(host, options),
+            cancel=self.cancelled,
+            other_threads=self.options.max_concurrent_images + 2,
+            marked_insecure=lambda other: self.registry_options(other).insecure,
+        )
         with self._clients_lock:
             client = self._clients.setdefault(host, made)
             if client is made:
@@ -457,27 +464,33 @@ class Engine:
         """A registry source's image, read by the digest its tag had when compared
         with the target (so the copy is what was compared, even if the tag moves)."""
         client = self.client(image.reference.api_host)
-        pinned = RemoteImage(replace(image.reference, digest=self._source_digest(entry, image)))
+        digest, size = self._source_head(entry, image)
+        pinned = RemoteImage(replace(image.reference, digest=digest))
 
-        def fetch(repository: str, reference: str) -> tuple[bytes, str, Digest]:
+        def fetch(repository: str, reference: str, declared: int | None) -> tuple[bytes, str, Digest]:
             _check_pull_budget(client, image)
-            fetched = client.with_retries(lambda: client.get_manifest(repository, reference, mt.MANIFEST_ACCEPT), f"manifest {repository}@{reference}")
+            fetched = client.with_retries(lambda: client.get_manifest(repository, reference, mt.MANIFEST_ACCEPT, size=declared), f"manifest {repository}@{reference}")
             return fetched.raw, fetched.media_type, fetched.digest
 
-        return prepared_remote(resolve(pinned, fetch, entry.platforms))
+        return prepared_remote(resolve(pinned, fetch, entry.platforms, size))
 
     def _source_digest(self, entry: _Entry, image: RemoteImage) -> Digest:
-        """The digest the source's tag names now: one HEAD, once for all targets."""
+        return self._source_head(entry, image)[0]
+
+    def _source_head(self, entry: _Entry, image: RemoteImage) -> tuple[Digest, int | None]:
+        """The digest the source's tag names now, and the manifest's size the HEAD
+        stated (None when pinned by digest, or stated as 0, which no manifest is):
+        one HEAD, once for all targets."""
         if image.reference.digest is not None:
-            return image.reference.digest
+            return image.reference.digest, None
         client = self.client(image.reference.api_host)
         repository, tag = image.reference.repository, image.selector
 
-        def head() -> Digest:
+        def head() -> tuple[Digest, int | None]:
             found = client.with_retries(lambda: client.head_manifest(repository, tag, mt.MANIFEST_ACCEPT), f"manifest {repository}:{tag}")
             if found is None:
                 raise SourceError(image.spec, "the source has no such tag (any more)")
-            return found[0]
+            return found[0], found[1] or None
 
         return self._once(entry, "digest", head)  # type: ignore[no-any-return]
 

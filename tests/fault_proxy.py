@@ -8,9 +8,17 @@ does), forward the request and reset before the response reaches the client, or
 forward it and change the headers of the registry's answer (``headers``), forward it
 and reset the connection after N bytes of the answer's body (``reset_response``: a
 read that breaks mid-body), or forward it with one byte of the answer's body
-flipped (``corrupt_body``). Any forwarding rule may drop request headers on the way
-(``drop_request_headers``: e.g. ``Range``, as a server that ignores it); ``forward``
-does only that.
+flipped (``corrupt_body``), or forward it and send the answer's head and its first N
+body bytes, then nothing, the connection held open (``stall``: until the client
+closes it or ``stall_s`` passes). Any forwarding rule may drop request headers on the
+way (``drop_request_headers``: e.g. ``Range``, as a server that ignores it), add some
+(``add_request_headers``: e.g. a storage host's own credentials), rewrite the answer's
+body (``body_filter``) and send it without a Content-Length, ended by closing the
+connection (``close_delimited``); ``forward`` does only that. ``stream`` answers
+``stream_bytes`` bytes of filler itself, produced as they are sent (a body larger than
+memory), with or without a Content-Length. In a ``headers`` rule's values, ``{n}`` is
+how often the rule fired (a ``Link`` chain that never ends). A proxy may listen on
+another loopback address (``bind``: another host for the client).
 A ``status`` answer can be written exactly as the rule says (``raw_headers``: no
 Content-Length or Content-Type of ours, so a test can omit or garble them) and be
 followed by closing the connection (``close``: a body shorter than its
@@ -24,10 +32,12 @@ import http.client
 import re
 import socket
 import socketserver
+import ssl
 import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -35,7 +45,7 @@ from dataclasses import dataclass, field
 class Rule:
     method: str | None
     path: str  # a regular expression searched in the request target
-    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "forward"
+    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream"
     status: int = 503
     #: headers added to a ``status`` answer, or set on the registry's (``headers``)
     headers: dict[str, str] = field(default_factory=dict)
@@ -50,6 +60,17 @@ class Rule:
     response_bytes: int = 0
     #: request headers not forwarded (any case)
     drop_request_headers: tuple[str, ...] = ()
+    #: request headers added (or replaced) on the way to the registry
+    add_request_headers: dict[str, str] = field(default_factory=dict)
+    #: the registry's answer body as the client gets it
+    body_filter: Callable[[bytes], bytes] | None = None
+    #: the answer goes without Content-Length; closing the connection ends it
+    close_delimited: bool = False
+    #: ``stall``: the longest the connection is held silent
+    stall_s: float = 90.0
+    #: ``stream``: the filler bytes answered, and whether a Content-Length states them
+    stream_bytes: int = 0
+    stream_length: bool = True
     times: int = 1  # -1: every match
     skip: int = 0
     seen: int = 0
@@ -74,19 +95,23 @@ class Seen:
 
 
 #: actions that forward the request to the registry
-FORWARDING = ("reset_after_response", "headers", "reset_response", "corrupt_body", "forward")
+FORWARDING = ("reset_after_response", "headers", "reset_response", "corrupt_body", "stall", "forward")
 
 
-def _drop_headers(head: bytes, names: tuple[str, ...]) -> bytes:
-    """The request head without the headers ``names``."""
-    dropped = {name.lower() for name in names}
+def _drop_headers(head: bytes, names: tuple[str, ...], added: dict[str, str] | None = None) -> bytes:
+    """The request head without the headers ``names`` (and those ``added`` replaces),
+    with ``added`` after its request line."""
+    dropped = {name.lower() for name in (*names, *(added or {}))}
     lines = head.decode("latin-1").split("\r\n")
     kept = [line for line in lines if line.split(":", 1)[0].strip().lower() not in dropped or ":" not in line]
+    kept[1:1] = [f"{k}: {v}" for k, v in (added or {}).items()]
     return "\r\n".join(kept).encode("latin-1")
 
 
 class FaultProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, bind: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> None:
+        """``tls``: a certificate and its key; the proxy then speaks https to its
+        clients (and plain http to the registry)."""
         self.upstream_host, port = upstream.rsplit(":", 1)
         self.upstream_port = int(port)
         self.rules: list[Rule] = []
@@ -97,6 +122,10 @@ class FaultProxy:
         #: TCP connections accepted
         self.connections = 0
         self.lock = threading.Lock()
+        self._tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(*tls)
         proxy = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -107,8 +136,10 @@ class FaultProxy:
             daemon_threads = True
             allow_reuse_address = True
 
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.server = Server((bind, 0), Handler)
+        self.host = f"{bind}:{self.server.server_address[1]}"
+        #: set by stop(): stalled connections end
+        self._stopping = threading.Event()
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(self, rule: Rule) -> Rule:
@@ -125,6 +156,7 @@ class FaultProxy:
             return [s for s in self.seen if (method is None or s.method == method) and path in s.target]
 
     def stop(self) -> None:
+        self._stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -168,10 +200,15 @@ class FaultProxy:
     def _serve(self, client: socket.socket) -> None:
         with self.lock:
             self.connections += 1
+        if self._tls is not None:
+            try:
+                client = self._tls.wrap_socket(client, server_side=True)
+            except (OSError, ValueError):
+                return
         reader = client.makefile("rb")
         try:
             while True:
-                if reader.peek(1)[:1] == b"\x16":  # a TLS hello (the https probe): refuse it, as the registry does
+                if self._tls is None and reader.peek(1)[:1] == b"\x16":  # a TLS hello (the https probe): refuse it, as the registry does
                     client.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
                     return
                 head = b""
@@ -204,6 +241,10 @@ class FaultProxy:
                     if rule.close:
                         return
                     continue
+                if rule.action == "stream":
+                    self._read_body(reader, length)
+                    self._stream(client, method, target, rule, request_headers)
+                    return
                 if rule.action == "reset_buffered":
                     got = self._read_body(reader, min(length, rule.after_body_bytes))
                     self._record(method, target, "reset_buffered", got)
@@ -223,11 +264,38 @@ class FaultProxy:
         finally:
             reader.close()
 
+    def _stream(self, client: socket.socket, method: str, target: str, rule: Rule, request_headers: dict[str, str]) -> None:
+        """A ``status`` answer whose body is ``stream_bytes`` of filler, made as it is
+        sent; the connection is closed after it (or when the client goes away)."""
+        seen = self._record(method, target, "stream", 0, request_headers, rule.status)
+        length = f"Content-Length: {rule.stream_bytes}\r\n" if rule.stream_length else ""
+        extra = "".join(f"{k}: {v}\r\n" for k, v in rule.headers.items())
+        client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{length}{extra}Connection: close\r\n\r\n".encode("latin-1"))
+        piece = b" " * 65536
+        left = rule.stream_bytes
+        while left > 0 and not self._stopping.is_set():
+            sent = piece[: min(left, len(piece))]
+            client.sendall(sent)  # an OSError (the client closed) ends the answer
+            left -= len(sent)
+            with self.lock:
+                seen.response_bytes += len(sent)
+
+    def _hold(self, client: socket.socket, seconds: float) -> None:
+        """Send nothing for ``seconds``, or until the client closes or the proxy stops."""
+        client.settimeout(0.2)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            try:
+                if not client.recv(65536):
+                    return
+            except TimeoutError:
+                continue
+
     def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, rule: Rule | None, request_headers: dict[str, str]) -> bool:  # type: ignore[no-untyped-def]
         reset_after = rule is not None and rule.action == "reset_after_response"
-        replaced = {k.lower(): (k, v) for k, v in rule.headers.items()} if rule is not None and rule.action == "headers" else {}
-        if rule is not None and rule.drop_request_headers:
-            head = _drop_headers(head, rule.drop_request_headers)
+        replaced = {k.lower(): (k, v.replace("{n}", str(rule.fired))) for k, v in rule.headers.items()} if rule is not None and rule.action == "headers" else {}
+        if rule is not None and (rule.drop_request_headers or rule.add_request_headers):
+            head = _drop_headers(head, rule.drop_request_headers, rule.add_request_headers)
         try:
             upstream = socket.create_connection((self.upstream_host, self.upstream_port), timeout=60)
         except OSError:
@@ -247,6 +315,10 @@ class FaultProxy:
             cut = rule is not None and rule.action == "reset_response"
             if rule is not None and rule.action == "corrupt_body" and rule.response_bytes < len(body):
                 body = body[: rule.response_bytes] + bytes([body[rule.response_bytes] ^ 0xFF]) + body[rule.response_bytes + 1 :]
+            if rule is not None and rule.body_filter is not None:
+                body = rule.body_filter(body)
+            close_delimited = rule is not None and rule.close_delimited
+            cut = cut or (rule is not None and rule.action == "stall")
             with self.lock:
                 seen.status = response.status
             lines = [f"HTTP/1.1 {response.status} {response.reason}"]
@@ -254,7 +326,9 @@ class FaultProxy:
                 if key.lower() not in ("transfer-encoding", "content-length", "connection", *replaced):
                     lines.append(f"{key}: {value}")
             lines.extend(f"{key}: {value}" for key, value in replaced.values())
-            if method != "HEAD" or "content-length" not in {k.lower() for k, _ in response.getheaders()}:
+            if close_delimited:
+                lines.append("Connection: close")
+            elif method != "HEAD" or "content-length" not in {k.lower() for k, _ in response.getheaders()}:
                 lines.append(f"Content-Length: {len(body)}")
             else:
                 lines.append(f"Content-Length: {response.getheader('Content-Length')}")
@@ -262,6 +336,11 @@ class FaultProxy:
             with self.lock:
                 seen.response_bytes = len(sent)
             client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent)
+            if rule is not None and rule.action == "stall":
+                self._hold(client, rule.stall_s)
+                return False
+            if close_delimited:
+                return False
             if cut:
                 time.sleep(0.2)  # the bytes sent reach the client before the reset does
                 self._reset(client)

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections import Counter
@@ -84,9 +85,12 @@ DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
 DEFAULT_CHUNK_SIZE_BYTES = 64 << 20
 #: uploads in flight at once to one registry (docker's default is 5)
 DEFAULT_MAX_CONCURRENT_UPLOADS = 5
-#: seconds to connect, and to wait for a response once a request is sent
+#: seconds to connect
 CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 300.0
+#: the longest any one read from a registry's socket may wait (for the answer's
+#: head, or for the next bytes of its body): a source that stalls mid-body costs
+#: this much, then the read resumes with ``Range`` or fails
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 USER_AGENT = f"batchpush/{__version__}"
 T = TypeVar("T")
@@ -115,6 +119,12 @@ class RegistryOptions:
     retry_after_cap_s: float = DEFAULT_RETRY_AFTER_CAP_S
     #: push foreign (non-distributable) layers too, as docker's daemon option does
     allow_nondistributable_artifacts: bool = False
+    #: the longest wait for any one read from this host's socket (an answer's head,
+    #: the next bytes of a body); a stalled blob read then resumes with ``Range``
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    #: a tag list (source or prune) longer than this many pages, or tags, is refused
+    max_tag_pages: int = MAX_TAG_PAGES
+    max_tags: int = MAX_TAGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +253,8 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 #: pages of one referrers listing read at most (each at most MAX_MANIFEST_BYTES)
 MAX_REFERRER_PAGES = 20
+#: a registry API path: its repository, and the endpoint after it
+_REPOSITORY_PATH = re.compile(r"/v2/(.+?)/(manifests|blobs|tags|referrers)/")
 #: docker's per-host trust directories
 CERTS_DIRS = ("/etc/docker/certs.d", os.path.join(os.path.expanduser("~"), ".docker", "certs.d"))
 
@@ -314,8 +326,20 @@ def _with_query(url: str, key: str, value: str) -> str:
 class RegistryClient:
     """One registry host: a pooled session, its auth state and request counters."""
 
-    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None, *, cancel: threading.Event | None = None, other_threads: int = 4) -> None:
+    def __init__(
+        self,
+        host: str,
+        options: RegistryOptions | None = None,
+        credentials: Credentials | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        other_threads: int = 4,
+        marked_insecure: Callable[[str], bool] | None = None,
+    ) -> None:
         self.host = host
+        #: whether the run marks another host insecure (its plan settings, ``--insecure``):
+        #: a token realm there may then be plain http, as docker would allow
+        self.marked_insecure = marked_insecure or (lambda other: False)
         self.options = options or RegistryOptions()
         #: set when the run is interrupted: bodies stop, pauses end
         self.cancel = cancel or threading.Event()
@@ -414,15 +438,16 @@ class RegistryClient:
         if parts.scheme == "https":
             return
         insecure = {h.rsplit(":", 1)[0] if not h.startswith("[") else h for h in self.insecure_hosts} | set(self.insecure_hosts)
-        if parts.scheme == "http" and (parts.netloc in insecure or parts.hostname in insecure):
+        if parts.scheme == "http" and (parts.netloc in insecure or parts.hostname in insecure or self.marked_insecure(parts.netloc)):
             return
-        raise AuthError("GET", realm, None, (), "token realm is not https and its host is not marked insecure")
+        # nothing is sent there: neither the credentials nor an anonymous token request
+        raise AuthError("GET", realm, None, (), f"token realm on {parts.netloc.rpartition('@')[2]} is not https and its host is not marked insecure")
 
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
         self._count(method)
         try:
             # verify is passed explicitly (the session does not read the environment)
-            return send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), verify=self.session.verify)
+            return send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, self.options.read_timeout_s), verify=self.session.verify)
         except ValueError as exc:
             # not a transport failure: http.client refuses the request itself (a URL or
             # a header value it cannot carry). Its text quotes the value, which may be
@@ -446,6 +471,7 @@ class RegistryClient:
         Authorization header goes to the registry's own host only."""
         challenged = False
         hops = 0
+        first = url
         while True:
             # a cancelled run sends nothing more, but the DELETEs that cancel its sessions
             if self.cancel.is_set() and method != "DELETE":
@@ -472,8 +498,9 @@ class RegistryClient:
             if response.status_code in REDIRECTS and response.status_code not in expected and response.headers.get("Location"):
                 release(response)
                 target = _resolve(url, response.headers["Location"], method, response.status_code)
-                if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
-                    raise RegistryError(method, url, response.status_code, (), "refusing a redirect from https to plain http")
+                refusal = self._redirect_refusal(first, url, target, method)
+                if refusal:
+                    raise RegistryError(method, url, response.status_code, (), refusal, permanent=True)
                 hops += 1
                 if hops > MAX_REDIRECTS:
                     raise RegistryError(method, url, response.status_code, (), f"more than {MAX_REDIRECTS} redirects")
@@ -486,6 +513,25 @@ class RegistryClient:
                     self.gate.pause(min(error.retry_after_s, self.policy.retry_after_cap_s))
                 raise error
             return response
+
+    def _redirect_refusal(self, first: str, url: str, target: str, method: str) -> str | None:
+        """Why a redirect from ``url`` (of a request first sent to ``first``) to
+        ``target`` is not followed; None if it is. Never from https to http. On the
+        registry's own origin, only within the repository first asked for (its token
+        would name another one). A read (GET, HEAD) goes to another host only for a
+        blob: its storage or CDN, as registries do; a manifest or tag list is the
+        registry's own answer."""
+        if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+            return "refusing a redirect from https to plain http"
+        asked = _REPOSITORY_PATH.match(urlsplit(first).path)
+        if same_origin(target, self.base_url if self._base_url else first):
+            goes = _REPOSITORY_PATH.match(urlsplit(target).path)
+            if asked and (goes is None or goes.group(1) != asked.group(1)):
+                return f"refusing a redirect to another repository ({urlsplit(target).path[:200]!r})"
+            return None
+        if method in ("GET", "HEAD") and not (asked and asked.group(2) == "blobs"):
+            return f"refusing a redirect of a {asked.group(2) if asked else 'read'} request to another host ({urlsplit(target).netloc.rpartition('@')[2]})"
+        return None
 
     def ping(self) -> None:
         """``GET /v2/``: choose the scheme, and learn the auth challenge up front."""
@@ -833,12 +879,14 @@ class RegistryClient:
         return digest, self._size(response, url)
 
     # -- reads (a mirror's source) -------------------------------------------
-    def get_manifest(self, repository: str, reference: str, accept: str = mt.MANIFEST_ACCEPT) -> FetchedManifest:
+    def get_manifest(self, repository: str, reference: str, accept: str = mt.MANIFEST_ACCEPT, *, size: int | None = None) -> FetchedManifest:
         """``GET`` a manifest by tag or digest: its exact bytes, media type and digest.
 
         At most MAX_MANIFEST_BYTES are read: a larger Content-Length or body raises a
-        permanent RegistryError naming the manifest. The bytes must hash to
-        ``reference`` when it is a digest, and to the registry's
+        permanent RegistryError naming the manifest. ``size`` is the length its parent
+        index or a HEAD declared: a Content-Length that states another, or a body of
+        another length, raises DigestMismatchError, at most ``size`` + 1 bytes read.
+        The bytes must hash to ``reference`` when it is a digest, and to the registry's
         Docker-Content-Digest when it sends one (in that digest's algorithm): else
         DigestMismatchError (``what`` "manifest"). A Docker-Content-Digest that does
         not parse raises MalformedResponseError (temporary). The pull quota the
@@ -856,9 +904,14 @@ class RegistryClient:
         if length is not None and length > MAX_MANIFEST_BYTES:
             response.close()  # not drained: its rest could be anything
             raise RegistryError("GET", url, response.status_code, (), too_large, permanent=True)
-        raw = read_limited(response, MAX_MANIFEST_BYTES + 1)
+        if size is not None and length is not None and length != size:
+            response.close()
+            raise DigestMismatchError(path, "manifest", f"{size} bytes", f"{length} bytes (its Content-Length)")
+        raw = read_limited(response, (MAX_MANIFEST_BYTES if size is None else min(size, MAX_MANIFEST_BYTES)) + 1)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise RegistryError("GET", url, response.status_code, (), too_large, permanent=True)
+        if size is not None and len(raw) != size:
+            raise DigestMismatchError(path, "manifest", f"{size} bytes", f"{len(raw)} bytes" if len(raw) <= size else f"more than {size} bytes")
         digest = Digest.sha256_of(raw)
         if pinned is not None:
             actual = digest if pinned.algorithm == "sha256" else Digest.of(pinned.algorithm, raw)
@@ -888,7 +941,7 @@ class RegistryClient:
             raise ReferenceError_(reference, "not a valid tag")
         return None
 
-    def list_tags(self, repository: str, *, page_size: int = TAG_PAGE_SIZE, max_pages: int = MAX_TAG_PAGES, max_tags: int = MAX_TAGS) -> list[str]:
+    def list_tags(self, repository: str, *, page_size: int = TAG_PAGE_SIZE, max_pages: int | None = None, max_tags: int | None = None) -> list[str]:
         """Every tag of ``repository`` (``GET /v2/<name>/tags/list?n=``), in the
         registry's order, each once.
 
@@ -898,7 +951,10 @@ class RegistryClient:
         permanent RegistryError (nothing is returned). A name that is not a valid
         tag is skipped with a warning. A page that is not a JSON tag list raises
         MalformedResponseError (temporary). One request failing fails the listing:
-        the caller's retry policy runs it again from the first page."""
+        the caller's retry policy runs it again from the first page. The limits
+        default to this host's ``max_tag_pages`` and ``max_tags``."""
+        max_pages = self.options.max_tag_pages if max_pages is None else max_pages
+        max_tags = self.options.max_tags if max_tags is None else max_tags
         path = f"/v2/{repository}/tags/list"
         url = f"{self.base_url}{path}?n={max(1, page_size)}"
         seen_pages: set[str] = set()
@@ -906,13 +962,13 @@ class RegistryClient:
         received = skipped = 0
         while True:
             if len(seen_pages) >= max_pages:
-                raise RegistryError("GET", url, None, (), f"the tag list of {repository} runs past {max_pages} pages: refused", permanent=True)
+                raise RegistryError("GET", url, None, (), f"the tag list of {repository} runs past {max_pages} pages (max_tag_pages): refused", permanent=True)
             seen_pages.add(url)
             response = self.request("GET", url, scopes=(scope_for(repository, "pull"),), expected={200}, headers={"Accept": "application/json"})
             page = self._tag_page(response, url, repository)
             received += len(page)
             if received > max_tags:
-                raise RegistryError("GET", url, 200, (), f"the tag list of {repository} holds more than {max_tags} tags: refused", permanent=True)
+                raise RegistryError("GET", url, 200, (), f"the tag list of {repository} holds more than {max_tags} tags (max_tags): refused", permanent=True)
             for tag in page:
                 if valid_tag(tag):
                     tags[tag] = None

@@ -148,14 +148,16 @@ class Platform:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
-#: fetch(repository, digest-or-tag) -> (raw bytes, media type, digest), checked by the client
-Fetch = Callable[[str, str], tuple[bytes, str, Digest]]
+#: fetch(repository, digest-or-tag, declared size or None) -> (raw bytes, media type,
+#: digest), checked by the client (a body of another size is refused as it is read)
+Fetch = Callable[[str, str, int | None], tuple[bytes, str, Digest]]
 
 
-def resolve(image: RemoteImage, fetch: Fetch, platforms: Sequence[Platform] = ()) -> SourceManifest | SourceIndex:
+def resolve(image: RemoteImage, fetch: Fetch, platforms: Sequence[Platform] = (), size: int | None = None) -> SourceManifest | SourceIndex:
     """The image's manifest (or index, with its children), read and validated.
-    ``platforms``: copy only those children of an index (empty: every one)."""
-    raw, media_type, digest = fetch(image.reference.repository, image.selector)
+    ``platforms``: copy only those children of an index (empty: every one).
+    ``size``: the manifest's length as a HEAD stated it, if known."""
+    raw, media_type, digest = fetch(image.reference.repository, image.selector, size)
     return _node(image, fetch, raw, media_type, digest, platforms)
 
 
@@ -234,7 +236,7 @@ def _index(image: RemoteImage, fetch: Fetch, raw: bytes, media_type: str, digest
     children = []
     for i, entry in enumerate(chosen):
         descriptor = _descriptor(image, entry, digest, f"manifests[{i}]")
-        child_raw, child_type, child_digest = fetch(image.reference.repository, str(descriptor.digest))
+        child_raw, child_type, child_digest = fetch(image.reference.repository, str(descriptor.digest), descriptor.size)
         if len(child_raw) != descriptor.size:
             raise SourceError(_where(image, child_digest), f"manifest of {len(child_raw)} bytes, the index says {descriptor.size}")
         children.append(_node(image, fetch, child_raw, child_type, child_digest, ()))
