@@ -20,7 +20,7 @@ from .logs import JsonFormatter, RedactingFormatter
 from .metrics import DEFAULT_JOB, MetricsOptions, RunTimes, export, parse_label
 from .outcome import LayerOutcome
 from .plan import load_plan
-from .progress import Fanout, JsonProgress, PlainProgress, Progress, RichProgress
+from .progress import Fanout, JsonProgress, LineWriter, PlainProgress, Progress, RichProgress, WriterHandler
 from .reference import parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
@@ -104,12 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress(args: argparse.Namespace) -> Progress:
+def _progress(args: argparse.Namespace, writer: LineWriter) -> Progress:
     if args.log_format == "json":  # stderr carries the JSON lines only: the human ones all go to stdout
-        return Fanout(PlainProgress(err=sys.stdout, quiet=args.quiet), JsonProgress())
+        return Fanout(PlainProgress(err=sys.stdout, quiet=args.quiet, writer=writer), JsonProgress())
     if sys.stdout.isatty() and not args.debug and not args.quiet:
         return RichProgress()
-    return PlainProgress(quiet=args.quiet)
+    return PlainProgress(quiet=args.quiet, writer=writer)
 
 
 def _dry_run_lines(result: BatchResult) -> Iterator[str]:
@@ -170,11 +170,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
-    handler = logging.StreamHandler(sys.stderr)
+    # every line of the run, log records included, goes through one writer thread:
+    # no thread of ours waits on a stdout or stderr that nobody reads
+    writer = LineWriter()
+    handler = WriterHandler(writer, sys.stderr)
     json_logs = args.log_format == "json"
     handler.setFormatter(JsonFormatter() if json_logs else RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
     # a JSON log carries the events and retries, logged at INFO
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if json_logs else logging.WARNING, handlers=[handler], force=True)
+    try:
+        return _main(args, writer)
+    finally:
+        writer.close()
+
+
+def _main(args: argparse.Namespace, writer: LineWriter) -> int:
+    def say(text: str) -> None:  # an error line on stderr, never dropped
+        writer.keep(sys.stderr, text)
+
     try:
         if args.command == "run":
             plan = load_plan(args.plan)
@@ -187,15 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_signatures:
             jobs = (replace(job, signatures=False) for job in jobs)
     except BatchPushError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return EXIT_USAGE
     if args.max_attempts is not None:
         if args.max_attempts < 1:
-            print("error: --max-attempts must be at least 1", file=sys.stderr)
+            say("error: --max-attempts must be at least 1")
             return EXIT_USAGE
         defaults = replace(defaults, max_attempts=args.max_attempts)
         registries = {host: replace(options, max_attempts=args.max_attempts) for host, options in registries.items()}
-    progress = _progress(args)
+    progress = _progress(args, writer)
     options = PushOptions(
         registry_defaults=defaults,
         registries=registries,
@@ -230,26 +243,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = engine.run(jobs)
         finally:
             engine.close()
+        if args.report:  # before any line: a line may wait for a slow reader
+            result.write(args.report)
         for line in _closing_lines(args, result, time.monotonic() - started):
             progress.note(line)
     except BatchPushError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         _export_metrics(args, BatchResult(), started_at, started, success=False)
         return EXIT_FAILED
     finally:
         for sig, earlier in previous.items():
             signal.signal(sig, earlier)
         progress.close()
-    if args.report:
-        result.write(args.report)
     code = EXIT_USAGE if any(image.error_kind == "usage" for image in result.images) else result.exit_code
     _export_metrics(args, result, started_at, started, success=code == EXIT_OK and not received)
     if received:
-        print(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report", file=sys.stderr)
+        say(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report")
         # the report is written and the spool gone; a request still waiting for its
         # answer must not hold the exit (the interpreter would join its thread)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        writer.close()
         os._exit(128 + received[0])
     return code
 

@@ -412,9 +412,14 @@ class Engine:
             return RegistrySource(spec, self.client(parse_registry_source(spec).api_host), signatures=signatures)
         return open_source(spec)
 
-    def _failed(self, source: str, target: str, error: BatchPushError, started: float) -> ImageResult:
+    def _failed(self, source: str, target: str, error: BatchPushError, started: float, *, tell: bool = True) -> ImageResult:
+        """A failed image's result, told to the renderers unless it is an
+        attachment's (``tell`` False: its image tells its own failure)."""
+        failed = ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
+        if not tell:
+            return failed
         self._tell(lambda: self.options.progress.failed(target, error.message))
-        return self._done(ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started))
+        return self._done(failed)
 
     def _done(self, result: ImageResult) -> ImageResult:
         """Tell the renderers ``result`` is final: a failure where it is made
@@ -545,25 +550,28 @@ class Engine:
         the image: it did not arrive whole."""
         assert work.reference is not None
         copied: list[str] = []
+        started = time.monotonic()
+
+        def failed(error: str, kind: str | None) -> ImageResult:  # told once, as the image's failure
+            self._tell(lambda: self.options.progress.failed(result.target, error))
+            return self._done(replace(result, status="failed", error=error, error_kind=kind, seconds=result.seconds + time.monotonic() - started))
+
         for tag in image.attachments_of(digest):
             attached = self._copy_one(image.reference.with_tag(tag), work.reference.with_tag(tag))
             if not attached.ok:
-                return self._done(replace(result, status="failed", error=f"{tag}: {attached.error}", error_kind=attached.error_kind))
+                return failed(f"{tag}: {attached.error}", attached.error_kind)
             copied.append(tag)
         if image.referrers:
-            started = time.monotonic()
             try:
                 copied += self._copy_referrers(image, digest, work.reference)
             except BatchPushError as exc:
-                error = f"referrers of {digest}: {exc.message}"
-                self._tell(lambda: self.options.progress.failed(result.target, error))
-                return self._done(replace(result, status="failed", error=error, error_kind=exc.kind, seconds=result.seconds + time.monotonic() - started))
+                return failed(f"referrers of {digest}: {exc.message}", exc.kind)
         return replace(result, attachments=tuple(copied))
 
     def _copy_one(self, source: Reference, target: Reference) -> ImageResult:
         """One attachment (a tag or a digest of the source repository) copied as an image of its own."""
         image = SourceImage(f"{REGISTRY_TRANSPORT}{source}", (source.tag,) if source.tag else (), RemoteImage(source))  # type: ignore[arg-type]
-        return self._push_work(_Work(image.name, str(target), _Entry(image, 1), target))
+        return self._push_work(_Work(image.name, str(target), _Entry(image, 1), target), tell=False)
 
     def _copy_referrers(self, image: RemoteImage, digest: Digest, target: Reference) -> list[str]:
         """What the source's referrers API lists for ``digest``, each copied by digest
@@ -613,7 +621,7 @@ class Engine:
         client.with_retries(lambda: client.put_manifest(target.repository, tag, mt.OCI_INDEX, data), f"manifest {tag}")
         return True
 
-    def _push_work(self, work: _Work) -> ImageResult:
+    def _push_work(self, work: _Work, *, tell: bool = True) -> ImageResult:
         assert work.entry is not None and work.reference is not None
         started = time.monotonic()
         target = work.reference
@@ -651,12 +659,12 @@ class Engine:
             progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
             source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
         except Cancelled:
-            return self._failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started)
+            return self._failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started, tell=tell)
         except BatchPushError as exc:
-            return self._failed(work.source, str(target), exc, started)
+            return self._failed(work.source, str(target), exc, started, tell=tell)
         except Exception as exc:  # a bug, a dead worker pool, a full disk...: this image fails, the run goes on
             log.debug("%s: unexpected error", target, exc_info=True)
-            return self._failed(work.source, str(target), InternalError.of(exc, work.source), started)
+            return self._failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
         finally:
             self._release(work.entry)
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)

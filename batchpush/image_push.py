@@ -53,7 +53,10 @@ def manifest_bytes(source: SourceManifest, layers: list[LayerResult]) -> bytes:
     document = copy.deepcopy(source.document)
     changed = False
     for entry, layer in zip(document["layers"], layers, strict=True):
-        if (entry.get("mediaType"), entry.get("digest"), entry.get("size")) != (layer.media_type, str(layer.digest), layer.size):
+        # the blob's bytes decide: a blob the batch already placed may come back with
+        # another descriptor's media type (an artifact's empty ``{}`` is its config
+        # and a layer at once), and the source's own descriptor is the right one
+        if (entry.get("digest"), entry.get("size")) != (str(layer.digest), layer.size):
             entry.update(_layer_json(entry, layer, ()))
             changed = True
     return _dump(document) if changed else source.raw  # type: ignore[return-value]

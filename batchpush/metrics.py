@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import basic_auth_handler, default_handler, pushadd_to_gateway, write_to_textfile
@@ -149,16 +149,22 @@ def push(url: str, job: str, grouping: Mapping[str, str], made: list[Metric]) ->
     """POST (pushadd) to the Pushgateway: it replaces the group's metrics of the names
     pushed and keeps the others, so a failed run, which leaves out the last success
     time, keeps the last successful run's. Userinfo in ``url`` is sent as basic auth."""
-    parts = urlsplit(_with_scheme(url))
+    address, userinfo = split_userinfo(url)
     handler: Callable[..., Callable[[], None]] = default_handler
-    if parts.username is not None:
-        handler = functools.partial(basic_auth_handler, username=unquote(parts.username), password=unquote(parts.password or ""))
-        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
-    pushadd_to_gateway(urlunsplit(parts), job, _registry(made), grouping_key=dict(grouping), timeout=PUSH_TIMEOUT_S, handler=handler)
+    if userinfo is not None:
+        username, _, password = userinfo.partition(":")
+        handler = functools.partial(basic_auth_handler, username=unquote(username), password=unquote(password))
+    pushadd_to_gateway(address, job, _registry(made), grouping_key=dict(grouping), timeout=PUSH_TIMEOUT_S, handler=handler)
 
 
-def _with_scheme(url: str) -> str:
-    return url if "://" in url else f"http://{url}"
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """``url`` (a scheme added if it has none) without its userinfo, and the
+    userinfo. Split at the last ``@`` before anything is parsed: a password may
+    hold ``/``, ``?`` or ``#``, which would otherwise end the host part early and
+    leave the secret in the "host" or the path, and so in an error message."""
+    scheme, _, rest = (url if "://" in url else f"http://{url}").partition("://")
+    userinfo, at, address = rest.rpartition("@")
+    return f"{scheme}://{address}", (userinfo if at else None)
 
 
 def export(options: MetricsOptions, result: BatchResult, times: RunTimes, *, success: bool) -> None:
@@ -173,4 +179,5 @@ def export(options: MetricsOptions, result: BatchResult, times: RunTimes, *, suc
         try:
             push(options.pushgateway, options.job, options.labels, families(result, times, success=success, last_success_at=None))
         except Exception as exc:  # urllib's errors, an HTTP error answer, a URL that does not parse
-            log.warning("metrics not pushed to %s: %s", redact_url(_with_scheme(options.pushgateway)), redact(str(exc)))
+            # the address holds no userinfo, nor does anything urllib says of it
+            log.warning("metrics not pushed to %s: %s", redact_url(split_userinfo(options.pushgateway)[0]), redact(str(exc)))

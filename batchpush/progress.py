@@ -8,6 +8,7 @@ gives the events to several. All are thread-safe.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import sys
@@ -90,15 +91,20 @@ class LineWriter:
     behind) is dropped and counted, and the next line written says how many were
     lost. Dropping, not a bounded wait, because a bounded wait per line would slow
     every image by that bound for as long as the reader is stuck, while the lines
-    are only a view: the results are in the report and the summary. ``close`` waits
-    while the writer makes progress and gives up after ``CLOSE_STALL_S`` without
-    any, leaving the (daemon) thread behind, so a run whose output nobody reads
-    still ends."""
+    are only a view: the results are in the report and the summary. Two kinds of
+    line are never dropped: ``keep`` (a failure: at most one per image) goes to a
+    side list the writer empties first, without waiting either; ``write_waiting``
+    (the summary, from the main thread once the engine is closed) waits for room
+    while the writer makes progress. ``close`` waits while the writer makes
+    progress too; both give up after ``CLOSE_STALL_S`` without any, leaving the
+    (daemon) thread behind, so a run whose output nobody reads still ends."""
 
     def __init__(self, queue_lines: int = QUEUE_LINES) -> None:
         self._queue: queue.Queue[tuple[TextIO, str]] = queue.Queue(queue_lines)
         self._lock = threading.Lock()
         self._dropped = 0
+        #: lines never dropped, written before the queue's (deque: appends are atomic)
+        self._kept: collections.deque[tuple[TextIO, str]] = collections.deque()
         #: lines written so far (only the writer thread counts): close watches it move
         self.written = 0
         self._closed = threading.Event()
@@ -111,6 +117,26 @@ class LineWriter:
         except queue.Full:
             with self._lock:
                 self._dropped += 1
+
+    def keep(self, stream: TextIO, text: str) -> None:
+        """A line that is never dropped, and never waited for."""
+        self._kept.append((stream, text))
+
+    def write_waiting(self, stream: TextIO, text: str) -> bool:
+        """A line that waits for room while the writer makes progress; False if it
+        made none for ``CLOSE_STALL_S`` (the line is dropped and counted)."""
+        written, since = self.written, time.monotonic()
+        while True:
+            try:
+                self._queue.put((stream, text), timeout=POLL_S)
+                return True
+            except queue.Full:
+                if self.written != written:
+                    written, since = self.written, time.monotonic()
+                elif time.monotonic() - since > CLOSE_STALL_S:
+                    with self._lock:
+                        self._dropped += 1
+                    return False
 
     def _emit(self, stream: TextIO, text: str) -> None:
         try:
@@ -130,10 +156,13 @@ class LineWriter:
     def _run(self) -> None:
         stream: TextIO | None = None
         while True:
+            while self._kept:
+                kept_stream, text = self._kept.popleft()
+                self._emit(kept_stream, text)
             try:
                 stream, text = self._queue.get(timeout=0 if self._closed.is_set() else POLL_S)
             except queue.Empty:
-                if self._closed.is_set():
+                if self._closed.is_set() and not self._kept:
                     break
                 continue
             self._emit_dropped(stream)
@@ -155,6 +184,28 @@ class LineWriter:
         return True
 
 
+class WriterHandler(logging.Handler):
+    """Log records through a LineWriter: a thread that logs never waits on stderr
+    (a StreamHandler writes under its lock, so one blocked write would stop every
+    thread that logs). An error or worse is kept, never dropped."""
+
+    def __init__(self, writer: LineWriter, stream: TextIO) -> None:
+        super().__init__()
+        self.writer = writer
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.ERROR:
+            self.writer.keep(self.stream, line)
+        else:
+            self.writer.write(self.stream, line)
+
+
 class PlainProgress(NoProgress):
     """Lines for logs and pipes, each naming its target, as images pushed at once
     interleave: ``TARGET: 1a2b3c4d5e6f: Pushed`` (or ``Mounted from REPO``, ``Layer
@@ -163,11 +214,13 @@ class PlainProgress(NoProgress):
     the failures. Every line goes through one LineWriter: never written by the
     thread that reports it."""
 
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, quiet: bool = False) -> None:
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, quiet: bool = False, writer: LineWriter | None = None) -> None:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.quiet = quiet
-        self.writer = LineWriter()
+        #: a writer given is closed by whoever gave it
+        self.writer = writer or LineWriter()
+        self._owns_writer = writer is None
 
     def _print(self, text: str, stream: TextIO) -> None:
         self.writer.write(stream, text)
@@ -182,14 +235,16 @@ class PlainProgress(NoProgress):
             self._print(f"{target}: digest: {digest} size: {size}{suffix}", self.out)
 
     def failed(self, target: str, message: str) -> None:
-        self._print(f"error: {target}: {one_line(message)}", self.err)
+        self.writer.keep(self.err, f"error: {target}: {one_line(message)}")
 
     def note(self, text: str) -> None:
+        """A closing line (the summary): from the main thread, never dropped while the output is read."""
         if not self.quiet:
-            self._print(text, self.out)
+            self.writer.write_waiting(self.out, text)
 
     def close(self) -> None:
-        self.writer.close()
+        if self._owns_writer:
+            self.writer.close()
 
 
 class RichProgress(NoProgress):

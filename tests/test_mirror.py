@@ -348,6 +348,39 @@ def test_referrers_the_source_lists_go_with_their_image(source, source_api, regi
     assert json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.host}/bare/app").stdout)["Tags"] == ["1.0"]
 
 
+def test_a_referrers_route_the_source_does_not_know_and_a_referrer_that_fails(source, source_api, registry, tmp_path, batchpush):
+    """A 405 where the API would be says the API is not served (the image goes, the
+    fallback tag would carry its referrers); a listed referrer that cannot be
+    copied fails its image, told once, as the image's failure."""
+    from fault_proxy import FaultProxy, Rule
+
+    layout = app_layout(str(tmp_path / "app"), {"1.0": [1, 2]})
+    fill(source, layout, "1.0", "team/app")
+    front = FaultProxy(source.host)
+    try:
+        front.add(Rule("GET", "/referrers/", "status", status=405, times=-1))
+        report = tmp_path / "report.json"
+        run = batchpush("push", f"docker://{front.host}/team/app:1.0", f"{registry.host}/r405/app:1.0", "--insecure", front.host, "--insecure", registry.host, "--report", str(report))
+        assert run.code == 0, run.err
+        assert [i["status"] for i in report_of(report)["images"]] == ["pushed"]
+        assert len(front.requests("GET", "/referrers/")) == 1
+    finally:
+        front.stop()
+
+    subject = remote_digest(source, "team/app:1.0")
+    # its layer is the same blob as its config (the empty ``{}``), under another media type
+    empty = push_referrer(source, source_api, "team/app", subject, "application/spdx+json", b"{}", tmp_path)
+    # a referrer the API lists but the registry does not hold
+    source_api._index[("team/app", subject)]["sha256:" + "ab" * 32] = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "ab" * 32, "size": 2}
+    run = batchpush("push", f"docker://{source_api.host}/team/app:1.0", f"{registry.host}/rbad/app:1.0", "--insecure", source_api.host, "--insecure", registry.host, "--report", str(report))
+    assert run.code == 1
+    (image,) = report_of(report)["images"]
+    assert image["status"] == "failed" and "ab" * 32 in image["error"], image["error"]
+    errors = [line for line in run.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {registry.host}/rbad/app:1.0: referrers of {subject}"), run.err
+    assert remote_digest(registry, f"rbad/app@{empty}") == empty  # listed first, copied byte for byte
+
+
 def test_prune_drops_what_the_source_no_longer_has(source, registry, tmp_path, batchpush):
     """Plan ``prune: true``: once every image arrived, target tags the source lost are
     deleted (by digest; one that a kept tag also names stays); --dry-run only lists

@@ -13,6 +13,7 @@ import sys
 import threading
 from collections import Counter
 
+import pytest
 import yaml
 from images import simple_layout
 
@@ -151,7 +152,29 @@ def test_a_line_never_waits_for_a_blocked_stream_and_the_drops_are_counted(monke
     ]
 
 
-def test_a_run_whose_stdout_nobody_reads_still_finishes_and_writes_its_report(tmp_path, registry):
+class SlowStream(io.StringIO):
+    """A reader that keeps up, slowly."""
+
+    def write(self, text: str) -> int:
+        threading.Event().wait(0.02)
+        return super().write(text)
+
+
+def test_a_slow_reader_loses_progress_lines_but_never_a_failure_or_the_summary():
+    stream = SlowStream()
+    writer = LineWriter(queue_lines=5)
+    for i in range(20):
+        writer.write(stream, f"layer line {i}")  # most are dropped: the queue holds 5
+    writer.keep(stream, "error: x: boom")
+    assert writer.write_waiting(stream, "summary: 20 images")  # waits for room: the writer moves
+    assert writer.close()
+    lines = stream.getvalue().splitlines()
+    assert "error: x: boom" in lines and lines[-1] == "summary: 20 images"
+    assert any("dropped" in line for line in lines)
+
+
+@pytest.mark.parametrize("unread", ["stdout", "stderr-json"])
+def test_a_run_whose_stdout_nobody_reads_still_finishes_and_writes_its_report(tmp_path, registry, unread):
     # a 4 KiB pipe that is never read: the first lines fill it, the writer thread
     # blocks in write(); the engine's threads must not, and the process must end
     plan = fleet_plan(tmp_path, registry, repositories=4, tags=6)
@@ -159,10 +182,12 @@ def test_a_run_whose_stdout_nobody_reads_still_finishes_and_writes_its_report(tm
     read_end, write_end = os.pipe()
     capacity = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     try:
-        with open(tmp_path / "stderr.txt", "wb") as err:
+        # stderr-json: the JSON log (an event per layer, from the engine's threads) is what fills the pipe
+        with open(tmp_path / "stderr.txt", "wb") as other:
+            json_log = ["--log-format", "json"] if unread == "stderr-json" else []
             process = subprocess.Popen(
-                [sys.executable, "-m", "batchpush", "run", plan, "--metadata-dir", str(tmp_path / "md"), "--report", str(report_path)],
-                stdout=write_end, stderr=err,
+                [sys.executable, "-m", "batchpush", "run", plan, "--metadata-dir", str(tmp_path / "md"), "--report", str(report_path), *json_log],
+                stdout=write_end if unread == "stdout" else other, stderr=write_end if unread != "stdout" else other,
             )
         os.close(write_end)
         write_end = -1
@@ -179,6 +204,6 @@ def test_a_run_whose_stdout_nobody_reads_still_finishes_and_writes_its_report(tm
         if write_end >= 0:
             os.close(write_end)
     assert code == 0, (tmp_path / "stderr.txt").read_text()
-    assert len(got) > capacity - 300  # the pipe filled up (a line did not fit): the writer was blocked
+    assert len(got) > capacity - 1024  # the pipe filled up (a line did not fit): the writer was blocked
     report = json.loads(report_path.read_text())
     assert Counter(image["status"] for image in report["images"]) == {"pushed": 24}

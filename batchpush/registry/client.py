@@ -253,6 +253,10 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 #: pages of one referrers listing read at most (each at most MAX_MANIFEST_BYTES)
 MAX_REFERRER_PAGES = 20
+#: answers that say a registry does not serve the referrers API: 404 (the spec's
+#: word; one that serves it never answers 404), and what registries answer a route
+#: they do not know (400, 405, 406, 501): the fallback tag carries the referrers
+REFERRERS_NOT_SERVED = frozenset({400, 404, 405, 406, 501})
 #: a registry API path: its repository, and the endpoint after it
 _REPOSITORY_PATH = re.compile(r"/v2/(.+?)/(manifests|blobs|tags|referrers)/")
 #: docker's per-host trust directories
@@ -1015,9 +1019,8 @@ class RegistryClient:
         ``GET /v2/<name>/referrers/<digest>``): the descriptors of its index, every
         page (``Link`` followed as for tags, at most MAX_REFERRER_PAGES), each once.
 
-        None when this registry does not serve the API: a registry that does never
-        answers 404 there (the spec), so the first 404 is remembered for the run and
-        no later call sends anything; the caller relies on the fallback tag. An
+        None when this registry does not serve the API (REFERRERS_NOT_SERVED): the
+        first such answer is remembered for the run and no later call sends anything; the caller relies on the fallback tag. An
         answer that is not an index of well-formed descriptors raises
         MalformedResponseError (temporary)."""
         if self.serves_referrers is None:  # the first asks; the others wait for its answer
@@ -1035,8 +1038,8 @@ class RegistryClient:
             if len(seen) >= MAX_REFERRER_PAGES:
                 raise RegistryError("GET", url, None, (), f"the referrers of {repository}@{digest} run past {MAX_REFERRER_PAGES} pages: refused", permanent=True)
             seen.add(url)
-            response = self.request("GET", url, scopes=(scope_for(repository, "pull"),), expected={200, 404}, headers={"Accept": mt.OCI_INDEX})
-            if response.status_code == 404:
+            response = self.request("GET", url, scopes=(scope_for(repository, "pull"),), expected={200, *REFERRERS_NOT_SERVED}, headers={"Accept": mt.OCI_INDEX})
+            if response.status_code in REFERRERS_NOT_SERVED:
                 release(response)
                 self.serves_referrers = False
                 return None
