@@ -72,6 +72,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-images", type=int, default=DEFAULT_MAX_CONCURRENT_IMAGES, metavar="N", help="images pushed at once")
     parser.add_argument("--dry-run", action="store_true", help="print what would happen, with read requests only")
     parser.add_argument("--no-signatures", action="store_true", help="from a registry source, do not copy each image's signatures, attestations and SBOMs (sha256-<digest>.sig tags; overrides the plan)")
+    parser.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on this Dask cluster's workers (needs batchpush[cluster] here and on every worker)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     parser.add_argument("--debug", action="store_true", help="log every request (secrets and upload state redacted)")
 
@@ -178,6 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         dry_run=args.dry_run,
         progress=progress,
     )
+    if args.scheduler:
+        from . import cluster  # only here: a local run never imports dask
+
+        try:
+            result = cluster.run(args.scheduler, jobs, options)
+        except BatchPushError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+        finally:
+            progress.close()
+        return _finish(args, result, [])
     received: list[int] = []
     engine: Engine | None = None
 
@@ -206,6 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig, earlier in previous.items():
             signal.signal(sig, earlier)
         progress.close()
+    return _finish(args, result, received)
+
+
+def _finish(args: argparse.Namespace, result: BatchResult, received: list[int]) -> int:
+    """The report, the summary lines and the exit code of a run."""
     if args.report:
         result.write(args.report)
     if args.dry_run:

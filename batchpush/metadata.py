@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -175,6 +175,36 @@ class MetadataStore:
                 "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (xxh3_128, size, recipe, str(fingerprint.diff_id), str(fingerprint.digest), fingerprint.compressed_size, time.time()),
             )
+
+    # -- handing knowledge between stores (a cluster run's tasks) -------------
+    def export(self, keys: Iterable[Digest] | None = None) -> Knowledge:
+        """What this store knows of the layers ``keys`` (DiffIDs, or digests of layers
+        without one), all of it if None: their entries oldest first, and fingerprints."""
+        where, args = "", tuple[str, ...]()
+        if keys is not None:
+            args = tuple(sorted({str(k) for k in keys}))
+            where = f" WHERE diff_id IN ({','.join('?' * len(args))})"
+        db = self._db
+        entries = tuple((d, Digest.parse(g), repo, mac, recipe) for d, g, repo, mac, recipe in db.execute(f"SELECT diff_id, digest, source_repository, hmac, recipe FROM v2_metadata{where} ORDER BY seq", args))  # noqa: S608 - placeholders only
+        prints = tuple(db.execute(f"SELECT xxh3_128, size, recipe, diff_id, digest, compressed_size FROM fingerprints{where}", args))  # noqa: S608 - placeholders only
+        return Knowledge(tuple((Digest.parse(d), V2Metadata(g, repo, mac, recipe)) for d, g, repo, mac, recipe in entries), tuple((x, n, r, Fingerprint(Digest.parse(d), Digest.parse(g), c)) for x, n, r, d, g, c in prints))
+
+    def absorb(self, knowledge: Knowledge) -> None:
+        """Add what another store exported (its entries keep their order, as the youngest)."""
+        for diff_id, entry in knowledge.entries:
+            self.add(diff_id, entry)
+        for xxh3, size, recipe, fingerprint in knowledge.fingerprints:
+            self.put_fingerprint(xxh3, size, recipe, fingerprint)
+
+
+@dataclass(frozen=True, slots=True)
+class Knowledge:
+    """Part of a store, exported to be absorbed by another: no credential, only
+    digests, repository names, HMACs and fingerprints."""
+
+    entries: tuple[tuple[Digest, V2Metadata], ...] = ()
+    #: (xxh3-128, size, recipe, fingerprint)
+    fingerprints: tuple[tuple[str, int, str, Fingerprint], ...] = ()
 
 
 class OverlayStore:

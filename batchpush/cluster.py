@@ -1,0 +1,467 @@
+"""One plan on a Dask cluster (``batchpush run PLAN --scheduler tcp://HOST:PORT``).
+
+Imported only with ``--scheduler``: a local run never imports dask.
+
+The design: the batch is a Dask task graph whose keys name blobs, so Dask's own
+rule — a key runs once, a task waits for the keys it names — is the cluster's
+single-flight; no coordinator of ours holds state. The client (the machine that
+runs ``batchpush run``) expands the plan as the local engine does (it reads the
+sources' manifests and configs, never their layers), reads the credentials and
+its metadata store, and submits:
+
+- one *blob task* per distinct blob of the batch (a layer or an image config,
+  known by the digest its source declares). On a worker it prepares the blob —
+  an uncompressed layer is compressed there, the only compression of it in the
+  cluster — then, for each target registry that needs it, puts it in the first
+  repository of that registry the plan names: it asks the registry first (HEAD),
+  then mounts from a repository the store knows, then uploads. One task serves
+  every registry rather than a compress task plus an upload task per registry:
+  the compressed bytes stay on that worker's spool, never moved between workers
+  and never compressed again.
+- one *image task* per (image, target), depending on its blobs' tasks. A
+  worker's Engine runs that one push exactly as a local run does, its store
+  seeded with what the blob tasks learned (their fingerprints: nothing is read
+  or compressed again; their DiffID → digest entries) and its push state with
+  where each blob now is: the blob's first repository needs no request, every
+  other one mounts from it. The manifest goes only once every blob it names is
+  in the repository (the engine's rule).
+
+Dask may run a task twice (its worker died after finishing it): every task is
+idempotent. A blob task asks the registry before writing, so a rerun uploads
+nothing the first run committed; a mount of a present blob is a 201; a manifest
+PUT of the same bytes changes nothing. Workers are stateless: each task has a
+temporary store, seeded by the client with what its own store knows of the
+task's blobs, and returns what it learned, which the client adds to its store:
+the next run, local or clustered, mounts and takes the cron fast path. In a
+re-run, an image whose target the client's store says it pushed to before is
+first checked (an image task in check mode: one tag HEAD, nothing compressed);
+only images not up to date get blob tasks.
+
+Per-registry concurrency is cluster-wide: a blob task holds a
+``distributed.Semaphore`` named after the registry (``max_concurrent_uploads``
+leases) while it writes there. Credentials are read on the client and travel
+inside the tasks' arguments in an object whose repr hides them; task keys are a
+run id and hashes, never a name or a secret.
+
+Not handled (yet): registry sources (``docker://``) and dry runs; both are
+refused with ``--scheduler``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import distributed
+
+from . import __version__
+from .engine import Engine, PushJob, PushOptions, _Entry, _Work
+from .errors import BatchPushError, InternalError, UsageError
+from .metadata import Knowledge
+from .prepare import PendingManifest, PreparedLayer, Preparer
+from .reference import Reference
+from .registry.auth import Credentials
+from .registry.client import RegistryOptions
+from .report import BatchResult, ImageResult
+from .sources.base import SourceIndex, SourceLayer, SourceManifest, SourceNode
+from .sources.registry import RemoteImage
+from .state import RemoteBlob
+
+log = logging.getLogger(__name__)
+
+#: how long the client tries to reach the scheduler, and waits for a first worker
+CONNECT_TIMEOUT_S = 10.0
+#: the longest a blob task waits for its registry's upload lease
+LEASE_WAIT_S = 600.0
+
+
+class ClusterError(UsageError):
+    """The cluster cannot run this batch (unreachable, no worker, another version)."""
+
+
+# -- what travels to the workers ---------------------------------------------
+class _Secrets:
+    """Credentials read on the client, per registry host: a CredentialProvider whose
+    repr and str hide them (a task's arguments may be shown or logged)."""
+
+    def __init__(self, by_host: dict[str, Credentials | None]) -> None:
+        self._by_host = by_host
+
+    def __call__(self, host: str) -> Credentials | None:
+        return self._by_host.get(host)
+
+    def __repr__(self) -> str:
+        return f"<credentials for {len(self._by_host)} host(s), redacted>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class _Setup:
+    """Everything a worker's engine needs, resolved on the client (no file or
+    environment variable of the client is read on a worker)."""
+
+    defaults: RegistryOptions
+    registries: dict[str, RegistryOptions]
+    secrets: _Secrets
+
+    def engine(self, metadata_dir: str) -> Engine:
+        options = PushOptions(registry_defaults=self.defaults, registries=self.registries, credentials=self.secrets, metadata_dir=metadata_dir, jobs=1, max_concurrent_images=2)
+        return Engine(options)
+
+    def uploads(self, host: str) -> int:
+        return self.registries.get(host, self.defaults).max_concurrent_uploads
+
+
+@dataclass(slots=True)
+class _Blob:
+    """A blob of the batch: a local layer to prepare, or a config (prepared already),
+    and the first target repository of each registry that needs it."""
+
+    layer: SourceLayer | None
+    config: PreparedLayer | None
+    targets: dict[str, Reference] = field(default_factory=dict)
+
+    @property
+    def key(self) -> Any:
+        return self.config.key if self.config is not None else (self.layer.diff_id or self.layer.descriptor.digest if self.layer else None)
+
+
+@dataclass(frozen=True, slots=True)
+class _BlobDone:
+    """Where a blob is now, per registry, or why it is not; what the task learned."""
+
+    key: Any
+    remote: RemoteBlob | None
+    #: registry -> repository that holds the blob
+    repositories: dict[str, str]
+    #: registry -> why the blob is not there
+    failures: dict[str, str]
+    learned: Knowledge
+    totals: BatchResult
+
+
+@dataclass(frozen=True, slots=True)
+class _ImageDone:
+    result: ImageResult
+    learned: Knowledge
+    totals: BatchResult
+
+
+# -- tasks (run on workers) -----------------------------------------------------
+def _version() -> str:
+    import batchpush  # the worker's own, read at call time
+
+    return batchpush.__version__
+
+
+def _worker() -> str:
+    try:
+        return str(distributed.get_worker().address)
+    except ValueError:  # not in a worker (a test calling a task directly)
+        return "local"
+
+
+class _TaskEngine:
+    """A worker's engine for one task, with a temporary store seeded by the client."""
+
+    def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
+        self._dir = tempfile.mkdtemp(prefix="batchpush-task-")
+        self.engine = setup.engine(self._dir)
+        for part in knowledge:
+            self.engine.store.absorb(part)
+
+    def __enter__(self) -> Engine:
+        return self.engine
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def totals(self) -> BatchResult:
+        totals = BatchResult()
+        self.engine.add_totals(totals)
+        return totals
+
+
+def _blob_task(blob: _Blob, setup: _Setup, knowledge: Knowledge) -> _BlobDone:
+    """Prepare the blob once, then put it in the first repository of each registry
+    that needs it. Never raises: a failure is the result, per registry."""
+    worker = _worker()
+    task = _TaskEngine(setup, (knowledge,))
+    with task as engine:
+        try:
+            prepared = blob.config or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
+        except Exception as exc:
+            message = f"on worker {worker}: {_message(exc, 'blob')}"
+            return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, message), Knowledge(), task.totals())
+        repositories, failures = {}, {}
+        for registry, target in blob.targets.items():
+            try:
+                _put(engine, setup, target, prepared, is_config=blob.config is not None)
+                repositories[registry] = target.repository
+            except Exception as exc:
+                failures[registry] = f"blob {prepared.digest} on worker {worker}: {_message(exc, str(target))}"
+        remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
+        return _BlobDone(prepared.key, remote, repositories, failures, engine.store.export(), task.totals())
+
+
+def _put(engine: Engine, setup: _Setup, target: Reference, layer: PreparedLayer, *, is_config: bool) -> None:
+    """The blob in ``target``'s repository: already there (asked first, so a rerun
+    writes nothing), mounted, or uploaded, under the registry's cluster-wide lease."""
+    host = target.api_host
+    lease = distributed.Semaphore(max_leases=setup.uploads(host), name=f"batchpush-uploads-{host}-{setup.uploads(host)}")
+    if not lease.acquire(timeout=LEASE_WAIT_S):
+        raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
+    try:
+        client = engine.client(host)
+        layers = engine._pusher(client, target).layers
+        if client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
+            layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
+            return
+        layers.push(layer, is_config=is_config)
+    finally:
+        lease.release()
+
+
+def _image_task(image: Any, target: Reference, setup: _Setup, knowledge: Knowledge, check: bool, *blobs: _BlobDone) -> _ImageDone | None:
+    """One (image, target) pushed by a worker's engine as a local run would, its
+    blobs already in place; with ``check``, only the cron fast path (None: not up
+    to date). Never raises: a failure is the image's result."""
+    worker = _worker()
+    started = time.monotonic()
+    task = _TaskEngine(setup, (knowledge, *(blob.learned for blob in blobs)))
+    with task as engine:
+        for blob in blobs:
+            failure = blob.failures.get(target.registry)
+            if failure is not None:
+                return _ImageDone(engine._failed(image.name, str(target), BatchPushError(failure), started), Knowledge(), task.totals())
+            assert blob.remote is not None
+            engine.state.add_layer(target.registry, blob.repositories[target.registry], blob.key, blob.remote)
+        work = _Work(image.name, str(target), _Entry(image, 1), target)
+        result = _up_to_date(engine, work) if check else engine._run_work(work)
+        if result is None:
+            return None
+        if result.error is not None:
+            result = replace(result, error=f"on worker {worker}: {result.error}")
+        return _ImageDone(replace(result, worker=worker), engine.store.export(), task.totals())
+
+
+def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
+    """The cron fast path alone: the image as the store knows it (nothing
+    compressed), its tag HEAD; None when it is not up to date or cannot say."""
+    assert work.entry is not None and work.reference is not None
+    started = time.monotonic()
+    try:
+        node = engine._prepared(work.entry)
+        if isinstance(node, PendingManifest):
+            if not node.ready():  # the store did not know every layer after all
+                return None
+            node = node.wait(engine.cancelled)
+        current = engine._pusher(engine.client(work.reference.api_host), work.reference).up_to_date(node, work.reference.tag or "latest")
+    except Exception as exc:
+        log.info("%s: not checked (%s); pushing in full", work.target, exc)
+        return None
+    if current is None:
+        return None
+    return ImageResult(work.source, work.target, "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
+
+
+def _message(exc: BaseException, where: str) -> str:
+    return (exc if isinstance(exc, BatchPushError) else InternalError.of(exc, where)).message  # type: ignore[arg-type]
+
+
+# -- the client -------------------------------------------------------------------
+def connect(address: str) -> distributed.Client:
+    """A client of the scheduler with at least one worker, every worker running this
+    batchpush version; else ClusterError (nothing was sent to any worker)."""
+    try:
+        client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except Exception as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        except Exception:
+            raise ClusterError(f"the Dask scheduler at {address} has no worker") from None
+        versions = client.run(_version)
+        other = sorted(f"{worker} runs batchpush {version}" for worker, version in versions.items() if version != __version__)
+        if other:
+            raise ClusterError(f"refused: {'; '.join(other)}, this client {__version__} (install the same batchpush[cluster] on every worker)")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def run(address: str, jobs: Iterable[PushJob], options: PushOptions) -> BatchResult:
+    """Every job's images to their targets on the cluster at ``address``; the same
+    result as ``Engine.run``, each image naming the worker that pushed it."""
+    if options.dry_run:
+        raise ClusterError("a dry run runs locally: drop --scheduler")
+    client = connect(address)
+    try:
+        with Engine(replace(options, jobs=1)) as engine:
+            return _ClusterRun(client, engine).run(jobs)
+    finally:
+        client.close()
+
+
+def _manifests(node: SourceNode) -> Iterator[SourceManifest]:
+    if isinstance(node, SourceIndex):
+        for child in node.children:
+            yield from _manifests(child)
+    else:
+        yield node
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+class _ClusterRun:
+    def __init__(self, client: distributed.Client, engine: Engine) -> None:
+        self.client = client
+        self.engine = engine
+        self.progress = engine.options.progress
+        #: every key of this run starts with it: two runs on one scheduler never share a task
+        self.run_id = uuid.uuid4().hex[:12]
+        self.result = BatchResult()
+
+    def run(self, jobs: Iterable[PushJob]) -> BatchResult:
+        slots: list[ImageResult | None] = []
+        works: list[tuple[int, _Work]] = []
+        for job in jobs:
+            for work in self.engine._expand(job):
+                error = work.error
+                if error is None and isinstance(work.entry.image.node, RemoteImage):  # type: ignore[union-attr]
+                    error = UsageError("a registry source (docker://) is not supported with --scheduler yet")
+                slots.append(self.engine._failed(work.source, work.target, error, time.monotonic()) if error is not None else None)
+                if error is None:
+                    works.append((len(slots) - 1, work))
+        setup, refused = self._setup(work.reference for _, work in works)
+        pending = []
+        for index, work in works:
+            assert work.reference is not None
+            if work.reference.api_host in refused:
+                slots[index] = self.engine._failed(work.source, work.target, refused[work.reference.api_host], time.monotonic())
+            else:
+                pending.append((index, work))
+        checks = {self._submit_image(index, work, setup, check=True): (index, work) for index, work in pending if self._pushed_before(work)}
+        for future, done in self._gather(checks):
+            index, work = checks[future]
+            if done is not None:
+                slots[index] = done
+        pending = [(index, work) for index, work in pending if slots[index] is None]
+        blobs, pushes = self._submit_pushes(pending, setup)
+        for future, done in self._gather(pushes):
+            index, work = pushes[future]
+            slots[index] = done or self.engine._failed(work.source, work.target, BatchPushError("the image task returned nothing"), time.monotonic())
+        for blob in blobs:  # each blob's work counted once, however many images used it
+            if blob.status == "finished":
+                _add(self.result, blob.result().totals)
+        self.result.images = [image for image in slots if image is not None]
+        return self.result
+
+    def _setup(self, references: Iterable[Reference | None]) -> tuple[_Setup, dict[str, BatchPushError]]:
+        """The registries' options and credentials, read here; a host whose
+        credentials cannot be read fails its images."""
+        registries, secrets, refused = {}, {}, {}
+        for reference in references:
+            host = reference.api_host if reference is not None else None
+            if host is None or host in registries or host in refused:
+                continue
+            options = self.engine.registry_options(host)
+            try:
+                secrets[host] = self.engine.credentials(host, options)
+            except BatchPushError as exc:
+                refused[host] = exc
+                continue
+            registries[host] = replace(options, username=None, password_env=None, password_file=None)
+        defaults = replace(self.engine.options.registry_defaults, username=None, password_env=None, password_file=None)
+        return _Setup(defaults, registries, _Secrets(secrets)), refused
+
+    def _pushed_before(self, work: _Work) -> bool:
+        """The client's store saw every config of the image go to this target: a re-run."""
+        assert work.entry is not None and work.reference is not None
+        name = work.reference.name
+        configs = [m.config_descriptor.digest for m in _manifests(work.entry.image.node)]
+        return all(digest is not None and any(e.source_repository == name for e in self.engine.store.get_metadata(digest)) for digest in configs)
+
+    def _knowledge(self, keys: Iterable[Any]) -> Knowledge:
+        return self.engine.store.export(key for key in keys if key is not None)
+
+    def _submit_image(self, index: int, work: _Work, setup: _Setup, *, check: bool, blobs: Iterable[distributed.Future] = ()) -> distributed.Future:
+        assert work.entry is not None
+        keys = [b.key for b in self._blobs(work.entry.image.node)]
+        kind = "check" if check else "image"
+        return self.client.submit(_image_task, work.entry.image, work.reference, setup, self._knowledge(keys), check, *blobs, key=f"batchpush-{kind}-{self.run_id}-{index}", pure=False)
+
+    @staticmethod
+    def _blobs(node: SourceNode) -> Iterator[_Blob]:
+        for manifest in _manifests(node):
+            yield _Blob(None, Preparer._config(manifest))
+            yield from (_Blob(layer, None) for layer in manifest.layers if layer.blob is not None)
+
+    def _submit_pushes(self, pending: list[tuple[int, _Work]], setup: _Setup) -> tuple[list[distributed.Future], dict[distributed.Future, tuple[int, _Work]]]:
+        """A blob task per distinct blob, its first repository per registry in plan
+        order; then an image task per image, after its blobs' tasks."""
+        blobs: dict[str, _Blob] = {}
+        needs: dict[int, list[str]] = {}
+        for index, work in pending:
+            assert work.entry is not None and work.reference is not None
+            for blob in self._blobs(work.entry.image.node):
+                declared = blob.config.digest if blob.config is not None else blob.layer.descriptor.digest or blob.layer.blob  # type: ignore[union-attr]
+                name = f"batchpush-blob-{self.run_id}-{_hash(declared)}"
+                blobs.setdefault(name, blob).targets.setdefault(work.reference.registry, work.reference)
+                needs.setdefault(index, []).append(name)
+        futures = {name: self.client.submit(_blob_task, blob, setup, self._knowledge([blob.key]), key=name, pure=False) for name, blob in blobs.items()}
+        images = {self._submit_image(index, work, setup, check=False, blobs=[futures[name] for name in dict.fromkeys(needs[index])]): (index, work) for index, work in pending}
+        return list(futures.values()), images
+
+    def _gather(self, futures: dict[distributed.Future, tuple[int, _Work]]) -> Iterator[tuple[distributed.Future, ImageResult | None]]:
+        """Each image task's result as it ends: its store knowledge absorbed, its
+        totals added, its line shown. A task the cluster lost fails its image."""
+        if not futures:
+            return
+        for future in distributed.as_completed(list(futures), loop=self.client.loop):
+            work = futures[future][1]
+            try:
+                done: _ImageDone | None = future.result()
+            except Exception as exc:
+                yield future, self.engine._failed(work.source, work.target, BatchPushError(f"the cluster lost the image's task: {_message(exc, work.source)}"), time.monotonic())
+                continue
+            if done is None:
+                yield future, None
+                continue
+            self.engine.store.absorb(done.learned)
+            _add(self.result, done.totals)
+            self._show(done.result, work)
+            yield future, done.result
+
+    def _show(self, image: ImageResult, work: _Work) -> None:
+        assert work.reference is not None
+        try:
+            if image.ok and image.digest is not None:
+                self.progress.pushed(image.target, work.reference.tag or "latest", image.digest, image.size or 0, up_to_date=image.status == "up-to-date")
+            elif not image.ok:
+                self.progress.failed(image.target, image.error or "failed")
+        except Exception:  # a renderer's fault must not lose the image's result
+            log.exception("progress renderer failed")
+
+
+def _add(result: BatchResult, totals: BatchResult) -> None:
+    result.bytes_read += totals.bytes_read
+    result.bytes_compressed += totals.bytes_compressed
+    result.bytes_uploaded += totals.bytes_uploaded
+    result.requests_by_method.update(totals.requests_by_method)
+
+
+__all__ = ["CONNECT_TIMEOUT_S", "ClusterError", "connect", "run"]

@@ -1,0 +1,269 @@
+"""One plan on a real Dask cluster (``--scheduler``): a ``dask scheduler`` and two
+``dask worker`` processes on loopback, the real registry, skopeo reading back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from conftest import pull_and_verify, remote_digest
+from images import simple_layout
+from registry import free_port
+from test_batch import WRITE_METHODS, uploads_by_digest, write_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DASK = os.path.join(os.path.dirname(sys.executable), "dask")
+#: how long the fixture waits for the scheduler and its workers to come up
+START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Cluster:
+    address: str
+    scheduler: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]]
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w.poll() is None]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    # a killed worker's upload lease is freed after this, not the default 30 s
+    env["DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_TIMEOUT"] = "3s"
+    env["DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_VALIDATION_INTERVAL"] = "1s"
+    return env
+
+
+def _spawn(args: list[str], log: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    if not os.path.exists(DASK):
+        pytest.fail(f"{DASK} is missing: install batchpush[cluster] (make setup)")
+    with open(log, "ab") as out:
+        # its own process group: torn down whole, whatever it started
+        return subprocess.Popen([DASK, *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def _wait_workers(address: str, count: int) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=START_TIMEOUT_S, set_as_default=False) as client:
+        client.wait_for_workers(count, timeout=START_TIMEOUT_S)
+
+
+def start_cluster(tmp_path, workers: int = 2, preload: str | None = None) -> Cluster:
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = _env()
+    scheduler = _spawn(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], str(tmp_path / "scheduler.log"), env)
+    cluster = Cluster(address, scheduler, [])
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert scheduler.poll() is None and time.monotonic() < deadline, "the scheduler did not start"
+                time.sleep(0.2)
+        for n in range(workers):
+            cluster.workers.append(start_worker(tmp_path, address, f"w{n}", preload))
+        _wait_workers(address, workers)
+    except BaseException:
+        stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def start_worker(tmp_path, address: str, name: str, preload: str | None = None) -> subprocess.Popen[bytes]:
+    # --no-nanny: the worker is the process itself, so a kill -9 loses it for good
+    args = ["worker", address, "--nthreads", "2", "--no-nanny", "--no-dashboard", "--name", name, "--host", "127.0.0.1"]
+    if preload:
+        args += ["--preload", preload]
+    return _spawn(args, str(tmp_path / f"worker-{name}.log"), _env())
+
+
+def stop_cluster(cluster: Cluster) -> None:
+    for process in [*cluster.workers, cluster.scheduler]:
+        _stop(process)
+
+
+@pytest.fixture
+def cluster(tmp_path) -> Iterator[Cluster]:
+    started = start_cluster(tmp_path)
+    try:
+        yield started
+    finally:
+        stop_cluster(started)
+
+
+def fleet(tmp_path) -> list[tuple[str, list[str]]]:
+    """20 images over 8 layouts sharing a base layer (seed 1), a middle layer per
+    group of layouts, an app layer each: (layout, tags)."""
+    layouts = []
+    for r in range(8):
+        path = str(tmp_path / "layouts" / f"svc{r}")
+        tags = {f"v{t}": [1, 100 + r % 3, 1000 + r * 10 + t] for t in range(3 if r < 4 else 2)}
+        simple_layout(path, tags, file_size=30_000)
+        layouts.append((path, sorted(tags)))
+    return layouts
+
+
+def plan_for(tmp_path, registries, layouts) -> str:
+    return write_plan(tmp_path, {
+        "version": 1,
+        "defaults": {"max_concurrent_uploads": 2},
+        "registries": {r.host: {"insecure": True} for r in registries},
+        "images": [{"source": f"oci:{path}", "targets": [f"{r.host}/team/svc{i}" for r in registries]} for i, (path, _) in enumerate(layouts)],
+    })
+
+
+def batchpush_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "batchpush", *args], capture_output=True, text=True, timeout=110, env=env or dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+
+
+def blob_puts_by_repository(registry) -> Counter[tuple[str, str]]:
+    """Completed blob uploads per (repository, digest), from the registry's own log."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for line in registry.access_log():
+        if '"PUT /v2/' in line and "/blobs/uploads/" in line and '" 201' in line:
+            path = line.split('"PUT /v2/', 1)[1].split(" ", 1)[0]
+            repository = path.split("/blobs/uploads/", 1)[0]
+            digest = path.split("digest=", 1)[1].split("&", 1)[0] if "digest=" in path else "?"
+            counts[(repository, digest)] += 1
+    return counts
+
+
+def report_of(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
+    from registry import start_registry
+
+    second = start_registry(str(tmp_path / "second"))
+    try:
+        layouts = fleet(tmp_path)
+        plan = plan_for(tmp_path, [registry, second], layouts)
+        metadata = str(tmp_path / "md")
+        done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", metadata, "--report", str(tmp_path / "r1.json"))
+        assert done.returncode == 0, done.stderr
+        report = report_of(tmp_path / "r1.json")
+        images = report["images"]
+        assert len(images) == 40 and all(i["status"] == "pushed" for i in images)
+        # both workers pushed images, and every image names its worker
+        assert len({i["worker"] for i in images}) == 2, Counter(i["worker"] for i in images)
+        for target in (registry, second):
+            # each blob uploaded once per registry, every other repository mounted it
+            uploads = uploads_by_digest(target)
+            assert uploads and max(uploads.values()) == 1, uploads
+            assert target.count("POST", "mount=") > 0
+            # every image arrived whole
+            for i, (path, tags) in enumerate(layouts):
+                for tag in tags:
+                    pulled = pull_and_verify(target, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{target.host.replace(':', '_')}-{i}-{tag}"))
+                    assert pulled[0].manifest_digest == remote_digest(target, f"team/svc{i}:{tag}")
+        digests = {i["target"].split("/", 1)[1]: i["digest"] for i in images}
+        # the same digests as a local run of the same plan
+        local = str(tmp_path / "local")
+        third = start_registry(str(tmp_path / "third"))
+        try:
+            local_plan = plan_for(tmp_path / "layouts", [third], layouts)
+            done = batchpush_cli("run", local_plan, "--metadata-dir", local, "--report", str(tmp_path / "local.json"))
+            assert done.returncode == 0, done.stderr
+            assert {i["target"].split("/", 1)[1]: i["digest"] for i in report_of(tmp_path / "local.json")["images"]} == digests
+        finally:
+            third.stop()
+
+        # a second run from the same client store: up to date, no blob request at all
+        for target in (registry, second):
+            target.log_before = len(target.access_log())  # type: ignore[attr-defined]
+        done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", metadata, "--report", str(tmp_path / "r2.json"))
+        assert done.returncode == 0, done.stderr
+        assert all(i["status"] == "up-to-date" for i in report_of(tmp_path / "r2.json")["images"])
+        for target in (registry, second):
+            later = target.access_log()[target.log_before:]  # type: ignore[attr-defined]
+            assert not [line for line in later if "/blobs/" in line], later
+            assert not [line for line in later if any(f'"{m} ' in line for m in WRITE_METHODS)]
+    finally:
+        second.stop()
+
+
+def test_a_local_run_never_imports_dask(registry, tmp_path):
+    layouts = fleet(tmp_path)[:1]
+    plan = plan_for(tmp_path, [registry], layouts)
+    code = (
+        "import sys\n"
+        "from batchpush.cli import main\n"
+        f"code = main(['run', {plan!r}, '--metadata-dir', {str(tmp_path / 'md')!r}])\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]\n"
+        "print('LOADED', loaded)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout
+
+
+def test_an_unreachable_scheduler_is_one_line_and_exit_2(registry, tmp_path):
+    plan = plan_for(tmp_path, [registry], fleet(tmp_path)[:1])
+    done = batchpush_cli("run", plan, "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--metadata-dir", str(tmp_path / "md"))
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot reach the Dask scheduler" in lines[0], done.stderr
+    assert registry.count("POST") == registry.count("PUT") == registry.count("HEAD") == 0
+
+
+def test_a_worker_of_another_version_is_refused_before_any_work(tmp_path, registry):
+    preload = tmp_path / "other_version.py"
+    preload.write_text("import batchpush\nbatchpush.__version__ = '0.0.0-other'\n")
+    started = start_cluster(tmp_path, workers=1)
+    try:
+        started.workers.append(start_worker(tmp_path, started.address, "old", str(preload)))
+        _wait_workers(started.address, 2)
+        plan = plan_for(tmp_path, [registry], fleet(tmp_path)[:1])
+        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"))
+        assert done.returncode == 2
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "refused" in lines[0] and "0.0.0-other" in lines[0], done.stderr
+        assert registry.count("HEAD") == registry.count("POST") == registry.count("PUT") == 0
+    finally:
+        stop_cluster(started)
+
+
+def test_a_source_a_worker_cannot_read_fails_that_image_naming_the_worker(cluster, registry, tmp_path):
+    layouts = fleet(tmp_path)[:2]
+    plan = plan_for(tmp_path, [registry], layouts)
+    # the client reads the manifests; the layer files are gone when the workers come to them
+    broken, _ = layouts[1]
+    config = json.loads(open(os.path.join(broken, "index.json")).read())
+    for entry in config["manifests"]:
+        manifest = json.loads(open(os.path.join(broken, "blobs", *entry["digest"].split(":"))).read())
+        layer = manifest["layers"][-1]["digest"]
+        os.chmod(os.path.join(broken, "blobs", *layer.split(":")), 0)
+    done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"))
+    assert done.returncode == 1, done.stderr
+    images = report_of(tmp_path / "r.json")["images"]
+    failed = [i for i in images if i["status"] == "failed"]
+    assert {i["target"].rsplit(":", 1)[0] for i in failed} == {f"{registry.host}/team/svc1"}
+    assert all("on worker tcp://127.0.0.1:" in i["error"] for i in failed), failed
+    assert all(i["status"] == "pushed" for i in images if i not in failed)
+    assert registry.count("PUT", "/team/svc1/manifests/") == 0
