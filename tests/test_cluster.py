@@ -267,3 +267,56 @@ def test_a_source_a_worker_cannot_read_fails_that_image_naming_the_worker(cluste
     assert all("on worker tcp://127.0.0.1:" in i["error"] for i in failed), failed
     assert all(i["status"] == "pushed" for i in images if i not in failed)
     assert registry.count("PUT", "/team/svc1/manifests/") == 0
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
+    """kill -9 of a worker once uploads are under way (they are slowed by our proxy
+    so the batch is still going): its tasks run on the other worker, the batch
+    completes, every image arrives whole, no blob is uploaded twice."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(registry.host)
+    proxy.throttle_bytes_per_s = 400_000
+    try:
+        layouts = []
+        for r in range(8):
+            path = str(tmp_path / "layouts" / f"svc{r}")
+            tags = {f"v{t}": [1, 100 + r % 3, 1000 + r * 10 + t] for t in range(3 if r < 4 else 2)}
+            simple_layout(path, tags, file_size=150_000)
+            layouts.append((path, sorted(tags)))
+        plan = write_plan(tmp_path, {
+            "version": 1,
+            "defaults": {"max_concurrent_uploads": 2},
+            "registries": {proxy.host: {"insecure": True}},
+            "images": [{"source": f"oci:{path}", "targets": [f"{proxy.host}/team/svc{i}"]} for i, (path, _) in enumerate(layouts)],
+        })
+        report = str(tmp_path / "r.json")
+        client = subprocess.Popen([sys.executable, "-m", "batchpush", "run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", report],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 60
+            while len([s for s in proxy.requests("PUT", "/blobs/uploads/") if s.status == 201]) < 2:
+                assert client.poll() is None, "the batch ended before a worker could be killed"
+                assert time.monotonic() < deadline, "no upload in sight"
+                time.sleep(0.05)
+            victim = cluster.workers[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(timeout=30)
+            out, err = client.communicate(timeout=100)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert client.returncode == 0, err
+        images = report_of(report)["images"]
+        assert len(images) == 20 and all(i["status"] == "pushed" for i in images), [i["error"] for i in images]
+        # no blob uploaded twice, to any repository, by the retries
+        per_repository = blob_puts_by_repository(registry)
+        assert per_repository and max(per_repository.values()) == 1, per_repository
+        assert max(uploads_by_digest(registry).values()) == 1
+        for i, (_, tags) in enumerate(layouts):
+            for tag in tags:
+                pulled = pull_and_verify(registry, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{i}-{tag}"))
+                assert pulled[0].manifest_digest == next(im["digest"] for im in images if im["target"].endswith(f"/team/svc{i}:{tag}"))
+    finally:
+        proxy.stop()
