@@ -8,7 +8,9 @@ import os
 import signal
 import socket
 import subprocess
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -44,12 +46,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _spawn(args: list[str], log: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: str, env: dict[str, str], prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
     if not os.path.exists(DASK):
         pytest.fail(f"{DASK} is missing: install batchpush[cluster] (make setup)")
     with open(log, "ab") as out:
         # its own process group: torn down whole, whatever it started
-        return subprocess.Popen([DASK, *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen([*(prefix or []), DASK, *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -85,19 +87,24 @@ def start_cluster(tmp_path, workers: int = 2, preload: str | None = None) -> Clu
                 time.sleep(0.2)
         for n in range(workers):
             cluster.workers.append(start_worker(tmp_path, address, f"w{n}", preload))
-        _wait_workers(address, workers)
+        if workers:
+            _wait_workers(address, workers)
     except BaseException:
         stop_cluster(cluster)
         raise
     return cluster
 
 
-def start_worker(tmp_path, address: str, name: str, preload: str | None = None) -> subprocess.Popen[bytes]:
+def start_worker(tmp_path, address: str, name: str, preload: str | None = None, *, user: str | None = None, local_directory: str | None = None) -> subprocess.Popen[bytes]:
     # --no-nanny: the worker is the process itself, so a kill -9 loses it for good
     args = ["worker", address, "--nthreads", "2", "--no-nanny", "--no-dashboard", "--name", name, "--host", "127.0.0.1"]
     if preload:
         args += ["--preload", preload]
-    return _spawn(args, str(tmp_path / f"worker-{name}.log"), _env())
+    if local_directory:
+        args += ["--local-directory", local_directory]
+    # another user's worker: setpriv drops to that uid (the tests run as root)
+    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+    return _spawn(args, str(tmp_path / f"worker-{name}.log"), _env(), prefix)
 
 
 def stop_cluster(cluster: Cluster) -> None:
@@ -249,24 +256,40 @@ def test_a_worker_of_another_version_is_refused_before_any_work(tmp_path, regist
         stop_cluster(started)
 
 
-def test_a_source_a_worker_cannot_read_fails_that_image_naming_the_worker(cluster, registry, tmp_path):
-    layouts = fleet(tmp_path)[:2]
-    plan = plan_for(tmp_path, [registry], layouts)
-    # the client reads the manifests; the layer files are gone when the workers come to them
-    broken, _ = layouts[1]
-    config = json.loads(open(os.path.join(broken, "index.json")).read())
-    for entry in config["manifests"]:
-        manifest = json.loads(open(os.path.join(broken, "blobs", *entry["digest"].split(":"))).read())
-        layer = manifest["layers"][-1]["digest"]
-        os.chmod(os.path.join(broken, "blobs", *layer.split(":")), 0)
-    done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"))
-    assert done.returncode == 1, done.stderr
-    images = report_of(tmp_path / "r.json")["images"]
-    failed = [i for i in images if i["status"] == "failed"]
-    assert {i["target"].rsplit(":", 1)[0] for i in failed} == {f"{registry.host}/team/svc1"}
-    assert all("on worker tcp://127.0.0.1:" in i["error"] for i in failed), failed
-    assert all(i["status"] == "pushed" for i in images if i not in failed)
-    assert registry.count("PUT", "/team/svc1/manifests/") == 0
+def test_a_source_a_worker_cannot_read_fails_that_image_naming_the_worker(registry, tmp_path):
+    """A worker running as another user (nobody) cannot read a layout only root
+    may read: that layout's images fail, naming the worker; the others arrive."""
+    shared = tempfile.mkdtemp(prefix="batchpush-cluster-")  # readable by every user, as a shared mount is
+    try:
+        os.chmod(shared, 0o755)
+        scratch = os.path.join(shared, "scratch")
+        os.makedirs(scratch, mode=0o777)
+        os.chmod(scratch, 0o777)
+        readable = os.path.join(shared, "svc0")
+        simple_layout(readable, {"v0": [1, 2]})
+        private = str(tmp_path / "svc1")  # under pytest's 0700 directory: root only
+        simple_layout(private, {"v0": [1, 3]})
+        plan = write_plan(tmp_path, {
+            "version": 1,
+            "registries": {registry.host: {"insecure": True}},
+            "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/team/svc{i}"]} for i, path in enumerate((readable, private))],
+        })
+        started = start_cluster(tmp_path, workers=0)
+        try:
+            started.workers.append(start_worker(tmp_path, started.address, "nobody", user="65534", local_directory=scratch))
+            _wait_workers(started.address, 1)
+            done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"))
+        finally:
+            stop_cluster(started)
+        assert done.returncode == 1, done.stderr
+        svc0, svc1 = report_of(tmp_path / "r.json")["images"]
+        assert svc0["status"] == "pushed", svc0
+        assert svc1["status"] == "failed" and "on worker tcp://127.0.0.1:" in svc1["error"] and private in svc1["error"], svc1
+        assert f"{registry.host}/team/svc1" in done.stderr
+        assert registry.count("PUT", "/team/svc1/manifests/") == 0
+        pull_and_verify(registry, "team/svc0:v0", str(tmp_path / "pulled"))
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
