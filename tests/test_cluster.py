@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
-import shutil
 import sys
 import tempfile
 import time
@@ -184,7 +184,7 @@ def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
             assert uploads and max(uploads.values()) == 1, uploads
             assert target.count("POST", "mount=") > 0
             # every image arrived whole
-            for i, (path, tags) in enumerate(layouts):
+            for i, (_, tags) in enumerate(layouts):
                 for tag in tags:
                     pulled = pull_and_verify(target, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{target.host.replace(':', '_')}-{i}-{tag}"))
                     assert pulled[0].manifest_digest == remote_digest(target, f"team/svc{i}:{tag}")
@@ -261,10 +261,10 @@ def test_a_source_a_worker_cannot_read_fails_that_image_naming_the_worker(regist
     may read: that layout's images fail, naming the worker; the others arrive."""
     shared = tempfile.mkdtemp(prefix="batchpush-cluster-")  # readable by every user, as a shared mount is
     try:
-        os.chmod(shared, 0o755)
+        os.chmod(shared, 0o755)  # noqa: S103 - another user must read it
         scratch = os.path.join(shared, "scratch")
         os.makedirs(scratch, mode=0o777)
-        os.chmod(scratch, 0o777)
+        os.chmod(scratch, 0o777)  # noqa: S103 - the other user's worker writes there
         readable = os.path.join(shared, "svc0")
         simple_layout(readable, {"v0": [1, 2]})
         private = str(tmp_path / "svc1")  # under pytest's 0700 directory: root only
