@@ -142,8 +142,8 @@ class _BlobDone:
     remote: RemoteBlob | None
     #: registry -> repository that holds the blob
     repositories: dict[str, str]
-    #: registry -> why the blob is not there
-    failures: dict[str, str]
+    #: registry -> why the blob is not there: (message, error kind)
+    failures: dict[str, tuple[str, str]]
     learned: Knowledge
     totals: BatchResult
 
@@ -200,15 +200,16 @@ def _blob_task(blob: _Blob, setup: _Setup, knowledge: Knowledge) -> _BlobDone:
         try:
             prepared = blob.config or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
         except Exception as exc:
-            message = f"on worker {worker}: {_message(exc, 'blob')}"
-            return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, message), Knowledge(), task.totals())
+            failure = (f"on worker {worker}: {_error(exc, 'blob').message}", _error(exc, "blob").kind)
+            return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge(), task.totals())
         repositories, failures = {}, {}
         for registry, target in blob.targets.items():
             try:
                 _put(engine, setup, target, prepared, is_config=blob.config is not None)
                 repositories[registry] = target.repository
             except Exception as exc:
-                failures[registry] = f"blob {prepared.digest} on worker {worker}: {_message(exc, str(target))}"
+                error = _error(exc, str(target))
+                failures[registry] = (f"blob {prepared.digest} on worker {worker}: {error.message}", error.kind)
         remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
         return _BlobDone(prepared.key, remote, repositories, failures, engine.store.export(), task.totals())
 
@@ -242,7 +243,9 @@ def _image_task(image: Any, target: Reference, setup: _Setup, knowledge: Knowled
         for blob in blobs:
             failure = blob.failures.get(target.registry)
             if failure is not None:
-                return _ImageDone(engine._failed(image.name, str(target), BatchPushError(failure), started), Knowledge(), task.totals())
+                error = BatchPushError(failure[0])
+                error.kind = failure[1]
+                return _ImageDone(engine._failed(image.name, str(target), error, started), Knowledge(), task.totals())
             assert blob.remote is not None
             engine.state.add_layer(target.registry, blob.repositories[target.registry], blob.key, blob.remote)
         work = _Work(image.name, str(target), _Entry(image, 1), target)
@@ -274,8 +277,8 @@ def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
     return ImageResult(work.source, work.target, "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
 
 
-def _message(exc: BaseException, where: str) -> str:
-    return (exc if isinstance(exc, BatchPushError) else InternalError.of(exc, where)).message  # type: ignore[arg-type]
+def _error(exc: BaseException, where: str) -> BatchPushError:
+    return exc if isinstance(exc, BatchPushError) else InternalError.of(exc, where)
 
 
 # -- the client -------------------------------------------------------------------
@@ -436,7 +439,7 @@ class _ClusterRun:
             try:
                 done: _ImageDone | None = future.result()
             except Exception as exc:
-                yield future, self.engine._failed(work.source, work.target, BatchPushError(f"the cluster lost the image's task: {_message(exc, work.source)}"), time.monotonic())
+                yield future, self.engine._failed(work.source, work.target, BatchPushError(f"the cluster lost the image's task: {_error(exc, work.source).message}"), time.monotonic())
                 continue
             if done is None:
                 yield future, None

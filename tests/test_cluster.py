@@ -343,3 +343,33 @@ def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
                 assert pulled[0].manifest_digest == next(im["digest"] for im in images if im["target"].endswith(f"/team/svc{i}:{tag}"))
     finally:
         proxy.stop()
+
+
+def test_credentials_are_read_on_the_client_only_and_never_shown(cluster, token_registry, tmp_path):
+    """The workers have no credentials: without any, the images fail clearly; with
+    the plan's (a password in the client's environment only) they arrive, and the
+    password or a token is in no output, log or report."""
+    from conftest import assert_no_secret
+
+    registry, issuer = token_registry
+    simple_layout(str(tmp_path / "layout"), {"1.0": [8, 9]})
+    plan = tmp_path / "plan.yaml"
+    entry = {"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [{"source": "oci:./layout", "targets": [f"{registry.host}/auth/app"]}]}
+    plan.write_text(json.dumps(entry))
+    env = dict(os.environ, PYTHONPATH=ROOT, DOCKER_CONFIG=str(tmp_path / "none"))
+    done = batchpush_cli("run", str(plan), "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r0.json"), env=env)
+    assert done.returncode == 1, done.stderr
+    failed = report_of(tmp_path / "r0.json")["images"][0]
+    assert failed["status"] == "failed" and failed["error_kind"] == "auth", failed
+    assert f"{registry.host}/auth/app:1.0" in done.stderr
+    assert registry.count("PUT", "/manifests/") == 0
+
+    entry["registries"][registry.host].update(username="alice", password_env="BATCHPUSH_TEST_PASSWORD")
+    plan.write_text(json.dumps(entry))
+    env["BATCHPUSH_TEST_PASSWORD"] = "alice-secret-pw"
+    done = batchpush_cli("run", str(plan), "--debug", "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r1.json"), env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pull_and_verify(registry, "auth/app:1.0", str(tmp_path / "pulled"))
+    logs = [open(path, errors="replace").read() for path in tmp_path.glob("*.log")]
+    assert len(logs) >= 3  # the scheduler's and both workers'
+    assert_no_secret(["alice-secret-pw", *issuer.tokens], done.stdout, done.stderr, (tmp_path / "r1.json").read_text(), *logs)
