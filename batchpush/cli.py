@@ -187,6 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BatchPushError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+        except KeyboardInterrupt:
+            # the client is gone: the scheduler forgets the tasks not started; a task
+            # under way ends on its worker (a manifest only after all its blobs)
+            print("error: stopped by signal 2; the cluster's tasks not started were dropped", file=sys.stderr)
+            return 128 + signal.SIGINT
         finally:
             progress.close()
         return _finish(args, result, [])

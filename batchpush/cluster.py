@@ -62,6 +62,7 @@ from typing import Any
 import distributed
 
 from . import __version__
+from .digest import Digest
 from .engine import Engine, PushJob, PushOptions, _Entry, _Work
 from .errors import BatchPushError, InternalError, UsageError
 from .metadata import Knowledge
@@ -130,8 +131,12 @@ class _Blob:
     targets: dict[str, Reference] = field(default_factory=dict)
 
     @property
-    def key(self) -> Any:
-        return self.config.key if self.config is not None else (self.layer.diff_id or self.layer.descriptor.digest if self.layer else None)
+    def key(self) -> Digest | None:
+        """Its identity in the push state and the stores (``PreparedLayer.key``)."""
+        if self.config is not None:
+            return self.config.key
+        assert self.layer is not None
+        return self.layer.diff_id or self.layer.descriptor.digest
 
 
 @dataclass(frozen=True, slots=True)
