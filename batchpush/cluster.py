@@ -2,9 +2,10 @@
 
 Imported only with ``--scheduler``: a local run never imports dask.
 
-The design: the batch is a Dask task graph whose keys name blobs, so Dask's own
-rule — a key runs once, a task waits for the keys it names — is the cluster's
-single-flight; no coordinator of ours holds state. The client (the machine that
+The design: Dask tasks keyed by blob, so that Dask's own rule — a key runs once
+(again elsewhere only if its worker dies first) — is the cluster's single-flight,
+rather than a coordinator actor of ours that every upload would ask (one more
+round trip per blob, and one more thing to lose with a worker). The client (the machine that
 runs ``batchpush run``) expands the plan as the local engine does (it reads the
 sources' manifests and configs, never their layers), reads the credentials and
 its metadata store, and submits:
@@ -18,13 +19,17 @@ its metadata store, and submits:
   every registry rather than a compress task plus an upload task per registry:
   the compressed bytes stay on that worker's spool, never moved between workers
   and never compressed again.
-- one *image task* per (image, target), depending on its blobs' tasks. A
-  worker's Engine runs that one push exactly as a local run does, its store
-  seeded with what the blob tasks learned (their fingerprints: nothing is read
-  or compressed again; their DiffID → digest entries) and its push state with
-  where each blob now is: the blob's first repository needs no request, every
-  other one mounts from it. The manifest goes only once every blob it names is
-  in the repository (the engine's rule).
+- one *repository task* per target repository, submitted once the blob tasks
+  of its images ended, their (small) results handed over by the client: a
+  worker never fetches a result from another, so a worker that dies is never
+  waited for and its finished tasks are not run again (Dask would, for a
+  result still wanted). A worker's Engine pushes the repository's images
+  exactly as a local run does, its store seeded with what the blob tasks
+  learned (their fingerprints: nothing is read or compressed again; their
+  DiffID → digest entries) and its push state with where each blob now is: the
+  blob's first repository needs no request, every other one mounts it from
+  there, once (the repository's images share that push state). The manifest
+  goes only once every blob it names is in the repository (the engine's rule).
 
 Dask may run a task twice (its worker died after finishing it): every task is
 idempotent. A blob task asks the registry before writing, so a rerun uploads
@@ -34,7 +39,7 @@ temporary store, seeded by the client with what its own store knows of the
 task's blobs, and returns what it learned, which the client adds to its store:
 the next run, local or clustered, mounts and takes the cron fast path. In a
 re-run, an image whose target the client's store says it pushed to before is
-first checked (an image task in check mode: one tag HEAD, nothing compressed);
+first checked (a repository task in check mode: one tag HEAD, nothing compressed);
 only images not up to date get blob tasks.
 
 Per-registry concurrency is cluster-wide: a blob task holds a
@@ -49,6 +54,7 @@ refused with ``--scheduler``.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import logging
 import shutil
@@ -71,7 +77,7 @@ from .reference import Reference
 from .registry.auth import Credentials
 from .registry.client import RegistryOptions
 from .report import BatchResult, ImageResult
-from .sources.base import SourceIndex, SourceLayer, SourceManifest, SourceNode
+from .sources.base import SourceImage, SourceIndex, SourceLayer, SourceManifest, SourceNode
 from .sources.registry import RemoteImage
 from .state import RemoteBlob
 
@@ -79,6 +85,8 @@ log = logging.getLogger(__name__)
 
 #: how long the client tries to reach the scheduler, and waits for a first worker
 CONNECT_TIMEOUT_S = 10.0
+#: images of one repository task pushed at once
+IMAGES_PER_TASK = 4
 #: the longest a blob task waits for its registry's upload lease
 LEASE_WAIT_S = 600.0
 
@@ -114,7 +122,7 @@ class _Setup:
     secrets: _Secrets
 
     def engine(self, metadata_dir: str) -> Engine:
-        options = PushOptions(registry_defaults=self.defaults, registries=self.registries, credentials=self.secrets, metadata_dir=metadata_dir, jobs=1, max_concurrent_images=2)
+        options = PushOptions(registry_defaults=self.defaults, registries=self.registries, credentials=self.secrets, metadata_dir=metadata_dir, jobs=1, max_concurrent_images=IMAGES_PER_TASK)
         return Engine(options)
 
     def uploads(self, host: str) -> int:
@@ -154,8 +162,19 @@ class _BlobDone:
 
 
 @dataclass(frozen=True, slots=True)
-class _ImageDone:
-    result: ImageResult
+class _Push:
+    """One (image, target) of a repository task, and the names of its blobs' tasks."""
+
+    index: int
+    image: SourceImage
+    target: Reference
+    blobs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _RepositoryDone:
+    #: by the push's index; None: not up to date (a check)
+    results: dict[int, ImageResult | None]
     learned: Knowledge
     totals: BatchResult
 
@@ -237,29 +256,46 @@ def _put(engine: Engine, setup: _Setup, target: Reference, layer: PreparedLayer,
         lease.release()
 
 
-def _image_task(image: Any, target: Reference, setup: _Setup, knowledge: Knowledge, check: bool, *blobs: _BlobDone) -> _ImageDone | None:
-    """One (image, target) pushed by a worker's engine as a local run would, its
-    blobs already in place; with ``check``, only the cron fast path (None: not up
-    to date). Never raises: a failure is the image's result."""
+def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, check: bool, blobs: dict[str, _BlobDone]) -> _RepositoryDone:
+    """Every image of the batch to one target repository, pushed by one worker's
+    engine as a local run would, their blobs already in the registry; with
+    ``check``, only the cron fast path. One task per repository, so its images
+    share one push state: a blob is mounted into it once (two mounts of one blob
+    into one repository at once can make the registry lose a manifest's blob
+    while it writes the link). Never raises: a failure is its image's result."""
     worker = _worker()
-    started = time.monotonic()
-    task = _TaskEngine(setup, (knowledge, *(blob.learned for blob in blobs)))
+    task = _TaskEngine(setup, (knowledge, *(blob.learned for blob in blobs.values())))
+    results: dict[int, ImageResult | None] = {}
     with task as engine:
-        for blob in blobs:
-            failure = blob.failures.get(target.registry)
+        runnable = []
+        for push in pushes:
+            registry = push.target.registry
+            failure = next((blobs[name].failures[registry] for name in push.blobs if registry in blobs[name].failures), None)
             if failure is not None:
                 error = BatchPushError(failure[0])
                 error.kind = failure[1]
-                return _ImageDone(engine._failed(image.name, str(target), error, started), Knowledge(), task.totals())
-            assert blob.remote is not None
-            engine.state.add_layer(target.registry, blob.repositories[target.registry], blob.key, blob.remote)
-        work = _Work(image.name, str(target), _Entry(image, 1), target)
-        result = _up_to_date(engine, work) if check else engine._run_work(work)
-        if result is None:
-            return None
-        if result.error is not None:
-            result = replace(result, error=f"on worker {worker}: {result.error}")
-        return _ImageDone(replace(result, worker=worker), engine.store.export(), task.totals())
+                results[push.index] = engine._failed(push.image.name, str(push.target), error, time.monotonic())
+                continue
+            for name in push.blobs:
+                blob = blobs[name]
+                assert blob.remote is not None
+                engine.state.add_layer(registry, blob.repositories[registry], blob.key, blob.remote)
+            runnable.append(push)
+        entries: dict[int, _Entry] = {}
+        for push in runnable:  # an image to several tags is prepared once
+            entries.setdefault(id(push.image), _Entry(push.image, 0)).uses += 1
+
+        def run(push: _Push) -> ImageResult | None:
+            work = _Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
+            return _up_to_date(engine, work) if check else engine._run_work(work)
+
+        with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
+            for push, result in zip(runnable, pool.map(run, runnable), strict=True):
+                results[push.index] = result
+        for index, result in results.items():
+            if result is not None:
+                results[index] = replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
+        return _RepositoryDone(results, engine.store.export(), task.totals())
 
 
 def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
@@ -362,19 +398,13 @@ class _ClusterRun:
                 slots[index] = self.engine._failed(work.source, work.target, refused[work.reference.api_host], time.monotonic())
             else:
                 pending.append((index, work))
-        checks = {self._submit_image(index, work, setup, check=True): (index, work) for index, work in pending if self._pushed_before(work)}
-        for future, done in self._gather(checks):
-            index, work = checks[future]
-            if done is not None:
-                slots[index] = done
-        pending = [(index, work) for index, work in pending if slots[index] is None]
-        blobs, pushes = self._submit_pushes(pending, setup)
-        for future, done in self._gather(pushes):
-            index, work = pushes[future]
-            slots[index] = done or self.engine._failed(work.source, work.target, BatchPushError("the image task returned nothing"), time.monotonic())
-        for blob in blobs:  # each blob's work counted once, however many images used it
-            if blob.status == "finished":
-                _add(self.result, blob.result().totals)
+        self.works = dict(pending)
+        checks = {self._submit_repository(group, setup, check=True): group for group in _by_repository([w for w in pending if self._pushed_before(w[1])])}
+        for index, checked in self._collect(checks):
+            slots[index] = checked
+        for index, pushed in self._pushes([(index, work) for index, work in pending if slots[index] is None], setup):
+            work = self.works[index]
+            slots[index] = pushed or self.engine._failed(work.source, work.target, BatchPushError("the repository task returned nothing for it"), time.monotonic())
         self.result.images = [image for image in slots if image is not None]
         return self.result
 
@@ -406,11 +436,10 @@ class _ClusterRun:
     def _knowledge(self, keys: Iterable[Any]) -> Knowledge:
         return self.engine.store.export(key for key in keys if key is not None)
 
-    def _submit_image(self, index: int, work: _Work, setup: _Setup, *, check: bool, blobs: Iterable[distributed.Future] = ()) -> distributed.Future:
-        assert work.entry is not None
-        keys = [b.key for b in self._blobs(work.entry.image.node)]
-        kind = "check" if check else "image"
-        return self.client.submit(_image_task, work.entry.image, work.reference, setup, self._knowledge(keys), check, *blobs, key=f"batchpush-{kind}-{self.run_id}-{index}", pure=False)
+    def _submit_repository(self, pushes: list[_Push], setup: _Setup, *, check: bool, blobs: dict[str, _BlobDone] | None = None) -> distributed.Future:
+        keys = [b.key for push in pushes for b in self._blobs(push.image.node)]
+        kind = "check" if check else "repository"
+        return self.client.submit(_repository_task, pushes, setup, self._knowledge(keys), check, blobs or {}, key=f"batchpush-{kind}-{self.run_id}-{pushes[0].index}", pure=False)
 
     @staticmethod
     def _blobs(node: SourceNode) -> Iterator[_Blob]:
@@ -418,41 +447,83 @@ class _ClusterRun:
             yield _Blob(None, Preparer._config(manifest))
             yield from (_Blob(layer, None) for layer in manifest.layers if layer.blob is not None)
 
-    def _submit_pushes(self, pending: list[tuple[int, _Work]], setup: _Setup) -> tuple[list[distributed.Future], dict[distributed.Future, tuple[int, _Work]]]:
+    def _pushes(self, pending: list[tuple[int, _Work]], setup: _Setup) -> Iterator[tuple[int, ImageResult | None]]:
         """A blob task per distinct blob, its first repository per registry in plan
-        order; then an image task per image, after its blobs' tasks."""
+        order; a repository's task once all its images' blob tasks ended. The
+        client hands each blob's (small) result to the repository tasks itself
+        and lets go of it: no worker ever fetches from another, so a dead worker's
+        results are never waited for, nor computed again."""
         blobs: dict[str, _Blob] = {}
-        needs: dict[int, list[str]] = {}
-        for index, work in pending:
-            assert work.entry is not None and work.reference is not None
-            for blob in self._blobs(work.entry.image.node):
-                declared = blob.config.digest if blob.config is not None else blob.layer.descriptor.digest or blob.layer.blob  # type: ignore[union-attr]
-                name = f"batchpush-blob-{self.run_id}-{_hash(declared)}"
-                blobs.setdefault(name, blob).targets.setdefault(work.reference.registry, work.reference)
-                needs.setdefault(index, []).append(name)
-        futures = {name: self.client.submit(_blob_task, blob, setup, self._knowledge([blob.key]), key=name, pure=False) for name, blob in blobs.items()}
-        images = {self._submit_image(index, work, setup, check=False, blobs=[futures[name] for name in dict.fromkeys(needs[index])]): (index, work) for index, work in pending}
-        return list(futures.values()), images
+        groups = _by_repository(pending)
+        needs: list[set[str]] = []
+        users: dict[str, list[int]] = {}
+        for number, group in enumerate(groups):
+            names: set[str] = set()
+            for i, push in enumerate(group):
+                mine = []
+                for blob in self._blobs(push.image.node):
+                    declared = blob.config.digest if blob.config is not None else blob.layer.descriptor.digest or blob.layer.blob  # type: ignore[union-attr]
+                    name = f"batchpush-blob-{self.run_id}-{_hash(declared)}"
+                    blobs.setdefault(name, blob).targets.setdefault(push.target.registry, push.target)
+                    mine.append(name)
+                group[i] = replace(push, blobs=tuple(dict.fromkeys(mine)))
+                names.update(mine)
+            needs.append(names)
+            for name in names:
+                users.setdefault(name, []).append(number)
+        running: dict[distributed.Future, str | int] = {}
+        for name, blob in blobs.items():
+            running[self.client.submit(_blob_task, blob, setup, self._knowledge([blob.key]), key=name, pure=False)] = name
+        done: dict[str, _BlobDone] = {}
+        left = [len(names) for names in needs]
+        finished = distributed.as_completed(list(running), loop=self.client.loop)
+        for future in finished:
+            task = running.pop(future)
+            if isinstance(task, int):
+                yield from self._repository_done(future, groups[task])
+                continue
+            done[task] = self._blob_done(future, blobs[task])
+            future.release()
+            for number in users[task]:
+                left[number] -= 1
+                if left[number] == 0:
+                    repository = self._submit_repository(groups[number], setup, check=False, blobs={name: done[name] for name in needs[number]})
+                    running[repository] = number
+                    finished.add(repository)
 
-    def _gather(self, futures: dict[distributed.Future, tuple[int, _Work]]) -> Iterator[tuple[distributed.Future, ImageResult | None]]:
-        """Each image task's result as it ends: its store knowledge absorbed, its
-        totals added, its line shown. A task the cluster lost fails its image."""
-        if not futures:
+    def _blob_done(self, future: distributed.Future, blob: _Blob) -> _BlobDone:
+        """The blob task's result, its work counted once however many images use it;
+        a task the cluster lost fails the blob in every registry."""
+        try:
+            result: _BlobDone = future.result()
+        except Exception as exc:
+            failure = (f"the cluster lost the blob's task: {_error(exc, 'blob').message}", "error")
+            return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge(), BatchResult())
+        _add(self.result, result.totals)
+        return result
+
+    def _collect(self, futures: dict[distributed.Future, list[_Push]]) -> Iterator[tuple[int, ImageResult | None]]:
+        if futures:
+            for future in distributed.as_completed(list(futures), loop=self.client.loop):
+                yield from self._repository_done(future, futures[future])
+
+    def _repository_done(self, future: distributed.Future, pushes: list[_Push]) -> Iterator[tuple[int, ImageResult | None]]:
+        """A repository task's results: its store knowledge absorbed, its totals
+        added, each image's line shown. A task the cluster lost fails its images."""
+        try:
+            done: _RepositoryDone = future.result()
+        except Exception as exc:
+            error = BatchPushError(f"the cluster lost the repository's task: {_error(exc, 'repository').message}")
+            for push in pushes:
+                work = self.works[push.index]
+                yield push.index, self.engine._failed(work.source, work.target, error, time.monotonic())
             return
-        for future in distributed.as_completed(list(futures), loop=self.client.loop):
-            work = futures[future][1]
-            try:
-                done: _ImageDone | None = future.result()
-            except Exception as exc:
-                yield future, self.engine._failed(work.source, work.target, BatchPushError(f"the cluster lost the image's task: {_error(exc, work.source).message}"), time.monotonic())
-                continue
-            if done is None:
-                yield future, None
-                continue
-            self.engine.store.absorb(done.learned)
-            _add(self.result, done.totals)
-            self._show(done.result, work)
-            yield future, done.result
+        self.engine.store.absorb(done.learned)
+        _add(self.result, done.totals)
+        for index, result in done.results.items():
+            if result is not None:
+                self._show(result, self.works[index])
+            yield index, result
 
     def _show(self, image: ImageResult, work: _Work) -> None:
         assert work.reference is not None
@@ -463,6 +534,15 @@ class _ClusterRun:
                 self.progress.failed(image.target, image.error or "failed")
         except Exception:  # a renderer's fault must not lose the image's result
             log.exception("progress renderer failed")
+
+
+def _by_repository(works: list[tuple[int, _Work]]) -> list[list[_Push]]:
+    """The pushes grouped by target repository, in plan order."""
+    groups: dict[str, list[_Push]] = {}
+    for index, work in works:
+        assert work.entry is not None and work.reference is not None
+        groups.setdefault(work.reference.name, []).append(_Push(index, work.entry.image, work.reference))
+    return list(groups.values())
 
 
 def _add(result: BatchResult, totals: BatchResult) -> None:
