@@ -57,8 +57,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import logging
+import queue
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -72,7 +74,9 @@ from .digest import Digest
 from .engine import Engine, PushJob, PushOptions, _Entry, _Work
 from .errors import BatchPushError, InternalError, UsageError
 from .metadata import Knowledge
+from .outcome import LayerOutcome, LayerResult
 from .prepare import PendingManifest, PreparedLayer, Preparer
+from .progress import NoProgress, Progress
 from .reference import Reference
 from .registry.auth import Credentials
 from .registry.client import RegistryOptions
@@ -85,6 +89,10 @@ log = logging.getLogger(__name__)
 
 #: how long the client tries to reach the scheduler, and waits for a first worker
 CONNECT_TIMEOUT_S = 10.0
+#: how often a layer's byte count is relayed, and how long the display waits for an event
+RELAY_INTERVAL_S = 0.5
+#: at the end, how long the display still shows events in flight
+DRAIN_S = 2.0
 #: images of one repository task pushed at once
 IMAGES_PER_TASK = 4
 #: the longest a blob task waits for its registry's upload lease
@@ -120,13 +128,117 @@ class _Setup:
     defaults: RegistryOptions
     registries: dict[str, RegistryOptions]
     secrets: _Secrets
+    #: the Pub/Sub topic of the client's display
+    progress_topic: str
 
     def engine(self, metadata_dir: str) -> Engine:
-        options = PushOptions(registry_defaults=self.defaults, registries=self.registries, credentials=self.secrets, metadata_dir=metadata_dir, jobs=1, max_concurrent_images=IMAGES_PER_TASK)
+        options = PushOptions(
+            registry_defaults=self.defaults,
+            registries=self.registries,
+            credentials=self.secrets,
+            metadata_dir=metadata_dir,
+            jobs=1,
+            max_concurrent_images=IMAGES_PER_TASK,
+            progress=_Relay(self.progress_topic),
+        )
         return Engine(options)
 
     def uploads(self, host: str) -> int:
         return self.registries.get(host, self.defaults).max_concurrent_uploads
+
+
+#: what a worker's engine shows that the client does not print from the results
+_RELAYED = frozenset({"image_started", "layer_bytes", "layer_done", "note"})
+
+
+class _Relay(NoProgress):
+    """A worker's progress, sent as events to the client's display (``_Display``)
+    through the scheduler's event log: plain values only (msgpack)."""
+
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+        self._worker = distributed.get_worker()
+        self._lock = threading.Lock()  # guards _sent only
+        self._sent: dict[tuple[str, str], float] = {}
+
+    def _send(self, *event: Any) -> None:
+        try:
+            self._worker.log_event(self._topic, list(event))
+        except Exception as exc:  # the display is not worth a push
+            log.debug("progress not relayed: %s", exc)
+
+    def image_started(self, target: str, repository: str) -> None:
+        self._send("image_started", target, repository)
+
+    def layer_bytes(self, target: str, digest: str, sent_bytes: int, size_bytes: int) -> None:
+        now = time.monotonic()
+        with self._lock:  # a layer's byte count crosses the network a few times a second at most
+            due = sent_bytes >= size_bytes or now - self._sent.get((target, digest), 0.0) >= RELAY_INTERVAL_S
+            if due:
+                self._sent[(target, digest)] = now
+        if due:
+            self._send("layer_bytes", target, digest, sent_bytes, size_bytes)
+
+    def layer_done(self, target: str, layer: LayerResult) -> None:
+        fields = [str(layer.diff_id) if layer.diff_id else None, str(layer.digest), layer.size, layer.media_type, layer.outcome.value, layer.bytes_sent, layer.mounted_from]
+        self._send("layer_done", target, fields)
+
+    def note(self, text: str) -> None:
+        self._send("note", text)
+
+
+def _layer_result(fields: list[Any]) -> LayerResult:
+    diff_id, digest, size, media_type, outcome, sent, mounted_from = fields
+    return LayerResult(Digest.parse(diff_id) if diff_id else None, Digest.parse(digest), size, media_type, LayerOutcome(outcome), sent, mounted_from)
+
+
+class _Display:
+    """The client's live display, fed by the workers' relays: the scheduler hands
+    their events to a queue (on the client's event loop), and a thread of ours
+    hands them to the renderer (foreign code: no lock is held, the loop never waits)."""
+
+    def __init__(self, client: distributed.Client, topic: str, progress: Progress) -> None:
+        self._client = client
+        self._topic = topic
+        self._progress = progress
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        client.subscribe_topic(topic, self._events.put)
+        self._thread = threading.Thread(target=self._run, name="cluster-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                _, event = self._events.get(timeout=RELAY_INTERVAL_S)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return  # nothing more in flight
+                continue
+            if self._stop.is_set() and time.monotonic() > self._stopped_at + DRAIN_S:
+                return
+            self._show(event)
+
+    def _show(self, event: Any) -> None:
+        if not (isinstance(event, list | tuple) and event and event[0] in _RELAYED):
+            return
+        name, *args = event
+        if name == "layer_done":
+            args[1] = _layer_result(args[1])
+        try:
+            getattr(self._progress, name)(*args)
+        except Exception:  # a renderer's fault must not stop the run
+            log.exception("progress renderer failed")
+
+    def close(self) -> None:
+        """The events still in flight are shown (for DRAIN_S at most)."""
+        self._stopped_at = time.monotonic()
+        self._stop.set()
+        self._thread.join(DRAIN_S + RELAY_INTERVAL_S * 2)
+        try:
+            self._client.unsubscribe_topic(self._topic)
+        except Exception as exc:
+            log.debug("progress topic: %s", exc)
 
 
 @dataclass(slots=True)
@@ -380,6 +492,13 @@ class _ClusterRun:
         self.result = BatchResult()
 
     def run(self, jobs: Iterable[PushJob]) -> BatchResult:
+        display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
+        try:
+            return self._run(jobs)
+        finally:
+            display.close()
+
+    def _run(self, jobs: Iterable[PushJob]) -> BatchResult:
         slots: list[ImageResult | None] = []
         works: list[tuple[int, _Work]] = []
         for job in jobs:
@@ -424,7 +543,7 @@ class _ClusterRun:
                 continue
             registries[host] = replace(options, username=None, password_env=None, password_file=None)
         defaults = replace(self.engine.options.registry_defaults, username=None, password_env=None, password_file=None)
-        return _Setup(defaults, registries, _Secrets(secrets)), refused
+        return _Setup(defaults, registries, _Secrets(secrets), f"batchpush-progress-{self.run_id}"), refused
 
     def _pushed_before(self, work: _Work) -> bool:
         """The client's store saw every config of the image go to this target: a re-run."""

@@ -176,6 +176,9 @@ def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
         report = report_of(tmp_path / "r1.json")
         images = report["images"]
         assert len(images) == 40 and all(i["status"] == "pushed" for i in images)
+        # the client's display, fed by the workers: their layers' lines, its images' lines
+        assert "Mounted from team/svc0" in done.stdout and ": Pushed" in done.stdout, done.stdout
+        assert done.stdout.count(" size: ") == 40
         # both workers pushed images, and every image names its worker
         assert len({i["worker"] for i in images}) == 2, Counter(i["worker"] for i in images)
         for target in (registry, second):
@@ -196,7 +199,10 @@ def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
             local_plan = plan_for(tmp_path / "layouts", [third], layouts)
             done = batchpush_cli("run", local_plan, "--metadata-dir", local, "--report", str(tmp_path / "local.json"))
             assert done.returncode == 0, done.stderr
-            assert {i["target"].split("/", 1)[1]: i["digest"] for i in report_of(tmp_path / "local.json")["images"]} == digests
+            local_report = report_of(tmp_path / "local.json")
+            assert {i["target"].split("/", 1)[1]: i["digest"] for i in local_report["images"]} == digests
+            # each layer compressed once for the whole cluster and both registries, as a local run to one does
+            assert report["totals"]["bytes_compressed"] == local_report["totals"]["bytes_compressed"]
         finally:
             third.stop()
 
