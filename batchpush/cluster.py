@@ -336,7 +336,8 @@ def _blob_task(blob: _Blob, setup: _Setup, knowledge: Knowledge) -> _BlobDone:
         try:
             prepared = blob.config or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
         except Exception as exc:
-            failure = (f"on worker {worker}: {_error(exc, 'blob').message}", _error(exc, "blob").kind)
+            error = _error(exc, "blob")
+            failure = (f"on worker {worker}: {error.message}", error.kind)
             return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge(), task.totals())
         repositories, failures = {}, {}
         for registry, target in blob.targets.items():
@@ -399,14 +400,14 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, c
 
         def run(push: _Push) -> ImageResult | None:
             work = _Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
-            return _up_to_date(engine, work) if check else engine._run_work(work)
+            result = _up_to_date(engine, work) if check else engine._run_work(work)
+            if result is None:
+                return None
+            return replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
             for push, result in zip(runnable, pool.map(run, runnable), strict=True):
                 results[push.index] = result
-        for index, result in results.items():
-            if result is not None:
-                results[index] = replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
         return _RepositoryDone(results, engine.store.export(), task.totals())
 
 
