@@ -128,8 +128,10 @@ class _Setup:
     defaults: RegistryOptions
     registries: dict[str, RegistryOptions]
     secrets: _Secrets
-    #: the Pub/Sub topic of the client's display
+    #: the event topic of the client's display
     progress_topic: str
+    #: host -> the scheme and host the client's ping chose: a task's engine does not ping
+    base_urls: dict[str, str]
 
     def engine(self, metadata_dir: str) -> Engine:
         options = PushOptions(
@@ -270,6 +272,12 @@ class _BlobDone:
     #: registry -> why the blob is not there: (message, error kind)
     failures: dict[str, tuple[str, str]]
     learned: Knowledge
+
+
+@dataclass(frozen=True, slots=True)
+class _BlobsDone:
+    #: by the blob task's name
+    blobs: dict[str, _BlobDone]
     totals: BatchResult
 
 
@@ -311,6 +319,8 @@ class _TaskEngine:
     def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
         self._dir = tempfile.mkdtemp(prefix="batchpush-task-")
         self.engine = setup.engine(self._dir)
+        for host, base_url in setup.base_urls.items():
+            self.engine.client(host).use_base_url(base_url)
         for part in knowledge:
             self.engine.store.absorb(part)
 
@@ -327,35 +337,43 @@ class _TaskEngine:
         return totals
 
 
-def _blob_task(blob: _Blob, setup: _Setup, knowledge: Knowledge) -> _BlobDone:
-    """Prepare the blob once, then put it in the first repository of each registry
-    that needs it. Never raises: a failure is the result, per registry."""
+def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) -> _BlobsDone:
+    """The blobs a repository needs first: each prepared once, then put in the first
+    repository of each registry that needs it. Never raises: a failure is a blob's
+    result, per registry."""
     worker = _worker()
     task = _TaskEngine(setup, (knowledge,))
+    hosts = {target.api_host for blob in blobs.values() for target in blob.targets.values()}
+    # made in the task's own thread: a Semaphore needs the worker's context
+    leases = {host: distributed.Semaphore(max_leases=setup.uploads(host), name=f"batchpush-uploads-{host}-{setup.uploads(host)}") for host in hosts}
     with task as engine:
-        try:
-            prepared = blob.config or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
-        except Exception as exc:
-            error = _error(exc, "blob")
-            failure = (f"on worker {worker}: {error.message}", error.kind)
-            return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge(), task.totals())
-        repositories, failures = {}, {}
-        for registry, target in blob.targets.items():
+
+        def place(blob: _Blob) -> _BlobDone:
             try:
-                _put(engine, setup, target, prepared, is_config=blob.config is not None)
-                repositories[registry] = target.repository
+                prepared = blob.config or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
             except Exception as exc:
-                error = _error(exc, str(target))
-                failures[registry] = (f"blob {prepared.digest} on worker {worker}: {error.message}", error.kind)
-        remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
-        return _BlobDone(prepared.key, remote, repositories, failures, engine.store.export(), task.totals())
+                error = _error(exc, "blob")
+                return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, (f"on worker {worker}: {error.message}", error.kind)), Knowledge())
+            repositories, failures = {}, {}
+            for registry, target in blob.targets.items():
+                try:
+                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.config is not None)
+                    repositories[registry] = target.repository
+                except Exception as exc:
+                    error = _error(exc, str(target))
+                    failures[registry] = (f"blob {prepared.digest} on worker {worker}: {error.message}", error.kind)
+            remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
+            return _BlobDone(prepared.key, remote, repositories, failures, engine.store.export([prepared.key]))
+
+        with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="blob") as pool:
+            placed = dict(zip(blobs, pool.map(place, blobs.values()), strict=True))
+        return _BlobsDone(placed, task.totals())
 
 
-def _put(engine: Engine, setup: _Setup, target: Reference, layer: PreparedLayer, *, is_config: bool) -> None:
+def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool) -> None:
     """The blob in ``target``'s repository: already there (asked first, so a rerun
     writes nothing), mounted, or uploaded, under the registry's cluster-wide lease."""
     host = target.api_host
-    lease = distributed.Semaphore(max_leases=setup.uploads(host), name=f"batchpush-uploads-{host}-{setup.uploads(host)}")
     if not lease.acquire(timeout=LEASE_WAIT_S):
         raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
     try:
@@ -544,7 +562,19 @@ class _ClusterRun:
                 continue
             registries[host] = replace(options, username=None, password_env=None, password_file=None)
         defaults = replace(self.engine.options.registry_defaults, username=None, password_env=None, password_file=None)
-        return _Setup(defaults, registries, _Secrets(secrets), f"batchpush-progress-{self.run_id}"), refused
+        return _Setup(defaults, registries, _Secrets(secrets), f"batchpush-progress-{self.run_id}", self._base_urls(registries)), refused
+
+    def _base_urls(self, hosts: Iterable[str]) -> dict[str, str]:
+        """Each registry's scheme, chosen once here (a ping, as a local run does)
+        rather than by every task: a registry that does not answer is left to the
+        tasks, whose images fail with the registry's own error."""
+        chosen = {}
+        for host in hosts:
+            try:
+                chosen[host] = self.engine.client(host).base_url
+            except BatchPushError as exc:
+                log.info("%s: not pinged (%s)", host, exc)
+        return chosen
 
     def _pushed_before(self, work: _Work) -> bool:
         """The client's store saw every config of the image go to this target: a re-run."""
@@ -574,53 +604,62 @@ class _ClusterRun:
         and lets go of it: no worker ever fetches from another, so a dead worker's
         results are never waited for, nor computed again."""
         blobs: dict[str, _Blob] = {}
+        #: each group's own blobs: those no earlier group needs
+        owned: list[dict[str, _Blob]] = []
         groups = _by_repository(pending)
         needs: list[set[str]] = []
         users: dict[str, list[int]] = {}
         for number, group in enumerate(groups):
+            owned.append({})
             names: set[str] = set()
             for i, push in enumerate(group):
                 mine = []
                 for blob in self._blobs(push.image.node):
                     declared = blob.config.digest if blob.config is not None else blob.layer.descriptor.digest or blob.layer.blob  # type: ignore[union-attr]
-                    name = f"batchpush-blob-{self.run_id}-{_hash(declared)}"
-                    blobs.setdefault(name, blob).targets.setdefault(push.target.registry, push.target)
+                    name = _hash(declared)
+                    if name not in blobs:
+                        blobs[name] = owned[number][name] = blob
+                    blobs[name].targets.setdefault(push.target.registry, push.target)
                     mine.append(name)
                 group[i] = replace(push, blobs=tuple(dict.fromkeys(mine)))
                 names.update(mine)
             needs.append(names)
             for name in names:
                 users.setdefault(name, []).append(number)
-        running: dict[distributed.Future, str | int] = {}
-        for name, blob in blobs.items():
-            running[self.client.submit(_blob_task, blob, setup, self._knowledge([blob.key]), key=name, pure=False)] = name
+        running: dict[distributed.Future, tuple[str, int]] = {}
+        for number, own in enumerate(owned):
+            if own:
+                key = f"batchpush-blobs-{self.run_id}-{number}"
+                running[self.client.submit(_blobs_task, own, setup, self._knowledge(b.key for b in own.values()), key=key, pure=False)] = ("blobs", number)
         done: dict[str, _BlobDone] = {}
         left = [len(names) for names in needs]
         finished = distributed.as_completed(list(running), loop=self.client.loop)
         for future in finished:
-            task = running.pop(future)
-            if isinstance(task, int):
-                yield from self._repository_done(future, groups[task])
+            kind, number = running.pop(future)
+            if kind == "repository":
+                yield from self._repository_done(future, groups[number])
                 continue
-            done[task] = self._blob_done(future, blobs[task])
+            placed = self._blobs_done(future, owned[number])
             future.release()
-            for number in users[task]:
-                left[number] -= 1
-                if left[number] == 0:
-                    repository = self._submit_repository(groups[number], setup, check=False, blobs={name: done[name] for name in needs[number]})
-                    running[repository] = number
-                    finished.add(repository)
+            done.update(placed)
+            for name in placed:
+                for user in users[name]:
+                    left[user] -= 1
+                    if left[user] == 0:
+                        repository = self._submit_repository(groups[user], setup, check=False, blobs={name: done[name] for name in needs[user]})
+                        running[repository] = ("repository", user)
+                        finished.add(repository)
 
-    def _blob_done(self, future: distributed.Future, blob: _Blob) -> _BlobDone:
-        """The blob task's result, its work counted once however many images use it;
-        a task the cluster lost fails the blob in every registry."""
+    def _blobs_done(self, future: distributed.Future, blobs: dict[str, _Blob]) -> dict[str, _BlobDone]:
+        """A blob task's results, its work counted; a task the cluster lost fails
+        its blobs in every registry."""
         try:
-            result: _BlobDone = future.result()
+            result: _BlobsDone = future.result()
         except Exception as exc:
             failure = (f"the cluster lost the blob's task: {_error(exc, 'blob').message}", "error")
-            return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge(), BatchResult())
+            return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge()) for name, blob in blobs.items()}
         _add(self.result, result.totals)
-        return result
+        return result.blobs
 
     def _collect(self, futures: dict[distributed.Future, list[_Push]]) -> Iterator[tuple[int, ImageResult | None]]:
         if futures:

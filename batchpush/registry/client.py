@@ -476,6 +476,12 @@ class RegistryClient:
             assert last is not None
             raise last
 
+    def use_base_url(self, base_url: str) -> None:
+        """Skip the ping: ``base_url`` is the scheme and host another client of this
+        run chose (a cluster's client tells its workers; a first 401 brings the
+        auth challenge the ping would have)."""
+        self._base_url = base_url
+
     def _url(self, repository: str, tail: str) -> str:
         return f"{self.base_url}/v2/{repository}/{tail}"
 
