@@ -2,23 +2,26 @@
 
 Imported only with ``--scheduler``: a local run never imports dask.
 
-The design: Dask tasks keyed by blob, so that Dask's own rule — a key runs once
-(again elsewhere only if its worker dies first) — is the cluster's single-flight,
-rather than a coordinator actor of ours that every upload would ask (one more
-round trip per blob, and one more thing to lose with a worker). The client (the machine that
+The design: each blob of the batch belongs to one Dask task, so that Dask's own
+rule — a task runs once (again elsewhere only if its worker dies first) — is the
+cluster's single-flight, rather than a coordinator actor of ours that every
+upload would ask (one more round trip per blob, and one more thing to lose with
+a worker). The client (the machine that
 runs ``batchpush run``) expands the plan as the local engine does (it reads the
 sources' manifests and configs, never their layers), reads the credentials and
 its metadata store, and submits:
 
-- one *blob task* per distinct blob of the batch (a layer or an image config,
-  known by the digest its source declares). On a worker it prepares the blob —
-  an uncompressed layer is compressed there, the only compression of it in the
+- *blob tasks*: each distinct blob of the batch (a layer or an image config,
+  known by the digest its source declares) belongs to exactly one, that of the
+  first repository in plan order that needs it (one task per blob would pay a
+  task's overhead for a 30 KB layer). On a worker it prepares each blob — an
+  uncompressed layer is compressed there, the only compression of it in the
   cluster — then, for each target registry that needs it, puts it in the first
-  repository of that registry the plan names: it asks the registry first (HEAD),
-  then mounts from a repository the store knows, then uploads. One task serves
-  every registry rather than a compress task plus an upload task per registry:
-  the compressed bytes stay on that worker's spool, never moved between workers
-  and never compressed again.
+  repository of that registry the plan names: it asks the registry first
+  (HEAD), then mounts from a repository the store knows, then uploads. One task
+  serves every registry rather than a compress task plus an upload task per
+  registry: the compressed bytes stay on that worker's spool, never moved
+  between workers and never compressed again.
 - one *repository task* per target repository, submitted once the blob tasks
   of its images ended, their (small) results handed over by the client: a
   worker never fetches a result from another, so a worker that dies is never
@@ -598,8 +601,9 @@ class _ClusterRun:
             yield from (_Blob(layer, None) for layer in manifest.layers if layer.blob is not None)
 
     def _pushes(self, pending: list[tuple[int, _Work]], setup: _Setup) -> Iterator[tuple[int, ImageResult | None]]:
-        """A blob task per distinct blob, its first repository per registry in plan
-        order; a repository's task once all its images' blob tasks ended. The
+        """The blob tasks (each blob in the task of the first repository that needs
+        it; placed in its first repository per registry, in plan order); a
+        repository's task once all its images' blobs are placed. The
         client hands each blob's (small) result to the repository tasks itself
         and lets go of it: no worker ever fetches from another, so a dead worker's
         results are never waited for, nor computed again."""
