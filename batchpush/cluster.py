@@ -133,8 +133,8 @@ class _Setup:
     secrets: _Secrets
     #: the event topic of the client's display
     progress_topic: str
-    #: host -> the scheme and host the client's ping chose: a task's engine does not ping
-    base_urls: dict[str, str]
+    #: host -> the scheme the client's ping chose: a task's engine tries only that one
+    schemes: dict[str, str]
 
     def engine(self, metadata_dir: str) -> Engine:
         options = PushOptions(
@@ -322,8 +322,8 @@ class _TaskEngine:
     def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
         self._dir = tempfile.mkdtemp(prefix="batchpush-task-")
         self.engine = setup.engine(self._dir)
-        for host, base_url in setup.base_urls.items():
-            self.engine.client(host).use_base_url(base_url)
+        for host, scheme in setup.schemes.items():
+            self.engine.client(host).use_scheme(scheme)
         for part in knowledge:
             self.engine.store.absorb(part)
 
@@ -565,16 +565,16 @@ class _ClusterRun:
                 continue
             registries[host] = replace(options, username=None, password_env=None, password_file=None)
         defaults = replace(self.engine.options.registry_defaults, username=None, password_env=None, password_file=None)
-        return _Setup(defaults, registries, _Secrets(secrets), f"batchpush-progress-{self.run_id}", self._base_urls(registries)), refused
+        return _Setup(defaults, registries, _Secrets(secrets), f"batchpush-progress-{self.run_id}", self._schemes(registries)), refused
 
-    def _base_urls(self, hosts: Iterable[str]) -> dict[str, str]:
+    def _schemes(self, hosts: Iterable[str]) -> dict[str, str]:
         """Each registry's scheme, chosen once here (a ping, as a local run does)
         rather than by every task: a registry that does not answer is left to the
         tasks, whose images fail with the registry's own error."""
         chosen = {}
         for host in hosts:
             try:
-                chosen[host] = self.engine.client(host).base_url
+                chosen[host] = self.engine.client(host).base_url.split("://", 1)[0]
             except BatchPushError as exc:
                 log.info("%s: not pinged (%s)", host, exc)
         return chosen
