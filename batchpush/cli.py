@@ -61,6 +61,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-images", type=int, default=DEFAULT_MAX_CONCURRENT_IMAGES, metavar="N", help="images pushed at once")
     parser.add_argument("--dry-run", action="store_true", help="print what would happen, with read requests only")
     parser.add_argument("--no-signatures", action="store_true", help="from a registry source, do not copy each image's signatures, attestations and SBOMs (sha256-<digest>.sig tags; overrides the plan)")
+    parser.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on this Dask cluster's workers (needs batchpush[cluster] here and on every worker)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     parser.add_argument("--debug", action="store_true", help="log every request (secrets and upload state redacted)")
     _operations(parser)
@@ -137,6 +138,13 @@ def _closing_lines(args: argparse.Namespace, result: BatchResult, seconds: float
         verb = ("would delete" if args.dry_run else "deleted") if pruned.deleted else "kept"
         yield f"{pruned.target}: {verb} ({pruned.digest}){': ' + pruned.reason if pruned.reason else ''}"
     yield from summary_lines(result, seconds)
+
+
+def _exit_code(args: argparse.Namespace, result: BatchResult, started_at: float, started: float, *, interrupted: bool) -> int:
+    """The run's exit code; its metrics exported, as a success only when every image arrived."""
+    code = EXIT_USAGE if any(image.error_kind == "usage" for image in result.images) else result.exit_code
+    _export_metrics(args, result, started_at, started, success=code == EXIT_OK and not interrupted)
+    return code
 
 
 def _push_credentials(args: argparse.Namespace) -> CredentialProvider:
@@ -221,6 +229,27 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         dry_run=args.dry_run,
         progress=progress,
     )
+    if args.scheduler:
+        from . import cluster  # only here: a local run never imports dask
+
+        started_at, started = time.time(), time.monotonic()
+        try:
+            result = cluster.run(args.scheduler, jobs, options)
+            if args.report:
+                result.write(args.report)
+            for line in _closing_lines(args, result, time.monotonic() - started):
+                progress.note(line)
+        except BatchPushError as exc:
+            say(f"error: {exc}")
+            return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+        except KeyboardInterrupt:
+            # the client is gone: the scheduler forgets the tasks not started; a task
+            # under way ends on its worker (a manifest only after all its blobs)
+            say("error: stopped by signal 2; the cluster's tasks not started were dropped")
+            return 128 + signal.SIGINT
+        finally:
+            progress.close()
+        return _exit_code(args, result, started_at, started, interrupted=False)
     received: list[int] = []
     engine: Engine | None = None
 
@@ -255,8 +284,7 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         for sig, earlier in previous.items():
             signal.signal(sig, earlier)
         progress.close()
-    code = EXIT_USAGE if any(image.error_kind == "usage" for image in result.images) else result.exit_code
-    _export_metrics(args, result, started_at, started, success=code == EXIT_OK and not received)
+    code = _exit_code(args, result, started_at, started, interrupted=bool(received))
     if received:
         say(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report")
         # the report is written and the spool gone; a request still waiting for its

@@ -292,8 +292,16 @@ class Engine:
             images.shutdown(wait=not self.cancelled.is_set(), cancel_futures=True)
         if not self.cancelled.is_set():
             self._run_prunes(ordered, result)
-        result.bytes_read = self.preparer.bytes_read
-        result.bytes_compressed = self.preparer.bytes_compressed
+        self.add_totals(result)
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
+
+    def add_totals(self, result: BatchResult) -> None:
+        """What this engine read, compressed and sent, added to ``result`` (a cluster
+        run adds each task's engine)."""
+        result.bytes_read += self.preparer.bytes_read
+        result.bytes_compressed += self.preparer.bytes_compressed
         with self._clients_lock:
             clients = list(self._clients.values())
         for client in clients:
@@ -302,9 +310,6 @@ class Engine:
             result.errors_by_registry[client.host] += client.errors
             result.bytes_uploaded += client.bytes_sent
             result.bytes_read += client.bytes_read  # blobs streamed from registry sources
-        if interrupted:
-            raise KeyboardInterrupt
-        return result
 
     def _run_prunes(self, ordered: list[ImageResult | tuple[_Work, cf.Future[ImageResult]]], result: BatchResult) -> None:
         """Each pruning plan entry whose images all arrived drops the targets' tags

@@ -2,6 +2,7 @@
 
     BatchPushError
     ├── UsageError            bad command line or arguments
+    │   └── ClusterError          the Dask cluster cannot run the batch (cluster.py)
     ├── ReferenceError_       an image reference that does not parse
     ├── InvalidDigestError    a digest that does not parse (digest.py)
     ├── SourceError           a source (file or layout) that cannot be read or lies

@@ -247,7 +247,8 @@ class LayerPusher:
     def _result(self, layer: PreparedLayer, blob: RemoteBlob, outcome: LayerOutcome, sent: int = 0, mounted_from: str | None = None) -> LayerResult:
         return LayerResult(layer.diff_id, blob.digest, blob.size, blob.media_type, outcome, sent, mounted_from)
 
-    def _remember(self, layer: PreparedLayer, blob: RemoteBlob, recipe: str) -> None:
+    def remember(self, layer: PreparedLayer, blob: RemoteBlob, recipe: str) -> None:
+        """The blob is in the target repository: in the push state, and in the store with our HMAC."""
         self.state.add_layer(self.target.registry, self.repository, layer.key, blob)
         entry = V2Metadata(blob.digest, self.target.name, entry_hmac(self.hmac_key, blob.digest, self.target.name), recipe)
         self.store.add(layer.key, entry)
@@ -295,7 +296,7 @@ class LayerPusher:
                 self._drop_upload(layer, carry)
                 blob = self._mounted_blob(layer, candidate.digest)
                 if blob is not None:
-                    self._remember(layer, blob, candidate.recipe)
+                    self.remember(layer, blob, candidate.recipe)
                     return self._result(layer, blob, LayerOutcome.MOUNTED, mounted_from=from_repository)
                 continue
             log.debug("mount of %s from %s failed: %s", candidate.digest, from_repository, error or "registry opened an upload instead")
@@ -351,7 +352,7 @@ class LayerPusher:
             # our own digest has the size we hashed; another's, the registry's
             blob = RemoteBlob(digest, layer.size if digest == layer.digest else size, self._media_type(layer, digest))
             if entry.source_repository != self.target.name or not hmac_matches(entry, self.hmac_key):
-                self._remember(layer, blob, entry.recipe)
+                self.remember(layer, blob, entry.recipe)
             else:
                 self.state.add_layer(self.target.registry, self.repository, layer.key, blob)
             return self._result(layer, blob, LayerOutcome.EXISTS)
@@ -407,5 +408,5 @@ class LayerPusher:
             self.state.unstage(self.target.registry, layer.digest)
             carry.staging = False
         remote = RemoteBlob(layer.digest, layer.size, layer.media_type)
-        self._remember(layer, remote, layer.recipe)
+        self.remember(layer, remote, layer.recipe)
         return self._result(layer, remote, LayerOutcome.UPLOADED, carry.sent)

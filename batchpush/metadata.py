@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -135,15 +135,19 @@ class MetadataStore:
         """Record an entry as the youngest for its DiffID, keeping at most
         MAX_ENTRIES_PER_DIFF_ID (seed: Add / TagAndAdd, the caller computes the HMAC)."""
         with self._transaction() as db:
-            db.execute("DELETE FROM v2_metadata WHERE diff_id = ? AND digest = ? AND source_repository = ? AND hmac = ?", (str(diff_id), str(entry.digest), entry.source_repository, entry.hmac))
-            db.execute(
-                "INSERT INTO v2_metadata (diff_id, digest, source_repository, hmac, recipe, last_seen) VALUES (?, ?, ?, ?, ?, ?)",
-                (str(diff_id), str(entry.digest), entry.source_repository, entry.hmac, entry.recipe, time.time()),
-            )
-            db.execute(
-                "DELETE FROM v2_metadata WHERE diff_id = ? AND seq NOT IN (SELECT seq FROM v2_metadata WHERE diff_id = ? ORDER BY seq DESC LIMIT ?)",
-                (str(diff_id), str(diff_id), MAX_ENTRIES_PER_DIFF_ID),
-            )
+            self._add(db, diff_id, entry)
+
+    @staticmethod
+    def _add(db: sqlite3.Connection, diff_id: Digest, entry: V2Metadata) -> None:
+        db.execute("DELETE FROM v2_metadata WHERE diff_id = ? AND digest = ? AND source_repository = ? AND hmac = ?", (str(diff_id), str(entry.digest), entry.source_repository, entry.hmac))
+        db.execute(
+            "INSERT INTO v2_metadata (diff_id, digest, source_repository, hmac, recipe, last_seen) VALUES (?, ?, ?, ?, ?, ?)",
+            (str(diff_id), str(entry.digest), entry.source_repository, entry.hmac, entry.recipe, time.time()),
+        )
+        db.execute(
+            "DELETE FROM v2_metadata WHERE diff_id = ? AND seq NOT IN (SELECT seq FROM v2_metadata WHERE diff_id = ? ORDER BY seq DESC LIMIT ?)",
+            (str(diff_id), str(diff_id), MAX_ENTRIES_PER_DIFF_ID),
+        )
 
     def remove(self, entry: V2Metadata) -> None:
         """Forget an entry under every DiffID it is recorded for (seed: Remove)."""
@@ -171,10 +175,48 @@ class MetadataStore:
 
     def put_fingerprint(self, xxh3_128: str, size: int, recipe: str, fingerprint: Fingerprint) -> None:
         with self._transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (xxh3_128, size, recipe, str(fingerprint.diff_id), str(fingerprint.digest), fingerprint.compressed_size, time.time()),
-            )
+            self._put_fingerprint(db, xxh3_128, size, recipe, fingerprint)
+
+    @staticmethod
+    def _put_fingerprint(db: sqlite3.Connection, xxh3_128: str, size: int, recipe: str, fingerprint: Fingerprint) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (xxh3_128, size, recipe, str(fingerprint.diff_id), str(fingerprint.digest), fingerprint.compressed_size, time.time()),
+        )
+
+    # -- handing knowledge between stores (a cluster run's tasks) -------------
+    def export(self, keys: Iterable[Digest] | None = None) -> Knowledge:
+        """What this store knows of the layers ``keys`` (DiffIDs, or digests of layers
+        without one), all of it if None: their entries oldest first, and fingerprints."""
+        where, args = "", tuple[str, ...]()
+        if keys is not None:
+            args = tuple(sorted({str(k) for k in keys}))
+            where = f" WHERE diff_id IN ({','.join('?' * len(args))})"
+        db = self._db
+        entries = tuple((d, Digest.parse(g), repo, mac, recipe) for d, g, repo, mac, recipe in db.execute(f"SELECT diff_id, digest, source_repository, hmac, recipe FROM v2_metadata{where} ORDER BY seq", args))  # noqa: S608 - placeholders only
+        prints = tuple(db.execute(f"SELECT xxh3_128, size, recipe, diff_id, digest, compressed_size FROM fingerprints{where}", args))  # noqa: S608 - placeholders only
+        return Knowledge(tuple((Digest.parse(d), V2Metadata(g, repo, mac, recipe)) for d, g, repo, mac, recipe in entries), tuple((x, n, r, Fingerprint(Digest.parse(d), Digest.parse(g), c)) for x, n, r, d, g, c in prints))
+
+    def absorb(self, knowledge: Knowledge) -> None:
+        """Add what another store exported (its entries keep their order, as the
+        youngest), in one transaction."""
+        if not (knowledge.entries or knowledge.fingerprints):
+            return
+        with self._transaction() as db:
+            for diff_id, entry in knowledge.entries:
+                self._add(db, diff_id, entry)
+            for xxh3, size, recipe, fingerprint in knowledge.fingerprints:
+                self._put_fingerprint(db, xxh3, size, recipe, fingerprint)
+
+
+@dataclass(frozen=True, slots=True)
+class Knowledge:
+    """Part of a store, exported to be absorbed by another: no credential, only
+    digests, repository names, HMACs and fingerprints."""
+
+    entries: tuple[tuple[Digest, V2Metadata], ...] = ()
+    #: (xxh3-128, size, recipe, fingerprint)
+    fingerprints: tuple[tuple[str, int, str, Fingerprint], ...] = ()
 
 
 class OverlayStore:

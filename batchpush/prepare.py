@@ -330,18 +330,27 @@ class Preparer:
                 self._start(child, futures)
             return
         for layer in node.layers:
-            if layer.blob is None:
-                continue
-            known = self._declared(layer)
-            if known is None and self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
-                xxh3 = waits.result(self._run("xxh3", _key(layer), layer.blob, fingerprint_blob), self.cancel)
-                known = self.store.get_fingerprint(xxh3, layer.blob.size, _recipe(layer))
-            if known is not None:
-                found: cf.Future[Any] = cf.Future()
-                found.set_result(known)
-                futures[id(layer)] = found
-                continue
-            futures[id(layer)] = self._full_pass(layer)
+            if layer.blob is not None:
+                futures[id(layer)] = self._first_pass(layer)
+
+    def _first_pass(self, layer: SourceLayer) -> cf.Future[Any]:
+        assert layer.blob is not None
+        known = self._declared(layer)
+        if known is None and self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
+            xxh3 = waits.result(self._run("xxh3", _key(layer), layer.blob, fingerprint_blob), self.cancel)
+            known = self.store.get_fingerprint(xxh3, layer.blob.size, _recipe(layer))
+        if known is None:
+            return self._full_pass(layer)
+        found: cf.Future[Any] = cf.Future()
+        found.set_result(known)
+        return found
+
+    def prepare_layer(self, layer: SourceLayer) -> PreparedLayer:
+        """One layer of a local source alone, as ``prepare`` does it (a cluster run's
+        blob task); its spool file lives until the preparer's spool goes."""
+        if layer.blob is None:
+            return self._foreign(layer)
+        return self._layer(layer, waits.result(self._first_pass(layer), self.cancel))
 
     def _declared(self, layer: SourceLayer) -> Fingerprint | None:
         """What the store learned of the content the layer declares by digest, if it

@@ -35,6 +35,8 @@ class ImageResult:
     source_digest: str | None = None
     #: a registry source's attachment tags copied with the image (signatures, ...)
     attachments: tuple[str, ...] = ()
+    #: the Dask worker (address) that pushed it, in a cluster run (``--scheduler``)
+    worker: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -52,6 +54,7 @@ class ImageResult:
             "error": self.error,
             "error_kind": self.error_kind,
             "seconds": round(self.seconds, 3),
+            "worker": self.worker,
             "layers": [
                 {
                     "diff_id": str(layer.diff_id) if layer.diff_id else None,

@@ -376,6 +376,8 @@ class RegistryClient:
         self._referrers_probe = Flights()
         self._count_lock = threading.Lock()
         self._base_url: str | None = None
+        #: the scheme the ping tries alone (``use_scheme``), else https then (insecure) http
+        self._scheme: str | None = None
         self._pinging = Flights()
         self._read_slots = threading.BoundedSemaphore(max(1, self.options.max_concurrent_uploads))
         self._reading = 0
@@ -544,7 +546,9 @@ class RegistryClient:
         with self._pinging.hold("ping", self.cancel):
             if self._base_url is not None:
                 return
-            schemes = ("https", "http") if self.options.insecure else ("https",)
+            schemes: tuple[str, ...] = ("https", "http") if self.options.insecure else ("https",)
+            if self._scheme is not None and self._scheme in schemes:
+                schemes = (self._scheme,)
             last: RegistryError | None = None
             for scheme in schemes:
                 url = f"{scheme}://{self.host}/v2/"
@@ -564,6 +568,12 @@ class RegistryClient:
             assert last is not None
             self._count_error()  # the https probe of an insecure host that speaks http is none
             raise last
+
+    def use_scheme(self, scheme: str) -> None:
+        """The ping tries only ``scheme``, the one another client of this run chose
+        (a cluster's client tells its workers): no failed TLS attempt per task on a
+        plain-HTTP registry. The ping still learns the auth challenge up front."""
+        self._scheme = scheme
 
     def _url(self, repository: str, tail: str) -> str:
         return f"{self.base_url}/v2/{repository}/{tail}"

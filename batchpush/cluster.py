@@ -1,0 +1,718 @@
+"""One plan on a Dask cluster (``batchpush run PLAN --scheduler tcp://HOST:PORT``).
+
+Imported only with ``--scheduler``: a local run never imports dask.
+
+The design: each blob of the batch belongs to one Dask task, so that Dask's own
+rule — a task runs once (again elsewhere only if its worker dies first) — is the
+cluster's single-flight, rather than a coordinator actor of ours that every
+upload would ask (one more round trip per blob, and one more thing to lose with
+a worker). The client (the machine that
+runs ``batchpush run``) expands the plan as the local engine does (it reads the
+sources' manifests and configs, never their layers), reads the credentials and
+its metadata store, and submits:
+
+- *blob tasks*: each distinct blob of the batch (a layer or an image config,
+  known by the digest its source declares) belongs to exactly one, that of the
+  first repository in plan order that needs it (one task per blob would pay a
+  task's overhead for a 30 KB layer). On a worker it prepares each blob — an
+  uncompressed layer is compressed there, the only compression of it in the
+  cluster — then, for each target registry that needs it, puts it in the first
+  repository of that registry the plan names: it asks the registry first
+  (HEAD), then mounts from a repository the store knows, then uploads. One task
+  serves every registry rather than a compress task plus an upload task per
+  registry: the compressed bytes stay on that worker's spool, never moved
+  between workers and never compressed again.
+- one *repository task* per target repository, submitted once the blob tasks
+  of its images ended, their (small) results handed over by the client: a
+  worker never fetches a result from another, so a worker that dies is never
+  waited for and its finished tasks are not run again (Dask would, for a
+  result still wanted). A worker's Engine pushes the repository's images
+  exactly as a local run does, its store seeded with what the blob tasks
+  learned (their fingerprints: nothing is read or compressed again; their
+  DiffID → digest entries) and its push state with where each blob now is: the
+  blob's first repository needs no request, every other one mounts it from
+  there, once (the repository's images share that push state). The manifest
+  goes only once every blob it names is in the repository (the engine's rule).
+
+Dask may run a task twice (its worker died after finishing it): every task is
+idempotent. A blob task asks the registry before writing, so a rerun uploads
+nothing the first run committed; a mount of a present blob is a 201; a manifest
+PUT of the same bytes changes nothing. Workers are stateless: each task has a
+temporary store, seeded by the client with what its own store knows of the
+task's blobs, and returns what it learned, which the client adds to its store:
+the next run, local or clustered, mounts and takes the cron fast path. In a
+re-run, an image whose target the client's store says it pushed to before is
+first checked (a repository task in check mode: one tag HEAD, nothing compressed);
+only images not up to date get blob tasks.
+
+Per-registry concurrency is cluster-wide: a blob task holds a
+``distributed.Semaphore`` named after the registry (``max_concurrent_uploads``
+leases) while it writes there. Credentials are read on the client and travel
+inside the tasks' arguments in an object whose repr hides them; task keys are a
+run id and hashes, never a name or a secret.
+
+Not handled (yet): registry sources (``docker://``) and dry runs; both are
+refused with ``--scheduler``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import distributed
+
+from . import __version__
+from .digest import Digest
+from .engine import Engine, PushJob, PushOptions, _Entry, _Work
+from .errors import BatchPushError, InternalError, UsageError
+from .metadata import Knowledge
+from .outcome import LayerOutcome, LayerResult
+from .prepare import PendingManifest, PreparedLayer, Preparer
+from .progress import NoProgress, Progress
+from .reference import Reference
+from .registry.auth import Credentials
+from .registry.client import RegistryOptions
+from .report import BatchResult, ImageResult
+from .sources.base import SourceImage, SourceIndex, SourceLayer, SourceManifest, SourceNode
+from .sources.registry import RemoteImage
+from .state import RemoteBlob
+
+log = logging.getLogger(__name__)
+
+#: how long the client tries to reach the scheduler, and waits for a first worker
+CONNECT_TIMEOUT_S = 10.0
+#: how often a layer's byte count is relayed, and how long the display waits for an event
+RELAY_INTERVAL_S = 0.5
+#: at the end, how long the display still shows events in flight
+DRAIN_S = 2.0
+#: images of one repository task pushed at once
+IMAGES_PER_TASK = 4
+#: the longest a blob task waits for its registry's upload lease
+LEASE_WAIT_S = 600.0
+
+
+class ClusterError(UsageError):
+    """The cluster cannot run this batch (unreachable, no worker, another version)."""
+
+
+# -- what travels to the workers ---------------------------------------------
+class _Secrets:
+    """Credentials read on the client, per registry host: a CredentialProvider whose
+    repr and str hide them (a task's arguments may be shown or logged)."""
+
+    def __init__(self, by_host: dict[str, Credentials | None]) -> None:
+        self._by_host = by_host
+
+    def __call__(self, host: str) -> Credentials | None:
+        return self._by_host.get(host)
+
+    def __repr__(self) -> str:
+        return f"<credentials for {len(self._by_host)} host(s), redacted>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class _Setup:
+    """Everything a worker's engine needs, resolved on the client (no file or
+    environment variable of the client is read on a worker)."""
+
+    defaults: RegistryOptions
+    registries: dict[str, RegistryOptions]
+    secrets: _Secrets
+    #: the event topic of the client's display
+    progress_topic: str
+    #: host -> the scheme the client's ping chose: a task's engine tries only that one
+    schemes: dict[str, str]
+
+    def engine(self, metadata_dir: str) -> Engine:
+        options = PushOptions(
+            registry_defaults=self.defaults,
+            registries=self.registries,
+            credentials=self.secrets,
+            metadata_dir=metadata_dir,
+            jobs=1,
+            max_concurrent_images=IMAGES_PER_TASK,
+            progress=_Relay(self.progress_topic),
+        )
+        return Engine(options)
+
+    def uploads(self, host: str) -> int:
+        return self.registries.get(host, self.defaults).max_concurrent_uploads
+
+
+#: what a worker's engine shows that the client does not print from the results
+_RELAYED = frozenset({"image_started", "layer_bytes", "layer_done", "note"})
+
+
+class _Relay(NoProgress):
+    """A worker's progress, sent as events to the client's display (``_Display``)
+    through the scheduler's event log: plain values only (msgpack)."""
+
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+        self._worker = distributed.get_worker()
+        self._lock = threading.Lock()  # guards _sent only
+        self._sent: dict[tuple[str, str], float] = {}
+
+    def _send(self, *event: Any) -> None:
+        try:
+            self._worker.log_event(self._topic, list(event))
+        except Exception as exc:  # the display is not worth a push
+            log.debug("progress not relayed: %s", exc)
+
+    def image_started(self, target: str, repository: str) -> None:
+        self._send("image_started", target, repository)
+
+    def layer_bytes(self, target: str, digest: str, sent_bytes: int, size_bytes: int) -> None:
+        now = time.monotonic()
+        with self._lock:  # a layer's byte count crosses the network a few times a second at most
+            due = sent_bytes >= size_bytes or now - self._sent.get((target, digest), 0.0) >= RELAY_INTERVAL_S
+            if due:
+                self._sent[(target, digest)] = now
+        if due:
+            self._send("layer_bytes", target, digest, sent_bytes, size_bytes)
+
+    def layer_done(self, target: str, layer: LayerResult) -> None:
+        fields = [str(layer.diff_id) if layer.diff_id else None, str(layer.digest), layer.size, layer.media_type, layer.outcome.value, layer.bytes_sent, layer.mounted_from]
+        self._send("layer_done", target, fields)
+
+    def note(self, text: str) -> None:
+        self._send("note", text)
+
+
+def _layer_result(fields: list[Any]) -> LayerResult:
+    diff_id, digest, size, media_type, outcome, sent, mounted_from = fields
+    return LayerResult(Digest.parse(diff_id) if diff_id else None, Digest.parse(digest), size, media_type, LayerOutcome(outcome), sent, mounted_from)
+
+
+class _Display:
+    """The client's live display, fed by the workers' relays: the scheduler hands
+    their events to a queue (on the client's event loop), and a thread of ours
+    hands them to the renderer (foreign code: no lock is held, the loop never waits)."""
+
+    def __init__(self, client: distributed.Client, topic: str, progress: Progress) -> None:
+        self._client = client
+        self._topic = topic
+        self._progress = progress
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        client.subscribe_topic(topic, self._events.put)
+        self._thread = threading.Thread(target=self._run, name="cluster-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                _, event = self._events.get(timeout=RELAY_INTERVAL_S)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return  # nothing more in flight
+                continue
+            if self._stop.is_set() and time.monotonic() > self._stopped_at + DRAIN_S:
+                return
+            self._show(event)
+
+    def _show(self, event: Any) -> None:
+        if not (isinstance(event, list | tuple) and event and event[0] in _RELAYED):
+            return
+        name, *args = event
+        if name == "layer_done":
+            args[1] = _layer_result(args[1])
+        try:
+            getattr(self._progress, name)(*args)
+        except Exception:  # a renderer's fault must not stop the run
+            log.exception("progress renderer failed")
+
+    def close(self) -> None:
+        """The events still in flight are shown (for DRAIN_S at most)."""
+        self._stopped_at = time.monotonic()
+        self._stop.set()
+        self._thread.join(DRAIN_S + RELAY_INTERVAL_S * 2)
+        try:
+            self._client.unsubscribe_topic(self._topic)
+        except Exception as exc:
+            log.debug("progress topic: %s", exc)
+
+
+@dataclass(slots=True)
+class _Blob:
+    """A blob of the batch: a local layer to prepare, or a config (prepared already),
+    and the first target repository of each registry that needs it."""
+
+    layer: SourceLayer | None
+    config: PreparedLayer | None
+    targets: dict[str, Reference] = field(default_factory=dict)
+
+    @property
+    def key(self) -> Digest | None:
+        """Its identity in the push state and the stores (``PreparedLayer.key``)."""
+        if self.config is not None:
+            return self.config.key
+        assert self.layer is not None
+        return self.layer.diff_id or self.layer.descriptor.digest
+
+
+@dataclass(frozen=True, slots=True)
+class _BlobDone:
+    """Where a blob is now, per registry, or why it is not; what the task learned."""
+
+    key: Any
+    remote: RemoteBlob | None
+    #: registry -> repository that holds the blob
+    repositories: dict[str, str]
+    #: registry -> why the blob is not there: (message, error kind)
+    failures: dict[str, tuple[str, str]]
+    learned: Knowledge
+
+
+@dataclass(frozen=True, slots=True)
+class _BlobsDone:
+    #: by the blob task's name
+    blobs: dict[str, _BlobDone]
+    totals: BatchResult
+
+
+@dataclass(frozen=True, slots=True)
+class _Push:
+    """One (image, target) of a repository task, and the names of its blobs' tasks."""
+
+    index: int
+    image: SourceImage
+    target: Reference
+    blobs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _RepositoryDone:
+    #: by the push's index; None: not up to date (a check)
+    results: dict[int, ImageResult | None]
+    learned: Knowledge
+    totals: BatchResult
+
+
+# -- tasks (run on workers) -----------------------------------------------------
+def _version() -> str:
+    import batchpush  # the worker's own, read at call time
+
+    return batchpush.__version__
+
+
+def _worker() -> str:
+    try:
+        return str(distributed.get_worker().address)
+    except ValueError:  # not in a worker (a test calling a task directly)
+        return "local"
+
+
+class _TaskEngine:
+    """A worker's engine for one task, with a temporary store seeded by the client."""
+
+    def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
+        self._dir = tempfile.mkdtemp(prefix="batchpush-task-")
+        self.engine = setup.engine(self._dir)
+        for host, scheme in setup.schemes.items():
+            self.engine.client(host).use_scheme(scheme)
+        for part in knowledge:
+            self.engine.store.absorb(part)
+
+    def __enter__(self) -> Engine:
+        return self.engine
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def totals(self) -> BatchResult:
+        totals = BatchResult()
+        self.engine.add_totals(totals)
+        return totals
+
+
+def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) -> _BlobsDone:
+    """The blobs a repository needs first: each prepared once, then put in the first
+    repository of each registry that needs it. Never raises: a failure is a blob's
+    result, per registry."""
+    worker = _worker()
+    task = _TaskEngine(setup, (knowledge,))
+    hosts = {target.api_host for blob in blobs.values() for target in blob.targets.values()}
+    # made in the task's own thread: a Semaphore needs the worker's context
+    leases = {host: distributed.Semaphore(max_leases=setup.uploads(host), name=f"batchpush-uploads-{host}-{setup.uploads(host)}") for host in hosts}
+    with task as engine:
+
+        def place(blob: _Blob) -> _BlobDone:
+            try:
+                prepared = blob.config or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
+            except Exception as exc:
+                error = _error(exc, "blob")
+                return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, (f"on worker {worker}: {error.message}", error.kind)), Knowledge())
+            repositories, failures = {}, {}
+            for registry, target in blob.targets.items():
+                try:
+                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.config is not None)
+                    repositories[registry] = target.repository
+                except Exception as exc:
+                    error = _error(exc, str(target))
+                    failures[registry] = (f"blob {prepared.digest} on worker {worker}: {error.message}", error.kind)
+            remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
+            return _BlobDone(prepared.key, remote, repositories, failures, engine.store.export([prepared.key]))
+
+        with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="blob") as pool:
+            placed = dict(zip(blobs, pool.map(place, blobs.values()), strict=True))
+        return _BlobsDone(placed, task.totals())
+
+
+def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool) -> None:
+    """The blob in ``target``'s repository: already there (asked first, so a rerun
+    writes nothing), mounted, or uploaded, under the registry's cluster-wide lease."""
+    host = target.api_host
+    if not lease.acquire(timeout=LEASE_WAIT_S):
+        raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
+    try:
+        client = engine.client(host)
+        layers = engine._pusher(client, target).layers
+        if client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
+            layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
+            return
+        layers.push(layer, is_config=is_config)
+    finally:
+        lease.release()
+
+
+def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, check: bool, blobs: dict[str, _BlobDone]) -> _RepositoryDone:
+    """Every image of the batch to one target repository, pushed by one worker's
+    engine as a local run would, their blobs already in the registry; with
+    ``check``, only the cron fast path. One task per repository, so its images
+    share one push state: a blob is mounted into it once (two mounts of one blob
+    into one repository at once can make the registry lose a manifest's blob
+    while it writes the link). Never raises: a failure is its image's result."""
+    worker = _worker()
+    task = _TaskEngine(setup, (knowledge, *(blob.learned for blob in blobs.values())))
+    results: dict[int, ImageResult | None] = {}
+    with task as engine:
+        runnable = []
+        for push in pushes:
+            registry = push.target.registry
+            failure = next((blobs[name].failures[registry] for name in push.blobs if registry in blobs[name].failures), None)
+            if failure is not None:
+                error = BatchPushError(failure[0])
+                error.kind = failure[1]
+                results[push.index] = engine._failed(push.image.name, str(push.target), error, time.monotonic())
+                continue
+            for name in push.blobs:
+                blob = blobs[name]
+                assert blob.remote is not None
+                engine.state.add_layer(registry, blob.repositories[registry], blob.key, blob.remote)
+            runnable.append(push)
+        entries: dict[int, _Entry] = {}
+        for push in runnable:  # an image to several tags is prepared once
+            entries.setdefault(id(push.image), _Entry(push.image, 0)).uses += 1
+
+        def run(push: _Push) -> ImageResult | None:
+            work = _Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
+            result = _up_to_date(engine, work) if check else engine._run_work(work)
+            if result is None:
+                return None
+            return replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
+
+        with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
+            for push, result in zip(runnable, pool.map(run, runnable), strict=True):
+                results[push.index] = result
+        return _RepositoryDone(results, engine.store.export(), task.totals())
+
+
+def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
+    """The cron fast path alone: the image as the store knows it (nothing
+    compressed), its tag HEAD; None when it is not up to date or cannot say."""
+    assert work.entry is not None and work.reference is not None
+    started = time.monotonic()
+    try:
+        node = engine._prepared(work.entry)
+        if isinstance(node, PendingManifest):
+            if not node.ready():  # the store did not know every layer after all
+                return None
+            node = node.wait(engine.cancelled)
+        current = engine._pusher(engine.client(work.reference.api_host), work.reference).up_to_date(node, work.reference.tag or "latest")
+    except Exception as exc:
+        log.info("%s: not checked (%s); pushing in full", work.target, exc)
+        return None
+    if current is None:
+        return None
+    return ImageResult(work.source, work.target, "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
+
+
+def _error(exc: BaseException, where: str) -> BatchPushError:
+    return exc if isinstance(exc, BatchPushError) else InternalError.of(exc, where)
+
+
+# -- the client -------------------------------------------------------------------
+def connect(address: str) -> distributed.Client:
+    """A client of the scheduler with at least one worker, every worker running this
+    batchpush version; else ClusterError (nothing was sent to any worker)."""
+    try:
+        client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except Exception as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        except Exception:
+            raise ClusterError(f"the Dask scheduler at {address} has no worker") from None
+        versions = client.run(_version)
+        other = sorted(f"{worker} runs batchpush {version}" for worker, version in versions.items() if version != __version__)
+        if other:
+            raise ClusterError(f"refused: {'; '.join(other)}, this client {__version__} (install the same batchpush[cluster] on every worker)")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def run(address: str, jobs: Iterable[PushJob], options: PushOptions) -> BatchResult:
+    """Every job's images to their targets on the cluster at ``address``; the same
+    result as ``Engine.run``, each image naming the worker that pushed it."""
+    if options.dry_run:
+        raise ClusterError("a dry run runs locally: drop --scheduler")
+    client = connect(address)
+    try:
+        with Engine(replace(options, jobs=1)) as engine:
+            return _ClusterRun(client, engine).run(jobs)
+    finally:
+        client.close()
+
+
+def _manifests(node: SourceNode) -> Iterator[SourceManifest]:
+    if isinstance(node, SourceIndex):
+        for child in node.children:
+            yield from _manifests(child)
+    else:
+        yield node
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+class _ClusterRun:
+    def __init__(self, client: distributed.Client, engine: Engine) -> None:
+        self.client = client
+        self.engine = engine
+        self.progress = engine.options.progress
+        #: every key of this run starts with it: two runs on one scheduler never share a task
+        self.run_id = uuid.uuid4().hex[:12]
+        self.result = BatchResult()
+
+    def run(self, jobs: Iterable[PushJob]) -> BatchResult:
+        display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
+        try:
+            return self._run(jobs)
+        finally:
+            display.close()
+
+    def _run(self, jobs: Iterable[PushJob]) -> BatchResult:
+        slots: list[ImageResult | None] = []
+        works: list[tuple[int, _Work]] = []
+        for job in jobs:
+            for work in self.engine._expand(job):
+                error = work.error
+                if error is None and isinstance(work.entry.image.node, RemoteImage):  # type: ignore[union-attr]
+                    error = UsageError("a registry source (docker://) is not supported with --scheduler yet")
+                slots.append(self.engine._failed(work.source, work.target, error, time.monotonic()) if error is not None else None)
+                if error is None:
+                    works.append((len(slots) - 1, work))
+        setup, refused = self._setup(work.reference for _, work in works)
+        pending = []
+        for index, work in works:
+            assert work.reference is not None
+            if work.reference.api_host in refused:
+                slots[index] = self.engine._failed(work.source, work.target, refused[work.reference.api_host], time.monotonic())
+            else:
+                pending.append((index, work))
+        self.works = dict(pending)
+        checks = {self._submit_repository(group, setup, check=True): group for group in _by_repository([w for w in pending if self._pushed_before(w[1])])}
+        for index, checked in self._collect(checks):
+            slots[index] = checked
+        for index, pushed in self._pushes([(index, work) for index, work in pending if slots[index] is None], setup):
+            work = self.works[index]
+            slots[index] = pushed or self.engine._failed(work.source, work.target, BatchPushError("the repository task returned nothing for it"), time.monotonic())
+        self.result.images = [image for image in slots if image is not None]
+        return self.result
+
+    def _setup(self, references: Iterable[Reference | None]) -> tuple[_Setup, dict[str, BatchPushError]]:
+        """The registries' options and credentials, read here; a host whose
+        credentials cannot be read fails its images."""
+        registries, secrets, refused = {}, {}, {}
+        for reference in references:
+            host = reference.api_host if reference is not None else None
+            if host is None or host in registries or host in refused:
+                continue
+            options = self.engine.registry_options(host)
+            try:
+                secrets[host] = self.engine.credentials(host, options)
+            except BatchPushError as exc:
+                refused[host] = exc
+                continue
+            registries[host] = replace(options, username=None, password_env=None, password_file=None)
+        defaults = replace(self.engine.options.registry_defaults, username=None, password_env=None, password_file=None)
+        return _Setup(defaults, registries, _Secrets(secrets), f"batchpush-progress-{self.run_id}", self._schemes(registries)), refused
+
+    def _schemes(self, hosts: Iterable[str]) -> dict[str, str]:
+        """Each registry's scheme, chosen once here (a ping, as a local run does)
+        rather than by every task: a registry that does not answer is left to the
+        tasks, whose images fail with the registry's own error."""
+        chosen = {}
+        for host in hosts:
+            try:
+                chosen[host] = self.engine.client(host).base_url.split("://", 1)[0]
+            except BatchPushError as exc:
+                log.info("%s: not pinged (%s)", host, exc)
+        return chosen
+
+    def _pushed_before(self, work: _Work) -> bool:
+        """The client's store saw every config of the image go to this target: a re-run."""
+        assert work.entry is not None and work.reference is not None
+        name = work.reference.name
+        configs = [m.config_descriptor.digest for m in _manifests(work.entry.image.node)]
+        return all(digest is not None and any(e.source_repository == name for e in self.engine.store.get_metadata(digest)) for digest in configs)
+
+    def _knowledge(self, keys: Iterable[Any]) -> Knowledge:
+        return self.engine.store.export(key for key in keys if key is not None)
+
+    def _submit_repository(self, pushes: list[_Push], setup: _Setup, *, check: bool, blobs: dict[str, _BlobDone] | None = None) -> distributed.Future:
+        keys = [b.key for push in pushes for b in self._blobs(push.image.node)]
+        kind = "check" if check else "repository"
+        return self.client.submit(_repository_task, pushes, setup, self._knowledge(keys), check, blobs or {}, key=f"batchpush-{kind}-{self.run_id}-{pushes[0].index}", pure=False)
+
+    @staticmethod
+    def _blobs(node: SourceNode) -> Iterator[_Blob]:
+        for manifest in _manifests(node):
+            yield _Blob(None, Preparer._config(manifest))
+            yield from (_Blob(layer, None) for layer in manifest.layers if layer.blob is not None)
+
+    def _pushes(self, pending: list[tuple[int, _Work]], setup: _Setup) -> Iterator[tuple[int, ImageResult | None]]:
+        """The blob tasks (each blob in the task of the first repository that needs
+        it; placed in its first repository per registry, in plan order); a
+        repository's task once all its images' blobs are placed. The
+        client hands each blob's (small) result to the repository tasks itself
+        and lets go of it: no worker ever fetches from another, so a dead worker's
+        results are never waited for, nor computed again."""
+        blobs: dict[str, _Blob] = {}
+        #: each group's own blobs: those no earlier group needs
+        owned: list[dict[str, _Blob]] = []
+        groups = _by_repository(pending)
+        needs: list[set[str]] = []
+        users: dict[str, list[int]] = {}
+        for number, group in enumerate(groups):
+            owned.append({})
+            names: set[str] = set()
+            for i, push in enumerate(group):
+                mine = []
+                for blob in self._blobs(push.image.node):
+                    declared = blob.config.digest if blob.config is not None else blob.layer.descriptor.digest or blob.layer.blob  # type: ignore[union-attr]
+                    name = _hash(declared)
+                    if name not in blobs:
+                        blobs[name] = owned[number][name] = blob
+                    blobs[name].targets.setdefault(push.target.registry, push.target)
+                    mine.append(name)
+                group[i] = replace(push, blobs=tuple(dict.fromkeys(mine)))
+                names.update(mine)
+            needs.append(names)
+            for name in names:
+                users.setdefault(name, []).append(number)
+        running: dict[distributed.Future, tuple[str, int]] = {}
+        for number, own in enumerate(owned):
+            if own:
+                key = f"batchpush-blobs-{self.run_id}-{number}"
+                running[self.client.submit(_blobs_task, own, setup, self._knowledge(b.key for b in own.values()), key=key, pure=False)] = ("blobs", number)
+        done: dict[str, _BlobDone] = {}
+        left = [len(names) for names in needs]
+        finished = distributed.as_completed(list(running), loop=self.client.loop)
+        for future in finished:
+            kind, number = running.pop(future)
+            if kind == "repository":
+                yield from self._repository_done(future, groups[number])
+                continue
+            placed = self._blobs_done(future, owned[number])
+            future.release()
+            done.update(placed)
+            for name in placed:
+                for user in users[name]:
+                    left[user] -= 1
+                    if left[user] == 0:
+                        repository = self._submit_repository(groups[user], setup, check=False, blobs={name: done[name] for name in needs[user]})
+                        running[repository] = ("repository", user)
+                        finished.add(repository)
+
+    def _blobs_done(self, future: distributed.Future, blobs: dict[str, _Blob]) -> dict[str, _BlobDone]:
+        """A blob task's results, its work counted; a task the cluster lost fails
+        its blobs in every registry."""
+        try:
+            result: _BlobsDone = future.result()
+        except Exception as exc:
+            failure = (f"the cluster lost the blob's task: {_error(exc, 'blob').message}", "error")
+            return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge()) for name, blob in blobs.items()}
+        _add(self.result, result.totals)
+        return result.blobs
+
+    def _collect(self, futures: dict[distributed.Future, list[_Push]]) -> Iterator[tuple[int, ImageResult | None]]:
+        if futures:
+            for future in distributed.as_completed(list(futures), loop=self.client.loop):
+                yield from self._repository_done(future, futures[future])
+
+    def _repository_done(self, future: distributed.Future, pushes: list[_Push]) -> Iterator[tuple[int, ImageResult | None]]:
+        """A repository task's results: its store knowledge absorbed, its totals
+        added, each image's line shown. A task the cluster lost fails its images."""
+        try:
+            done: _RepositoryDone = future.result()
+        except Exception as exc:
+            error = BatchPushError(f"the cluster lost the repository's task: {_error(exc, 'repository').message}")
+            for push in pushes:
+                work = self.works[push.index]
+                yield push.index, self.engine._failed(work.source, work.target, error, time.monotonic())
+            return
+        self.engine.store.absorb(done.learned)
+        _add(self.result, done.totals)
+        for index, result in done.results.items():
+            if result is not None:
+                self._show(result, self.works[index])
+            yield index, result
+
+    def _show(self, image: ImageResult, work: _Work) -> None:
+        assert work.reference is not None
+        try:
+            if image.ok and image.digest is not None:
+                self.progress.pushed(image.target, work.reference.tag or "latest", image.digest, image.size or 0, up_to_date=image.status == "up-to-date")
+            elif not image.ok:
+                self.progress.failed(image.target, image.error or "failed")
+        except Exception:  # a renderer's fault must not lose the image's result
+            log.exception("progress renderer failed")
+
+
+def _by_repository(works: list[tuple[int, _Work]]) -> list[list[_Push]]:
+    """The pushes grouped by target repository, in plan order."""
+    groups: dict[str, list[_Push]] = {}
+    for index, work in works:
+        assert work.entry is not None and work.reference is not None
+        groups.setdefault(work.reference.name, []).append(_Push(index, work.entry.image, work.reference))
+    return list(groups.values())
+
+
+def _add(result: BatchResult, totals: BatchResult) -> None:
+    result.bytes_read += totals.bytes_read
+    result.bytes_compressed += totals.bytes_compressed
+    result.bytes_uploaded += totals.bytes_uploaded
+    result.requests_by_method.update(totals.requests_by_method)
+
+
+__all__ = ["CONNECT_TIMEOUT_S", "ClusterError", "connect", "run"]

@@ -1,0 +1,381 @@
+"""One plan on a real Dask cluster (``--scheduler``): a ``dask scheduler`` and two
+``dask worker`` processes on loopback, the real registry, skopeo reading back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from conftest import pull_and_verify, remote_digest
+from images import simple_layout
+from registry import free_port
+from test_batch import WRITE_METHODS, uploads_by_digest, write_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DASK = os.path.join(os.path.dirname(sys.executable), "dask")
+#: how long the fixture waits for the scheduler and its workers to come up
+START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Cluster:
+    address: str
+    scheduler: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]]
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w.poll() is None]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    # a killed worker's upload lease is freed after this, not the default 30 s
+    env["DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_TIMEOUT"] = "3s"
+    env["DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_VALIDATION_INTERVAL"] = "1s"
+    return env
+
+
+def _spawn(args: list[str], log: str, env: dict[str, str], prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
+    if not os.path.exists(DASK):
+        pytest.fail(f"{DASK} is missing: install batchpush[cluster] (make setup)")
+    with open(log, "ab") as out:
+        # its own process group: torn down whole, whatever it started
+        return subprocess.Popen([*(prefix or []), DASK, *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def _wait_workers(address: str, count: int) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=START_TIMEOUT_S, set_as_default=False) as client:
+        client.wait_for_workers(count, timeout=START_TIMEOUT_S)
+
+
+def start_cluster(tmp_path, workers: int = 2, preload: str | None = None) -> Cluster:
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = _env()
+    scheduler = _spawn(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], str(tmp_path / "scheduler.log"), env)
+    cluster = Cluster(address, scheduler, [])
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert scheduler.poll() is None and time.monotonic() < deadline, "the scheduler did not start"
+                time.sleep(0.2)
+        for n in range(workers):
+            cluster.workers.append(start_worker(tmp_path, address, f"w{n}", preload))
+        if workers:
+            _wait_workers(address, workers)
+    except BaseException:
+        stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def start_worker(tmp_path, address: str, name: str, preload: str | None = None, *, user: str | None = None, local_directory: str | None = None) -> subprocess.Popen[bytes]:
+    # --no-nanny: the worker is the process itself, so a kill -9 loses it for good
+    args = ["worker", address, "--nthreads", "2", "--no-nanny", "--no-dashboard", "--name", name, "--host", "127.0.0.1"]
+    if preload:
+        args += ["--preload", preload]
+    if local_directory:
+        args += ["--local-directory", local_directory]
+    # another user's worker: setpriv drops to that uid (the tests run as root)
+    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+    return _spawn(args, str(tmp_path / f"worker-{name}.log"), _env(), prefix)
+
+
+def stop_cluster(cluster: Cluster) -> None:
+    for process in [*cluster.workers, cluster.scheduler]:
+        _stop(process)
+
+
+@pytest.fixture
+def cluster(tmp_path) -> Iterator[Cluster]:
+    started = start_cluster(tmp_path)
+    try:
+        yield started
+    finally:
+        stop_cluster(started)
+
+
+def fleet(tmp_path) -> list[tuple[str, list[str]]]:
+    """20 images over 8 layouts sharing a base layer (seed 1), a middle layer per
+    group of layouts, an app layer each: (layout, tags)."""
+    layouts = []
+    for r in range(8):
+        path = str(tmp_path / "layouts" / f"svc{r}")
+        tags = {f"v{t}": [1, 100 + r % 3, 1000 + r * 10 + t] for t in range(3 if r < 4 else 2)}
+        simple_layout(path, tags, file_size=30_000)
+        layouts.append((path, sorted(tags)))
+    return layouts
+
+
+def plan_for(tmp_path, registries, layouts) -> str:
+    return write_plan(tmp_path, {
+        "version": 1,
+        "defaults": {"max_concurrent_uploads": 2},
+        "registries": {r.host: {"insecure": True} for r in registries},
+        "images": [{"source": f"oci:{path}", "targets": [f"{r.host}/team/svc{i}" for r in registries]} for i, (path, _) in enumerate(layouts)],
+    })
+
+
+def batchpush_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "batchpush", *args], capture_output=True, text=True, timeout=110, env=env or dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+
+
+def blob_puts_by_repository(registry) -> Counter[tuple[str, str]]:
+    """Completed blob uploads per (repository, digest), from the registry's own log."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for line in registry.access_log():
+        if '"PUT /v2/' in line and "/blobs/uploads/" in line and '" 201' in line:
+            path = line.split('"PUT /v2/', 1)[1].split(" ", 1)[0]
+            repository = path.split("/blobs/uploads/", 1)[0]
+            digest = path.split("digest=", 1)[1].split("&", 1)[0] if "digest=" in path else "?"
+            counts[(repository, digest)] += 1
+    return counts
+
+
+def report_of(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
+    from registry import start_registry
+
+    second = start_registry(str(tmp_path / "second"))
+    try:
+        layouts = fleet(tmp_path)
+        plan = plan_for(tmp_path, [registry, second], layouts)
+        metadata = str(tmp_path / "md")
+        done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", metadata, "--report", str(tmp_path / "r1.json"))
+        assert done.returncode == 0, done.stderr
+        report = report_of(tmp_path / "r1.json")
+        images = report["images"]
+        assert len(images) == 40 and all(i["status"] == "pushed" for i in images)
+        # the client's display, fed by the workers: their layers' lines, its images' lines
+        assert "Mounted from team/svc0" in done.stdout and ": Pushed" in done.stdout, done.stdout
+        assert done.stdout.count(" size: ") == 40
+        # both workers pushed images, and every image names its worker
+        assert len({i["worker"] for i in images}) == 2, Counter(i["worker"] for i in images)
+        for target in (registry, second):
+            # each blob uploaded once per registry, every other repository mounted it
+            uploads = uploads_by_digest(target)
+            assert uploads and max(uploads.values()) == 1, uploads
+            assert target.count("POST", "mount=") > 0
+            # every image arrived whole
+            for i, (_, tags) in enumerate(layouts):
+                for tag in tags:
+                    pulled = pull_and_verify(target, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{target.host.replace(':', '_')}-{i}-{tag}"))
+                    assert pulled[0].manifest_digest == remote_digest(target, f"team/svc{i}:{tag}")
+        digests = {i["target"].split("/", 1)[1]: i["digest"] for i in images}
+        # the same digests as a local run of the same plan
+        local = str(tmp_path / "local")
+        third = start_registry(str(tmp_path / "third"))
+        try:
+            local_plan = plan_for(tmp_path / "layouts", [third], layouts)
+            done = batchpush_cli("run", local_plan, "--metadata-dir", local, "--report", str(tmp_path / "local.json"))
+            assert done.returncode == 0, done.stderr
+            local_report = report_of(tmp_path / "local.json")
+            assert {i["target"].split("/", 1)[1]: i["digest"] for i in local_report["images"]} == digests
+            # each layer compressed once for the whole cluster and both registries, as a local run to one does
+            assert report["totals"]["bytes_compressed"] == local_report["totals"]["bytes_compressed"]
+        finally:
+            third.stop()
+
+        # a second run from the same client store: up to date, no blob request at all
+        for target in (registry, second):
+            target.log_before = len(target.access_log())  # type: ignore[attr-defined]
+        done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", metadata, "--report", str(tmp_path / "r2.json"))
+        assert done.returncode == 0, done.stderr
+        assert all(i["status"] == "up-to-date" for i in report_of(tmp_path / "r2.json")["images"])
+        for target in (registry, second):
+            later = target.access_log()[target.log_before:]  # type: ignore[attr-defined]
+            assert not [line for line in later if "/blobs/" in line], later
+            assert not [line for line in later if any(f'"{m} ' in line for m in WRITE_METHODS)]
+    finally:
+        second.stop()
+
+
+def test_a_local_run_never_imports_dask(registry, tmp_path):
+    layouts = fleet(tmp_path)[:1]
+    plan = plan_for(tmp_path, [registry], layouts)
+    code = (
+        "import sys\n"
+        "from batchpush.cli import main\n"
+        f"code = main(['run', {plan!r}, '--metadata-dir', {str(tmp_path / 'md')!r}])\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]\n"
+        "print('LOADED', loaded)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout
+
+
+def test_an_unreachable_scheduler_is_one_line_and_exit_2(registry, tmp_path):
+    plan = plan_for(tmp_path, [registry], fleet(tmp_path)[:1])
+    done = batchpush_cli("run", plan, "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--metadata-dir", str(tmp_path / "md"))
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot reach the Dask scheduler" in lines[0], done.stderr
+    assert registry.count("POST") == registry.count("PUT") == registry.count("HEAD") == 0
+
+
+def test_a_worker_of_another_version_is_refused_before_any_work(tmp_path, registry):
+    preload = tmp_path / "other_version.py"
+    preload.write_text("import batchpush\nbatchpush.__version__ = '0.0.0-other'\n")
+    started = start_cluster(tmp_path, workers=1)
+    try:
+        started.workers.append(start_worker(tmp_path, started.address, "old", str(preload)))
+        _wait_workers(started.address, 2)
+        plan = plan_for(tmp_path, [registry], fleet(tmp_path)[:1])
+        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"))
+        assert done.returncode == 2
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "refused" in lines[0] and "0.0.0-other" in lines[0], done.stderr
+        assert registry.count("HEAD") == registry.count("POST") == registry.count("PUT") == 0
+    finally:
+        stop_cluster(started)
+
+
+def test_a_source_a_worker_cannot_read_fails_that_image_naming_the_worker(registry, tmp_path):
+    """A worker running as another user (nobody) cannot read a layout only root
+    may read: that layout's images fail, naming the worker; the others arrive."""
+    shared = tempfile.mkdtemp(prefix="batchpush-cluster-")  # readable by every user, as a shared mount is
+    try:
+        os.chmod(shared, 0o755)  # noqa: S103 - another user must read it
+        scratch = os.path.join(shared, "scratch")
+        os.makedirs(scratch, mode=0o777)
+        os.chmod(scratch, 0o777)  # noqa: S103 - the other user's worker writes there
+        readable = os.path.join(shared, "svc0")
+        simple_layout(readable, {"v0": [1, 2]})
+        private = str(tmp_path / "svc1")  # under pytest's 0700 directory: root only
+        simple_layout(private, {"v0": [1, 3]})
+        plan = write_plan(tmp_path, {
+            "version": 1,
+            "registries": {registry.host: {"insecure": True}},
+            "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/team/svc{i}"]} for i, path in enumerate((readable, private))],
+        })
+        started = start_cluster(tmp_path, workers=0)
+        try:
+            started.workers.append(start_worker(tmp_path, started.address, "nobody", user="65534", local_directory=scratch))
+            _wait_workers(started.address, 1)
+            done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"))
+        finally:
+            stop_cluster(started)
+        assert done.returncode == 1, done.stderr
+        svc0, svc1 = report_of(tmp_path / "r.json")["images"]
+        assert svc0["status"] == "pushed", svc0
+        assert svc1["status"] == "failed" and "on worker tcp://127.0.0.1:" in svc1["error"] and private in svc1["error"], svc1
+        assert f"{registry.host}/team/svc1" in done.stderr
+        assert registry.count("PUT", "/team/svc1/manifests/") == 0
+        pull_and_verify(registry, "team/svc0:v0", str(tmp_path / "pulled"))
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
+    """kill -9 of a worker once uploads are under way (they are slowed by our proxy
+    so the batch is still going): its tasks run on the other worker, the batch
+    completes, every image arrives whole, no blob is uploaded twice."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(registry.host)
+    proxy.throttle_bytes_per_s = 400_000
+    try:
+        layouts = []
+        for r in range(8):
+            path = str(tmp_path / "layouts" / f"svc{r}")
+            tags = {f"v{t}": [1, 100 + r % 3, 1000 + r * 10 + t] for t in range(3 if r < 4 else 2)}
+            simple_layout(path, tags, file_size=150_000)
+            layouts.append((path, sorted(tags)))
+        plan = write_plan(tmp_path, {
+            "version": 1,
+            "defaults": {"max_concurrent_uploads": 2},
+            "registries": {proxy.host: {"insecure": True}},
+            "images": [{"source": f"oci:{path}", "targets": [f"{proxy.host}/team/svc{i}"]} for i, (path, _) in enumerate(layouts)],
+        })
+        report = str(tmp_path / "r.json")
+        client = subprocess.Popen([sys.executable, "-m", "batchpush", "run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", report],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 60
+            while len([s for s in proxy.requests("PUT", "/blobs/uploads/") if s.status == 201]) < 2:
+                assert client.poll() is None, "the batch ended before a worker could be killed"
+                assert time.monotonic() < deadline, "no upload in sight"
+                time.sleep(0.05)
+            victim = cluster.workers[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(timeout=30)
+            out, err = client.communicate(timeout=100)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert client.returncode == 0, err
+        images = report_of(report)["images"]
+        assert len(images) == 20 and all(i["status"] == "pushed" for i in images), [i["error"] for i in images]
+        # no blob uploaded twice, to any repository, by the retries
+        per_repository = blob_puts_by_repository(registry)
+        assert per_repository and max(per_repository.values()) == 1, per_repository
+        assert max(uploads_by_digest(registry).values()) == 1
+        for i, (_, tags) in enumerate(layouts):
+            for tag in tags:
+                pulled = pull_and_verify(registry, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{i}-{tag}"))
+                assert pulled[0].manifest_digest == next(im["digest"] for im in images if im["target"].endswith(f"/team/svc{i}:{tag}"))
+    finally:
+        proxy.stop()
+
+
+def test_credentials_are_read_on_the_client_only_and_never_shown(cluster, token_registry, tmp_path):
+    """The workers have no credentials: without any, the images fail clearly; with
+    the plan's (a password in the client's environment only) they arrive, and the
+    password or a token is in no output, log or report."""
+    from conftest import assert_no_secret
+
+    registry, issuer = token_registry
+    simple_layout(str(tmp_path / "layout"), {"1.0": [8, 9]})
+    plan = tmp_path / "plan.yaml"
+    entry = {"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [{"source": "oci:./layout", "targets": [f"{registry.host}/auth/app"]}]}
+    plan.write_text(json.dumps(entry))
+    env = dict(os.environ, PYTHONPATH=ROOT, DOCKER_CONFIG=str(tmp_path / "none"))
+    done = batchpush_cli("run", str(plan), "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r0.json"), env=env)
+    assert done.returncode == 1, done.stderr
+    failed = report_of(tmp_path / "r0.json")["images"][0]
+    assert failed["status"] == "failed" and failed["error_kind"] == "auth", failed
+    assert f"{registry.host}/auth/app:1.0" in done.stderr
+    assert registry.count("PUT", "/manifests/") == 0
+
+    entry["registries"][registry.host].update(username="alice", password_env="BATCHPUSH_TEST_PASSWORD")
+    plan.write_text(json.dumps(entry))
+    env["BATCHPUSH_TEST_PASSWORD"] = "alice-secret-pw"
+    done = batchpush_cli("run", str(plan), "--debug", "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r1.json"), env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pull_and_verify(registry, "auth/app:1.0", str(tmp_path / "pulled"))
+    logs = [open(path, errors="replace").read() for path in tmp_path.glob("*.log")]
+    assert len(logs) >= 3  # the scheduler's and both workers'
+    assert_no_secret(["alice-secret-pw", *issuer.tokens], done.stdout, done.stderr, (tmp_path / "r1.json").read_text(), *logs)
