@@ -226,11 +226,13 @@ class Engine:
             return client
         options = self.registry_options(host)
         kind = DryRunClient if self.options.dry_run else RegistryClient
-        made = kind(host, options, self.credentials(host, options), cancel=self.cancelled, other_threads=self.options.max_concurrent_images + 2)
+        made = kind(host, options, self.credentials(host, options), cancel=self.cancelled)
         with self._clients_lock:
             client = self._clients.setdefault(host, made)
             if client is made:
-                self._executors[host] = cf.ThreadPoolExecutor(max_workers=options.max_concurrent_uploads, thread_name_prefix=f"push-{host}")
+                # a thread per request the host may have in flight: layers' checks and
+                # mounts overlap up to the limit, uploads up to max_concurrent_uploads
+                self._executors[host] = cf.ThreadPoolExecutor(max_workers=max(options.max_requests_in_flight, options.max_concurrent_uploads), thread_name_prefix=f"push-{host}")
         if client is not made:  # another thread made it first
             made.close()
         return client

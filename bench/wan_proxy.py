@@ -130,11 +130,15 @@ class WanRegistry(Registry):
     seen: dict[str, Any] | None = None
 
     def stop(self) -> None:
+        self.stop_proxy()
+        super().stop()
+
+    def stop_proxy(self) -> None:
+        """Stop the proxy alone (the registry goes on) and keep what it saw."""
         if self.proxy is not None and self.proxy.poll() is None:
             self.proxy.terminate()
             out, _ = self.proxy.communicate(timeout=10)
             self.seen = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
-        super().stop()
 
 
 def behind_wan(registry: Registry, delay_ms: float, rate: float | None = None) -> WanRegistry:

@@ -39,7 +39,7 @@ from .. import mediatypes as mt
 from ..digest import CHUNK_BYTES, Digest, InvalidDigestError
 from ..errors import DigestMismatchError, ReferenceError_, SourceError
 from ..sources.base import FileRange, read_views
-from ..waits import POLL_S, Flights
+from ..waits import POLL_S, Flights, Slots
 from .auth import Authenticator, Credentials, scope_for
 from .errors import (
     TRANSPORT_ERRORS,
@@ -84,6 +84,10 @@ DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
 DEFAULT_CHUNK_SIZE_BYTES = 64 << 20
 #: uploads in flight at once to one registry (docker's default is 5)
 DEFAULT_MAX_CONCURRENT_UPLOADS = 5
+#: requests to one host at once (bench/README.md: a registry 25 ms away)
+DEFAULT_MAX_REQUESTS_IN_FLIGHT = 32
+#: after a cancel, how long a DELETE that cancels an upload session may wait for a request slot
+CANCEL_SLOT_WAIT_S = 2.0
 #: seconds to connect, and to wait for a response once a request is sent
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 300.0
@@ -108,7 +112,11 @@ class RegistryOptions:
     monolithic_limit_bytes: int = DEFAULT_MONOLITHIC_LIMIT_BYTES
     #: 0 or less: the default (an empty chunk would never move the upload on)
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
+    #: blob bodies sent to this host at once (and blob reads from it as a source)
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
+    #: requests to this host at once, whatever they are for (each held from its
+    #: sending until its answer's head arrives): what hides a far registry's latency
+    max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT
     #: attempts of each step sequence (retry policy), the first included
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     #: the longest pause a 429's Retry-After may impose on this host
@@ -291,15 +299,19 @@ def _with_query(url: str, key: str, value: str) -> str:
 class RegistryClient:
     """One registry host: a pooled session, its auth state and request counters."""
 
-    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None, *, cancel: threading.Event | None = None, other_threads: int = 4) -> None:
+    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None, *, cancel: threading.Event | None = None) -> None:
         self.host = host
         self.options = options or RegistryOptions()
         #: set when the run is interrupted: bodies stop, pauses end
         self.cancel = cancel or threading.Event()
         self.gate = HostGate(self.cancel)
         self.policy = RetryPolicy(max_attempts=self.options.max_attempts, retry_after_cap_s=self.options.retry_after_cap_s)
-        # a connection for every thread that may talk to this host at once
-        self.session = new_session(USER_AGENT, self.options.max_concurrent_uploads + other_threads)
+        # a connection per request in flight, and per blob read whose body is still
+        # being read (its request no longer counts as in flight)
+        self.session = new_session(USER_AGENT, self.options.max_requests_in_flight + self.options.max_concurrent_uploads)
+        #: the limit on requests in flight (its ``peak``: the most at once in this run)
+        self.in_flight = Slots(self.options.max_requests_in_flight)
+        self._upload_slots = Slots(self.options.max_concurrent_uploads)
         self._bundle: str | None = None
         if self.options.insecure:
             self.session.verify = False
@@ -387,7 +399,13 @@ class RegistryClient:
         raise AuthError("GET", realm, None, (), "token realm is not https and its host is not marked insecure")
 
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
-        self._count(method)
+        # one of the host's request slots, from the sending to the answer's head (a
+        # DELETE cancelling an upload session still goes for a while after a cancel)
+        with self.in_flight.hold(self.cancel, after_cancel_s=CANCEL_SLOT_WAIT_S if method == "DELETE" else 0.0):
+            self._count(method)
+            return self._send_now(method, url, headers, data)
+
+    def _send_now(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
         try:
             # verify is passed explicitly (the session does not read the environment)
             return send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), verify=self.session.verify)
@@ -528,7 +546,7 @@ class RegistryClient:
 
     def cancel_upload(self, repository: str, session: UploadSession) -> None:
         """``DELETE`` an abandoned upload session; failures are ignored."""
-        with contextlib.suppress(RegistryError):
+        with contextlib.suppress(RegistryError, Cancelled):
             release(self.request("DELETE", session.location, scopes=(scope_for(repository, "pull,push"),), expected=set(range(200, 600))))
 
     def upload_status(self, repository: str, upload: BlobUpload) -> None:
@@ -594,10 +612,12 @@ class RegistryClient:
             if on_progress is not None:
                 on_progress(upload.offset + sent)
 
-        if isinstance(blob, FileRange):
-            self._upload_file(repository, upload, blob, digest, counted, before_commit)
-        else:
-            self._upload_stream(repository, upload, blob, digest, counted, before_commit)
+        # one of the host's max_concurrent_uploads blob bodies at a time
+        with self._upload_slots.hold(self.cancel):
+            if isinstance(blob, FileRange):
+                self._upload_file(repository, upload, blob, digest, counted, before_commit)
+            else:
+                self._upload_stream(repository, upload, blob, digest, counted, before_commit)
         return sent
 
     def _chunking(self, size: int, upload: BlobUpload, before_commit: Callable[[], None] | None) -> tuple[bool, int]:
