@@ -51,6 +51,7 @@ from .errors import (
     UploadRangeError,
     error_from_response,
     parse_decimal,
+    parse_retry_after,
     read_limited,
     release,
     transport_error,
@@ -399,11 +400,21 @@ class RegistryClient:
         raise AuthError("GET", realm, None, (), "token realm is not https and its host is not marked insecure")
 
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
-        # one of the host's request slots, from the sending to the answer's head (a
-        # DELETE cancelling an upload session still goes for a while after a cancel)
-        with self.in_flight.hold(self.cancel, after_cancel_s=CANCEL_SLOT_WAIT_S if method == "DELETE" else 0.0):
-            self._count(method)
-            return self._send_now(method, url, headers, data)
+        """One of the host's request slots, from the sending to the answer's head (a
+        DELETE cancelling an upload session still goes for a while after a cancel).
+        A Retry-After pauses the host before the slot is given up, and a slot taken
+        while a pause began is given back for the pause: no request follows a 429
+        before its time."""
+        while True:
+            with self.in_flight.hold(self.cancel, after_cancel_s=CANCEL_SLOT_WAIT_S if method == "DELETE" else 0.0):
+                if not self.gate.closed:
+                    self._count(method)
+                    response = self._send_now(method, url, headers, data)
+                    retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status_code in (429, 503) else None
+                    if retry_after is not None:
+                        self.gate.pause(min(retry_after, self.policy.retry_after_cap_s))
+                    return response
+            self.gate.wait()
 
     def _send_now(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
         try:
@@ -462,10 +473,8 @@ class RegistryClient:
                 url = target
                 continue
             if response.status_code not in expected:
-                error = error_from_response(response, method)
-                if error.retry_after_s is not None:  # the whole host waits, not only this step
-                    self.gate.pause(min(error.retry_after_s, self.policy.retry_after_cap_s))
-                raise error
+                # (a Retry-After paused the whole host already, in _send)
+                raise error_from_response(response, method)
             return response
 
     def ping(self) -> None:
