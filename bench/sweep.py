@@ -29,12 +29,12 @@ def main() -> int:
     try:
         fleet = run.fleets(run.CACHE)[name]
         print(f"# {name} cold behind {run.WAN_MS:g} ms, {len(fleet.images)} images", flush=True)
-        for setting in settings:
+        for number, setting in enumerate(settings):
             runs = []
             for repeat in range(repeats):
                 registry = run.scenario_registry(work, name)
                 try:
-                    command = run.batchpush_commands(work, fleet, [registry], name, f"{len(runs)}-{repeat}")[0] + shlex.split(setting)
+                    command = run.batchpush_commands(work, fleet, [registry], name, f"{number}-{repeat}")[0] + shlex.split(setting)
                     runs.append(run.measure("batchpush", [command], 1, [registry]))
                 finally:
                     registry.stop()

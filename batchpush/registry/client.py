@@ -87,6 +87,10 @@ DEFAULT_CHUNK_SIZE_BYTES = 64 << 20
 DEFAULT_MAX_CONCURRENT_UPLOADS = 5
 #: requests to one host at once (bench/README.md: a registry 25 ms away)
 DEFAULT_MAX_REQUESTS_IN_FLIGHT = 32
+#: a blob body smaller than this is one request like any other, not one of the
+#: host's max_concurrent_uploads: a config or a small layer costs a round trip,
+#: not bandwidth, and behind a far registry five at a time would pace the batch
+SMALL_BODY_BYTES = 1 << 20
 #: after a cancel, how long a DELETE that cancels an upload session may wait for a request slot
 CANCEL_SLOT_WAIT_S = 2.0
 #: seconds to connect, and to wait for a response once a request is sent
@@ -621,8 +625,9 @@ class RegistryClient:
             if on_progress is not None:
                 on_progress(upload.offset + sent)
 
-        # one of the host's max_concurrent_uploads blob bodies at a time
-        with self._upload_slots.hold(self.cancel):
+        # one of the host's max_concurrent_uploads blob bodies at a time (a small one
+        # only needs a request slot)
+        with self._upload_slots.hold(self.cancel) if blob.size >= SMALL_BODY_BYTES else contextlib.nullcontext():
             if isinstance(blob, FileRange):
                 self._upload_file(repository, upload, blob, digest, counted, before_commit)
             else:
