@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 
 import pytest
 from conftest import pull_and_verify
@@ -19,9 +20,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from wan_proxy import behind_wan
 
-from batchpush.errors import PlanError
+from batchpush.errors import Cancelled, PlanError
 from batchpush.plan import load_plan
 from batchpush.registry.client import DEFAULT_MAX_REQUESTS_IN_FLIGHT
+from batchpush.waits import Slots
 
 
 @pytest.mark.parametrize(("limit", "where"), [(3, "plan"), (5, "cli")])
@@ -79,3 +81,37 @@ def test_cli_refuses_a_limit_that_is_not_a_number(tmp_path, batchpush):
     path = write_plan(tmp_path, {"version": 1, "images": [{"source": "oci:x", "targets": ["r.example/a"]}]})
     run = batchpush("run", path, "--max-requests-in-flight", "many")
     assert run.code == 2
+
+
+def test_a_wait_for_a_slot_ends_with_the_cancel():
+    """A request waiting for one of its host's slots stops when the run is cancelled;
+    a DELETE (cancelling an upload session) still gets its bounded while."""
+    slots, cancel = Slots(1), threading.Event()
+    outcome: list[str] = []
+
+    def wait(after_cancel_s: float) -> None:
+        try:
+            with slots.hold(cancel, after_cancel_s=after_cancel_s):
+                outcome.append("held")
+        except Cancelled:
+            outcome.append("cancelled")
+
+    with slots.hold(cancel):
+        waiter = threading.Thread(target=wait, args=(0.0,))
+        waiter.start()
+        cancel.set()
+        waiter.join(30)
+        assert outcome == ["cancelled"]
+        late = threading.Thread(target=wait, args=(60.0,))
+        late.start()
+    late.join(30)  # the slot came free within its while after the cancel
+    assert outcome == ["cancelled", "held"]
+    assert slots.peak == 1
+
+
+def test_a_thread_holding_a_slot_rides_on_it():
+    """A request made while another's body is sent on the same thread (a mirror's blob
+    read from the same host) does not wait for the slot its own thread holds."""
+    slots, cancel = Slots(1), threading.Event()
+    with slots.hold(cancel), slots.hold(cancel):
+        assert slots.peak == 1
