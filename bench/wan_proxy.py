@@ -74,7 +74,10 @@ class WanProxy:
             return
         # per connection: has the server answered since the client last sent?
         state = {"answered": True, "waiting": False}
-        await asyncio.gather(self._pump(reader, up_writer, state, request=True), self._pump(up_reader, writer, state, request=False), return_exceptions=True)
+        # a connection still open when the proxy stops ends quietly (asyncio 3.11
+        # would print the cancelled handler's traceback)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(self._pump(reader, up_writer, state, request=True), self._pump(up_reader, writer, state, request=False), return_exceptions=True)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, bool], *, request: bool) -> None:
         try:
