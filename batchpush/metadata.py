@@ -23,8 +23,6 @@ MAX_ENTRIES_PER_DIFF_ID = 50
 #: how long a writer waits for another process's transaction
 BUSY_TIMEOUT_S = 30.0
 SCHEMA_VERSION = 1
-#: each connection's page cache, KiB
-CACHE_KIB = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS v2_metadata (
@@ -95,10 +93,6 @@ class MetadataStore:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            # a connection per thread (dozens in a run), each with its own page
-            # cache: sqlite's default 2 MB each grew a 10,000-image run by 100 MB;
-            # lookups are by index and the file stays in the OS's cache anyway
-            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             with self._lock:
                 closed = self._closed
                 if not closed:
