@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 
 #: after a cancel, how long an image may take to stop before it is reported interrupted unwaited
 CANCEL_GRACE_S = 5.0
-#: (image, target) pushes running at once
-DEFAULT_MAX_CONCURRENT_IMAGES = 8
+#: (image, target) pushes running at once: behind a far registry 8 left the
+#: request limit half used (bench/README.md, *Behind a WAN*)
+DEFAULT_MAX_CONCURRENT_IMAGES = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
