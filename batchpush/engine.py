@@ -227,7 +227,7 @@ class Engine:
             return client
         options = self.registry_options(host)
         kind = DryRunClient if self.options.dry_run else RegistryClient
-        made = kind(host, options, self.credentials(host, options), cancel=self.cancelled)
+        made = kind(host, options, self.credentials(host, options), cancel=self.cancelled, other_threads=self.options.max_concurrent_images + 2)
         with self._clients_lock:
             client = self._clients.setdefault(host, made)
             if client is made:

@@ -304,16 +304,17 @@ def _with_query(url: str, key: str, value: str) -> str:
 class RegistryClient:
     """One registry host: a pooled session, its auth state and request counters."""
 
-    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None, *, cancel: threading.Event | None = None) -> None:
+    def __init__(self, host: str, options: RegistryOptions | None = None, credentials: Credentials | None = None, *, cancel: threading.Event | None = None, other_threads: int = 4) -> None:
         self.host = host
         self.options = options or RegistryOptions()
         #: set when the run is interrupted: bodies stop, pauses end
         self.cancel = cancel or threading.Event()
         self.gate = HostGate(self.cancel)
         self.policy = RetryPolicy(max_attempts=self.options.max_attempts, retry_after_cap_s=self.options.retry_after_cap_s)
-        # a connection per request in flight, and per blob read whose body is still
-        # being read (its request no longer counts as in flight)
-        self.session = new_session(USER_AGENT, self.options.max_requests_in_flight + self.options.max_concurrent_uploads)
+        # a pooled connection for every thread that may talk to this host at once (a
+        # request gives its slot back at its answer's head, its connection once the
+        # answer is read): none is ever discarded and opened again
+        self.session = new_session(USER_AGENT, self.options.max_requests_in_flight + self.options.max_concurrent_uploads + other_threads)
         #: the limit on requests in flight (its ``peak``: the most at once in this run)
         self.in_flight = Slots(self.options.max_requests_in_flight)
         self._upload_slots = Slots(self.options.max_concurrent_uploads)
