@@ -23,7 +23,7 @@ from .plan import load_plan
 from .progress import Fanout, JsonProgress, LineWriter, PlainProgress, Progress, RichProgress, WriterHandler
 from .reference import parse_target
 from .registry.auth import CredentialProvider, Credentials
-from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
+from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MAX_REQUESTS_IN_FLIGHT, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
 from .registry.credentials import ChainedCredentials, DockerConfigCredentials
 from .registry.retry import DEFAULT_MAX_ATTEMPTS
 from .report import BatchResult
@@ -55,6 +55,7 @@ def _platform(text: str) -> Platform:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-nondistributable-artifacts", action="append", default=[], metavar="HOST[:PORT]", help="push foreign (non-distributable) layers to this host too (repeatable)")
     parser.add_argument("--max-attempts", type=int, metavar="N", help=f"attempts of each protocol step sequence, retries included (default {DEFAULT_MAX_ATTEMPTS}; overrides the plan)")
+    parser.add_argument("--max-requests-in-flight", type=int, metavar="N", help=f"requests to each registry at once (default {DEFAULT_MAX_REQUESTS_IN_FLIGHT}; overrides the plan)")
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
     parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
     parser.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
@@ -210,12 +211,15 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
     except BatchPushError as exc:
         say(f"error: {exc}")
         return EXIT_USAGE
-    if args.max_attempts is not None:
-        if args.max_attempts < 1:
-            say("error: --max-attempts must be at least 1")
+    for option, field_name in (("--max-attempts", "max_attempts"), ("--max-requests-in-flight", "max_requests_in_flight")):
+        value = getattr(args, field_name)
+        if value is None:
+            continue
+        if value < 1:
+            say(f"error: {option} must be at least 1")
             return EXIT_USAGE
-        defaults = replace(defaults, max_attempts=args.max_attempts)
-        registries = {host: replace(options, max_attempts=args.max_attempts) for host, options in registries.items()}
+        defaults = replace(defaults, **{field_name: value})
+        registries = {host: replace(options, **{field_name: value}) for host, options in registries.items()}
     progress = _progress(args, writer)
     options = PushOptions(
         registry_defaults=defaults,

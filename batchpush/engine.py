@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 
 #: after a cancel, how long an image may take to stop before it is reported interrupted unwaited
 CANCEL_GRACE_S = 5.0
-#: (image, target) pushes running at once
-DEFAULT_MAX_CONCURRENT_IMAGES = 8
+#: (image, target) pushes running at once: behind a far registry 8 left the
+#: request limit half used (bench/README.md, *Behind a WAN*)
+DEFAULT_MAX_CONCURRENT_IMAGES = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -260,7 +261,9 @@ class Engine:
         with self._clients_lock:
             client = self._clients.setdefault(host, made)
             if client is made:
-                self._executors[host] = cf.ThreadPoolExecutor(max_workers=options.max_concurrent_uploads, thread_name_prefix=f"push-{host}")
+                # a thread per request the host may have in flight: layers' checks and
+                # mounts overlap up to the limit, uploads up to max_concurrent_uploads
+                self._executors[host] = cf.ThreadPoolExecutor(max_workers=max(options.max_requests_in_flight, options.max_concurrent_uploads), thread_name_prefix=f"push-{host}")
         if client is not made:  # another thread made it first
             made.close()
         return client

@@ -212,7 +212,7 @@ class LayerPusher:
         return result
 
     def _push_once(self, layer: PreparedLayer, carry: _Carry) -> LayerResult | None:
-        with self.state.single_flight(self.target.registry, layer.digest, self.client.cancel):
+        with self.state.single_flight(self.target.registry, self.repository, layer.digest, self.client.cancel):
             result = self._settled(layer)
             if result is not None:
                 self._drop_upload(layer, carry)  # staged, and another push got there first

@@ -57,12 +57,21 @@ class PushState:
         with self._lock:
             return list(self._repositories.get((registry, digest), ()))
 
-    def single_flight(self, registry: str, digest: Digest, cancel: threading.Event) -> AbstractContextManager[None]:
+    def single_flight(self, registry: str, repository: str, digest: Digest, cancel: threading.Event) -> AbstractContextManager[None]:
         """One holder at a time per (registry, blob): a second job waits for the
         first to end (or for the run to be cancelled: Cancelled), then holds the
         flight itself and finds the blob in the state (or, if the first failed,
-        tries itself)."""
-        return self._flights.hold((registry, digest), cancel)
+        tries itself). Once the batch knows a repository of the registry that holds
+        the blob, the flight is per (registry, repository, blob): pushes of it to
+        different repositories mount it at once instead of one after the other (a
+        chain of round trips behind a far registry)."""
+
+        def key() -> tuple[str, ...]:
+            with self._lock:
+                known = bool(self._repositories.get((registry, digest)))
+            return (registry, repository, str(digest)) if known else (registry, str(digest))
+
+        return self._flights.hold(key, cancel)
 
     def stage(self, registry: str, digest: Digest) -> bool:
         """Claim the sending of a blob's data ahead of its image's gate: False if

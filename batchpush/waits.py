@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-from collections.abc import Hashable, Iterable, Iterator
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -68,17 +69,60 @@ class Flights:
         self._running: dict[Hashable, threading.Event] = {}
 
     @contextmanager
-    def hold(self, key: Hashable, cancel: threading.Event) -> Iterator[None]:
+    def hold(self, key: Hashable | Callable[[], Hashable], cancel: threading.Event) -> Iterator[None]:
+        """``key`` may be a function: asked again after every wait, so a waiter whose
+        key has changed meanwhile joins the flight it now belongs to."""
         while True:
+            current = key() if callable(key) else key
             with self._lock:
-                running = self._running.get(key)
+                running = self._running.get(current)
                 if running is None:
-                    mine = self._running[key] = threading.Event()
+                    mine = self._running[current] = threading.Event()
                     break
             event(running, cancel)
         try:
             yield
         finally:
             with self._lock:
-                del self._running[key]
+                del self._running[current]
             mine.set()
+
+
+class Slots:
+    """At most ``limit`` holders at once (a host's requests in flight, its blob
+    bodies). A wait for a slot looks at the cancel flag; with ``after_cancel_s`` it
+    goes on that long after a cancel (the DELETEs that cancel upload sessions) and
+    then raises Cancelled too. A thread that holds a slot already rides on it: a
+    request made while another's body is being sent (a mirror's blob read from the
+    same host, streamed into the upload) cannot wait for a slot its own thread holds.
+    ``peak`` is the most holders there were at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._mine = threading.local()
+        self._held = 0
+        self.peak = 0
+
+    @contextmanager
+    def hold(self, cancel: threading.Event, *, after_cancel_s: float = 0.0) -> Iterator[None]:
+        if getattr(self._mine, "holding", False):
+            yield
+            return
+        deadline: float | None = None
+        while not self._free.acquire(timeout=POLL_S):
+            if cancel.is_set():
+                deadline = deadline or time.monotonic() + after_cancel_s
+                if time.monotonic() >= deadline:
+                    raise Cancelled()
+        with self._lock:
+            self._held += 1
+            self.peak = max(self.peak, self._held)
+        self._mine.holding = True
+        try:
+            yield
+        finally:
+            self._mine.holding = False
+            with self._lock:
+                self._held -= 1
+            self._free.release()

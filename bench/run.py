@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,11 +41,23 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import registry_cost  # noqa: E402
 from fleet import Fleet, build, directory_tar, synthetic_tar  # noqa: E402
 from registry import Registry, start_registry  # noqa: E402
+from wan_proxy import behind_wan  # noqa: E402
 
 from batchpush.compress import compress_to_spool  # noqa: E402
 from batchpush.sources.base import FileRange  # noqa: E402
 
 SMALL = os.environ.get("BENCH_SCALE") == "small"
+#: BENCH_WAN=MS: every scenario's registries behind a WanProxy of that delay per
+#: request (wan_proxy.py), both tools through the same one; the heavy fleet's
+#: scenarios (heavy, fanout, mirror_heavy) with a link of BENCH_WAN_RATE bytes/s
+#: per registry as well (default 100 MB/s)
+WAN_MS = float(os.environ.get("BENCH_WAN", "0") or 0)
+WAN_RATE = float(os.environ.get("BENCH_WAN_RATE", "100e6"))
+CAPPED = ("heavy", "fanout", "mirror_heavy")
+#: results behind the WAN are kept apart from the loopback ones
+SUFFIX = "-wan" if WAN_MS else ""
+#: extra arguments of every batchpush run (e.g. ``--max-requests-in-flight 16``)
+BATCHPUSH_ARGS = shlex.split(os.environ.get("BENCH_BATCHPUSH_ARGS", ""))
 CACHE = os.path.join(HERE, ".cache", "small" if SMALL else "full")
 MEASURE = [sys.executable, os.path.join(HERE, "measure.py")]
 _PUT_DONE = re.compile(r'"PUT /v2/\S+/blobs/uploads/\S*digest=sha256%3A([0-9a-f]{64})\S* HTTP/1.1" 201')
@@ -73,6 +86,17 @@ class Run:
     #: softirqs, disk writeback: not negligible when hundreds of MB move)
     machine_cpu_s: float = 0.0
     sampler_cpu_s: float = 0.0
+
+
+def scenario_registry(work: str, name: str) -> Registry:
+    """A fresh registry for scenario ``name``: behind the WAN when BENCH_WAN is set."""
+    return wan(start_registry(work), name)
+
+
+def wan(registry: Registry, name: str) -> Registry:
+    if not WAN_MS:
+        return registry
+    return behind_wan(registry, WAN_MS, WAN_RATE if name in CAPPED else None)
 
 
 def registry_traffic(registries: list[Registry], since: list[int]) -> tuple[int, int]:
@@ -133,7 +157,7 @@ def batchpush_commands(work: str, fleet: Fleet, registries: list[Registry], name
     plan_path = os.path.join(work, f"{name}-{run}.yaml")
     with open(plan_path, "w") as f:
         yaml.safe_dump(plan, f)
-    return [[sys.executable, "-m", "batchpush", "run", plan_path, "-q", "--metadata-dir", os.path.join(work, f"md-{name}-{run}"), "--report", os.path.join(work, f"{name}-{run}.json")]]
+    return [[sys.executable, "-m", "batchpush", "run", plan_path, "-q", "--metadata-dir", os.path.join(work, f"md-{name}-{run}"), "--report", os.path.join(work, f"{name}-{run}.json"), *BATCHPUSH_ARGS]]
 
 
 def skopeo_commands(fleet: Fleet, registries: list[Registry], name: str) -> list[list[str]]:
@@ -171,7 +195,7 @@ def scenario(work: str, fleet: Fleet, name: str, registry_count: int = 1, cron: 
     crons: dict[str, Run] = {}
     for repeat in range(repeats):
         for tool in TOOLS:
-            registries = [start_registry(work) for _ in range(registry_count)]
+            registries = [scenario_registry(work, name) for _ in range(registry_count)]
             try:
                 if tool == "batchpush":
                     label, parallel, commands = "batchpush", 1, batchpush_commands(work, fleet, registries, name, f"{repeat}")
@@ -257,7 +281,7 @@ def mirror_commands(tool: str, work: str, source: Registry, target: Registry, fl
         with open(plan_path, "w") as f:
             yaml.safe_dump(plan, f)
         report = os.path.join(work, f"{name}-{run}.json")
-        return "batchpush", 1, [[sys.executable, "-m", "batchpush", "run", plan_path, "-q", "--metadata-dir", os.path.join(work, f"md-{name}-{run}"), "--report", report]]
+        return "batchpush", 1, [[sys.executable, "-m", "batchpush", "run", plan_path, "-q", "--metadata-dir", os.path.join(work, f"md-{name}-{run}"), "--report", report, *BATCHPUSH_ARGS]]
     parallel = int(tool.rsplit("p", 1)[1])
     # no --scoped: SRC/team/svcNNN:TAG lands as DST/mirror/svcNNN:TAG, as batchpush's plan puts it
     commands = [
@@ -298,13 +322,14 @@ def mirror_scenario(work: str, fleet: Fleet, name: str, repeats: int = REPEATS) 
     cache that run left (median of 3). Every run's result is checked tag by tag
     against the source's digests; batchpush's report statuses are kept."""
     source, expected = fill_source(work, fleet, name)
+    source = wan(source, name)  # filled directly; read through the WAN
     results: dict = {"scenario": name, "images": len(fleet.images), "layer_bytes": fleet.layer_bytes, "wrong_tags": {}, "batchpush_statuses": {}}
     cold: dict[str, list[Run]] = {tool: [] for tool in TOOLS}
     crons: dict[str, Run] = {}
     try:
         for repeat in range(repeats):
             for tool in TOOLS:
-                target = start_registry(work)
+                target = scenario_registry(work, name)
                 try:
                     label, parallel, commands = mirror_commands(tool, work, source, target, fleet, name, f"{repeat}")
                     report = os.path.join(work, f"{name}-{repeat}.json")
@@ -491,6 +516,26 @@ def row(name: str, ours: Run, theirs: Run, layer_bytes: int | None = None) -> st
     )
 
 
+def machine_limits(work: str, built: dict[str, Fleet], only: str | None) -> dict:
+    """What bounds any tool on this machine: isal, the registry's ingest, serving and
+    relay rates, its CPU per request, each tool's start-up (printed as measured)."""
+    isal = 0.0
+    if only != "mirror":  # mirroring compresses nothing
+        largest = max(glob.glob(os.path.join(built["heavy"].repositories()[0], "blobs", "sha256", "*")), key=os.path.getsize)
+        with open(largest, "rb") as f:
+            sample = f.read()
+        isal = isal_throughput_mb_s(sample, work)
+    ingest = registry_ingest_mb_s(work)
+    print(f"limits: isal {isal:,.0f} MB/s per core (input), registry ingest {ingest:,.0f} MB/s (raw monolithic PUT)" if isal else f"limits: registry ingest {ingest:,.0f} MB/s (raw monolithic PUT)", flush=True)
+    serve, relay = registry_relay_mb_s(work)
+    print(f"mirror limits: registry serves {serve:,.0f} MB/s (a blob's GET), relays {relay:,.0f} MB/s (GET streamed into a PUT to another registry)", flush=True)
+    costs = registry_cost.measure(work)
+    print("registry CPU per request: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in costs.items()), flush=True)
+    starts = {"batchpush": startup_s([sys.executable, "-m", "batchpush", "--version"]), "skopeo": startup_s(["skopeo", "--version"])}
+    print(f"start-up (--version, best of 5): batchpush {starts['batchpush']:.2f} s, skopeo {starts['skopeo']:.2f} s", flush=True)
+    return {"isal_mb_s_per_core": isal, "ingest_mb_s": ingest, "serve_mb_s": serve, "relay_mb_s": relay, "registry_cpu_ms_per_request": costs, "startup_s": starts}
+
+
 def main() -> int:
     os.makedirs(CACHE, exist_ok=True)
     work = tempfile.mkdtemp(prefix="batchpush-bench-")
@@ -504,33 +549,24 @@ def main() -> int:
         if only not in (None, "heavy", "wide", "tiny", "mirror"):
             print(f"unknown scenario {only!r}: heavy, wide, tiny or mirror", file=sys.stderr)
             return 2
-        isal = 0.0
-        if only != "mirror":  # mirroring compresses nothing
-            largest = max(glob.glob(os.path.join(built["heavy"].repositories()[0], "blobs", "sha256", "*")), key=os.path.getsize)
-            with open(largest, "rb") as f:
-                sample = f.read()
-            isal = isal_throughput_mb_s(sample, work)
-        ingest = registry_ingest_mb_s(work)
-        print(f"limits: isal {isal:,.0f} MB/s per core (input), registry ingest {ingest:,.0f} MB/s (raw monolithic PUT)" if isal else f"limits: registry ingest {ingest:,.0f} MB/s (raw monolithic PUT)", flush=True)
-        serve, relay = registry_relay_mb_s(work)
-        print(f"mirror limits: registry serves {serve:,.0f} MB/s (a blob's GET), relays {relay:,.0f} MB/s (GET streamed into a PUT to another registry)", flush=True)
-        costs = registry_cost.measure(work)
-        print("registry CPU per request: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in costs.items()), flush=True)
-        starts = {"batchpush": startup_s([sys.executable, "-m", "batchpush", "--version"]), "skopeo": startup_s(["skopeo", "--version"])}
-        print(f"start-up (--version, best of 5): batchpush {starts['batchpush']:.2f} s, skopeo {starts['skopeo']:.2f} s", flush=True)
-        limits = {"isal_mb_s_per_core": isal, "ingest_mb_s": ingest, "serve_mb_s": serve, "relay_mb_s": relay, "registry_cpu_ms_per_request": costs, "startup_s": starts}
+        limits: dict = {}
+        if WAN_MS:  # the machine's limits do not change behind the WAN: not measured again
+            print(f"WAN: {WAN_MS:g} ms per request and connection (wan_proxy.py); {', '.join(CAPPED)}: {WAN_RATE / 1e6:g} MB/s per registry", flush=True)
+        else:
+            limits = machine_limits(work, built, only)
         if only == "mirror":
             mirrors = {"mirror_heavy": mirror_scenario(work, built["heavy"], "mirror_heavy"), "mirror_wide": mirror_scenario(work, built["wide"], "mirror_wide")}
             print("\n".join(mirror_table(mirrors)))
             print_runs(mirrors)
-            with open(os.path.join(HERE, "results-mirror.json"), "w") as f:
+            with open(os.path.join(HERE, f"results-mirror{SUFFIX}.json"), "w") as f:
                 json.dump(to_json(mirrors) | {"limits": limits}, f, indent=1)
             return 0
         if only:  # one scenario, for profiling: BENCH_ONLY=heavy|wide|tiny (batchpush and skopeo)
             result = scenario(work, built[only], only, cron=only != "tiny", repeats=1 if only == "tiny" else REPEATS)
-            for key, value in result.items():
-                if isinstance(value, Run):
-                    print(f"{key:15} {value}")
+            print_runs({only: result})
+            print(row(f"{only} cold", result["batchpush"], result["skopeo"]))
+            if "cron_batchpush" in result:
+                print(row(f"{only} cron re-run", result["cron_batchpush"], result["cron_skopeo"]))
             return 0
         results = {
             "heavy": scenario(work, built["heavy"], "heavy", cron=True),
@@ -555,13 +591,15 @@ def main() -> int:
         print()
         print("\n".join(mirror_table(results)))
         heavy = results["heavy"]["batchpush"]
+        isal, ingest = limits.get("isal_mb_s_per_core", 0.0), limits.get("ingest_mb_s", 0.0)
         compression_ratio = max(1.0, built["heavy"].layer_bytes / max(1, heavy.bytes_uploaded))
         limit = min(isal * (os.cpu_count() or 1), ingest * compression_ratio)
         effective = built["heavy"].layer_bytes / heavy.wall_s / 1e6
-        print(f"\nheavy cold: {effective:,.0f} MB/s of uncompressed layers; the machine's limit is min(isal x {os.cpu_count()} cores = {isal * (os.cpu_count() or 1):,.0f}, "
-              f"ingest x compression ratio {compression_ratio:.2f} = {ingest * compression_ratio:,.0f}) = {limit:,.0f} MB/s -> {effective / limit:.0%} of the limit")
+        if limits:
+            print(f"\nheavy cold: {effective:,.0f} MB/s of uncompressed layers; the machine's limit is min(isal x {os.cpu_count()} cores = {isal * (os.cpu_count() or 1):,.0f}, "
+                  f"ingest x compression ratio {compression_ratio:.2f} = {ingest * compression_ratio:,.0f}) = {limit:,.0f} MB/s -> {effective / limit:.0%} of the limit")
         print_runs(results)
-        with open(os.path.join(HERE, "results.json"), "w") as f:
+        with open(os.path.join(HERE, f"results{SUFFIX}.json"), "w") as f:
             json.dump(to_json(results) | {"limits": limits}, f, indent=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)

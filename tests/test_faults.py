@@ -15,7 +15,7 @@ from fault_proxy import FaultProxy, Rule, signal_mid_upload
 from images import LayoutWriter, random_layer
 
 import batchpush
-from batchpush.engine import PushOptions
+from batchpush.engine import DEFAULT_MAX_CONCURRENT_IMAGES, PushOptions
 from batchpush.registry.auth import Credentials
 from batchpush.registry.client import RegistryOptions
 
@@ -128,7 +128,8 @@ def test_429_retry_after_pauses_the_host(registry, proxy, tmp_path, metadata_dir
     big_layout(str(tmp_path / "layout"), size=100_000)
     value = "2" if form == "seconds" else email.utils.formatdate(time.time() + 3, usegmt=True)
     proxy.add(Rule("POST", "/blobs/uploads/", "status", status=429, headers={"Retry-After": value}, body=b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}'))
-    result = push(f"oci:{tmp_path}/layout", f"{proxy.host}/faults/rate", proxy, metadata_dir, chunked=False, max_concurrent_uploads=1)
+    # one request at a time: none can be on its way already when the 429 comes back
+    result = push(f"oci:{tmp_path}/layout", f"{proxy.host}/faults/rate", proxy, metadata_dir, chunked=False, max_concurrent_uploads=1, max_requests_in_flight=1)
     assert result.ok, result.images[0].error
     limited = next(s for s in proxy.seen if s.action == "status 429")
     after = [s for s in proxy.seen if s.at > limited.at]
@@ -478,9 +479,10 @@ def test_connections_are_kept_for_the_next_request(registry, proxy, tmp_path, me
     for i in range(24):
         descriptor, _ = writer.image([random_layer(100 + i, 4096)])
         writer.tag(descriptor, f"t{i}")
-    result = push(f"oci:{tmp_path / 'many'}", f"{proxy.host}/conn/many", proxy, metadata_dir, chunked=False)
+    result = push(f"oci:{tmp_path / 'many'}", f"{proxy.host}/conn/many", proxy, metadata_dir, chunked=False, max_requests_in_flight=8)
     assert result.ok
     sent = len(proxy.requests())
     assert sent >= 24 * 5  # config and layer (POST+PUT each), and the manifest, per image
-    # at most one per thread that talks to the registry at once, and the https probe
-    assert proxy.connections <= 16, (proxy.connections, sent)
+    # at most one per thread that may talk to the registry at once (8 layer threads,
+    # one per request slot, and the image threads), and the https probe
+    assert proxy.connections <= 8 + DEFAULT_MAX_CONCURRENT_IMAGES + 1, (proxy.connections, sent)

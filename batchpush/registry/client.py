@@ -40,7 +40,7 @@ from .. import mediatypes as mt
 from ..digest import CHUNK_BYTES, Digest, InvalidDigestError
 from ..errors import DigestMismatchError, ReferenceError_, SourceError
 from ..sources.base import FileRange, read_views
-from ..waits import POLL_S, Flights
+from ..waits import POLL_S, Flights, Slots
 from .auth import Authenticator, Credentials, scope_for
 from .errors import (
     TRANSPORT_ERRORS,
@@ -52,6 +52,7 @@ from .errors import (
     UploadRangeError,
     error_from_response,
     parse_decimal,
+    parse_retry_after,
     read_limited,
     release,
     transport_error,
@@ -85,6 +86,14 @@ DEFAULT_MONOLITHIC_LIMIT_BYTES = 512 << 20
 DEFAULT_CHUNK_SIZE_BYTES = 64 << 20
 #: uploads in flight at once to one registry (docker's default is 5)
 DEFAULT_MAX_CONCURRENT_UPLOADS = 5
+#: requests to one host at once (bench/README.md: a registry 25 ms away)
+DEFAULT_MAX_REQUESTS_IN_FLIGHT = 32
+#: a blob body smaller than this is one request like any other, not one of the
+#: host's max_concurrent_uploads: a config or a small layer costs a round trip,
+#: not bandwidth, and behind a far registry five at a time would pace the batch
+SMALL_BODY_BYTES = 1 << 20
+#: after a cancel, how long a DELETE that cancels an upload session may wait for a request slot
+CANCEL_SLOT_WAIT_S = 2.0
 #: seconds to connect
 CONNECT_TIMEOUT_S = 10.0
 #: the longest any one read from a registry's socket may wait (for the answer's
@@ -112,7 +121,11 @@ class RegistryOptions:
     monolithic_limit_bytes: int = DEFAULT_MONOLITHIC_LIMIT_BYTES
     #: 0 or less: the default (an empty chunk would never move the upload on)
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
+    #: blob bodies sent to this host at once (and blob reads from it as a source)
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
+    #: requests to this host at once, whatever they are for (each held from its
+    #: sending until its answer's head arrives): what hides a far registry's latency
+    max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT
     #: attempts of each step sequence (retry policy), the first included
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     #: the longest pause a 429's Retry-After may impose on this host
@@ -349,8 +362,13 @@ class RegistryClient:
         self.cancel = cancel or threading.Event()
         self.gate = HostGate(self.cancel)
         self.policy = RetryPolicy(max_attempts=self.options.max_attempts, retry_after_cap_s=self.options.retry_after_cap_s)
-        # a connection for every thread that may talk to this host at once
-        self.session = new_session(USER_AGENT, self.options.max_concurrent_uploads + other_threads)
+        # a pooled connection for every thread that may talk to this host at once (a
+        # request gives its slot back at its answer's head, its connection once the
+        # answer is read): none is ever discarded and opened again
+        self.session = new_session(USER_AGENT, self.options.max_requests_in_flight + self.options.max_concurrent_uploads + other_threads)
+        #: the limit on requests in flight (its ``peak``: the most at once in this run)
+        self.in_flight = Slots(self.options.max_requests_in_flight)
+        self._upload_slots = Slots(self.options.max_concurrent_uploads)
         self._bundle: str | None = None
         if self.options.insecure:
             self.session.verify = False
@@ -450,7 +468,23 @@ class RegistryClient:
         raise AuthError("GET", realm, None, (), f"token realm on {parts.netloc.rpartition('@')[2]} is not https and its host is not marked insecure")
 
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
-        self._count(method)
+        """One of the host's request slots, from the sending to the answer's head (a
+        DELETE cancelling an upload session still goes for a while after a cancel).
+        A Retry-After pauses the host before the slot is given up, and a slot taken
+        while a pause began is given back for the pause: no request follows a 429
+        before its time."""
+        while True:
+            with self.in_flight.hold(self.cancel, after_cancel_s=CANCEL_SLOT_WAIT_S if method == "DELETE" else 0.0):
+                if not self.gate.closed:
+                    self._count(method)
+                    response = self._send_now(method, url, headers, data)
+                    retry_after = parse_retry_after(response.headers.get("Retry-After")) if response.status_code in (429, 503) else None
+                    if retry_after is not None:
+                        self.gate.pause(min(retry_after, self.policy.retry_after_cap_s))
+                    return response
+            self.gate.wait()
+
+    def _send_now(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
         try:
             # verify is passed explicitly (the session does not read the environment)
             return send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, self.options.read_timeout_s), verify=self.session.verify)
@@ -514,10 +548,8 @@ class RegistryClient:
                 continue
             if response.status_code not in expected:
                 self._count_error()
-                error = error_from_response(response, method)
-                if error.retry_after_s is not None:  # the whole host waits, not only this step
-                    self.gate.pause(min(error.retry_after_s, self.policy.retry_after_cap_s))
-                raise error
+                # (a Retry-After paused the whole host already, in _send)
+                raise error_from_response(response, method)
             return response
 
     def _redirect_refusal(self, first: str, url: str, target: str, method: str) -> str | None:
@@ -627,7 +659,7 @@ class RegistryClient:
 
     def cancel_upload(self, repository: str, session: UploadSession) -> None:
         """``DELETE`` an abandoned upload session; failures are ignored."""
-        with contextlib.suppress(RegistryError):
+        with contextlib.suppress(RegistryError, Cancelled):
             release(self.request("DELETE", session.location, scopes=(scope_for(repository, "pull,push"),), expected=set(range(200, 600))))
 
     def upload_status(self, repository: str, upload: BlobUpload) -> None:
@@ -693,10 +725,13 @@ class RegistryClient:
             if on_progress is not None:
                 on_progress(upload.offset + sent)
 
-        if isinstance(blob, FileRange):
-            self._upload_file(repository, upload, blob, digest, counted, before_commit)
-        else:
-            self._upload_stream(repository, upload, blob, digest, counted, before_commit)
+        # one of the host's max_concurrent_uploads blob bodies at a time (a small one
+        # only needs a request slot)
+        with self._upload_slots.hold(self.cancel) if blob.size >= SMALL_BODY_BYTES else contextlib.nullcontext():
+            if isinstance(blob, FileRange):
+                self._upload_file(repository, upload, blob, digest, counted, before_commit)
+            else:
+                self._upload_stream(repository, upload, blob, digest, counted, before_commit)
         return sent
 
     def _chunking(self, size: int, upload: BlobUpload, before_commit: Callable[[], None] | None) -> tuple[bool, int]:

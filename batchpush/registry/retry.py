@@ -58,6 +58,12 @@ class HostGate:
         with self._lock:
             self._open_at = max(self._open_at, time.monotonic() + seconds)
 
+    @property
+    def closed(self) -> bool:
+        """A pause is under way."""
+        with self._lock:
+            return self._open_at > time.monotonic()
+
     def wait(self) -> None:
         while True:
             with self._lock:
