@@ -4,6 +4,7 @@ cancellation that ends, single-flight per blob, and a dry run that is the push."
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import os
 import re
 import signal
@@ -18,11 +19,12 @@ from conftest import pull_and_verify
 from fault_proxy import FaultProxy, Rule
 from images import LayoutWriter, layer_tar, random_layer, simple_layout
 from registry import start_registry
+from test_mirror import commits
 
 import batchpush
 from batchpush.engine import Engine, PushJob, PushOptions
 from batchpush.image_push import ImagePusher
-from batchpush.layer_push import LayerPusher
+from batchpush.layer_push import STREAM_MIN_BYTES, LayerPusher
 from batchpush.metadata import MetadataStore
 from batchpush.outcome import LayerOutcome
 from batchpush.policy import hmac_key
@@ -189,6 +191,69 @@ def test_an_image_waiting_for_its_checks_holds_no_blob_and_no_upload_thread(regi
         assert not a_thread.is_alive()
         assert a_out[0].layers[0].outcome is LayerOutcome.MOUNTED and a_out[0].layers[0].mounted_from == "gate/b"
         pull_and_verify(registry, "gate/a:a", str(tmp_path / "pulled"))
+    finally:
+        uploads.shutdown(wait=False, cancel_futures=True)
+        client.close()
+        preparer.close()
+        store.close()
+
+
+def _until(condition) -> None:  # type: ignore[no-untyped-def]
+    """Wait for something that must happen (a hang detector, not a timing)."""
+    deadline = time.monotonic() + BOUND_S
+    while not condition():
+        assert time.monotonic() < deadline, "it never happened"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["whole", "streaming"])
+def test_a_blob_staged_by_one_image_is_committed_once_and_mounted_by_the_other(registry, tmp_path, metadata_dir, caplog, gated):
+    """Behind a far registry the heavy fleet uploaded a shared large layer twice to
+    one registry: image A sent its data ahead of its gate (uncommitted, the blob's
+    flight left), and image B, its layers all checked, found nothing committed and
+    uploaded the blob again. Now B waits for A's data to be committed (or dropped),
+    then mounts it."""
+    caplog.set_level(logging.DEBUG, logger="batchpush")
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    shared = random_layer(61, 3 << 20)  # incompressible: its gzip is over STREAM_MIN_BYTES
+    a_descriptor, _ = writer.image([shared, layer_tar(62)])
+    writer.tag(a_descriptor, "a")
+    b_descriptor, _ = writer.image([shared])
+    writer.tag(b_descriptor, "b")
+    sources = {image.tags[0]: image.node for image in open_source(f"oci:{tmp_path / 'layout'}").images()}
+    store = MetadataStore(metadata_dir)
+    preparer = Preparer(str(tmp_path), store)
+    client = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    uploads = cf.ThreadPoolExecutor(max_workers=4)
+    try:
+        a, b = preparer.prepare(sources["a"]), preparer.prepare(sources["b"])
+        assert isinstance(a, PreparedManifest) and isinstance(b, PreparedManifest)
+        blob = a.layers[0]
+        assert blob.size >= STREAM_MIN_BYTES and b.layers[0].digest == blob.digest
+        state, key = PushState(), hmac_key(None)
+
+        def pusher(repository: str) -> ImagePusher:
+            layers = LayerPusher(client, parse_reference(f"{registry.host}/{repository}"), state, store, key, materialize=preparer.materialize)
+            return ImagePusher(layers, uploads)
+
+        never_checked: cf.Future = cf.Future()  # A's small layer, still compressing
+        pending = PendingManifest(a.source, (_done(blob), never_checked), a.config)
+        a_thread, a_out = _in_thread(lambda: pusher("dup/a").push_streaming(pending, "a"))
+        # A's session for the blob is open: A holds the blob's flight, then stages its data
+        _until(lambda: registry.count("POST", "/v2/dup/a/blobs/uploads/") > 0)
+        b_pending = PendingManifest(b.source, tuple(_done(layer) for layer in b.layers), b.config)
+        b_thread, b_out = _in_thread(lambda: pusher("dup/b").push_streaming(b_pending, "b") if gated else pusher("dup/b").push(b, "b"))
+        _until(lambda: not b_thread.is_alive() or any("staged by another push" in r.getMessage() for r in caplog.records))
+        never_checked.set_result(a.layers[1])  # A's image is checked: it commits
+        for thread in (a_thread, b_thread):
+            thread.join(BOUND_S)
+            assert not thread.is_alive()
+        hex_ = str(blob.digest).split(":")[1]
+        assert (commits(registry)[("dup/a", hex_)], commits(registry)[("dup/b", hex_)]) == (1, 0), "the shared blob went up twice"
+        assert (b_out[0].layers[0].outcome, b_out[0].layers[0].mounted_from) == (LayerOutcome.MOUNTED, "dup/a")
+        assert a_out[0].layers[0].outcome is LayerOutcome.UPLOADED
+        pull_and_verify(registry, "dup/a:a", str(tmp_path / "pulled-a"))
+        pull_and_verify(registry, "dup/b:b", str(tmp_path / "pulled-b"))
     finally:
         uploads.shutdown(wait=False, cancel_futures=True)
         client.close()
