@@ -373,24 +373,27 @@ class LayerPusher:
 
     def _upload(self, layer: PreparedLayer, carry: _Carry) -> LayerResult | None:
         """Step 7. None: the image's gate is not open; a large layer's data is sent
-        first (``carry.upload`` keeps the session), a small one waits unsent."""
+        first (``carry.upload`` keeps the session), a small one waits unsent. None
+        too when another push's data of the blob is sent and not yet committed
+        (``carry.other``)."""
         if layer.source.blob is None and layer.blob is None:
             raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes", permanent=True)
         gate = carry.gate
         staging = gate is not None and not gate.open
+        other: threading.Event | None = None
         if staging:
             if (carry.upload is not None and carry.upload.offset > 0) or layer.size < STREAM_MIN_BYTES:
                 return None  # data already sent, or too small to be worth sending early
             if not carry.staging:
-                carry.other = self.state.stage(self.target.registry, layer.digest)
-                if carry.other is not None:
-                    return None  # another push is sending this blob's data: no second copy
-            carry.staging = True
-        elif not carry.staging and carry.other is None:
-            carry.other = self.state.staged(self.target.registry, layer.digest)
-            if carry.other is not None:
-                log.debug("%s: %s is staged by another push; its commit is awaited", self.target, layer.digest)
-                return None
+                other = self.state.stage(self.target.registry, layer.digest)
+                carry.staging = other is None
+        elif not carry.staging and carry.other is None:  # waited for no other push yet
+            other = self.state.staged(self.target.registry, layer.digest)
+        if other is not None:
+            # another push sent this blob's data, uncommitted: no second copy
+            log.debug("%s: %s is staged by another push; its commit is awaited", self.target, layer.digest)
+            carry.other = other
+            return None
         blob = self.materialize(layer)
         if carry.upload is None:
             carry.upload = BlobUpload(self.client.start_upload(self.repository))

@@ -261,6 +261,62 @@ def test_a_blob_staged_by_one_image_is_committed_once_and_mounted_by_the_other(r
         store.close()
 
 
+def test_two_images_each_waiting_for_the_others_staged_blob_both_finish(registry, tmp_path, metadata_dir, caplog):
+    """A sent blob 1 ahead of its gate and waits for B's blob 2; B sent blob 2 and
+    waits for A's blob 1, each listed before its own: each image commits its own
+    staged data before it waits for the other's, so neither waits for ever, and
+    each blob goes up once."""
+    caplog.set_level(logging.DEBUG, logger="batchpush")
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    one, two = random_layer(71, 3 << 20), random_layer(72, 3 << 20)
+    a_descriptor, _ = writer.image([two, one, layer_tar(73)])
+    writer.tag(a_descriptor, "a")
+    b_descriptor, _ = writer.image([one, two, layer_tar(74)])
+    writer.tag(b_descriptor, "b")
+    sources = {image.tags[0]: image.node for image in open_source(f"oci:{tmp_path / 'layout'}").images()}
+    store = MetadataStore(metadata_dir)
+    preparer = Preparer(str(tmp_path), store)
+    client = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    uploads = cf.ThreadPoolExecutor(max_workers=4)
+    try:
+        a, b = preparer.prepare(sources["a"]), preparer.prepare(sources["b"])
+        assert isinstance(a, PreparedManifest) and isinstance(b, PreparedManifest)
+        state, key = PushState(), hmac_key(None)
+
+        def pusher(repository: str) -> ImagePusher:
+            layers = LayerPusher(client, parse_reference(f"{registry.host}/{repository}"), state, store, key, materialize=preparer.materialize)
+            return ImagePusher(layers, uploads)
+
+        def waiting(repository: str) -> bool:
+            return any(f"/{repository}" in r.getMessage() and "staged by another push" in r.getMessage() for r in caplog.records)
+
+        a_checks: list[cf.Future] = [cf.Future(), _done(a.layers[1]), cf.Future()]
+        b_checks: list[cf.Future] = [cf.Future(), _done(b.layers[1]), cf.Future()]
+        a_thread, a_out = _in_thread(lambda: pusher("cycle/a").push_streaming(PendingManifest(a.source, tuple(a_checks), a.config), "a"))
+        _until(lambda: registry.count("POST", "/v2/cycle/a/blobs/uploads/") > 0)  # A stages blob 1
+        b_thread, b_out = _in_thread(lambda: pusher("cycle/b").push_streaming(PendingManifest(b.source, tuple(b_checks), b.config), "b"))
+        _until(lambda: registry.count("POST", "/v2/cycle/b/blobs/uploads/") > 0)  # B stages blob 2
+        a_checks[0].set_result(a.layers[0])
+        b_checks[0].set_result(b.layers[0])
+        _until(lambda: waiting("cycle/a") and waiting("cycle/b"))
+        a_checks[2].set_result(a.layers[2])  # both images are checked
+        b_checks[2].set_result(b.layers[2])
+        for thread in (a_thread, b_thread):
+            thread.join(BOUND_S)
+            assert not thread.is_alive(), "an image waited for ever"
+        assert sorted(commits(registry)[(r, str(layer.digest).split(":")[1])] for r in ("cycle/a", "cycle/b") for layer in a.layers[:2]) == [0, 0, 1, 1]
+        assert [layer.outcome for layer in a_out[0].layers] == [LayerOutcome.MOUNTED, LayerOutcome.UPLOADED, LayerOutcome.UPLOADED]
+        assert [layer.outcome for layer in b_out[0].layers] == [LayerOutcome.MOUNTED, LayerOutcome.UPLOADED, LayerOutcome.UPLOADED]
+        pull_and_verify(registry, "cycle/a:a", str(tmp_path / "pulled-a"))
+        pull_and_verify(registry, "cycle/b:b", str(tmp_path / "pulled-b"))
+    finally:
+        client.cancel.set()  # an image that waits for ever stops
+        uploads.shutdown(wait=False, cancel_futures=True)
+        client.close()
+        preparer.close()
+        store.close()
+
+
 def _done(layer):  # type: ignore[no-untyped-def]
     future: cf.Future = cf.Future()
     future.set_result(layer)
