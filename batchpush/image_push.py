@@ -160,7 +160,9 @@ class ImagePusher:
         """Each layer as soon as it is checked, and the config, on the registry's
         pool; then the manifest. With a gate, what must wait for it comes back
         ``Staged`` and this thread (not an upload thread) waits for the gate, then
-        has them finished. The first failure is raised (a layer's own failed check
+        has them finished; so does a layer whose blob another push has staged, and
+        this thread waits for that push's commit (never an upload thread: the
+        commit needs one). The first failure is raised (a layer's own failed check
         before the others' consequences), staged sessions are cancelled, and no
         manifest is written."""
         cancel = self.client.cancel
@@ -187,7 +189,12 @@ class ImagePusher:
         except BaseException:
             self._abandon(pushes.values())
             raise
-        finished = {position: self.executor.submit(self.layers.finish, outcome) for position, outcome in staged.items() if isinstance(outcome, Staged)}
+        finished: dict[int, cf.Future[LayerResult]] = {}
+        # this image's own staged data first: another image's layer may wait for it
+        for position, outcome in sorted(((p, o) for p, o in staged.items() if isinstance(o, Staged)), key=lambda item: item[1].waits_for is not None):
+            if outcome.waits_for is not None:
+                waits.event(outcome.waits_for, cancel)
+            finished[position] = self.executor.submit(self.layers.finish, outcome)
         waits.wait_done(finished.values(), cancel)
         results = {position: finished[position].result() if position in finished else outcome for position, outcome in staged.items()}
         layers = [results[position] for position in range(len(checks))]

@@ -16,7 +16,9 @@ Steps 3-7 hold the blob's single-flight (per registry and blob, state.py), never
 longer: a layer of an image still being checked (its gate not open) comes back
 ``Staged`` before any write, leaving the flight and its upload thread, and its
 image's own thread waits for the gate; another image that needs the same blob
-goes on meanwhile.
+goes on meanwhile. A large layer may have sent its data by then, uncommitted:
+another push of that blob to the registry comes back ``Staged`` too, instead of
+uploading it again, and goes on (mounts it) once that data is committed.
 Only a definite answer to a mount (the registry opened an upload instead, or
 denied it) may remove a store entry; a temporary one is retried under the policy.
 A descriptor's size is what we hashed, or what a valid registry answer said.
@@ -113,20 +115,29 @@ class _Carry:
     checked: set[Digest] = field(default_factory=set)
     #: this push is the one sending the blob's data ahead of its gate (state.py)
     staging: bool = False
+    #: another push's claim on sending the blob's data: this layer's image waits for
+    #: it to end before finishing the layer (once: then it uploads, if it must)
+    other: threading.Event | None = None
     #: bytes of the blob sent ahead of the commit
     sent: int = 0
 
 
 @dataclass(slots=True)
 class Staged:
-    """A layer that waits for its image's gate: nothing of it is written yet (a large
-    layer's data may be sent, uncommitted). ``LayerPusher.finish`` completes it once
-    the gate is open; ``LayerPusher.abandon`` cancels it. Until then it holds no
-    thread: the image's own thread waits for the gate."""
+    """A layer that waits for its image's gate, or for another push's data of its
+    blob (``waits_for``): nothing of it is written yet (a large layer's data may be
+    sent, uncommitted). ``LayerPusher.finish`` completes it once the gate is open
+    and ``waits_for`` is set; ``LayerPusher.abandon`` cancels it. Until then it
+    holds no thread: the image's own thread waits."""
 
     layer: PreparedLayer
     carry: _Carry
     is_config: bool
+
+    @property
+    def waits_for(self) -> threading.Event | None:
+        """Set once the other push's data of this blob is committed or dropped."""
+        return self.carry.other
 
 
 def _compatible(layer: PreparedLayer, entry: V2Metadata) -> bool:
@@ -174,14 +185,16 @@ class LayerPusher:
         With a ``gate`` that is not open (the image's layers are still being
         checked), nothing is written — no mount, no commit — and ``Staged`` is
         returned at once: a large layer to upload has sent its data first (one push
-        per registry and blob does that; the others send nothing). The caller
-        waits for the gate, then calls ``finish`` (or ``abandon``)."""
+        per registry and blob does that; the others send nothing). A layer to
+        upload whose data another push has sent, uncommitted, comes back
+        ``Staged`` too, gate or not. The caller waits for the gate and the
+        staged layer's ``waits_for``, then calls ``finish`` (or ``abandon``)."""
         return self._run(layer, _Carry(gate=gate), is_config)
 
     def finish(self, staged: Staged) -> LayerResult:
-        """Complete a staged layer, its gate now open."""
-        gate = staged.carry.gate
-        assert gate is None or gate.open
+        """Complete a staged layer, its gate now open and what it waited for done."""
+        gate, other = staged.carry.gate, staged.carry.other
+        assert (gate is None or gate.open) and (other is None or other.is_set())
         staged.carry.gate = None
         result = self._run(staged.layer, staged.carry, staged.is_config)
         assert isinstance(result, LayerResult)
@@ -360,17 +373,27 @@ class LayerPusher:
 
     def _upload(self, layer: PreparedLayer, carry: _Carry) -> LayerResult | None:
         """Step 7. None: the image's gate is not open; a large layer's data is sent
-        first (``carry.upload`` keeps the session), a small one waits unsent."""
+        first (``carry.upload`` keeps the session), a small one waits unsent. None
+        too when another push's data of the blob is sent and not yet committed
+        (``carry.other``)."""
         if layer.source.blob is None and layer.blob is None:
             raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes", permanent=True)
         gate = carry.gate
         staging = gate is not None and not gate.open
+        other: threading.Event | None = None
         if staging:
             if (carry.upload is not None and carry.upload.offset > 0) or layer.size < STREAM_MIN_BYTES:
                 return None  # data already sent, or too small to be worth sending early
-            if not carry.staging and not self.state.stage(self.target.registry, layer.digest):
-                return None  # another push is sending this blob's data: no second copy
-            carry.staging = True
+            if not carry.staging:
+                other = self.state.stage(self.target.registry, layer.digest)
+                carry.staging = other is None
+        elif not carry.staging and carry.other is None:  # waited for no other push yet
+            other = self.state.staged(self.target.registry, layer.digest)
+        if other is not None:
+            # another push sent this blob's data, uncommitted: no second copy
+            log.debug("%s: %s is staged by another push; its commit is awaited", self.target, layer.digest)
+            carry.other = other
+            return None
         blob = self.materialize(layer)
         if carry.upload is None:
             carry.upload = BlobUpload(self.client.start_upload(self.repository))
@@ -404,9 +427,9 @@ class LayerPusher:
                 self._drop_upload(layer, carry)
             raise
         carry.upload = None
-        if carry.staging:
-            self.state.unstage(self.target.registry, layer.digest)
-            carry.staging = False
         remote = RemoteBlob(layer.digest, layer.size, layer.media_type)
         self.remember(layer, remote, layer.recipe)
+        if carry.staging:  # in the state first: who waited for the claim mounts it
+            self.state.unstage(self.target.registry, layer.digest)
+            carry.staging = False
         return self._result(layer, remote, LayerOutcome.UPLOADED, carry.sent)

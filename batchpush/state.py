@@ -38,8 +38,9 @@ class PushState:
         self._layers: dict[tuple[str, str, Digest], RemoteBlob] = {}
         self._repositories: dict[tuple[str, Digest], list[str]] = {}
         self._flights = waits.Flights()
-        #: (registry, blob) whose data a push is sending ahead of its image's gate
-        self._staging: set[tuple[str, Digest]] = set()
+        #: (registry, blob) whose data a push is sending ahead of its image's gate:
+        #: its claim, set once that data is committed or dropped
+        self._staging: dict[tuple[str, Digest], threading.Event] = {}
 
     def known_layer(self, registry: str, repository: str, key: Digest) -> RemoteBlob | None:
         with self._lock:
@@ -73,16 +74,27 @@ class PushState:
 
         return self._flights.hold(key, cancel)
 
-    def stage(self, registry: str, digest: Digest) -> bool:
-        """Claim the sending of a blob's data ahead of its image's gate: False if
-        another push has it (this one then sends nothing and, once its gate opens,
-        mounts what the other committed, or uploads if it did not)."""
+    def stage(self, registry: str, digest: Digest) -> threading.Event | None:
+        """Claim the sending of a blob's data ahead of its image's gate: None once
+        this push has the claim; else the claim of the push that has it (this one
+        then sends nothing and waits for it, see ``staged``)."""
         with self._lock:
-            if (registry, digest) in self._staging:
-                return False
-            self._staging.add((registry, digest))
-            return True
+            claim = self._staging.get((registry, digest))
+            if claim is None:
+                self._staging[(registry, digest)] = threading.Event()
+            return claim
+
+    def staged(self, registry: str, digest: Digest) -> threading.Event | None:
+        """The claim of a push whose data of ``digest`` is sent but not committed:
+        the flight is left while its image is checked, so another push of the blob
+        must wait for the claim to end (outside any flight), then mount what was
+        committed, or upload if it was dropped. None if there is none."""
+        with self._lock:
+            return self._staging.get((registry, digest))
 
     def unstage(self, registry: str, digest: Digest) -> None:
+        """The claimed data is committed (and in the state) or dropped: waiters go on."""
         with self._lock:
-            self._staging.discard((registry, digest))
+            claim = self._staging.pop((registry, digest), None)
+        if claim is not None:
+            claim.set()

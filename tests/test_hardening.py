@@ -4,6 +4,7 @@ cancellation that ends, single-flight per blob, and a dry run that is the push."
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import os
 import re
 import signal
@@ -12,17 +13,21 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 from conftest import pull_and_verify
 from fault_proxy import FaultProxy, Rule
 from images import LayoutWriter, layer_tar, random_layer, simple_layout
 from registry import start_registry
+from test_mirror import commits
 
 import batchpush
 from batchpush.engine import Engine, PushJob, PushOptions
 from batchpush.image_push import ImagePusher
-from batchpush.layer_push import LayerPusher
+from batchpush.layer_push import STREAM_MIN_BYTES, LayerPusher
 from batchpush.metadata import MetadataStore
 from batchpush.outcome import LayerOutcome
 from batchpush.policy import hmac_key
@@ -194,6 +199,122 @@ def test_an_image_waiting_for_its_checks_holds_no_blob_and_no_upload_thread(regi
         client.close()
         preparer.close()
         store.close()
+
+
+def _until(condition) -> None:  # type: ignore[no-untyped-def]
+    """Wait for something that must happen (a hang detector, not a timing)."""
+    deadline = time.monotonic() + BOUND_S
+    while not condition():
+        assert time.monotonic() < deadline, "it never happened"
+        time.sleep(0.01)
+
+
+@dataclass
+class _TwoImages:
+    """Images A and B of one layout, prepared, and pushers to the registry that
+    share one push state and one upload pool, as the images of a batch do."""
+
+    a: PreparedManifest
+    b: PreparedManifest
+    pusher: Callable[[str], ImagePusher]
+    client: RegistryClient
+
+
+@contextmanager
+def _two_images(registry, tmp_path, metadata_dir, a_layers: list[bytes], b_layers: list[bytes]) -> Iterator[_TwoImages]:  # type: ignore[no-untyped-def]
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    for tag, layers in (("a", a_layers), ("b", b_layers)):
+        descriptor, _ = writer.image(layers)
+        writer.tag(descriptor, tag)
+    sources = {image.tags[0]: image.node for image in open_source(f"oci:{tmp_path / 'layout'}").images()}
+    store = MetadataStore(metadata_dir)
+    preparer = Preparer(str(tmp_path), store)
+    client = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    uploads = cf.ThreadPoolExecutor(max_workers=4)
+    state, key = PushState(), hmac_key(None)
+
+    def pusher(repository: str) -> ImagePusher:
+        layers = LayerPusher(client, parse_reference(f"{registry.host}/{repository}"), state, store, key, materialize=preparer.materialize)
+        return ImagePusher(layers, uploads)
+
+    try:
+        a, b = preparer.prepare(sources["a"]), preparer.prepare(sources["b"])
+        assert isinstance(a, PreparedManifest) and isinstance(b, PreparedManifest)
+        yield _TwoImages(a, b, pusher, client)
+    finally:
+        client.cancel.set()  # an image that would wait for ever stops
+        uploads.shutdown(wait=False, cancel_futures=True)
+        client.close()
+        preparer.close()
+        store.close()
+
+
+def _waiting(caplog, repository: str) -> bool:  # type: ignore[no-untyped-def]
+    """A push to ``repository`` found another's staged data of its blob and waits."""
+    return any(f"/{repository}:" in r.getMessage() and "staged by another push" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["whole", "streaming"])
+def test_a_blob_staged_by_one_image_is_committed_once_and_mounted_by_the_other(registry, tmp_path, metadata_dir, caplog, gated):
+    """Behind a far registry the heavy fleet uploaded a shared large layer twice to
+    one registry: image A sent its data ahead of its gate (uncommitted, the blob's
+    flight left), and image B, its layers all checked, found nothing committed and
+    uploaded the blob again. Now B waits for A's data to be committed (or dropped),
+    then mounts it."""
+    caplog.set_level(logging.DEBUG, logger="batchpush")
+    shared = random_layer(61, 3 << 20)  # incompressible: its gzip is over STREAM_MIN_BYTES
+    with _two_images(registry, tmp_path, metadata_dir, [shared, layer_tar(62)], [shared]) as two:
+        a, b = two.a, two.b
+        blob = a.layers[0]
+        assert blob.size >= STREAM_MIN_BYTES and b.layers[0].digest == blob.digest
+        never_checked: cf.Future = cf.Future()  # A's small layer, still compressing
+        pending = PendingManifest(a.source, (_done(blob), never_checked), a.config)
+        a_thread, a_out = _in_thread(lambda: two.pusher("dup/a").push_streaming(pending, "a"))
+        # A's session for the blob is open: A holds the blob's flight, then stages its data
+        _until(lambda: registry.count("POST", "/v2/dup/a/blobs/uploads/") > 0)
+        b_pending = PendingManifest(b.source, tuple(_done(layer) for layer in b.layers), b.config)
+        b_thread, b_out = _in_thread(lambda: two.pusher("dup/b").push_streaming(b_pending, "b") if gated else two.pusher("dup/b").push(b, "b"))
+        _until(lambda: not b_thread.is_alive() or _waiting(caplog, "dup/b"))
+        never_checked.set_result(a.layers[1])  # A's image is checked: it commits
+        for thread in (a_thread, b_thread):
+            thread.join(BOUND_S)
+            assert not thread.is_alive()
+        hex_ = str(blob.digest).split(":")[1]
+        assert (commits(registry)[("dup/a", hex_)], commits(registry)[("dup/b", hex_)]) == (1, 0), "the shared blob went up twice"
+        assert (b_out[0].layers[0].outcome, b_out[0].layers[0].mounted_from) == (LayerOutcome.MOUNTED, "dup/a")
+        assert a_out[0].layers[0].outcome is LayerOutcome.UPLOADED
+    pull_and_verify(registry, "dup/a:a", str(tmp_path / "pulled-a"))
+    pull_and_verify(registry, "dup/b:b", str(tmp_path / "pulled-b"))
+
+
+def test_two_images_each_waiting_for_the_others_staged_blob_both_finish(registry, tmp_path, metadata_dir, caplog):
+    """A sent blob 1 ahead of its gate and waits for B's blob 2; B sent blob 2 and
+    waits for A's blob 1, each listed before its own: each image commits its own
+    staged data before it waits for the other's, so neither waits for ever, and
+    each blob goes up once."""
+    caplog.set_level(logging.DEBUG, logger="batchpush")
+    first, second = random_layer(71, 3 << 20), random_layer(72, 3 << 20)
+    with _two_images(registry, tmp_path, metadata_dir, [second, first, layer_tar(73)], [first, second, layer_tar(74)]) as two:
+        a, b = two.a, two.b
+        a_checks: list[cf.Future] = [cf.Future(), _done(a.layers[1]), cf.Future()]
+        b_checks: list[cf.Future] = [cf.Future(), _done(b.layers[1]), cf.Future()]
+        a_thread, a_out = _in_thread(lambda: two.pusher("cycle/a").push_streaming(PendingManifest(a.source, tuple(a_checks), a.config), "a"))
+        _until(lambda: registry.count("POST", "/v2/cycle/a/blobs/uploads/") > 0)  # A stages blob 1
+        b_thread, b_out = _in_thread(lambda: two.pusher("cycle/b").push_streaming(PendingManifest(b.source, tuple(b_checks), b.config), "b"))
+        _until(lambda: registry.count("POST", "/v2/cycle/b/blobs/uploads/") > 0)  # B stages blob 2
+        a_checks[0].set_result(a.layers[0])
+        b_checks[0].set_result(b.layers[0])
+        _until(lambda: _waiting(caplog, "cycle/a") and _waiting(caplog, "cycle/b"))
+        a_checks[2].set_result(a.layers[2])  # both images are checked
+        b_checks[2].set_result(b.layers[2])
+        for thread in (a_thread, b_thread):
+            thread.join(BOUND_S)
+            assert not thread.is_alive(), "an image waited for ever"
+        assert sorted(commits(registry)[(r, str(layer.digest).split(":")[1])] for r in ("cycle/a", "cycle/b") for layer in a.layers[:2]) == [0, 0, 1, 1]
+        for pushed in (a_out[0], b_out[0]):
+            assert [layer.outcome for layer in pushed.layers] == [LayerOutcome.MOUNTED, LayerOutcome.UPLOADED, LayerOutcome.UPLOADED]
+    pull_and_verify(registry, "cycle/a:a", str(tmp_path / "pulled-a"))
+    pull_and_verify(registry, "cycle/b:b", str(tmp_path / "pulled-b"))
 
 
 def _done(layer):  # type: ignore[no-untyped-def]
