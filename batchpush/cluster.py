@@ -76,6 +76,7 @@ from . import __version__
 from .digest import Digest
 from .engine import Engine, PushJob, PushOptions, _Entry, _Work
 from .errors import BatchPushError, InternalError, UsageError
+from .layer_push import Staged
 from .metadata import Knowledge
 from .outcome import LayerOutcome, LayerResult
 from .prepare import PendingManifest, PreparedLayer, Preparer
@@ -385,7 +386,10 @@ def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer:
         if client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
             layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
             return
-        layers.push(layer, is_config=is_config)
+        if isinstance(layers.push(layer, is_config=is_config), Staged):
+            # only a push that waits for a gate, or for another push's staged data,
+            # comes back Staged; no push of this task's engine has either
+            raise BatchPushError(f"blob {layer.digest}: left uncommitted in {target.name}")
     finally:
         lease.release()
 
