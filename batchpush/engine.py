@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -60,6 +61,8 @@ CANCEL_GRACE_S = 5.0
 #: (image, target) pushes running at once: behind a far registry 8 left the
 #: request limit half used (bench/README.md, *Behind a WAN*)
 DEFAULT_MAX_CONCURRENT_IMAGES = 16
+#: after a cancel, how long the spool's removal is tried again
+CANCEL_SPOOL_S = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -227,6 +230,12 @@ class Engine:
             client.close()
         self.store.close()
         shutil.rmtree(self._spool, ignore_errors=True)
+        # after a cancel, a compression thread still ending may write into the spool
+        # while it goes: a second pass, for a bounded moment
+        deadline = time.monotonic() + CANCEL_SPOOL_S
+        while not wait and os.path.exists(self._spool) and time.monotonic() < deadline:
+            time.sleep(waits.POLL_S)
+            shutil.rmtree(self._spool, ignore_errors=True)
 
     def registry_options(self, host: str) -> RegistryOptions:
         options = self.options.registries.get(host, self.options.registry_defaults)

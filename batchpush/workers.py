@@ -64,6 +64,8 @@ WORKER_MEMORY_BYTES = 256 << 20
 MAX_REBUILDS = 3
 #: how often a worker looks for the main process
 WATCH_INTERVAL_S = 1.0
+#: after a cancel, how long the killed workers are given to end
+KILL_WAIT_S = 2.0
 #: prctl(2) option (linux/prctl.h): the signal this process gets when its parent exits
 _PR_SET_PDEATHSIG = 1
 #: whether a queued task's future may be cancelled: before 3.12, a pool that breaks
@@ -242,12 +244,26 @@ class WorkerPool(cf.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut the current pool down; pools that broke were shut down then,
-        without waiting, and are not waited for here."""
+        without waiting, and are not waited for here. Without waiting (a cancelled
+        run), the workers are killed (they ignore SIGTERM) and given a moment to
+        end: a task under way would go on writing blocks into a spool that is
+        about to be removed, and leave it behind."""
         with self._lock:
             self._closed = True
             pool = self._pool
-        if pool is not None:
-            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if pool is None:
+            return
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if wait:
+            return
+        deadline = time.monotonic() + KILL_WAIT_S
+        for worker in workers:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                worker.kill()
+        for worker in workers:
+            with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
+                worker.join(max(0.0, deadline - time.monotonic()))
 
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[cf.ProcessPoolExecutor, cf.Future[Any]]:
         """``fn`` submitted, and the pool it went to."""
