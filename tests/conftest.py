@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from fault_proxy import FaultProxy
 from registry import REGISTRY_BINARY, Registry, start_registry
 
 from batchpush.cli import main
@@ -33,6 +34,15 @@ def _require(path: str, package: str) -> None:
 def registry(tmp_path) -> Iterator[Registry]:
     _require(REGISTRY_BINARY, "docker-registry")
     started = start_registry(str(tmp_path))
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def front(source) -> Iterator[FaultProxy]:
+    """Our fault proxy in front of the source registry (the ``source`` fixture of the
+    test's module): batchpush reads the source through it."""
+    started = FaultProxy(source.host)
     yield started
     started.stop()
 

@@ -73,14 +73,6 @@ def source(tmp_path) -> Iterator[Registry]:
     started.stop()
 
 
-@pytest.fixture
-def front(source) -> Iterator[FaultProxy]:
-    """Our fault proxy in front of the source: batchpush reads the source through it."""
-    started = FaultProxy(source.host)
-    yield started
-    started.stop()
-
-
 def mirror_plan(tmp_path: Path, front: FaultProxy, registry: Registry, sources: dict[str, str], target_settings: dict[str, Any] | None = None, **front_settings: Any) -> str:
     """A plan mirroring each ``docker://FRONT/<source>`` to ``TARGET/<target>``; the
     front host's per-registry settings are ``front_settings``, the target's

@@ -62,14 +62,6 @@ def source(tmp_path) -> Iterator[Registry]:
     started.stop()
 
 
-@pytest.fixture
-def front(source) -> Iterator[FaultProxy]:
-    """Our fault proxy in front of the source: batchpush reads the source through it."""
-    started = FaultProxy(source.host)
-    yield started
-    started.stop()
-
-
 def fill(registry: Registry, layout: str, tag: str, repository: str, *dest_args: str) -> None:
     """skopeo copies one tag of a layout into the registry, multi-arch whole."""
     done = skopeo("copy", "--all", *(dest_args or ("--dest-tls-verify=false",)), f"oci:{layout}:{tag}", f"docker://{registry.host}/{repository}:{tag}")
