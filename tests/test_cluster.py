@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -95,15 +93,16 @@ def start_cluster(tmp_path, workers: int = 2, preload: str | None = None) -> Clu
     return cluster
 
 
-def start_worker(tmp_path, address: str, name: str, preload: str | None = None, *, user: str | None = None, local_directory: str | None = None) -> subprocess.Popen[bytes]:
+def start_worker(tmp_path, address: str, name: str, preload: str | None = None, *, without_read_override: bool = False) -> subprocess.Popen[bytes]:
     # --no-nanny: the worker is the process itself, so a kill -9 loses it for good
     args = ["worker", address, "--nthreads", "2", "--no-nanny", "--no-dashboard", "--name", name, "--host", "127.0.0.1"]
     if preload:
         args += ["--preload", preload]
-    if local_directory:
-        args += ["--local-directory", local_directory]
-    # another user's worker: setpriv drops to that uid (the tests run as root)
-    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+    # a worker bound by file permissions: root (the tests run as root) without the
+    # capabilities that override them, so it reads only what root's own modes allow
+    # (running it as another user would need the clone and its virtualenv readable by
+    # that user, which a clone under a 0700 directory is not)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if without_read_override else []
     return _spawn(args, str(tmp_path / f"worker-{name}.log"), _env(), prefix)
 
 
@@ -263,39 +262,37 @@ def test_a_worker_of_another_version_is_refused_before_any_work(tmp_path, regist
 
 
 def test_a_source_a_worker_cannot_read_fails_that_image_naming_the_worker(registry, tmp_path):
-    """A worker running as another user (nobody) cannot read a layout only root
-    may read: that layout's images fail, naming the worker; the others arrive."""
-    shared = tempfile.mkdtemp(prefix="batchpush-cluster-")  # readable by every user, as a shared mount is
+    """A worker without the permission to read one layout (owned by another user,
+    mode 0700; the client may read it): that layout's images fail, naming the
+    worker; the others arrive."""
+    readable = str(tmp_path / "svc0")
+    simple_layout(readable, {"v0": [1, 2]})
+    private = str(tmp_path / "svc1")
+    simple_layout(private, {"v0": [1, 3]})
+    for where, dirs, files in os.walk(private):
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(where, name), 65534, 65534)
+    os.chown(private, 65534, 65534)
+    os.chmod(private, 0o700)
+    plan = write_plan(tmp_path, {
+        "version": 1,
+        "registries": {registry.host: {"insecure": True}},
+        "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/team/svc{i}"]} for i, path in enumerate((readable, private))],
+    })
+    started = start_cluster(tmp_path, workers=0)
     try:
-        os.chmod(shared, 0o755)  # noqa: S103 - another user must read it
-        scratch = os.path.join(shared, "scratch")
-        os.makedirs(scratch, mode=0o777)
-        os.chmod(scratch, 0o777)  # noqa: S103 - the other user's worker writes there
-        readable = os.path.join(shared, "svc0")
-        simple_layout(readable, {"v0": [1, 2]})
-        private = str(tmp_path / "svc1")  # under pytest's 0700 directory: root only
-        simple_layout(private, {"v0": [1, 3]})
-        plan = write_plan(tmp_path, {
-            "version": 1,
-            "registries": {registry.host: {"insecure": True}},
-            "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/team/svc{i}"]} for i, path in enumerate((readable, private))],
-        })
-        started = start_cluster(tmp_path, workers=0)
-        try:
-            started.workers.append(start_worker(tmp_path, started.address, "nobody", user="65534", local_directory=scratch))
-            _wait_workers(started.address, 1)
-            done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"))
-        finally:
-            stop_cluster(started)
-        assert done.returncode == 1, done.stderr
-        svc0, svc1 = report_of(tmp_path / "r.json")["images"]
-        assert svc0["status"] == "pushed", svc0
-        assert svc1["status"] == "failed" and "on worker tcp://127.0.0.1:" in svc1["error"] and private in svc1["error"], svc1
-        assert f"{registry.host}/team/svc1" in done.stderr
-        assert registry.count("PUT", "/team/svc1/manifests/") == 0
-        pull_and_verify(registry, "team/svc0:v0", str(tmp_path / "pulled"))
+        started.workers.append(start_worker(tmp_path, started.address, "bound", without_read_override=True))
+        _wait_workers(started.address, 1)
+        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"))
     finally:
-        shutil.rmtree(shared, ignore_errors=True)
+        stop_cluster(started)
+    assert done.returncode == 1, done.stderr
+    svc0, svc1 = report_of(tmp_path / "r.json")["images"]
+    assert svc0["status"] == "pushed", svc0
+    assert svc1["status"] == "failed" and "on worker tcp://127.0.0.1:" in svc1["error"] and private in svc1["error"], svc1
+    assert f"{registry.host}/team/svc1" in done.stderr
+    assert registry.count("PUT", "/team/svc1/manifests/") == 0
+    pull_and_verify(registry, "team/svc0:v0", str(tmp_path / "pulled"))
 
 
 def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
