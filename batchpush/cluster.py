@@ -51,8 +51,16 @@ leases) while it writes there. Credentials are read on the client and travel
 inside the tasks' arguments in an object whose repr hides them; task keys are a
 run id and hashes, never a name or a secret.
 
-Not handled (yet): registry sources (``docker://``) and dry runs; both are
-refused with ``--scheduler``.
+Registry sources (``docker://``): their images are first checked (repository
+tasks in check mode: the source's and the target's tag HEADs, the mirror's cron
+fast path); for those to copy, the client reads the manifests (the sources'
+manifests are what the client reads of local sources too), so their blobs join
+the blob tasks like any other: streamed from the source by the worker, or mounted
+from the source repository on its own registry. The repository task's engine gets
+the manifests and the tag's digest the client read (``_Push.resolved``), so the
+source is not asked again, and copies them with their attachments as a local run
+does. Pruning entries run on the client at the end (a tag list, a DELETE per tag).
+A dry run writes nothing and is run by the client alone.
 """
 
 from __future__ import annotations
@@ -79,14 +87,14 @@ from .errors import BatchPushError, InternalError, UsageError
 from .layer_push import Staged
 from .metadata import Knowledge
 from .outcome import LayerOutcome, LayerResult
-from .prepare import PendingManifest, PreparedLayer, Preparer
+from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer
 from .progress import NoProgress, Progress
 from .reference import Reference
 from .registry.auth import Credentials
 from .registry.client import RegistryOptions
 from .report import BatchResult, ImageResult
 from .sources.base import SourceImage, SourceIndex, SourceLayer, SourceManifest, SourceNode
-from .sources.registry import RemoteImage
+from .sources.registry import Platform, RemoteImage
 from .state import RemoteBlob
 
 log = logging.getLogger(__name__)
@@ -101,6 +109,10 @@ DRAIN_S = 2.0
 IMAGES_PER_TASK = 4
 #: the longest a blob task waits for its registry's upload lease
 LEASE_WAIT_S = 600.0
+
+
+#: a registry source's image as the client read it: its manifests, its tag's digest and size
+_Resolved = tuple[PreparedNode, tuple[Digest, int | None]]
 
 
 class ClusterError(UsageError):
@@ -249,20 +261,32 @@ class _Display:
 
 @dataclass(slots=True)
 class _Blob:
-    """A blob of the batch: a local layer to prepare, or a config (prepared already),
-    and the first target repository of each registry that needs it."""
+    """A blob of the batch: a local layer to prepare, or a blob prepared already (a
+    config, a registry source's blob), and the first target repository of each
+    registry that needs it."""
 
     layer: SourceLayer | None
-    config: PreparedLayer | None
+    prepared: PreparedLayer | None
+    is_config: bool = False
+    #: the registry source's repository that holds it (a mount from there, on its registry)
+    held_by: Reference | None = None
     targets: dict[str, Reference] = field(default_factory=dict)
 
     @property
     def key(self) -> Digest | None:
         """Its identity in the push state and the stores (``PreparedLayer.key``)."""
-        if self.config is not None:
-            return self.config.key
+        if self.prepared is not None:
+            return self.prepared.key
         assert self.layer is not None
         return self.layer.diff_id or self.layer.descriptor.digest
+
+    @property
+    def declared(self) -> Digest | str:
+        """The digest its source declares (its name in the batch)."""
+        if self.prepared is not None:
+            return self.prepared.digest
+        assert self.layer is not None
+        return self.layer.descriptor.digest or str(self.layer.blob)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +317,20 @@ class _Push:
     image: SourceImage
     target: Reference
     blobs: tuple[str, ...] = ()
+    platforms: tuple[Platform, ...] = ()
+    #: a registry source's image as the client resolved it: its manifests, and its
+    #: tag's digest (and size) then, so the worker reads neither again
+    resolved: _Resolved | None = None
+
+    def entry(self) -> _Entry:
+        """The engine's entry for the image, holding what the client resolved."""
+        entry = _Entry(self.image, 0, self.platforms)
+        if self.resolved is not None:
+            for name, value in zip(("node", "digest"), self.resolved, strict=True):
+                future: cf.Future[Any] = cf.Future()
+                future.set_result(value)
+                entry.once[name] = future
+        return entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,19 +392,21 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
 
         def place(blob: _Blob) -> _BlobDone:
             try:
-                prepared = blob.config or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
+                prepared = blob.prepared or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
             except Exception as exc:
                 error = _error(exc, "blob")
                 return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, (f"on worker {worker}: {error.message}", error.kind)), Knowledge())
             repositories, failures = {}, {}
+            remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
+            if blob.held_by is not None:  # on the source's registry, a mount sends nothing
+                engine.state.add_layer(blob.held_by.registry, blob.held_by.repository, prepared.key, remote)
             for registry, target in blob.targets.items():
                 try:
-                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.config is not None)
+                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.is_config)
                     repositories[registry] = target.repository
                 except Exception as exc:
                     error = _error(exc, str(target))
                     failures[registry] = (f"blob {prepared.digest} on worker {worker}: {error.message}", error.kind)
-            remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
             return _BlobDone(prepared.key, remote, repositories, failures, engine.store.export([prepared.key]))
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="blob") as pool:
@@ -421,7 +461,9 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, c
             runnable.append(push)
         entries: dict[int, _Entry] = {}
         for push in runnable:  # an image to several tags is prepared once
-            entries.setdefault(id(push.image), _Entry(push.image, 0)).uses += 1
+            if id(push.image) not in entries:
+                entries[id(push.image)] = push.entry()
+            entries[id(push.image)].uses += 1
 
         def run(push: _Push) -> ImageResult | None:
             work = _Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
@@ -440,6 +482,8 @@ def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
     """The cron fast path alone: the image as the store knows it (nothing
     compressed), its tag HEAD; None when it is not up to date or cannot say."""
     assert work.entry is not None and work.reference is not None
+    if isinstance(work.entry.image.node, RemoteImage):
+        return _mirror_up_to_date(engine, work, work.entry.image.node)
     started = time.monotonic()
     try:
         node = engine._prepared(work.entry)
@@ -454,6 +498,26 @@ def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
     if current is None:
         return None
     return ImageResult(work.source, work.target, "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
+
+
+def _mirror_up_to_date(engine: Engine, work: _Work, image: RemoteImage) -> ImageResult | None:
+    """A registry source's image whose target tag names the source's digest already
+    (a HEAD at each end): its result, its attachments copied as a local run copies
+    them; None when the image must be copied (its blobs go by blob tasks first)."""
+    assert work.entry is not None and work.reference is not None
+    started = time.monotonic()
+    try:
+        pusher = engine._pusher(engine.client(work.reference.api_host), work.reference)
+        current = engine._mirror_up_to_date(work.entry, image, pusher, work.reference.tag or "latest")
+    except Exception as exc:  # the copy says it again, as the image's failure
+        log.info("%s: not checked (%s)", work.target, exc)
+        return None
+    if current is None:
+        return None
+    if image.attachments or image.referrers:
+        return engine._run_work(work)  # the same HEADs again, then its attachments
+    digest, size = current
+    return ImageResult(work.source, work.target, "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
 
 
 def _error(exc: BaseException, where: str) -> BatchPushError:
@@ -487,7 +551,10 @@ def run(address: str, jobs: Iterable[PushJob], options: PushOptions) -> BatchRes
     """Every job's images to their targets on the cluster at ``address``; the same
     result as ``Engine.run``, each image naming the worker that pushed it."""
     if options.dry_run:
-        raise ClusterError("a dry run runs locally: drop --scheduler")
+        # it writes nothing: the registries are asked from here, nothing goes to the cluster
+        options.progress.note("dry run: asked from this machine; no task is sent to the cluster")
+        with Engine(options) as engine:
+            return engine.run(jobs)
     client = connect(address)
     try:
         with Engine(replace(options, jobs=1)) as engine:
@@ -526,40 +593,69 @@ class _ClusterRun:
 
     def _run(self, jobs: Iterable[PushJob]) -> BatchResult:
         slots: list[ImageResult | None] = []
+        #: each slot's work, for the pruning entries (which need every image of theirs arrived)
+        expanded: list[_Work] = []
         works: list[tuple[int, _Work]] = []
         for job in jobs:
             for work in self.engine._expand(job):
-                error = work.error
-                if error is None and isinstance(work.entry.image.node, RemoteImage):  # type: ignore[union-attr]
-                    error = UsageError("a registry source (docker://) is not supported with --scheduler yet")
-                slots.append(self.engine._failed(work.source, work.target, error, time.monotonic()) if error is not None else None)
-                if error is None:
+                expanded.append(work)
+                slots.append(self.engine._failed(work.source, work.target, work.error, time.monotonic()) if work.error is not None else None)
+                if work.error is None:
                     works.append((len(slots) - 1, work))
-        setup, refused = self._setup(work.reference for _, work in works)
+        setup, refused = self._setup(work for _, work in works)
         pending = []
         for index, work in works:
-            assert work.reference is not None
-            if work.reference.api_host in refused:
-                slots[index] = self.engine._failed(work.source, work.target, refused[work.reference.api_host], time.monotonic())
+            error = next((refused[host] for host in _hosts(work) if host in refused), None)
+            if error is not None:
+                slots[index] = self.engine._failed(work.source, work.target, error, time.monotonic())
             else:
                 pending.append((index, work))
         self.works = dict(pending)
-        checks = {self._submit_repository(group, setup, check=True): group for group in _by_repository([w for w in pending if self._pushed_before(w[1])])}
+        # first the cron fast path: images pushed here before, and every registry source's (two HEADs)
+        checks = {self._submit_repository(group, setup, check=True): group for group in _by_repository([w for w in pending if _mirrored(w[1]) or self._pushed_before(w[1])])}
         for index, checked in self._collect(checks):
             slots[index] = checked
-        for index, pushed in self._pushes([(index, work) for index, work in pending if slots[index] is None], setup):
+        todo = [(index, work) for index, work in pending if slots[index] is None]
+        resolved = self._resolve([work for _, work in todo if _mirrored(work)])
+        for index, work in todo:
+            if isinstance(resolved.get(id(work)), ImageResult):
+                slots[index] = resolved.pop(id(work))  # type: ignore[assignment]
+        for index, pushed in self._pushes([(index, work) for index, work in todo if slots[index] is None], setup, resolved):  # type: ignore[arg-type]
             work = self.works[index]
             slots[index] = pushed or self.engine._failed(work.source, work.target, BatchPushError("the repository task returned nothing for it"), time.monotonic())
         self.result.images = [image for image in slots if image is not None]
+        arrived = {id(work) for work, image in zip(expanded, slots, strict=True) if image is not None and image.ok}
+        self.engine.run_prunes(arrived, self.result)  # here: a tag list and a DELETE per tag gone
         return self.result
 
-    def _setup(self, references: Iterable[Reference | None]) -> tuple[_Setup, dict[str, BatchPushError]]:
-        """The registries' options and credentials, read here; a host whose
-        credentials cannot be read fails its images."""
+    def _resolve(self, works: list[_Work]) -> dict[int, _Resolved | ImageResult]:
+        """Each registry source's image to copy, read here (its tag's digest, its
+        manifests; never a layer), so the batch knows its blobs: by ``id`` of the
+        work, or the work's failure."""
+        if not works:
+            return {}
+
+        def resolve(work: _Work) -> _Resolved:
+            assert work.entry is not None
+            node = self.engine._prepared(work.entry)
+            assert not isinstance(node, PendingManifest)
+            return node, self.engine._source_head(work.entry, work.entry.image.node)  # type: ignore[arg-type]
+
+        resolved: dict[int, _Resolved | ImageResult] = {}
+        with cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix="resolve") as pool:
+            for work, future in [(work, pool.submit(resolve, work)) for work in works]:
+                try:
+                    resolved[id(work)] = future.result()
+                except Exception as exc:
+                    resolved[id(work)] = self.engine._failed(work.source, work.target, _error(exc, work.source), time.monotonic())
+        return resolved
+
+    def _setup(self, works: Iterable[_Work]) -> tuple[_Setup, dict[str, BatchPushError]]:
+        """The registries' options and credentials (targets' and registry sources'),
+        read here; a host whose credentials cannot be read fails its images."""
         registries, secrets, refused = {}, {}, {}
-        for reference in references:
-            host = reference.api_host if reference is not None else None
-            if host is None or host in registries or host in refused:
+        for host in (host for work in works for host in _hosts(work)):
+            if host in registries or host in refused:
                 continue
             options = self.engine.registry_options(host)
             try:
@@ -586,6 +682,8 @@ class _ClusterRun:
     def _pushed_before(self, work: _Work) -> bool:
         """The client's store saw every config of the image go to this target: a re-run."""
         assert work.entry is not None and work.reference is not None
+        if _mirrored(work):
+            return False
         name = work.reference.name
         configs = [m.config_descriptor.digest for m in _manifests(work.entry.image.node)]
         return all(digest is not None and any(e.source_repository == name for e in self.engine.store.get_metadata(digest)) for digest in configs)
@@ -594,17 +692,11 @@ class _ClusterRun:
         return self.engine.store.export(key for key in keys if key is not None)
 
     def _submit_repository(self, pushes: list[_Push], setup: _Setup, *, check: bool, blobs: dict[str, _BlobDone] | None = None) -> distributed.Future:
-        keys = [b.key for push in pushes for b in self._blobs(push.image.node)]
+        keys = [b.key for push in pushes for b in _blobs(push)]
         kind = "check" if check else "repository"
         return self.client.submit(_repository_task, pushes, setup, self._knowledge(keys), check, blobs or {}, key=f"batchpush-{kind}-{self.run_id}-{pushes[0].index}", pure=False)
 
-    @staticmethod
-    def _blobs(node: SourceNode) -> Iterator[_Blob]:
-        for manifest in _manifests(node):
-            yield _Blob(None, Preparer._config(manifest))
-            yield from (_Blob(layer, None) for layer in manifest.layers if layer.blob is not None)
-
-    def _pushes(self, pending: list[tuple[int, _Work]], setup: _Setup) -> Iterator[tuple[int, ImageResult | None]]:
+    def _pushes(self, pending: list[tuple[int, _Work]], setup: _Setup, resolved: dict[int, _Resolved]) -> Iterator[tuple[int, ImageResult | None]]:
         """The blob tasks (each blob in the task of the first repository that needs
         it; placed in its first repository per registry, in plan order); a
         repository's task once all its images' blobs are placed. The
@@ -614,7 +706,7 @@ class _ClusterRun:
         blobs: dict[str, _Blob] = {}
         #: each group's own blobs: those no earlier group needs
         owned: list[dict[str, _Blob]] = []
-        groups = _by_repository(pending)
+        groups = _by_repository(pending, resolved)
         needs: list[set[str]] = []
         users: dict[str, list[int]] = {}
         for number, group in enumerate(groups):
@@ -622,9 +714,8 @@ class _ClusterRun:
             names: set[str] = set()
             for i, push in enumerate(group):
                 mine = []
-                for blob in self._blobs(push.image.node):
-                    declared = blob.config.digest if blob.config is not None else blob.layer.descriptor.digest or blob.layer.blob  # type: ignore[union-attr]
-                    name = _hash(declared)
+                for blob in _blobs(push):
+                    name = _hash(blob.declared)
                     if name not in blobs:
                         blobs[name] = owned[number][name] = blob
                     blobs[name].targets.setdefault(push.target.registry, push.target)
@@ -703,13 +794,47 @@ class _ClusterRun:
             log.exception("progress renderer failed")
 
 
-def _by_repository(works: list[tuple[int, _Work]]) -> list[list[_Push]]:
+def _by_repository(works: list[tuple[int, _Work]], resolved: dict[int, _Resolved] | None = None) -> list[list[_Push]]:
     """The pushes grouped by target repository, in plan order."""
     groups: dict[str, list[_Push]] = {}
     for index, work in works:
         assert work.entry is not None and work.reference is not None
-        groups.setdefault(work.reference.name, []).append(_Push(index, work.entry.image, work.reference))
+        push = _Push(index, work.entry.image, work.reference, platforms=work.entry.platforms, resolved=(resolved or {}).get(id(work)))
+        groups.setdefault(work.reference.name, []).append(push)
     return list(groups.values())
+
+
+def _mirrored(work: _Work) -> bool:
+    return work.entry is not None and isinstance(work.entry.image.node, RemoteImage)
+
+
+def _hosts(work: _Work) -> Iterator[str]:
+    """The registries the work talks to: its target's, its registry source's."""
+    assert work.reference is not None and work.entry is not None
+    yield work.reference.api_host
+    if isinstance(work.entry.image.node, RemoteImage):
+        yield work.entry.image.node.reference.api_host
+
+
+def _blobs(push: _Push) -> Iterator[_Blob]:
+    """The blobs of a push's image: a local image's configs and layers (foreign ones
+    stay where they are), or a registry source's, as the client resolved them."""
+    if push.resolved is not None:
+        source = push.image.node.reference  # type: ignore[union-attr]
+        yield from _remote_blobs(push.resolved[0], source)
+    elif not isinstance(push.image.node, RemoteImage):
+        for manifest in _manifests(push.image.node):
+            yield _Blob(None, Preparer._config(manifest), is_config=True)
+            yield from (_Blob(layer, None) for layer in manifest.layers if layer.blob is not None)
+
+
+def _remote_blobs(node: PreparedNode, source: Reference) -> Iterator[_Blob]:
+    if isinstance(node, PreparedIndex):
+        for child in node.children:
+            yield from _remote_blobs(child, source)
+    elif isinstance(node, PreparedManifest):
+        yield _Blob(None, node.config, is_config=True, held_by=source)
+        yield from (_Blob(None, layer, held_by=source) for layer in node.layers if not layer.urls)
 
 
 def _add(result: BatchResult, totals: BatchResult) -> None:

@@ -303,7 +303,8 @@ class Engine:
         finally:
             images.shutdown(wait=not self.cancelled.is_set(), cancel_futures=True)
         if not self.cancelled.is_set():
-            self._run_prunes(ordered, result)
+            arrived = {id(item[0]) for item, image in zip(ordered, result.images, strict=True) if isinstance(item, tuple) and image.ok}
+            self.run_prunes(arrived, result)
         self.add_totals(result)
         if interrupted:
             raise KeyboardInterrupt
@@ -323,12 +324,12 @@ class Engine:
             result.bytes_uploaded += client.bytes_sent
             result.bytes_read += client.bytes_read  # blobs streamed from registry sources
 
-    def _run_prunes(self, ordered: list[ImageResult | tuple[_Work, cf.Future[ImageResult]]], result: BatchResult) -> None:
-        """Each pruning plan entry whose images all arrived drops the targets' tags
-        its source no longer has; one that cannot is a failure of its own."""
-        status = {id(item[0]): image.ok for item, image in zip(ordered, result.images, strict=True) if isinstance(item, tuple)}
+    def run_prunes(self, arrived: set[int], result: BatchResult) -> None:
+        """Each pruning plan entry whose images all arrived (``arrived``: the ``id`` of
+        each work that did) drops the targets' tags its source no longer has; one
+        that cannot is a failure of its own, added to ``result``."""
         for prune in self._prunes:
-            if prune.failed or not all(status.get(id(work), False) for work in prune.works):
+            if prune.failed or not all(id(work) in arrived for work in prune.works):
                 log.warning("%s: not pruned: an image of it did not arrive", prune.job.source)
                 continue
             assert prune.listed is not None
@@ -534,7 +535,7 @@ class Engine:
         """The source repository holds every blob of its image: on the same registry,
         the push state names it as the first mount candidate of each."""
         registry, repository = image.reference.registry, image.reference.repository
-        for layer in _blobs(node):
+        for layer in prepared_blobs(node):
             self.state.add_layer(registry, repository, layer.key, RemoteBlob(layer.digest, layer.size, layer.media_type))
 
     def _release(self, entry: _Entry) -> None:
@@ -699,11 +700,11 @@ def _check_pull_budget(client: RegistryClient, image: RemoteImage) -> None:
         raise SourceError(image.spec, f"the source's pull budget is spent (RateLimit-Remaining 0{limit}); not asked again in this run")
 
 
-def _blobs(node: PreparedNode | PendingManifest) -> Iterator[PreparedLayer]:
+def prepared_blobs(node: PreparedNode | PendingManifest) -> Iterator[PreparedLayer]:
     """The config and layers of every manifest of a prepared image."""
     if isinstance(node, PreparedIndex):
         for child in node.children:
-            yield from _blobs(child)
+            yield from prepared_blobs(child)
     elif isinstance(node, PreparedManifest):
         yield node.config
         yield from node.layers
