@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from types import FrameType
 
@@ -233,27 +233,6 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         dry_run=args.dry_run,
         progress=progress,
     )
-    if args.scheduler:
-        from . import cluster  # only here: a local run never imports dask
-
-        started_at, started = time.time(), time.monotonic()
-        try:
-            result = cluster.run(args.scheduler, jobs, options)
-            if args.report:
-                result.write(args.report)
-            for line in _closing_lines(args, result, time.monotonic() - started):
-                progress.note(line)
-        except BatchPushError as exc:
-            say(f"error: {exc}")
-            return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
-        except KeyboardInterrupt:
-            # the client is gone: the scheduler forgets the tasks not started; a task
-            # under way ends on its worker (a manifest only after all its blobs)
-            say("error: stopped by signal 2; the cluster's tasks not started were dropped")
-            return 128 + signal.SIGINT
-        finally:
-            progress.close()
-        return _exit_code(args, result, started_at, started, interrupted=False)
     received: list[int] = []
     engine: Engine | None = None
 
@@ -262,6 +241,8 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
             os.write(2, b"error: stopped at once by a second signal\n")
             os._exit(128 + signum)
         received.append(signum)
+        if args.scheduler:
+            raise KeyboardInterrupt  # the cluster run stops where it waits, and says what finished
         if engine is not None:
             engine.cancel()
 
@@ -269,13 +250,16 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     started_at, started = time.time(), time.monotonic()
     try:
-        engine = Engine(options)
-        if received:
-            engine.cancel()
-        try:
-            result = engine.run(jobs)
-        finally:
-            engine.close()
+        if args.scheduler:
+            result = _run_on_cluster(args.scheduler, jobs, options)
+        else:
+            engine = Engine(options)
+            if received:
+                engine.cancel()
+            try:
+                result = engine.run(jobs)
+            finally:
+                engine.close()
         if args.report:  # before any line: a line may wait for a slow reader
             result.write(args.report)
         for line in _closing_lines(args, result, time.monotonic() - started):
@@ -283,7 +267,12 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
     except BatchPushError as exc:
         say(f"error: {exc}")
         _export_metrics(args, BatchResult(), started_at, started, success=False)
-        return EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+    except KeyboardInterrupt:  # a cluster run stopped before it had sent anything
+        signum = received[0] if received else signal.SIGINT
+        say(f"error: stopped by signal {signum} before any task was sent to the cluster")
+        _export_metrics(args, BatchResult(), started_at, started, success=False)
+        return 128 + signum
     finally:
         for sig, earlier in previous.items():
             signal.signal(sig, earlier)
@@ -297,6 +286,14 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         os._exit(128 + received[0])
     return code
 
+
+def _run_on_cluster(address: str, jobs: Iterable[PushJob], options: PushOptions) -> BatchResult:
+    from . import cluster  # only here: a local run never imports dask
+
+    try:
+        return cluster.run(address, jobs, options)
+    except cluster.Interrupted as stopped:  # the tasks were stopped; what finished is in it
+        return stopped.result
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -83,7 +83,7 @@ import distributed
 from . import __version__
 from .digest import Digest
 from .engine import Engine, PushJob, PushOptions, _Entry, _Work
-from .errors import BatchPushError, InternalError, UsageError
+from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, UsageError
 from .layer_push import Staged
 from .metadata import Knowledge
 from .outcome import LayerOutcome, LayerResult
@@ -109,6 +109,10 @@ DRAIN_S = 2.0
 IMAGES_PER_TASK = 4
 #: the longest a blob task waits for its registry's upload lease
 LEASE_WAIT_S = 600.0
+#: how often a blob task waiting for its lease looks at the run's stop
+LEASE_POLL_S = 1.0
+#: after a stop, how long the client waits for the workers to hear it
+STOP_WAIT_S = 5.0
 
 
 #: a registry source's image as the client read it: its manifests, its tag's digest and size
@@ -117,6 +121,15 @@ _Resolved = tuple[PreparedNode, tuple[Digest, int | None]]
 
 class ClusterError(UsageError):
     """The cluster cannot run this batch (unreachable, no worker, another version)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped (Ctrl-C, SIGTERM): its tasks were told to stop; ``result``
+    holds every image, those without a result from the cluster failed as interrupted."""
+
+    def __init__(self, result: BatchResult) -> None:
+        super().__init__()
+        self.result = result
 
 
 # -- what travels to the workers ---------------------------------------------
@@ -144,8 +157,8 @@ class _Setup:
     defaults: RegistryOptions
     registries: dict[str, RegistryOptions]
     secrets: _Secrets
-    #: the event topic of the client's display
-    progress_topic: str
+    #: every task of the run knows it: a stop of the run reaches the task's engine
+    run_id: str
     #: host -> the scheme the client's ping chose: a task's engine tries only that one
     schemes: dict[str, str]
 
@@ -157,7 +170,7 @@ class _Setup:
             metadata_dir=metadata_dir,
             jobs=1,
             max_concurrent_images=IMAGES_PER_TASK,
-            progress=_Relay(self.progress_topic),
+            progress=_Relay(f"batchpush-progress-{self.run_id}"),
         )
         return Engine(options)
 
@@ -355,12 +368,36 @@ def _worker() -> str:
         return "local"
 
 
+#: in a worker process: the engines of the tasks running now, by run id, and the
+#: runs stopped by their client (``_stop_run``); guarded by _RUNNING_LOCK
+_RUNNING: dict[str, set[Engine]] = {}
+_STOPPED: set[str] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def _stop_run(run_id: str) -> None:
+    """Sent to every worker when the client is stopped: the run's engines cancel
+    (uploads stop, their sessions are cancelled, no manifest goes), and a task of
+    the run that starts later cancels at once."""
+    with _RUNNING_LOCK:
+        _STOPPED.add(run_id)
+        engines = list(_RUNNING.get(run_id, ()))
+    for engine in engines:
+        engine.cancel()
+
+
 class _TaskEngine:
     """A worker's engine for one task, with a temporary store seeded by the client."""
 
     def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
         self._dir = tempfile.mkdtemp(prefix="batchpush-task-")
+        self._run_id = setup.run_id
         self.engine = setup.engine(self._dir)
+        with _RUNNING_LOCK:
+            _RUNNING.setdefault(self._run_id, set()).add(self.engine)
+            stopped = self._run_id in _STOPPED
+        if stopped:
+            self.engine.cancel()
         for host, scheme in setup.schemes.items():
             self.engine.client(host).use_scheme(scheme)
         for part in knowledge:
@@ -370,6 +407,11 @@ class _TaskEngine:
         return self.engine
 
     def __exit__(self, *exc: object) -> None:
+        with _RUNNING_LOCK:
+            engines = _RUNNING.get(self._run_id, set())
+            engines.discard(self.engine)
+            if not engines:
+                _RUNNING.pop(self._run_id, None)
         self.engine.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -418,8 +460,12 @@ def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer:
     """The blob in ``target``'s repository: already there (asked first, so a rerun
     writes nothing), mounted, or uploaded, under the registry's cluster-wide lease."""
     host = target.api_host
-    if not lease.acquire(timeout=LEASE_WAIT_S):
-        raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
+    deadline = time.monotonic() + LEASE_WAIT_S
+    while not lease.acquire(timeout=LEASE_POLL_S):  # the run's stop in view
+        if engine.cancelled.is_set():
+            raise Cancelled(f"blob {layer.digest}: stopped")
+        if time.monotonic() > deadline:
+            raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
     try:
         client = engine.client(host)
         layers = engine._pusher(client, target).layers
@@ -583,18 +629,41 @@ class _ClusterRun:
         #: every key of this run starts with it: two runs on one scheduler never share a task
         self.run_id = uuid.uuid4().hex[:12]
         self.result = BatchResult()
+        #: each image's result as it comes, and its work
+        self.slots: list[ImageResult | None] = []
+        self.expanded: list[_Work] = []
 
     def run(self, jobs: Iterable[PushJob]) -> BatchResult:
         display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
         try:
             return self._run(jobs)
+        except KeyboardInterrupt:
+            raise Interrupted(self._interrupted()) from None
         finally:
             display.close()
 
+    def _interrupted(self) -> BatchResult:
+        """Every worker told to stop the run's tasks; each image the cluster did not
+        give a result for fails as interrupted (its manifest goes only after all its
+        blobs: a task that was writing it may still finish it)."""
+        told = threading.Thread(target=self._stop_tasks, name="cluster-stop", daemon=True)
+        told.start()
+        told.join(STOP_WAIT_S)  # a scheduler gone silent must not hold the stop
+        error = InterruptedError_("stopped before the cluster gave its result; no manifest was written after the stop")
+        now = time.monotonic()
+        self.result.images = [slot or self.engine._failed(work.source, work.target, error, now) for slot, work in zip(self.slots, self.expanded, strict=True)]
+        return self.result
+
+    def _stop_tasks(self) -> None:
+        try:
+            self.client.run(_stop_run, self.run_id)
+        except Exception as exc:  # each task still ends, on its own timeouts
+            log.warning("the workers could not be told to stop: %s", exc)
+
     def _run(self, jobs: Iterable[PushJob]) -> BatchResult:
-        slots: list[ImageResult | None] = []
+        self.slots = slots = []
         #: each slot's work, for the pruning entries (which need every image of theirs arrived)
-        expanded: list[_Work] = []
+        self.expanded = expanded = []
         works: list[tuple[int, _Work]] = []
         for job in jobs:
             for work in self.engine._expand(job):
@@ -665,7 +734,7 @@ class _ClusterRun:
                 continue
             registries[host] = replace(options, username=None, password_env=None, password_file=None)
         defaults = replace(self.engine.options.registry_defaults, username=None, password_env=None, password_file=None)
-        return _Setup(defaults, registries, _Secrets(secrets), f"batchpush-progress-{self.run_id}", self._schemes(registries)), refused
+        return _Setup(defaults, registries, _Secrets(secrets), self.run_id, self._schemes(registries)), refused
 
     def _schemes(self, hosts: Iterable[str]) -> dict[str, str]:
         """Each registry's scheme, chosen once here (a ping, as a local run does)
@@ -844,4 +913,4 @@ def _add(result: BatchResult, totals: BatchResult) -> None:
     result.requests_by_method.update(totals.requests_by_method)
 
 
-__all__ = ["CONNECT_TIMEOUT_S", "ClusterError", "connect", "run"]
+__all__ = ["CONNECT_TIMEOUT_S", "ClusterError", "Interrupted", "connect", "run"]

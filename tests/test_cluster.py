@@ -295,6 +295,41 @@ def test_a_source_a_worker_cannot_read_fails_that_image_naming_the_worker(regist
     pull_and_verify(registry, "team/svc0:v0", str(tmp_path / "pulled"))
 
 
+def slow_fleet(tmp_path, proxy, file_size: int) -> tuple[list[tuple[str, list[str]]], str]:
+    """20 images over 8 layouts (as ``fleet``) with layers of ``file_size``, and a plan
+    pushing them through ``proxy``: (layouts, plan)."""
+    layouts = []
+    for r in range(8):
+        path = str(tmp_path / "layouts" / f"svc{r}")
+        tags = {f"v{t}": [1, 100 + r % 3, 1000 + r * 10 + t] for t in range(3 if r < 4 else 2)}
+        simple_layout(path, tags, file_size=file_size)
+        layouts.append((path, sorted(tags)))
+    plan = write_plan(tmp_path, {
+        "version": 1,
+        "defaults": {"max_concurrent_uploads": 2},
+        "registries": {proxy.host: {"insecure": True}},
+        "images": [{"source": f"oci:{path}", "targets": [f"{proxy.host}/team/svc{i}"]} for i, (path, _) in enumerate(layouts)],
+    })
+    return layouts, plan
+
+
+def start_client(plan: str, cluster: Cluster, tmp_path, report: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "batchpush", "run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", report],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+
+
+def committed(proxy) -> int:
+    return len([s for s in proxy.requests("PUT", "/blobs/uploads/") if s.status == 201])
+
+
+def wait_for_uploads(proxy, client: subprocess.Popen[str], count: int) -> None:
+    deadline = time.monotonic() + 60
+    while committed(proxy) < count:
+        assert client.poll() is None, "the batch ended before it could be disturbed"
+        assert time.monotonic() < deadline, "no upload in sight"
+        time.sleep(0.05)
+
+
 def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
     """kill -9 of a worker once uploads are under way (they are slowed by our proxy
     so the batch is still going): its tasks run on the other worker, the batch
@@ -304,27 +339,11 @@ def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
     proxy = FaultProxy(registry.host)
     proxy.throttle_bytes_per_s = 400_000
     try:
-        layouts = []
-        for r in range(8):
-            path = str(tmp_path / "layouts" / f"svc{r}")
-            tags = {f"v{t}": [1, 100 + r % 3, 1000 + r * 10 + t] for t in range(3 if r < 4 else 2)}
-            simple_layout(path, tags, file_size=150_000)
-            layouts.append((path, sorted(tags)))
-        plan = write_plan(tmp_path, {
-            "version": 1,
-            "defaults": {"max_concurrent_uploads": 2},
-            "registries": {proxy.host: {"insecure": True}},
-            "images": [{"source": f"oci:{path}", "targets": [f"{proxy.host}/team/svc{i}"]} for i, (path, _) in enumerate(layouts)],
-        })
+        layouts, plan = slow_fleet(tmp_path, proxy, 150_000)
         report = str(tmp_path / "r.json")
-        client = subprocess.Popen([sys.executable, "-m", "batchpush", "run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", report],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+        client = start_client(plan, cluster, tmp_path, report)
         try:
-            deadline = time.monotonic() + 60
-            while len([s for s in proxy.requests("PUT", "/blobs/uploads/") if s.status == 201]) < 2:
-                assert client.poll() is None, "the batch ended before a worker could be killed"
-                assert time.monotonic() < deadline, "no upload in sight"
-                time.sleep(0.05)
+            wait_for_uploads(proxy, client, 2)
             victim = cluster.workers[0]
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait(timeout=30)
@@ -376,3 +395,60 @@ def test_credentials_are_read_on_the_client_only_and_never_shown(cluster, token_
     logs = [open(path, errors="replace").read() for path in tmp_path.glob("*.log")]
     assert len(logs) >= 3  # the scheduler's and both workers'
     assert_no_secret(["alice-secret-pw", *issuer.tokens], done.stdout, done.stderr, (tmp_path / "r1.json").read_text(), *logs)
+
+
+def test_sigterm_stops_the_cluster_run_writes_the_report_and_the_workers_stop(cluster, registry, tmp_path):
+    """SIGTERM to the client mid-batch (uploads slowed by our proxy): exit 143, the
+    report written (each image pushed or interrupted), the workers stop sending,
+    and every manifest in the registry names only blobs that are there."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(registry.host)
+    proxy.throttle_bytes_per_s = 100_000
+    try:
+        _, plan = slow_fleet(tmp_path, proxy, 400_000)
+        report = str(tmp_path / "r.json")
+        client = start_client(plan, cluster, tmp_path, report)
+        try:
+            wait_for_uploads(proxy, client, 1)
+            at_stop = committed(proxy)
+            client.send_signal(signal.SIGTERM)
+            out, err = client.communicate(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert client.returncode == 128 + signal.SIGTERM, err
+        assert "stopped by signal 15" in err, err
+        images = report_of(report)["images"]
+        assert len(images) == 20
+        assert {i["status"] for i in images} <= {"pushed", "failed"}
+        interrupted = [i for i in images if i["status"] == "failed"]
+        assert interrupted and all(i["error_kind"] == "interrupted" for i in interrupted), interrupted
+        # the workers heard the stop: the proxy falls quiet, most blobs never sent
+        deadline, last = time.monotonic() + 60, ((-1, -1), 0.0)
+        while True:
+            seen = (len(proxy.requests()), proxy.live_body_bytes)
+            if seen != last[0]:
+                last = (seen, time.monotonic())
+            elif time.monotonic() - last[1] > 3:
+                break
+            assert time.monotonic() < deadline, "the workers kept sending after the stop"
+            time.sleep(0.2)
+        # two uploads at a time when the stop came, and a few more on their way while
+        # it reaches the workers; without it, every task running went on (28 blobs)
+        assert committed(proxy) - at_stop <= 8, (committed(proxy), at_stop)
+        # whatever manifest arrived is whole (skopeo reads every blob it names)
+        for image in images:
+            name = image["target"].split("/", 1)[1]
+            if remote_digest_or_none(registry, name) is not None:
+                pull_and_verify(registry, name, str(tmp_path / "pulled" / name.replace("/", "_").replace(":", "_")))
+    finally:
+        proxy.stop()
+
+
+def remote_digest_or_none(registry, ref: str) -> str | None:
+    from conftest import skopeo
+
+    done = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{ref}")
+    return None if done.returncode != 0 else done.stdout
