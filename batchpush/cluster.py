@@ -161,6 +161,8 @@ class _Setup:
     run_id: str
     #: host -> the scheme the client's ping chose: a task's engine tries only that one
     schemes: dict[str, str]
+    #: the client's batchpush version: a worker that joined later with another one refuses the task
+    version: str = __version__
 
     def engine(self, metadata_dir: str) -> Engine:
         options = PushOptions(
@@ -390,6 +392,8 @@ class _TaskEngine:
     """A worker's engine for one task, with a temporary store seeded by the client."""
 
     def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
+        if _version() != setup.version:  # connect() saw every worker then; this one came later
+            raise ClusterError(f"refused: worker {_worker()} runs batchpush {_version()}, this client {setup.version} (install the same batchpush[cluster] on every worker)")
         self._dir = tempfile.mkdtemp(prefix="batchpush-task-")
         self._run_id = setup.run_id
         self.engine = setup.engine(self._dir)
@@ -564,6 +568,13 @@ def _mirror_up_to_date(engine: Engine, work: _Work, image: RemoteImage) -> Image
         return engine._run_work(work)  # the same HEADs again, then its attachments
     digest, size = current
     return ImageResult(work.source, work.target, "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
+
+
+def _lost(kind: str, exc: BaseException) -> str:
+    """Why a task gave no result: a worker's refusal as it said it, else what the cluster said."""
+    if isinstance(exc, ClusterError):
+        return exc.message
+    return f"the cluster lost the {kind}'s task: {_error(exc, kind).message}"
 
 
 def _error(exc: BaseException, where: str) -> BatchPushError:
@@ -824,7 +835,7 @@ class _ClusterRun:
         try:
             result: _BlobsDone = future.result()
         except Exception as exc:
-            failure = (f"the cluster lost the blob's task: {_error(exc, 'blob').message}", "error")
+            failure = (_lost("blob", exc), "error")
             return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge()) for name, blob in blobs.items()}
         _add(self.result, result.totals)
         return result.blobs
@@ -840,7 +851,7 @@ class _ClusterRun:
         try:
             done: _RepositoryDone = future.result()
         except Exception as exc:
-            error = BatchPushError(f"the cluster lost the repository's task: {_error(exc, 'repository').message}")
+            error = BatchPushError(_lost("repository", exc))
             for push in pushes:
                 work = self.works[push.index]
                 yield push.index, self.engine._failed(work.source, work.target, error, time.monotonic())

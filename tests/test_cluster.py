@@ -452,3 +452,15 @@ def remote_digest_or_none(registry, ref: str) -> str | None:
 
     done = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{ref}")
     return None if done.returncode != 0 else done.stdout
+
+
+def test_a_worker_that_joined_with_another_version_refuses_each_task():
+    """connect() refuses a cluster with a worker of another version; one that joins
+    later gets tasks, and each refuses before any work: its images fail with that line."""
+    from batchpush import cluster
+    from batchpush.registry.client import RegistryOptions
+
+    setup = cluster._Setup(RegistryOptions(), {}, cluster._Secrets({}), "run", {}, version="0.0.0-other")
+    with pytest.raises(cluster.ClusterError, match=r"refused: worker local runs batchpush \S+, this client 0.0.0-other"):
+        cluster._TaskEngine(setup, ())
+    assert cluster._lost("blob", cluster.ClusterError("refused: x")) == "refused: x"
