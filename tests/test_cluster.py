@@ -205,16 +205,18 @@ def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
         finally:
             third.stop()
 
-        # a second run from the same client store: up to date, no blob request at all
-        for target in (registry, second):
-            target.log_before = len(target.access_log())  # type: ignore[attr-defined]
-        done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", metadata, "--report", str(tmp_path / "r2.json"))
-        assert done.returncode == 0, done.stderr
-        assert all(i["status"] == "up-to-date" for i in report_of(tmp_path / "r2.json")["images"])
-        for target in (registry, second):
-            later = target.access_log()[target.log_before:]  # type: ignore[attr-defined]
-            assert not [line for line in later if "/blobs/" in line], later
-            assert not [line for line in later if any(f'"{m} ' in line for m in WRITE_METHODS)]
+        # a second run from the same client store, on the cluster and then locally:
+        # up to date, no blob request at all (what the workers learned is the client's)
+        for scheduler in (["--scheduler", cluster.address], []):
+            for target in (registry, second):
+                target.log_before = len(target.access_log())  # type: ignore[attr-defined]
+            done = batchpush_cli("run", plan, *scheduler, "--metadata-dir", metadata, "--report", str(tmp_path / "r2.json"))
+            assert done.returncode == 0, done.stderr
+            assert all(i["status"] == "up-to-date" for i in report_of(tmp_path / "r2.json")["images"])
+            for target in (registry, second):
+                later = target.access_log()[target.log_before:]  # type: ignore[attr-defined]
+                assert not [line for line in later if "/blobs/" in line], later
+                assert not [line for line in later if any(f'"{m} ' in line for m in WRITE_METHODS)]
     finally:
         second.stop()
 
