@@ -108,6 +108,10 @@ def _drop_headers(head: bytes, names: tuple[str, ...], added: dict[str, str] | N
     return "\r\n".join(kept).encode("latin-1")
 
 
+#: a request body this large is a blob's upload (manifests and configs are smaller)
+LARGE_BODY_BYTES = 65536
+
+
 class FaultProxy:
     def __init__(self, upstream: str, bind: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> None:
         """``tls``: a certificate and its key; the proxy then speaks https to its
@@ -117,6 +121,9 @@ class FaultProxy:
         self.rules: list[Rule] = []
         self.seen: list[Seen] = []
         self.throttle_bytes_per_s: float | None = None
+        #: request bodies of LARGE_BODY_BYTES or more (blob uploads) being read now, and their peak
+        self.large_bodies_in_flight = 0
+        self.peak_large_bodies = 0
         #: request body bytes read so far, updated while bodies stream
         self.live_body_bytes = 0
         #: TCP connections accepted
@@ -183,6 +190,19 @@ class FaultProxy:
         sock.close()
 
     def _read_body(self, reader, length: int, sink=None) -> int:  # type: ignore[no-untyped-def]
+        large = length >= LARGE_BODY_BYTES
+        if large:
+            with self.lock:
+                self.large_bodies_in_flight += 1
+                self.peak_large_bodies = max(self.peak_large_bodies, self.large_bodies_in_flight)
+        try:
+            return self._read_body_bytes(reader, length, sink)
+        finally:
+            if large:
+                with self.lock:
+                    self.large_bodies_in_flight -= 1
+
+    def _read_body_bytes(self, reader, length: int, sink=None) -> int:  # type: ignore[no-untyped-def]
         got = 0
         while got < length:
             piece = reader.read(min(65536 if self.throttle_bytes_per_s is None else 16384, length - got))

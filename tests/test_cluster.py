@@ -357,6 +357,8 @@ def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
         assert client.returncode == 0, err
         images = report_of(report)["images"]
         assert len(images) == 20 and all(i["status"] == "pushed" for i in images), [i["error"] for i in images]
+        # max_concurrent_uploads (2) held across both workers (each could send 8 at once)
+        assert 1 <= proxy.peak_large_bodies <= 2, proxy.peak_large_bodies
         # no blob uploaded twice, to any repository, by the retries
         per_repository = blob_puts_by_repository(registry)
         assert per_repository and max(per_repository.values()) == 1, per_repository
