@@ -58,6 +58,7 @@ refused with ``--scheduler``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import logging
 import queue
@@ -83,7 +84,7 @@ from .prepare import PendingManifest, PreparedLayer, Preparer
 from .progress import NoProgress, Progress
 from .reference import Reference
 from .registry.auth import Credentials
-from .registry.client import RegistryOptions
+from .registry.client import SMALL_BODY_BYTES, RegistryOptions
 from .report import BatchResult, ImageResult
 from .sources.base import SourceImage, SourceIndex, SourceLayer, SourceManifest, SourceNode
 from .sources.registry import RemoteImage
@@ -99,6 +100,10 @@ RELAY_INTERVAL_S = 0.5
 DRAIN_S = 2.0
 #: images of one repository task pushed at once
 IMAGES_PER_TASK = 4
+#: tasks of each kind per worker thread of the cluster: enough to share the work
+#: out and to keep every thread busy to the end, few enough that a task's fixed cost
+#: is paid for many images
+TASKS_PER_THREAD = 4
 #: the longest a blob task waits for its registry's upload lease
 LEASE_WAIT_S = 600.0
 
@@ -159,17 +164,38 @@ _RELAYED = frozenset({"image_started", "layer_bytes", "layer_done", "note"})
 
 class _Relay(NoProgress):
     """A worker's progress, sent as events to the client's display (``_Display``)
-    through the scheduler's event log: plain values only (msgpack)."""
+    through the scheduler's event log: plain values only (msgpack). A task's events
+    go in batches, one message per RELAY_INTERVAL_S (and its last at the task's
+    end, ``flush``): one message per event made the scheduler and the worker's
+    event loop handle thousands of messages in a run of small images."""
 
     def __init__(self, topic: str) -> None:
         self._topic = topic
         self._worker = distributed.get_worker()
-        self._lock = threading.Lock()  # guards _sent only
+        self._lock = threading.Lock()  # guards _sent, _pending and _flushed only
         self._sent: dict[tuple[str, str], float] = {}
+        self._pending: list[list[Any]] = []
+        self._flushed = time.monotonic()
 
     def _send(self, *event: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._pending.append(list(event))
+            if now - self._flushed < RELAY_INTERVAL_S:
+                return
+            batch, self._pending, self._flushed = self._pending, [], now
+        self._log(batch)
+
+    def flush(self) -> None:
+        """The events not sent yet, now."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._log(batch)
+
+    def _log(self, batch: list[list[Any]]) -> None:
         try:
-            self._worker.log_event(self._topic, list(event))
+            self._worker.log_event(self._topic, batch)
         except Exception as exc:  # the display is not worth a push
             log.debug("progress not relayed: %s", exc)
 
@@ -223,7 +249,8 @@ class _Display:
                 continue
             if self._stop.is_set() and time.monotonic() > self._stopped_at + DRAIN_S:
                 return
-            self._show(event)
+            for one in event if isinstance(event, list | tuple) else ():  # a batch (_Relay)
+                self._show(one)
 
     def _show(self, event: Any) -> None:
         if not (isinstance(event, list | tuple) and event and event[0] in _RELAYED):
@@ -334,6 +361,9 @@ class _TaskEngine:
     def __exit__(self, *exc: object) -> None:
         self.engine.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+        relay = self.engine.options.progress
+        if isinstance(relay, _Relay):
+            relay.flush()
 
     def totals(self) -> BatchResult:
         totals = BatchResult()
@@ -376,20 +406,29 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
 
 def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool) -> None:
     """The blob in ``target``'s repository: already there (asked first, so a rerun
-    writes nothing), mounted, or uploaded, under the registry's cluster-wide lease."""
-    host = target.api_host
+    writes nothing), mounted, or uploaded. A blob of SMALL_BODY_BYTES or more is
+    written under the registry's cluster-wide lease; a smaller one (a config, a
+    small layer) costs a round trip, not bandwidth, and takes no upload slot in a
+    local run either: a lease each made the scheduler pace a batch of small images."""
+    client = engine.client(target.api_host)
+    layers = engine._pusher(client, target).layers
+    if client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
+        layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
+        return
+    with _leased(lease, target.api_host) if layer.size >= SMALL_BODY_BYTES else contextlib.nullcontext():
+        pushed = layers.push(layer, is_config=is_config)
+    if isinstance(pushed, Staged):
+        # only a push that waits for a gate, or for another push's staged data,
+        # comes back Staged; no push of this task's engine has either
+        raise BatchPushError(f"blob {layer.digest}: left uncommitted in {target.name}")
+
+
+@contextlib.contextmanager
+def _leased(lease: distributed.Semaphore, host: str) -> Iterator[None]:
     if not lease.acquire(timeout=LEASE_WAIT_S):
         raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
     try:
-        client = engine.client(host)
-        layers = engine._pusher(client, target).layers
-        if client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
-            layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
-            return
-        if isinstance(layers.push(layer, is_config=is_config), Staged):
-            # only a push that waits for a gate, or for another push's staged data,
-            # comes back Staged; no push of this task's engine has either
-            raise BatchPushError(f"blob {layer.digest}: left uncommitted in {target.name}")
+        yield
     finally:
         lease.release()
 
@@ -402,7 +441,8 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, c
     into one repository at once can make the registry lose a manifest's blob
     while it writes the link). Never raises: a failure is its image's result."""
     worker = _worker()
-    task = _TaskEngine(setup, (knowledge, *(blob.learned for blob in blobs.values())))
+    seeds, later = _held_back((knowledge, *(blob.learned for blob in blobs.values())), pushes, check=check)
+    task = _TaskEngine(setup, seeds)
     results: dict[int, ImageResult | None] = {}
     with task as engine:
         runnable = []
@@ -433,7 +473,23 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, c
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
             for push, result in zip(runnable, pool.map(run, runnable), strict=True):
                 results[push.index] = result
+        engine.store.absorb(later)
         return _RepositoryDone(results, engine.store.export(), task.totals())
+
+
+def _held_back(parts: Iterable[Knowledge], pushes: list[_Push], *, check: bool) -> tuple[list[Knowledge], Knowledge]:
+    """A repository task's seed knowledge, less (unless it checks) the entries that
+    say a blob is in one of its own target repositories, and those entries: they
+    are absorbed once the images are pushed. The client decided already that these
+    images are not up to date (checked, or never pushed there), and the push state
+    says where each blob is; with them, the engine would ask each tag first (the
+    cron fast path's HEAD, one per image for nothing)."""
+    if check:
+        return list(parts), Knowledge()
+    names = {push.target.name for push in pushes}
+    parts = list(parts)
+    held = tuple(entry for part in parts for entry in part.entries if entry[1].source_repository in names)
+    return [replace(part, entries=tuple(entry for entry in part.entries if entry[1].source_repository not in names)) for part in parts], Knowledge(held)
 
 
 def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
@@ -516,6 +572,8 @@ class _ClusterRun:
         #: every key of this run starts with it: two runs on one scheduler never share a task
         self.run_id = uuid.uuid4().hex[:12]
         self.result = BatchResult()
+        #: repository tasks (and blob tasks) to make of the batch: a few per worker thread
+        self.tasks = TASKS_PER_THREAD * max(1, sum(client.nthreads().values()))
 
     def run(self, jobs: Iterable[PushJob]) -> BatchResult:
         display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
@@ -544,7 +602,7 @@ class _ClusterRun:
             else:
                 pending.append((index, work))
         self.works = dict(pending)
-        checks = {self._submit_repository(group, setup, check=True): group for group in _by_repository([w for w in pending if self._pushed_before(w[1])])}
+        checks = {self._submit_repository(group, setup, check=True): group for group in _by_repository([w for w in pending if self._pushed_before(w[1])], self.tasks)}
         for index, checked in self._collect(checks):
             slots[index] = checked
         for index, pushed in self._pushes([(index, work) for index, work in pending if slots[index] is None], setup):
@@ -614,7 +672,7 @@ class _ClusterRun:
         blobs: dict[str, _Blob] = {}
         #: each group's own blobs: those no earlier group needs
         owned: list[dict[str, _Blob]] = []
-        groups = _by_repository(pending)
+        groups = _by_repository(pending, self.tasks)
         needs: list[set[str]] = []
         users: dict[str, list[int]] = {}
         for number, group in enumerate(groups):
@@ -703,13 +761,24 @@ class _ClusterRun:
             log.exception("progress renderer failed")
 
 
-def _by_repository(works: list[tuple[int, _Work]]) -> list[list[_Push]]:
-    """The pushes grouped by target repository, in plan order."""
-    groups: dict[str, list[_Push]] = {}
+def _by_repository(works: list[tuple[int, _Work]], tasks: int) -> list[list[_Push]]:
+    """The pushes grouped by target repository, in plan order, whole repositories
+    packed into about ``tasks`` groups (a repository is never split: its images
+    share one push state). A task has a fixed cost (an engine, a store,
+    connections, the scheduler's round trips), paid once per group rather than
+    once per repository of a few small images."""
+    repositories: dict[str, list[_Push]] = {}
     for index, work in works:
         assert work.entry is not None and work.reference is not None
-        groups.setdefault(work.reference.name, []).append(_Push(index, work.entry.image, work.reference))
-    return list(groups.values())
+        repositories.setdefault(work.reference.name, []).append(_Push(index, work.entry.image, work.reference))
+    size = -(-len(works) // max(tasks, 1))
+    groups: list[list[_Push]] = []
+    for pushes in repositories.values():
+        if groups and len(groups[-1]) < size:
+            groups[-1].extend(pushes)
+        else:
+            groups.append(pushes)
+    return groups
 
 
 def _add(result: BatchResult, totals: BatchResult) -> None:
