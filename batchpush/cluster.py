@@ -61,6 +61,7 @@ import concurrent.futures as cf
 import contextlib
 import hashlib
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -224,6 +225,12 @@ def _layer_result(fields: list[Any]) -> LayerResult:
     return LayerResult(Digest.parse(diff_id) if diff_id else None, Digest.parse(digest), size, media_type, LayerOutcome(outcome), sent, mounted_from)
 
 
+#: the end of the display's queue: the scheduler forwards a worker's events before
+#: the results of its task (one stream, in order), so the client has them all
+#: once it has every result; the display need not wait for more
+_END = object()
+
+
 class _Display:
     """The client's live display, fed by the workers' relays: the scheduler hands
     their events to a queue (on the client's event loop), and a thread of ours
@@ -242,11 +249,14 @@ class _Display:
     def _run(self) -> None:
         while True:
             try:
-                _, event = self._events.get(timeout=RELAY_INTERVAL_S)
+                item = self._events.get(timeout=RELAY_INTERVAL_S)
             except queue.Empty:
                 if self._stop.is_set():
                     return  # nothing more in flight
                 continue
+            if item is _END:
+                return  # every event received before the results was shown
+            _, event = item
             if self._stop.is_set() and time.monotonic() > self._stopped_at + DRAIN_S:
                 return
             for one in event if isinstance(event, list | tuple) else ():  # a batch (_Relay)
@@ -264,9 +274,11 @@ class _Display:
             log.exception("progress renderer failed")
 
     def close(self) -> None:
-        """The events still in flight are shown (for DRAIN_S at most)."""
+        """The events received are shown (for DRAIN_S at most): a task's events
+        came before its result, so none is still in flight."""
         self._stopped_at = time.monotonic()
         self._stop.set()
+        self._events.put(_END)
         self._thread.join(DRAIN_S + RELAY_INTERVAL_S * 2)
         try:
             self._client.unsubscribe_topic(self._topic)
@@ -344,11 +356,17 @@ def _worker() -> str:
         return "local"
 
 
+#: a file system in memory (Linux)
+_SHM = "/dev/shm"  # noqa: S108 - only mkdtemp's own directory is made in it
+
+
 class _TaskEngine:
     """A worker's engine for one task, with a temporary store seeded by the client."""
 
     def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
-        self._dir = tempfile.mkdtemp(prefix="batchpush-task-")
+        # in memory where the system offers it: the store lives for one task (and
+        # holds a few KB), and made on disk it cost more than many a task's work
+        self._dir = tempfile.mkdtemp(prefix="batchpush-task-", dir=_SHM if os.access(_SHM, os.W_OK) else None)
         self.engine = setup.engine(self._dir)
         for host, scheme in setup.schemes.items():
             self.engine.client(host).use_scheme(scheme)
