@@ -13,8 +13,8 @@ its metadata store, and submits:
 
 - *blob tasks*: each distinct blob of the batch (a layer or an image config,
   known by the digest its source declares) belongs to exactly one, that of the
-  first repository in plan order that needs it (one task per blob would pay a
-  task's overhead for a 30 KB layer). On a worker it prepares each blob — an
+  first group of repositories in plan order that needs it (one task per blob
+  would pay a task's overhead for a 30 KB layer). On a worker it prepares each blob — an
   uncompressed layer is compressed there, the only compression of it in the
   cluster — then, for each target registry that needs it, puts it in the first
   repository of that registry the plan names: it asks the registry first
@@ -22,11 +22,13 @@ its metadata store, and submits:
   serves every registry rather than a compress task plus an upload task per
   registry: the compressed bytes stay on that worker's spool, never moved
   between workers and never compressed again.
-- one *repository task* per target repository, submitted once the blob tasks
+- a *repository task* per group of whole target repositories (a few groups
+  per worker thread: a task's fixed cost, its engine, store, connections and
+  round trips, is paid for many small images), submitted once the blob tasks
   of its images ended, their (small) results handed over by the client: a
   worker never fetches a result from another, so a worker that dies is never
   waited for and its finished tasks are not run again (Dask would, for a
-  result still wanted). A worker's Engine pushes the repository's images
+  result still wanted). A worker's Engine pushes the repositories' images
   exactly as a local run does, its store seeded with what the blob tasks
   learned (their fingerprints: nothing is read or compressed again; their
   DiffID → digest entries) and its push state with where each blob now is: the
@@ -42,12 +44,13 @@ temporary store, seeded by the client with what its own store knows of the
 task's blobs, and returns what it learned, which the client adds to its store:
 the next run, local or clustered, mounts and takes the cron fast path. In a
 re-run, an image whose target the client's store says it pushed to before is
-first checked (a repository task in check mode: one tag HEAD, nothing compressed);
-only images not up to date get blob tasks.
+first checked by the client itself, as a local run does (one tag HEAD, nothing
+compressed); only images not up to date get blob tasks.
 
 Per-registry concurrency is cluster-wide: a blob task holds a
 ``distributed.Semaphore`` named after the registry (``max_concurrent_uploads``
-leases) while it writes there. Credentials are read on the client and travel
+leases) while it writes a blob of SMALL_BODY_BYTES or more there (a smaller
+one takes no upload slot in a local run either). Credentials are read on the client and travel
 inside the tasks' arguments in an object whose repr hides them; task keys are a
 run id and hashes, never a name or a secret.
 
@@ -336,8 +339,8 @@ class _Push:
 
 @dataclass(frozen=True, slots=True)
 class _RepositoryDone:
-    #: by the push's index; None: not up to date (a check)
-    results: dict[int, ImageResult | None]
+    #: by the push's index
+    results: dict[int, ImageResult]
     learned: Knowledge
     totals: BatchResult
 
@@ -451,17 +454,17 @@ def _leased(lease: distributed.Semaphore, host: str) -> Iterator[None]:
         lease.release()
 
 
-def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, check: bool, blobs: dict[str, _BlobDone]) -> _RepositoryDone:
-    """Every image of the batch to one target repository, pushed by one worker's
-    engine as a local run would, their blobs already in the registry; with
-    ``check``, only the cron fast path. One task per repository, so its images
-    share one push state: a blob is mounted into it once (two mounts of one blob
-    into one repository at once can make the registry lose a manifest's blob
-    while it writes the link). Never raises: a failure is its image's result."""
+def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, blobs: dict[str, _BlobDone]) -> _RepositoryDone:
+    """Every image of the batch to some target repositories, pushed by one
+    worker's engine as a local run would, their blobs already in the registry.
+    A repository's images are all in one task, so they share one push state: a
+    blob is mounted into it once (two mounts of one blob into one repository at
+    once can make the registry lose a manifest's blob while it writes the link).
+    Never raises: a failure is its image's result."""
     worker = _worker()
-    seeds, later = _held_back((knowledge, *(blob.learned for blob in blobs.values())), pushes, check=check)
+    seeds, later = _held_back((knowledge, *(blob.learned for blob in blobs.values())), pushes)
     task = _TaskEngine(setup, seeds)
-    results: dict[int, ImageResult | None] = {}
+    results: dict[int, ImageResult] = {}
     with task as engine:
         runnable = []
         for push in pushes:
@@ -481,11 +484,9 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, c
         for push in runnable:  # an image to several tags is prepared once
             entries.setdefault(id(push.image), _Entry(push.image, 0)).uses += 1
 
-        def run(push: _Push) -> ImageResult | None:
+        def run(push: _Push) -> ImageResult:
             work = _Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
-            result = _up_to_date(engine, work) if check else engine._run_work(work)
-            if result is None:
-                return None
+            result = engine._run_work(work)
             return replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
@@ -495,15 +496,13 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, c
         return _RepositoryDone(results, engine.store.export(), task.totals())
 
 
-def _held_back(parts: Iterable[Knowledge], pushes: list[_Push], *, check: bool) -> tuple[list[Knowledge], Knowledge]:
-    """A repository task's seed knowledge, less (unless it checks) the entries that
-    say a blob is in one of its own target repositories, and those entries: they
-    are absorbed once the images are pushed. The client decided already that these
-    images are not up to date (checked, or never pushed there), and the push state
-    says where each blob is; with them, the engine would ask each tag first (the
-    cron fast path's HEAD, one per image for nothing)."""
-    if check:
-        return list(parts), Knowledge()
+def _held_back(parts: Iterable[Knowledge], pushes: list[_Push]) -> tuple[list[Knowledge], Knowledge]:
+    """A repository task's seed knowledge, less the entries that say a blob is in
+    one of its own target repositories, and those entries: they are absorbed once
+    the images are pushed. The client decided already that these images are not up
+    to date (checked, or never pushed there), and the push state says where each
+    blob is; with them, the engine would ask each tag first (the cron fast path's
+    HEAD, one per image for nothing)."""
     names = {push.target.name for push in pushes}
     parts = list(parts)
     held = tuple(entry for part in parts for entry in part.entries if entry[1].source_repository in names)
@@ -620,8 +619,7 @@ class _ClusterRun:
             else:
                 pending.append((index, work))
         self.works = dict(pending)
-        checks = {self._submit_repository(group, setup, check=True): group for group in _by_repository([w for w in pending if self._pushed_before(w[1])], self.tasks)}
-        for index, checked in self._collect(checks):
+        for index, checked in self._checked([w for w in pending if self._pushed_before(w[1])]):
             slots[index] = checked
         for index, pushed in self._pushes([(index, work) for index, work in pending if slots[index] is None], setup):
             work = self.works[index]
@@ -669,10 +667,20 @@ class _ClusterRun:
     def _knowledge(self, keys: Iterable[Any]) -> Knowledge:
         return self.engine.store.export(key for key in keys if key is not None)
 
-    def _submit_repository(self, pushes: list[_Push], setup: _Setup, *, check: bool, blobs: dict[str, _BlobDone] | None = None) -> distributed.Future:
+    def _submit_repository(self, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone]) -> distributed.Future:
         keys = [b.key for push in pushes for b in self._blobs(push.image.node)]
-        kind = "check" if check else "repository"
-        return self.client.submit(_repository_task, pushes, setup, self._knowledge(keys), check, blobs or {}, key=f"batchpush-{kind}-{self.run_id}-{pushes[0].index}", pure=False)
+        return self.client.submit(_repository_task, pushes, setup, self._knowledge(keys), blobs, key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
+
+    def _checked(self, works: list[tuple[int, _Work]]) -> Iterator[tuple[int, ImageResult | None]]:
+        """The cron fast path, run here as a local run does: one tag HEAD per image
+        the client's store saw go to its target (nothing compressed); None for an
+        image not up to date. A task per group of them, as it was, paid the
+        cluster's round trips and a task's engine for one request per image."""
+        with cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix="check") as pool:
+            for (index, work), result in zip(works, pool.map(lambda item: _up_to_date(self.engine, item[1]), works), strict=True):
+                if result is not None:
+                    self._show(result, work)
+                yield index, result
 
     @staticmethod
     def _blobs(node: SourceNode) -> Iterator[_Blob]:
@@ -730,7 +738,7 @@ class _ClusterRun:
                 for user in users[name]:
                     left[user] -= 1
                     if left[user] == 0:
-                        repository = self._submit_repository(groups[user], setup, check=False, blobs={name: done[name] for name in needs[user]})
+                        repository = self._submit_repository(groups[user], setup, {name: done[name] for name in needs[user]})
                         running[repository] = ("repository", user)
                         finished.add(repository)
 
@@ -744,11 +752,6 @@ class _ClusterRun:
             return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge()) for name, blob in blobs.items()}
         _add(self.result, result.totals)
         return result.blobs
-
-    def _collect(self, futures: dict[distributed.Future, list[_Push]]) -> Iterator[tuple[int, ImageResult | None]]:
-        if futures:
-            for future in distributed.as_completed(list(futures), loop=self.client.loop):
-                yield from self._repository_done(future, futures[future])
 
     def _repository_done(self, future: distributed.Future, pushes: list[_Push]) -> Iterator[tuple[int, ImageResult | None]]:
         """A repository task's results: its store knowledge absorbed, its totals
@@ -764,8 +767,7 @@ class _ClusterRun:
         self.engine.store.absorb(done.learned)
         _add(self.result, done.totals)
         for index, result in done.results.items():
-            if result is not None:
-                self._show(result, self.works[index])
+            self._show(result, self.works[index])
             yield index, result
 
     def _show(self, image: ImageResult, work: _Work) -> None:
