@@ -73,9 +73,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import distributed
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .digest import Digest
@@ -93,6 +91,9 @@ from .report import BatchResult, ImageResult
 from .sources.base import SourceImage, SourceIndex, SourceLayer, SourceManifest, SourceNode
 from .sources.registry import RemoteImage
 from .state import RemoteBlob
+
+if TYPE_CHECKING:  # imported where used: a re-run with nothing to push never imports dask
+    import distributed
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,8 @@ class _Relay(NoProgress):
     event loop handle thousands of messages in a run of small images."""
 
     def __init__(self, topic: str) -> None:
+        import distributed
+
         self._topic = topic
         self._worker = distributed.get_worker()
         self._lock = threading.Lock()  # guards _sent, _pending and _flushed only
@@ -353,6 +356,8 @@ def _version() -> str:
 
 
 def _worker() -> str:
+    import distributed
+
     try:
         return str(distributed.get_worker().address)
     except ValueError:  # not in a worker (a test calling a task directly)
@@ -396,6 +401,8 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
     """The blobs a repository needs first: each prepared once, then put in the first
     repository of each registry that needs it. Never raises: a failure is a blob's
     result, per registry."""
+    import distributed
+
     worker = _worker()
     task = _TaskEngine(setup, (knowledge,))
     hosts = {target.api_host for blob in blobs.values() for target in blob.targets.values()}
@@ -537,6 +544,8 @@ def _error(exc: BaseException, where: str) -> BatchPushError:
 def connect(address: str) -> distributed.Client:
     """A client of the scheduler with at least one worker, every worker running this
     batchpush version; else ClusterError (nothing was sent to any worker)."""
+    import distributed
+
     try:
         client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except Exception as exc:
@@ -561,12 +570,12 @@ def run(address: str, jobs: Iterable[PushJob], options: PushOptions) -> BatchRes
     result as ``Engine.run``, each image naming the worker that pushed it."""
     if options.dry_run:
         raise ClusterError("a dry run runs locally: drop --scheduler")
-    client = connect(address)
-    try:
-        with Engine(replace(options, jobs=1)) as engine:
-            return _ClusterRun(client, engine).run(jobs)
-    finally:
-        client.close()
+    with Engine(replace(options, jobs=1)) as engine:
+        cluster = _ClusterRun(address, engine)
+        try:
+            return cluster._run(jobs)
+        finally:
+            cluster.close()
 
 
 def _manifests(node: SourceNode) -> Iterator[SourceManifest]:
@@ -582,22 +591,35 @@ def _hash(*parts: object) -> str:
 
 
 class _ClusterRun:
-    def __init__(self, client: distributed.Client, engine: Engine) -> None:
-        self.client = client
+    def __init__(self, address: str, engine: Engine) -> None:
+        self.address = address
         self.engine = engine
         self.progress = engine.options.progress
         #: every key of this run starts with it: two runs on one scheduler never share a task
         self.run_id = uuid.uuid4().hex[:12]
         self.result = BatchResult()
-        #: repository tasks (and blob tasks) to make of the batch: a few per worker thread
-        self.tasks = TASKS_PER_THREAD * max(1, sum(client.nthreads().values()))
+        #: set by _connect, once there is something to push
+        self.client: distributed.Client
+        self._display: _Display | None = None
 
-    def run(self, jobs: Iterable[PushJob]) -> BatchResult:
-        display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
+    def _connect(self) -> None:
+        """The cluster, reached once some image is to be pushed: a re-run whose
+        images are all up to date (checked here) is over without it, as quick as
+        a local one (dask's import and a client's start cost about as much as the
+        whole re-run of a hundred images)."""
+        self.client = connect(self.address)
         try:
-            return self._run(jobs)
-        finally:
-            display.close()
+            self._display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
+        except BaseException:
+            self.client.close()
+            raise
+        #: repository tasks (and blob tasks) to make of the batch: a few per worker thread
+        self.tasks = TASKS_PER_THREAD * max(1, sum(self.client.nthreads().values()))
+
+    def close(self) -> None:
+        if self._display is not None:
+            self._display.close()
+            self.client.close()
 
     def _run(self, jobs: Iterable[PushJob]) -> BatchResult:
         slots: list[ImageResult | None] = []
@@ -695,6 +717,11 @@ class _ClusterRun:
         client hands each blob's (small) result to the repository tasks itself
         and lets go of it: no worker ever fetches from another, so a dead worker's
         results are never waited for, nor computed again."""
+        if not pending:
+            return
+        import distributed
+
+        self._connect()
         blobs: dict[str, _Blob] = {}
         #: each group's own blobs: those no earlier group needs
         owned: list[dict[str, _Blob]] = []

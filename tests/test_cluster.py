@@ -215,6 +215,11 @@ def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
             later = target.access_log()[target.log_before:]  # type: ignore[attr-defined]
             assert not [line for line in later if "/blobs/" in line], later
             assert not [line for line in later if any(f'"{m} ' in line for m in WRITE_METHODS)]
+        # the check runs on the client, before the cluster is reached: with every image
+        # up to date, no scheduler is needed (none listens at this address)
+        done = batchpush_cli("run", plan, "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--metadata-dir", metadata, "--report", str(tmp_path / "r3.json"))
+        assert done.returncode == 0, done.stderr
+        assert all(i["status"] == "up-to-date" for i in report_of(tmp_path / "r3.json")["images"])
     finally:
         second.stop()
 
