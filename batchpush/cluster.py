@@ -37,8 +37,9 @@ its metadata store, and submits:
   goes only once every blob it names is in the repository (the engine's rule).
 
 Dask may run a task twice (its worker died after finishing it): every task is
-idempotent. A blob task asks the registry before writing, so a rerun uploads
-nothing the first run committed; a mount of a present blob is a 201; a manifest
+idempotent. A blob task run again (each attempt notes its start in the
+scheduler's event log) asks the registry before writing each blob, so it uploads
+nothing the lost attempt committed; a mount of a present blob is a 201; a manifest
 PUT of the same bytes changes nothing. Workers are stateless: each task has a
 temporary store, seeded by the client with what its own store knows of the
 task's blobs, and returns what it learned, which the client adds to its store:
@@ -408,6 +409,7 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
     hosts = {target.api_host for blob in blobs.values() for target in blob.targets.values()}
     # made in the task's own thread: a Semaphore needs the worker's context
     leases = {host: distributed.Semaphore(max_leases=setup.uploads(host), name=f"batchpush-uploads-{host}-{setup.uploads(host)}") for host in hosts}
+    ask_first = not _first_attempt()
     with task as engine:
 
         def place(blob: _Blob) -> _BlobDone:
@@ -419,7 +421,7 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
             repositories, failures = {}, {}
             for registry, target in blob.targets.items():
                 try:
-                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.config is not None)
+                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.config is not None, ask_first=ask_first)
                     repositories[registry] = target.repository
                 except Exception as exc:
                     error = _error(exc, str(target))
@@ -432,15 +434,39 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
         return _BlobsDone(placed, task.totals())
 
 
-def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool) -> None:
-    """The blob in ``target``'s repository: already there (asked first, so a rerun
-    writes nothing), mounted, or uploaded. A blob of SMALL_BODY_BYTES or more is
-    written under the registry's cluster-wide lease; a smaller one (a config, a
-    small layer) costs a round trip, not bandwidth, and takes no upload slot in a
-    local run either: a lease each made the scheduler pace a batch of small images."""
+def _first_attempt() -> bool:
+    """Whether this is the task's first attempt. Dask runs a task again when its
+    worker is lost, and the lost attempt may have written blobs already: each
+    attempt notes its start in the scheduler's event log, under its run's topic,
+    after reading it (the note is answered before any blob is written). False
+    when it cannot say."""
+    import distributed
+
+    try:
+        key = str(distributed.get_worker().get_current_task())
+        client = distributed.get_client()
+        topic = key.rpartition("-")[0]  # the task's kind and run
+        started = any(event == key for _, event in client.get_events(topic))
+        client.log_event(topic, key)
+    except Exception as exc:
+        log.debug("attempt not known: %s", exc)
+        return False
+    return not started
+
+
+def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool, ask_first: bool) -> None:
+    """The blob in ``target``'s repository: already there, mounted, or uploaded. With
+    ``ask_first`` (the task ran before: some blobs may be there already) a HEAD
+    comes first, so a rerun writes nothing the lost attempt committed; otherwise
+    the engine asks only where its store says the blob may be, as a local run
+    does (a HEAD per blob was a third of a small blob's requests). A blob of
+    SMALL_BODY_BYTES or more is written under the registry's cluster-wide lease;
+    a smaller one (a config, a small layer) costs a round trip, not bandwidth,
+    and takes no upload slot in a local run either: a lease each made the
+    scheduler pace a batch of small images."""
     client = engine.client(target.api_host)
     layers = engine._pusher(client, target).layers
-    if client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
+    if ask_first and client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
         layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
         return
     with _leased(lease, target.api_host) if layer.size >= SMALL_BODY_BYTES else contextlib.nullcontext():
