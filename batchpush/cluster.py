@@ -17,8 +17,8 @@ its metadata store, and submits:
   would pay a task's overhead for a 30 KB layer). On a worker it prepares each blob — an
   uncompressed layer is compressed there, the only compression of it in the
   cluster — then, for each target registry that needs it, puts it in the first
-  repository of that registry the plan names: it asks the registry first
-  (HEAD), then mounts from a repository the store knows, then uploads. One task
+  repository of that registry the plan names: it mounts from a repository the
+  store knows, or uploads (a task run again asks the registry first, HEAD). One task
   serves every registry rather than a compress task plus an upload task per
   registry: the compressed bytes stay on that worker's spool, never moved
   between workers and never compressed again.
@@ -399,8 +399,8 @@ class _TaskEngine:
 
 
 def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) -> _BlobsDone:
-    """The blobs a repository needs first: each prepared once, then put in the first
-    repository of each registry that needs it. Never raises: a failure is a blob's
+    """The blobs a group of repositories needs first: each prepared once, then put
+    in the first repository of each registry that needs it. Never raises: a failure is a blob's
     result, per registry."""
     import distributed
 
