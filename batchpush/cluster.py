@@ -13,20 +13,22 @@ its metadata store, and submits:
 
 - *blob tasks*: each distinct blob of the batch (a layer or an image config,
   known by the digest its source declares) belongs to exactly one, that of the
-  first repository in plan order that needs it (one task per blob would pay a
-  task's overhead for a 30 KB layer). On a worker it prepares each blob — an
+  first group of repositories in plan order that needs it (one task per blob
+  would pay a task's overhead for a 30 KB layer). On a worker it prepares each blob — an
   uncompressed layer is compressed there, the only compression of it in the
   cluster — then, for each target registry that needs it, puts it in the first
-  repository of that registry the plan names: it asks the registry first
-  (HEAD), then mounts from a repository the store knows, then uploads. One task
+  repository of that registry the plan names: it mounts from a repository the
+  store knows, or uploads (a task run again asks the registry first, HEAD). One task
   serves every registry rather than a compress task plus an upload task per
   registry: the compressed bytes stay on that worker's spool, never moved
   between workers and never compressed again.
-- one *repository task* per target repository, submitted once the blob tasks
+- a *repository task* per group of whole target repositories (a few groups
+  per worker thread: a task's fixed cost, its engine, store, connections and
+  round trips, is paid for many small images), submitted once the blob tasks
   of its images ended, their (small) results handed over by the client: a
   worker never fetches a result from another, so a worker that dies is never
   waited for and its finished tasks are not run again (Dask would, for a
-  result still wanted). A worker's Engine pushes the repository's images
+  result still wanted). A worker's Engine pushes the repositories' images
   exactly as a local run does, its store seeded with what the blob tasks
   learned (their fingerprints: nothing is read or compressed again; their
   DiffID → digest entries) and its push state with where each blob now is: the
@@ -35,25 +37,27 @@ its metadata store, and submits:
   goes only once every blob it names is in the repository (the engine's rule).
 
 Dask may run a task twice (its worker died after finishing it): every task is
-idempotent. A blob task asks the registry before writing, so a rerun uploads
-nothing the first run committed; a mount of a present blob is a 201; a manifest
+idempotent. A blob task run again (each attempt notes its start in the
+scheduler's event log) asks the registry before writing each blob, so it uploads
+nothing the lost attempt committed; a mount of a present blob is a 201; a manifest
 PUT of the same bytes changes nothing. Workers are stateless: each task has a
 temporary store, seeded by the client with what its own store knows of the
 task's blobs, and returns what it learned, which the client adds to its store:
 the next run, local or clustered, mounts and takes the cron fast path. In a
 re-run, an image whose target the client's store says it pushed to before is
-first checked (a repository task in check mode: one tag HEAD, nothing compressed);
-only images not up to date get blob tasks.
+first checked by the client itself, as a local run does (one tag HEAD, nothing
+compressed); only images not up to date get blob tasks.
 
 Per-registry concurrency is cluster-wide: a blob task holds a
 ``distributed.Semaphore`` named after the registry (``max_concurrent_uploads``
-leases) while it writes there. Credentials are read on the client and travel
+leases) while it writes a blob of SMALL_BODY_BYTES or more there (a smaller
+one takes no upload slot in a local run either). Credentials are read on the client and travel
 inside the tasks' arguments in an object whose repr hides them; task keys are a
 run id and hashes, never a name or a secret.
 
-Registry sources (``docker://``): their images are first checked (repository
-tasks in check mode: the source's and the target's tag HEADs, the mirror's cron
-fast path); for those to copy, the client reads the manifests (the sources'
+Registry sources (``docker://``): their images are first checked by the client
+(the source's and the target's tag HEADs, the mirror's cron fast path, as a local
+run does); for those to copy, the client reads the manifests (the sources'
 manifests are what the client reads of local sources too), so their blobs join
 the blob tasks like any other: streamed from the source by the worker, or mounted
 from the source repository on its own registry. The repository task's engine gets
@@ -61,13 +65,19 @@ the manifests and the tag's digest the client read (``_Push.resolved``), so the
 source is not asked again, and copies them with their attachments as a local run
 does. Pruning entries run on the client at the end (a tag list, a DELETE per tag).
 A dry run writes nothing and is run by the client alone.
+
+A stop (SIGINT, SIGTERM: ``Interrupted``) reaches every worker (``_stop_run``):
+the run's task engines cancel as a local engine does, and the client reports each
+image it has no result for as interrupted.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -76,9 +86,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import distributed
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .digest import Digest
@@ -91,11 +99,14 @@ from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedMani
 from .progress import NoProgress, Progress
 from .reference import Reference
 from .registry.auth import Credentials
-from .registry.client import RegistryOptions
+from .registry.client import SMALL_BODY_BYTES, RegistryOptions
 from .report import BatchResult, ImageResult
 from .sources.base import SourceImage, SourceIndex, SourceLayer, SourceManifest, SourceNode
 from .sources.registry import Platform, RemoteImage
 from .state import RemoteBlob
+
+if TYPE_CHECKING:  # imported where used: a re-run with nothing to push never imports dask
+    import distributed
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +118,10 @@ RELAY_INTERVAL_S = 0.5
 DRAIN_S = 2.0
 #: images of one repository task pushed at once
 IMAGES_PER_TASK = 4
+#: tasks of each kind per worker thread of the cluster: enough to share the work
+#: out and to keep every thread busy to the end, few enough that a task's fixed cost
+#: is paid for many images
+TASKS_PER_THREAD = 4
 #: the longest a blob task waits for its registry's upload lease
 LEASE_WAIT_S = 600.0
 #: how often a blob task waiting for its lease looks at the run's stop
@@ -130,6 +145,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, result: BatchResult) -> None:
         super().__init__()
         self.result = result
+
 
 
 # -- what travels to the workers ---------------------------------------------
@@ -186,17 +202,40 @@ _RELAYED = frozenset({"image_started", "layer_bytes", "layer_done", "note"})
 
 class _Relay(NoProgress):
     """A worker's progress, sent as events to the client's display (``_Display``)
-    through the scheduler's event log: plain values only (msgpack)."""
+    through the scheduler's event log: plain values only (msgpack). A task's events
+    go in batches, one message per RELAY_INTERVAL_S (and its last at the task's
+    end, ``flush``): one message per event made the scheduler and the worker's
+    event loop handle thousands of messages in a run of small images."""
 
     def __init__(self, topic: str) -> None:
+        import distributed
+
         self._topic = topic
         self._worker = distributed.get_worker()
-        self._lock = threading.Lock()  # guards _sent only
+        self._lock = threading.Lock()  # guards _sent, _pending and _flushed only
         self._sent: dict[tuple[str, str], float] = {}
+        self._pending: list[list[Any]] = []
+        self._flushed = time.monotonic()
 
     def _send(self, *event: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._pending.append(list(event))
+            if now - self._flushed < RELAY_INTERVAL_S:
+                return
+            batch, self._pending, self._flushed = self._pending, [], now
+        self._log(batch)
+
+    def flush(self) -> None:
+        """The events not sent yet, now."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._log(batch)
+
+    def _log(self, batch: list[list[Any]]) -> None:
         try:
-            self._worker.log_event(self._topic, list(event))
+            self._worker.log_event(self._topic, batch)
         except Exception as exc:  # the display is not worth a push
             log.debug("progress not relayed: %s", exc)
 
@@ -225,6 +264,12 @@ def _layer_result(fields: list[Any]) -> LayerResult:
     return LayerResult(Digest.parse(diff_id) if diff_id else None, Digest.parse(digest), size, media_type, LayerOutcome(outcome), sent, mounted_from)
 
 
+#: the end of the display's queue: the scheduler forwards a worker's events before
+#: the results of its task (one stream, in order), so the client has them all
+#: once it has every result; the display need not wait for more
+_END = object()
+
+
 class _Display:
     """The client's live display, fed by the workers' relays: the scheduler hands
     their events to a queue (on the client's event loop), and a thread of ours
@@ -243,14 +288,18 @@ class _Display:
     def _run(self) -> None:
         while True:
             try:
-                _, event = self._events.get(timeout=RELAY_INTERVAL_S)
+                item = self._events.get(timeout=RELAY_INTERVAL_S)
             except queue.Empty:
                 if self._stop.is_set():
                     return  # nothing more in flight
                 continue
+            if item is _END:
+                return  # every event received before the results was shown
+            _, event = item
             if self._stop.is_set() and time.monotonic() > self._stopped_at + DRAIN_S:
                 return
-            self._show(event)
+            for one in event if isinstance(event, list | tuple) else ():  # a batch (_Relay)
+                self._show(one)
 
     def _show(self, event: Any) -> None:
         if not (isinstance(event, list | tuple) and event and event[0] in _RELAYED):
@@ -264,9 +313,11 @@ class _Display:
             log.exception("progress renderer failed")
 
     def close(self) -> None:
-        """The events still in flight are shown (for DRAIN_S at most)."""
+        """The events received are shown (for DRAIN_S at most): a task's events
+        came before its result, so none is still in flight."""
         self._stopped_at = time.monotonic()
         self._stop.set()
+        self._events.put(_END)
         self._thread.join(DRAIN_S + RELAY_INTERVAL_S * 2)
         try:
             self._client.unsubscribe_topic(self._topic)
@@ -350,8 +401,8 @@ class _Push:
 
 @dataclass(frozen=True, slots=True)
 class _RepositoryDone:
-    #: by the push's index; None: not up to date (a check)
-    results: dict[int, ImageResult | None]
+    #: by the push's index
+    results: dict[int, ImageResult]
     learned: Knowledge
     totals: BatchResult
 
@@ -364,10 +415,16 @@ def _version() -> str:
 
 
 def _worker() -> str:
+    import distributed
+
     try:
         return str(distributed.get_worker().address)
     except ValueError:  # not in a worker (a test calling a task directly)
         return "local"
+
+
+#: a file system in memory (Linux)
+_SHM = "/dev/shm"  # noqa: S108 - only mkdtemp's own directory is made in it
 
 
 #: in a worker process: the engines of the tasks running now, by run id, and the
@@ -394,7 +451,9 @@ class _TaskEngine:
     def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
         if _version() != setup.version:  # connect() saw every worker then; this one came later
             raise ClusterError(f"refused: worker {_worker()} runs batchpush {_version()}, this client {setup.version} (install the same batchpush[cluster] on every worker)")
-        self._dir = tempfile.mkdtemp(prefix="batchpush-task-")
+        # in memory where the system offers it: the store lives for one task (and
+        # holds a few KB), and made on disk it cost more than many a task's work
+        self._dir = tempfile.mkdtemp(prefix="batchpush-task-", dir=_SHM if os.access(_SHM, os.W_OK) else None)
         self._run_id = setup.run_id
         self.engine = setup.engine(self._dir)
         with _RUNNING_LOCK:
@@ -418,6 +477,9 @@ class _TaskEngine:
                 _RUNNING.pop(self._run_id, None)
         self.engine.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+        relay = self.engine.options.progress
+        if isinstance(relay, _Relay):
+            relay.flush()
 
     def totals(self) -> BatchResult:
         totals = BatchResult()
@@ -426,14 +488,17 @@ class _TaskEngine:
 
 
 def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) -> _BlobsDone:
-    """The blobs a repository needs first: each prepared once, then put in the first
-    repository of each registry that needs it. Never raises: a failure is a blob's
+    """The blobs a group of repositories needs first: each prepared once, then put
+    in the first repository of each registry that needs it. Never raises: a failure is a blob's
     result, per registry."""
+    import distributed
+
     worker = _worker()
     task = _TaskEngine(setup, (knowledge,))
     hosts = {target.api_host for blob in blobs.values() for target in blob.targets.values()}
     # made in the task's own thread: a Semaphore needs the worker's context
     leases = {host: distributed.Semaphore(max_leases=setup.uploads(host), name=f"batchpush-uploads-{host}-{setup.uploads(host)}") for host in hosts}
+    ask_first = not _first_attempt()
     with task as engine:
 
         def place(blob: _Blob) -> _BlobDone:
@@ -448,7 +513,7 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
                 engine.state.add_layer(blob.held_by.registry, blob.held_by.repository, prepared.key, remote)
             for registry, target in blob.targets.items():
                 try:
-                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.is_config)
+                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.is_config, ask_first=ask_first)
                     repositories[registry] = target.repository
                 except Exception as exc:
                     error = _error(exc, str(target))
@@ -460,40 +525,74 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
         return _BlobsDone(placed, task.totals())
 
 
-def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool) -> None:
-    """The blob in ``target``'s repository: already there (asked first, so a rerun
-    writes nothing), mounted, or uploaded, under the registry's cluster-wide lease."""
-    host = target.api_host
+def _first_attempt() -> bool:
+    """Whether this is the task's first attempt. Dask runs a task again when its
+    worker is lost, and the lost attempt may have written blobs already: each
+    attempt notes its start in the scheduler's event log, under its run's topic,
+    after reading it (the note is answered before any blob is written). False
+    when it cannot say."""
+    import distributed
+
+    try:
+        key = str(distributed.get_worker().get_current_task())
+        client = distributed.get_client()
+        topic = key.rpartition("-")[0]  # the task's kind and run
+        started = any(event == key for _, event in client.get_events(topic))
+        client.log_event(topic, key)
+    except Exception as exc:
+        log.debug("attempt not known: %s", exc)
+        return False
+    return not started
+
+
+def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool, ask_first: bool) -> None:
+    """The blob in ``target``'s repository: already there, mounted, or uploaded. With
+    ``ask_first`` (the task ran before: some blobs may be there already) a HEAD
+    comes first, so a rerun writes nothing the lost attempt committed; otherwise
+    the engine asks only where its store says the blob may be, as a local run
+    does (a HEAD per blob was a third of a small blob's requests). A blob of
+    SMALL_BODY_BYTES or more is written under the registry's cluster-wide lease;
+    a smaller one (a config, a small layer) costs a round trip, not bandwidth,
+    and takes no upload slot in a local run either: a lease each made the
+    scheduler pace a batch of small images."""
+    client = engine.client(target.api_host)
+    layers = engine._pusher(client, target).layers
+    if ask_first and client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
+        layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
+        return
+    with _leased(lease, target.api_host, engine.cancelled) if layer.size >= SMALL_BODY_BYTES else contextlib.nullcontext():
+        pushed = layers.push(layer, is_config=is_config)
+    if isinstance(pushed, Staged):
+        # only a push that waits for a gate, or for another push's staged data,
+        # comes back Staged; no push of this task's engine has either
+        raise BatchPushError(f"blob {layer.digest}: left uncommitted in {target.name}")
+
+
+@contextlib.contextmanager
+def _leased(lease: distributed.Semaphore, host: str, cancelled: threading.Event) -> Iterator[None]:
     deadline = time.monotonic() + LEASE_WAIT_S
     while not lease.acquire(timeout=LEASE_POLL_S):  # the run's stop in view
-        if engine.cancelled.is_set():
-            raise Cancelled(f"blob {layer.digest}: stopped")
+        if cancelled.is_set():
+            raise Cancelled(f"stopped while waiting for an upload lease for {host}")
         if time.monotonic() > deadline:
             raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
     try:
-        client = engine.client(host)
-        layers = engine._pusher(client, target).layers
-        if client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
-            layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
-            return
-        if isinstance(layers.push(layer, is_config=is_config), Staged):
-            # only a push that waits for a gate, or for another push's staged data,
-            # comes back Staged; no push of this task's engine has either
-            raise BatchPushError(f"blob {layer.digest}: left uncommitted in {target.name}")
+        yield
     finally:
         lease.release()
 
 
-def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, check: bool, blobs: dict[str, _BlobDone]) -> _RepositoryDone:
-    """Every image of the batch to one target repository, pushed by one worker's
-    engine as a local run would, their blobs already in the registry; with
-    ``check``, only the cron fast path. One task per repository, so its images
-    share one push state: a blob is mounted into it once (two mounts of one blob
-    into one repository at once can make the registry lose a manifest's blob
-    while it writes the link). Never raises: a failure is its image's result."""
+def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, blobs: dict[str, _BlobDone]) -> _RepositoryDone:
+    """Every image of the batch to some target repositories, pushed by one
+    worker's engine as a local run would, their blobs already in the registry.
+    A repository's images are all in one task, so they share one push state: a
+    blob is mounted into it once (two mounts of one blob into one repository at
+    once can make the registry lose a manifest's blob while it writes the link).
+    Never raises: a failure is its image's result."""
     worker = _worker()
-    task = _TaskEngine(setup, (knowledge, *(blob.learned for blob in blobs.values())))
-    results: dict[int, ImageResult | None] = {}
+    seeds, later = _held_back((knowledge, *(blob.learned for blob in blobs.values())), pushes)
+    task = _TaskEngine(setup, seeds)
+    results: dict[int, ImageResult] = {}
     with task as engine:
         runnable = []
         for push in pushes:
@@ -515,17 +614,29 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, c
                 entries[id(push.image)] = push.entry()
             entries[id(push.image)].uses += 1
 
-        def run(push: _Push) -> ImageResult | None:
+        def run(push: _Push) -> ImageResult:
             work = _Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
-            result = _up_to_date(engine, work) if check else engine._run_work(work)
-            if result is None:
-                return None
+            result = engine._run_work(work)
             return replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
             for push, result in zip(runnable, pool.map(run, runnable), strict=True):
                 results[push.index] = result
+        engine.store.absorb(later)
         return _RepositoryDone(results, engine.store.export(), task.totals())
+
+
+def _held_back(parts: Iterable[Knowledge], pushes: list[_Push]) -> tuple[list[Knowledge], Knowledge]:
+    """A repository task's seed knowledge, less the entries that say a blob is in
+    one of its own target repositories, and those entries: they are absorbed once
+    the images are pushed. The client decided already that these images are not up
+    to date (checked, or never pushed there), and the push state says where each
+    blob is; with them, the engine would ask each tag first (the cron fast path's
+    HEAD, one per image for nothing)."""
+    names = {push.target.name for push in pushes}
+    parts = list(parts)
+    held = tuple(entry for part in parts for entry in part.entries if entry[1].source_repository in names)
+    return [replace(part, entries=tuple(entry for entry in part.entries if entry[1].source_repository not in names)) for part in parts], Knowledge(held)
 
 
 def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
@@ -585,6 +696,8 @@ def _error(exc: BaseException, where: str) -> BatchPushError:
 def connect(address: str) -> distributed.Client:
     """A client of the scheduler with at least one worker, every worker running this
     batchpush version; else ClusterError (nothing was sent to any worker)."""
+    import distributed
+
     try:
         client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except Exception as exc:
@@ -612,12 +725,14 @@ def run(address: str, jobs: Iterable[PushJob], options: PushOptions) -> BatchRes
         options.progress.note("dry run: asked from this machine; no task is sent to the cluster")
         with Engine(options) as engine:
             return engine.run(jobs)
-    client = connect(address)
-    try:
-        with Engine(replace(options, jobs=1)) as engine:
-            return _ClusterRun(client, engine).run(jobs)
-    finally:
-        client.close()
+    with Engine(replace(options, jobs=1)) as engine:
+        cluster = _ClusterRun(address, engine)
+        try:
+            return cluster._run(jobs)
+        except KeyboardInterrupt:
+            raise Interrupted(cluster._interrupted()) from None
+        finally:
+            cluster.close()
 
 
 def _manifests(node: SourceNode) -> Iterator[SourceManifest]:
@@ -633,33 +748,47 @@ def _hash(*parts: object) -> str:
 
 
 class _ClusterRun:
-    def __init__(self, client: distributed.Client, engine: Engine) -> None:
-        self.client = client
+    def __init__(self, address: str, engine: Engine) -> None:
+        self.address = address
         self.engine = engine
         self.progress = engine.options.progress
         #: every key of this run starts with it: two runs on one scheduler never share a task
         self.run_id = uuid.uuid4().hex[:12]
         self.result = BatchResult()
+        #: set by _connect, once there is something to push
+        self.client: distributed.Client
+        self._display: _Display | None = None
         #: each image's result as it comes, and its work
         self.slots: list[ImageResult | None] = []
         self.expanded: list[_Work] = []
 
-    def run(self, jobs: Iterable[PushJob]) -> BatchResult:
-        display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
+    def _connect(self) -> None:
+        """The cluster, reached once some image is to be pushed: a re-run whose
+        images are all up to date (checked here) is over without it, as quick as
+        a local one (dask's import and a client's start cost about as much as the
+        whole re-run of a hundred images)."""
+        self.client = connect(self.address)
         try:
-            return self._run(jobs)
-        except KeyboardInterrupt:
-            raise Interrupted(self._interrupted()) from None
-        finally:
-            display.close()
+            self._display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
+        except BaseException:
+            self.client.close()
+            raise
+        #: repository tasks (and blob tasks) to make of the batch: a few per worker thread
+        self.tasks = TASKS_PER_THREAD * max(1, sum(self.client.nthreads().values()))
+
+    def close(self) -> None:
+        if self._display is not None:
+            self._display.close()
+            self.client.close()
 
     def _interrupted(self) -> BatchResult:
         """Every worker told to stop the run's tasks; each image the cluster did not
         give a result for fails as interrupted (its manifest goes only after all its
         blobs: a task that was writing it may still finish it)."""
-        told = threading.Thread(target=self._stop_tasks, name="cluster-stop", daemon=True)
-        told.start()
-        told.join(STOP_WAIT_S)  # a scheduler gone silent must not hold the stop
+        if self._display is not None:  # connected: some tasks may be running
+            told = threading.Thread(target=self._stop_tasks, name="cluster-stop", daemon=True)
+            told.start()
+            told.join(STOP_WAIT_S)  # a scheduler gone silent must not hold the stop
         error = InterruptedError_("stopped before the cluster gave its result; no manifest was written after the stop")
         now = time.monotonic()
         self.result.images = [slot or self.engine._failed(work.source, work.target, error, now) for slot, work in zip(self.slots, self.expanded, strict=True)]
@@ -691,9 +820,8 @@ class _ClusterRun:
             else:
                 pending.append((index, work))
         self.works = dict(pending)
-        # first the cron fast path: images pushed here before, and every registry source's (two HEADs)
-        checks = {self._submit_repository(group, setup, check=True): group for group in _by_repository([w for w in pending if _mirrored(w[1]) or self._pushed_before(w[1])])}
-        for index, checked in self._collect(checks):
+        # first the cron fast path, here: images pushed here before, and every registry source's (two HEADs)
+        for index, checked in self._checked([w for w in pending if _mirrored(w[1]) or self._pushed_before(w[1])]):
             slots[index] = checked
         todo = [(index, work) for index, work in pending if slots[index] is None]
         resolved = self._resolve([work for _, work in todo if _mirrored(work)])
@@ -771,10 +899,20 @@ class _ClusterRun:
     def _knowledge(self, keys: Iterable[Any]) -> Knowledge:
         return self.engine.store.export(key for key in keys if key is not None)
 
-    def _submit_repository(self, pushes: list[_Push], setup: _Setup, *, check: bool, blobs: dict[str, _BlobDone] | None = None) -> distributed.Future:
+    def _submit_repository(self, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone]) -> distributed.Future:
         keys = [b.key for push in pushes for b in _blobs(push)]
-        kind = "check" if check else "repository"
-        return self.client.submit(_repository_task, pushes, setup, self._knowledge(keys), check, blobs or {}, key=f"batchpush-{kind}-{self.run_id}-{pushes[0].index}", pure=False)
+        return self.client.submit(_repository_task, pushes, setup, self._knowledge(keys), blobs, key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
+
+    def _checked(self, works: list[tuple[int, _Work]]) -> Iterator[tuple[int, ImageResult | None]]:
+        """The cron fast path, run here as a local run does: one tag HEAD per image
+        the client's store saw go to its target (nothing compressed); None for an
+        image not up to date. A task per group of them, as it was, paid the
+        cluster's round trips and a task's engine for one request per image."""
+        with cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix="check") as pool:
+            for (index, work), result in zip(works, pool.map(lambda item: _up_to_date(self.engine, item[1]), works), strict=True):
+                if result is not None and not _tells_itself(work):
+                    self._show(result, work)
+                yield index, result
 
     def _pushes(self, pending: list[tuple[int, _Work]], setup: _Setup, resolved: dict[int, _Resolved]) -> Iterator[tuple[int, ImageResult | None]]:
         """The blob tasks (each blob in the task of the first repository that needs
@@ -783,10 +921,15 @@ class _ClusterRun:
         client hands each blob's (small) result to the repository tasks itself
         and lets go of it: no worker ever fetches from another, so a dead worker's
         results are never waited for, nor computed again."""
+        if not pending:
+            return
+        import distributed
+
+        self._connect()
         blobs: dict[str, _Blob] = {}
         #: each group's own blobs: those no earlier group needs
         owned: list[dict[str, _Blob]] = []
-        groups = _by_repository(pending, resolved)
+        groups = _by_repository(pending, self.tasks, resolved)
         needs: list[set[str]] = []
         users: dict[str, list[int]] = {}
         for number, group in enumerate(groups):
@@ -825,7 +968,7 @@ class _ClusterRun:
                 for user in users[name]:
                     left[user] -= 1
                     if left[user] == 0:
-                        repository = self._submit_repository(groups[user], setup, check=False, blobs={name: done[name] for name in needs[user]})
+                        repository = self._submit_repository(groups[user], setup, {name: done[name] for name in needs[user]})
                         running[repository] = ("repository", user)
                         finished.add(repository)
 
@@ -839,11 +982,6 @@ class _ClusterRun:
             return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge()) for name, blob in blobs.items()}
         _add(self.result, result.totals)
         return result.blobs
-
-    def _collect(self, futures: dict[distributed.Future, list[_Push]]) -> Iterator[tuple[int, ImageResult | None]]:
-        if futures:
-            for future in distributed.as_completed(list(futures), loop=self.client.loop):
-                yield from self._repository_done(future, futures[future])
 
     def _repository_done(self, future: distributed.Future, pushes: list[_Push]) -> Iterator[tuple[int, ImageResult | None]]:
         """A repository task's results: its store knowledge absorbed, its totals
@@ -859,8 +997,7 @@ class _ClusterRun:
         self.engine.store.absorb(done.learned)
         _add(self.result, done.totals)
         for index, result in done.results.items():
-            if result is not None:
-                self._show(result, self.works[index])
+            self._show(result, self.works[index])
             yield index, result
 
     def _show(self, image: ImageResult, work: _Work) -> None:
@@ -874,18 +1011,36 @@ class _ClusterRun:
             log.exception("progress renderer failed")
 
 
-def _by_repository(works: list[tuple[int, _Work]], resolved: dict[int, _Resolved] | None = None) -> list[list[_Push]]:
-    """The pushes grouped by target repository, in plan order."""
-    groups: dict[str, list[_Push]] = {}
+def _by_repository(works: list[tuple[int, _Work]], tasks: int, resolved: dict[int, _Resolved]) -> list[list[_Push]]:
+    """The pushes grouped by target repository, in plan order, whole repositories
+    packed into about ``tasks`` groups (a repository is never split: its images
+    share one push state). A task has a fixed cost (an engine, a store,
+    connections, the scheduler's round trips), paid once per group rather than
+    once per repository of a few small images."""
+    repositories: dict[str, list[_Push]] = {}
     for index, work in works:
         assert work.entry is not None and work.reference is not None
-        push = _Push(index, work.entry.image, work.reference, platforms=work.entry.platforms, resolved=(resolved or {}).get(id(work)))
-        groups.setdefault(work.reference.name, []).append(push)
-    return list(groups.values())
+        push = _Push(index, work.entry.image, work.reference, platforms=work.entry.platforms, resolved=resolved.get(id(work)))
+        repositories.setdefault(work.reference.name, []).append(push)
+    size = -(-len(works) // max(tasks, 1))
+    groups: list[list[_Push]] = []
+    for pushes in repositories.values():
+        if groups and len(groups[-1]) < size:
+            groups[-1].extend(pushes)
+        else:
+            groups.append(pushes)
+    return groups
 
 
 def _mirrored(work: _Work) -> bool:
     return work.entry is not None and isinstance(work.entry.image.node, RemoteImage)
+
+
+def _tells_itself(work: _Work) -> bool:
+    """A registry source's image with attachments to copy: checked up to date, it
+    went through the engine's whole path, which showed its line already."""
+    image = work.entry.image.node if work.entry is not None else None
+    return isinstance(image, RemoteImage) and bool(image.attachments or image.referrers)
 
 
 def _hosts(work: _Work) -> Iterator[str]:

@@ -108,8 +108,9 @@ def _drop_headers(head: bytes, names: tuple[str, ...], added: dict[str, str] | N
     return "\r\n".join(kept).encode("latin-1")
 
 
-#: a request body this large is a blob's upload (manifests and configs are smaller)
-LARGE_BODY_BYTES = 65536
+#: a request body this large is an upload that takes one of the host's
+#: max_concurrent_uploads slots (batchpush's SMALL_BODY_BYTES)
+LARGE_BODY_BYTES = 1 << 20
 
 
 class FaultProxy:
