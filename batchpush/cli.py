@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -235,14 +236,15 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
     )
     received: list[int] = []
     engine: Engine | None = None
+    #: a cluster run's stop: it looks at it where it waits
+    stopped = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if received:  # a second Ctrl-C: stop now, without waiting for anything
             os.write(2, b"error: stopped at once by a second signal\n")
             os._exit(128 + signum)
         received.append(signum)
-        if args.scheduler:
-            raise KeyboardInterrupt  # the cluster run stops where it waits, and says what finished
+        stopped.set()
         if engine is not None:
             engine.cancel()
 
@@ -250,9 +252,11 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     started_at, started = time.time(), time.monotonic()
     try:
-        if args.scheduler:
-            result = _run_on_cluster(args.scheduler, jobs, options)
+        if args.scheduler and not args.dry_run:
+            result = _run_on_cluster(args.scheduler, jobs, options, stopped)
         else:
+            if args.scheduler:  # it writes nothing: nothing to spread
+                progress.note("dry run: asked from this machine; no task is sent to the cluster")
             engine = Engine(options)
             if received:
                 engine.cancel()
@@ -268,11 +272,6 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         say(f"error: {exc}")
         _export_metrics(args, BatchResult(), started_at, started, success=False)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
-    except KeyboardInterrupt:  # a cluster run stopped before it had sent anything
-        signum = received[0] if received else signal.SIGINT
-        say(f"error: stopped by signal {signum} before any task was sent to the cluster")
-        _export_metrics(args, BatchResult(), started_at, started, success=False)
-        return 128 + signum
     finally:
         for sig, earlier in previous.items():
             signal.signal(sig, earlier)
@@ -287,13 +286,14 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
     return code
 
 
-def _run_on_cluster(address: str, jobs: Iterable[PushJob], options: PushOptions) -> BatchResult:
+def _run_on_cluster(address: str, jobs: Iterable[PushJob], options: PushOptions, stop: threading.Event) -> BatchResult:
     from . import cluster  # only here: a local run never imports dask
 
     try:
-        return cluster.run(address, jobs, options)
+        return cluster.run(address, jobs, options, stop)
     except cluster.Interrupted as stopped:  # the tasks were stopped; what finished is in it
         return stopped.result
+
 
 if __name__ == "__main__":
     sys.exit(main())

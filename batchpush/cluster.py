@@ -64,7 +64,7 @@ from the source repository on its own registry. The repository task's engine get
 the manifests and the tag's digest the client read (``_Push.resolved``), so the
 source is not asked again, and copies them with their attachments as a local run
 does. Pruning entries run on the client at the end (a tag list, a DELETE per tag).
-A dry run writes nothing and is run by the client alone.
+A dry run writes nothing: the CLI runs it on the client alone.
 
 A stop (SIGINT, SIGTERM: ``Interrupted``) reaches every worker (``_stop_run``):
 the run's task engines cancel as a local engine does, and the client reports each
@@ -86,9 +86,9 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import __version__
+from . import __version__, waits
 from .digest import Digest
 from .engine import Engine, PushJob, PushOptions, _Entry, _Work
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, UsageError
@@ -109,6 +109,7 @@ if TYPE_CHECKING:  # imported where used: a re-run with nothing to push never im
     import distributed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: how long the client tries to reach the scheduler, and waits for a first worker
 CONNECT_TIMEOUT_S = 10.0
@@ -717,19 +718,18 @@ def connect(address: str) -> distributed.Client:
     return client
 
 
-def run(address: str, jobs: Iterable[PushJob], options: PushOptions) -> BatchResult:
+def run(address: str, jobs: Iterable[PushJob], options: PushOptions, stop: threading.Event | None = None) -> BatchResult:
     """Every job's images to their targets on the cluster at ``address``; the same
-    result as ``Engine.run``, each image naming the worker that pushed it."""
+    result as ``Engine.run``, each image naming the worker that pushed it. Once
+    ``stop`` is set (a signal handler may set it) or on KeyboardInterrupt, raises
+    Interrupted, with the result so far."""
     if options.dry_run:
-        # it writes nothing: the registries are asked from here, nothing goes to the cluster
-        options.progress.note("dry run: asked from this machine; no task is sent to the cluster")
-        with Engine(options) as engine:
-            return engine.run(jobs)
+        raise ClusterError("a dry run writes nothing and runs on this machine: use Engine.run")
     with Engine(replace(options, jobs=1)) as engine:
-        cluster = _ClusterRun(address, engine)
+        cluster = _ClusterRun(address, engine, stop or threading.Event())
         try:
             return cluster._run(jobs)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Cancelled):
             raise Interrupted(cluster._interrupted()) from None
         finally:
             cluster.close()
@@ -748,9 +748,11 @@ def _hash(*parts: object) -> str:
 
 
 class _ClusterRun:
-    def __init__(self, address: str, engine: Engine) -> None:
+    def __init__(self, address: str, engine: Engine, stop: threading.Event) -> None:
         self.address = address
         self.engine = engine
+        #: set by the caller (a signal): the run stops where it waits
+        self.stop = stop
         self.progress = engine.options.progress
         #: every key of this run starts with it: two runs on one scheduler never share a task
         self.run_id = uuid.uuid4().hex[:12]
@@ -785,6 +787,7 @@ class _ClusterRun:
         """Every worker told to stop the run's tasks; each image the cluster did not
         give a result for fails as interrupted (its manifest goes only after all its
         blobs: a task that was writing it may still finish it)."""
+        self.engine.cancel()  # its own requests (checks, manifests read) end now
         if self._display is not None:  # connected: some tasks may be running
             told = threading.Thread(target=self._stop_tasks, name="cluster-stop", daemon=True)
             told.start()
@@ -793,6 +796,21 @@ class _ClusterRun:
         now = time.monotonic()
         self.result.images = [slot or self.engine._failed(work.source, work.target, error, now) for slot, work in zip(self.slots, self.expanded, strict=True)]
         return self.result
+
+    def _result(self, future: cf.Future[T]) -> T:
+        """A future of the client's own threads, the stop in view."""
+        while True:
+            self._check_stop()
+            try:
+                return future.result(timeout=waits.POLL_S)
+            except cf.TimeoutError:
+                continue
+
+    def _check_stop(self) -> None:
+        """Raises Cancelled once the run is stopped, its own engine's requests cancelled."""
+        if self.stop.is_set():
+            self.engine.cancel()
+            raise Cancelled()
 
     def _stop_tasks(self) -> None:
         try:
@@ -807,6 +825,7 @@ class _ClusterRun:
         works: list[tuple[int, _Work]] = []
         for job in jobs:
             for work in self.engine._expand(job):
+                self._check_stop()
                 expanded.append(work)
                 slots.append(self.engine._failed(work.source, work.target, work.error, time.monotonic()) if work.error is not None else None)
                 if work.error is None:
@@ -853,7 +872,9 @@ class _ClusterRun:
         with cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix="resolve") as pool:
             for work, future in [(work, pool.submit(resolve, work)) for work in works]:
                 try:
-                    resolved[id(work)] = future.result()
+                    resolved[id(work)] = self._result(future)
+                except Cancelled:
+                    raise
                 except Exception as exc:
                     resolved[id(work)] = self.engine._failed(work.source, work.target, _error(exc, work.source), time.monotonic())
         return resolved
@@ -909,7 +930,9 @@ class _ClusterRun:
         image not up to date. A task per group of them, as it was, paid the
         cluster's round trips and a task's engine for one request per image."""
         with cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix="check") as pool:
-            for (index, work), result in zip(works, pool.map(lambda item: _up_to_date(self.engine, item[1]), works), strict=True):
+            futures = [pool.submit(_up_to_date, self.engine, work) for _, work in works]
+            for (index, work), future in zip(works, futures, strict=True):
+                result = self._result(future)
                 if result is not None and not _tells_itself(work):
                     self._show(result, work)
                 yield index, result
@@ -923,8 +946,6 @@ class _ClusterRun:
         results are never waited for, nor computed again."""
         if not pending:
             return
-        import distributed
-
         self._connect()
         blobs: dict[str, _Blob] = {}
         #: each group's own blobs: those no earlier group needs
@@ -949,14 +970,25 @@ class _ClusterRun:
             for name in names:
                 users.setdefault(name, []).append(number)
         running: dict[distributed.Future, tuple[str, int]] = {}
+        #: each task's future once it is done (Dask calls back from a thread of its own)
+        finished: queue.Queue[distributed.Future] = queue.Queue()
+
+        def watch(future: distributed.Future, kind: str, number: int) -> None:
+            running[future] = (kind, number)
+            future.add_done_callback(finished.put)
+
         for number, own in enumerate(owned):
             if own:
                 key = f"batchpush-blobs-{self.run_id}-{number}"
-                running[self.client.submit(_blobs_task, own, setup, self._knowledge(b.key for b in own.values()), key=key, pure=False)] = ("blobs", number)
+                watch(self.client.submit(_blobs_task, own, setup, self._knowledge(b.key for b in own.values()), key=key, pure=False), "blobs", number)
         done: dict[str, _BlobDone] = {}
         left = [len(names) for names in needs]
-        finished = distributed.as_completed(list(running), loop=self.client.loop)
-        for future in finished:
+        while running:
+            self._check_stop()
+            try:
+                future = finished.get(timeout=waits.POLL_S)
+            except queue.Empty:
+                continue
             kind, number = running.pop(future)
             if kind == "repository":
                 yield from self._repository_done(future, groups[number])
@@ -968,9 +1000,7 @@ class _ClusterRun:
                 for user in users[name]:
                     left[user] -= 1
                     if left[user] == 0:
-                        repository = self._submit_repository(groups[user], setup, {name: done[name] for name in needs[user]})
-                        running[repository] = ("repository", user)
-                        finished.add(repository)
+                        watch(self._submit_repository(groups[user], setup, {name: done[name] for name in needs[user]}), "repository", user)
 
     def _blobs_done(self, future: distributed.Future, blobs: dict[str, _Blob]) -> dict[str, _BlobDone]:
         """A blob task's results, its work counted; a task the cluster lost fails
