@@ -160,6 +160,10 @@ class _Secrets:
     def __call__(self, host: str) -> Credentials | None:
         return self._by_host.get(host)
 
+    def only(self, hosts: Iterable[str]) -> _Secrets:
+        wanted = set(hosts)
+        return _Secrets({host: found for host, found in self._by_host.items() if host in wanted})
+
     def __repr__(self) -> str:
         return f"<credentials for {len(self._by_host)} host(s), redacted>"
 
@@ -195,6 +199,10 @@ class _Setup:
 
     def uploads(self, host: str) -> int:
         return self.registries.get(host, self.defaults).max_concurrent_uploads
+
+    def only(self, hosts: Iterable[str]) -> _Setup:
+        """For a task that talks to ``hosts`` only: the other hosts' credentials stay here."""
+        return replace(self, secrets=self.secrets.only(hosts))
 
 
 #: what a worker's engine shows that the client does not print from the results
@@ -347,13 +355,17 @@ class _Blob:
         assert self.layer is not None
         return self.layer.diff_id or self.layer.descriptor.digest
 
+    def hosts(self) -> set[str]:
+        """The registries its task talks to for it: its targets', its source's."""
+        return {target.api_host for target in self.targets.values()} | ({self.held_by.api_host} if self.held_by is not None else set())
+
     @property
     def declared(self) -> Digest | str:
         """The digest its source declares (its name in the batch)."""
         if self.prepared is not None:
             return self.prepared.digest
         assert self.layer is not None
-        return self.layer.descriptor.digest or str(self.layer.blob)
+        return self.layer.descriptor.digest or self.layer.diff_id or str(self.layer.blob)
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,14 +543,17 @@ def _first_attempt() -> bool:
     worker is lost, and the lost attempt may have written blobs already: each
     attempt notes its start in the scheduler's event log, under its run's topic,
     after reading it (the note is answered before any blob is written). False
-    when it cannot say."""
+    when it cannot say: also once the topic is as long as the scheduler keeps
+    (``distributed.admin.low-level-log-length``), as an early note may be gone."""
+    import dask.config
     import distributed
 
     try:
         key = str(distributed.get_worker().get_current_task())
         client = distributed.get_client()
         topic = key.rpartition("-")[0]  # the task's kind and run
-        started = any(event == key for _, event in client.get_events(topic))
+        notes = client.get_events(topic)
+        started = any(event == key for _, event in notes) or len(notes) >= int(dask.config.get("distributed.admin.low-level-log-length", 1000))
         client.log_event(topic, key)
     except Exception as exc:
         log.debug("attempt not known: %s", exc)
@@ -795,7 +810,17 @@ class _ClusterRun:
         error = InterruptedError_("stopped before the cluster gave its result; no manifest was written after the stop")
         now = time.monotonic()
         self.result.images = [slot or self.engine._failed(work.source, work.target, error, now) for slot, work in zip(self.slots, self.expanded, strict=True)]
+        self.engine.add_totals(self.result)
         return self.result
+
+    @contextlib.contextmanager
+    def _pool(self, name: str) -> Iterator[cf.ThreadPoolExecutor]:
+        """Threads for the client's own requests; on a stop, those not started never start."""
+        pool = cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix=name)
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _result(self, future: cf.Future[T]) -> T:
         """A future of the client's own threads, the stop in view."""
@@ -826,21 +851,25 @@ class _ClusterRun:
         for job in jobs:
             for work in self.engine._expand(job):
                 self._check_stop()
+                slot = self.engine._failed(work.source, work.target, work.error, time.monotonic()) if work.error is not None else None
                 expanded.append(work)
-                slots.append(self.engine._failed(work.source, work.target, work.error, time.monotonic()) if work.error is not None else None)
+                slots.append(slot)
                 if work.error is None:
                     works.append((len(slots) - 1, work))
         setup, refused = self._setup(work for _, work in works)
         pending = []
         for index, work in works:
-            error = next((refused[host] for host in _hosts(work) if host in refused), None)
+            error = next((refused[host] for host in _work_hosts(work) if host in refused), None)
             if error is not None:
                 slots[index] = self.engine._failed(work.source, work.target, error, time.monotonic())
             else:
                 pending.append((index, work))
         self.works = dict(pending)
         # first the cron fast path, here: images pushed here before, and every registry source's (two HEADs)
-        for index, checked in self._checked([w for w in pending if _mirrored(w[1]) or self._pushed_before(w[1])]):
+        checks = [w for w in pending if _mirrored(w[1]) or self._pushed_before(w[1])]
+        if any(_tells_itself(work) for _, work in checks):
+            self._connect()  # an up-to-date mirror's attachments are copied here: the cluster is reached before any write
+        for index, checked in self._checked(checks):
             slots[index] = checked
         todo = [(index, work) for index, work in pending if slots[index] is None]
         resolved = self._resolve([work for _, work in todo if _mirrored(work)])
@@ -853,6 +882,7 @@ class _ClusterRun:
         self.result.images = [image for image in slots if image is not None]
         arrived = {id(work) for work, image in zip(expanded, slots, strict=True) if image is not None and image.ok}
         self.engine.run_prunes(arrived, self.result)  # here: a tag list and a DELETE per tag gone
+        self.engine.add_totals(self.result)  # the client's own requests: pings, checks, manifests read, prunes
         return self.result
 
     def _resolve(self, works: list[_Work]) -> dict[int, _Resolved | ImageResult]:
@@ -869,7 +899,7 @@ class _ClusterRun:
             return node, self.engine._source_head(work.entry, work.entry.image.node)  # type: ignore[arg-type]
 
         resolved: dict[int, _Resolved | ImageResult] = {}
-        with cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix="resolve") as pool:
+        with self._pool("resolve") as pool:
             for work, future in [(work, pool.submit(resolve, work)) for work in works]:
                 try:
                     resolved[id(work)] = self._result(future)
@@ -883,7 +913,7 @@ class _ClusterRun:
         """The registries' options and credentials (targets' and registry sources'),
         read here; a host whose credentials cannot be read fails its images."""
         registries, secrets, refused = {}, {}, {}
-        for host in (host for work in works for host in _hosts(work)):
+        for host in (host for work in works for host in _work_hosts(work)):
             if host in registries or host in refused:
                 continue
             options = self.engine.registry_options(host)
@@ -922,14 +952,15 @@ class _ClusterRun:
 
     def _submit_repository(self, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone]) -> distributed.Future:
         keys = [b.key for push in pushes for b in _blobs(push)]
-        return self.client.submit(_repository_task, pushes, setup, self._knowledge(keys), blobs, key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
+        hosts = {host for push in pushes for host in _hosts(push.target, push.image)}
+        return self.client.submit(_repository_task, pushes, setup.only(hosts), self._knowledge(keys), blobs, key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
 
     def _checked(self, works: list[tuple[int, _Work]]) -> Iterator[tuple[int, ImageResult | None]]:
         """The cron fast path, run here as a local run does: one tag HEAD per image
         the client's store saw go to its target (nothing compressed); None for an
         image not up to date. A task per group of them, as it was, paid the
         cluster's round trips and a task's engine for one request per image."""
-        with cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix="check") as pool:
+        with self._pool("check") as pool:
             futures = [pool.submit(_up_to_date, self.engine, work) for _, work in works]
             for (index, work), future in zip(works, futures, strict=True):
                 result = self._result(future)
@@ -980,7 +1011,8 @@ class _ClusterRun:
         for number, own in enumerate(owned):
             if own:
                 key = f"batchpush-blobs-{self.run_id}-{number}"
-                watch(self.client.submit(_blobs_task, own, setup, self._knowledge(b.key for b in own.values()), key=key, pure=False), "blobs", number)
+                hosts = {host for blob in own.values() for host in blob.hosts()}
+                watch(self.client.submit(_blobs_task, own, setup.only(hosts), self._knowledge(b.key for b in own.values()), key=key, pure=False), "blobs", number)
         done: dict[str, _BlobDone] = {}
         left = [len(names) for names in needs]
         while running:
@@ -1011,6 +1043,8 @@ class _ClusterRun:
             failure = (_lost("blob", exc), "error")
             return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge()) for name, blob in blobs.items()}
         _add(self.result, result.totals)
+        for blob in result.blobs.values():  # kept even if no repository task comes back
+            self.engine.store.absorb(blob.learned)
         return result.blobs
 
     def _repository_done(self, future: distributed.Future, pushes: list[_Push]) -> Iterator[tuple[int, ImageResult | None]]:
@@ -1073,12 +1107,16 @@ def _tells_itself(work: _Work) -> bool:
     return isinstance(image, RemoteImage) and bool(image.attachments or image.referrers)
 
 
-def _hosts(work: _Work) -> Iterator[str]:
-    """The registries the work talks to: its target's, its registry source's."""
+def _work_hosts(work: _Work) -> Iterator[str]:
     assert work.reference is not None and work.entry is not None
-    yield work.reference.api_host
-    if isinstance(work.entry.image.node, RemoteImage):
-        yield work.entry.image.node.reference.api_host
+    return _hosts(work.reference, work.entry.image)
+
+
+def _hosts(target: Reference, image: SourceImage) -> Iterator[str]:
+    """The registries a push talks to: its target's, its registry source's."""
+    yield target.api_host
+    if isinstance(image.node, RemoteImage):
+        yield image.node.reference.api_host
 
 
 def _blobs(push: _Push) -> Iterator[_Blob]:
@@ -1107,6 +1145,8 @@ def _add(result: BatchResult, totals: BatchResult) -> None:
     result.bytes_compressed += totals.bytes_compressed
     result.bytes_uploaded += totals.bytes_uploaded
     result.requests_by_method.update(totals.requests_by_method)
+    result.requests_by_registry.update(totals.requests_by_registry)
+    result.errors_by_registry.update(totals.errors_by_registry)
 
 
 __all__ = ["CONNECT_TIMEOUT_S", "ClusterError", "Interrupted", "connect", "run"]

@@ -175,6 +175,10 @@ def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
         report = report_of(tmp_path / "r1.json")
         images = report["images"]
         assert len(images) == 40 and all(i["status"] == "pushed" for i in images)
+        # the totals count every request of the run: the client's own and the tasks'
+        sent = sum('"batchpush/' in line for target in (registry, second) for line in target.access_log())
+        # (and the client's one https attempt per registry, which the registry does not log)
+        assert sum(report["totals"]["requests"].values()) == sent + 2, (report["totals"]["requests"], sent)
         # the client's display, fed by the workers: their layers' lines, its images' lines
         assert "Mounted from team/svc0" in done.stdout and ": Pushed" in done.stdout, done.stdout
         assert done.stdout.count(" size: ") == 40
@@ -362,6 +366,9 @@ def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
         assert client.returncode == 0, err
         images = report_of(report)["images"]
         assert len(images) == 20 and all(i["status"] == "pushed" for i in images), [i["error"] for i in images]
+        # the dead worker's blob tasks ran again, asking first (a first attempt asks no
+        # blob HEAD here: 0 without the kill)
+        assert registry.count("HEAD", "/blobs/") > 0
         # no blob uploaded twice, to any repository, by the retries
         per_repository = blob_puts_by_repository(registry)
         assert per_repository and max(per_repository.values()) == 1, per_repository

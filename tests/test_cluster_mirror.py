@@ -134,3 +134,26 @@ def test_a_missing_source_tag_fails_its_image_only_and_a_dry_run_stays_here(clus
     assert f"{registry.host}/mirror/app:nope" in done.stderr
     assert registry.count("PUT", "/manifests/nope") == 0
     assert remote_digest(registry, "mirror/app:1.0") == remote_digest(source, "team/app:1.0")
+
+
+def test_an_unreachable_scheduler_stops_a_mirror_rerun_before_any_write(source, registry, tmp_path):
+    """A mirror re-run whose image is up to date but has a new signature to copy:
+    with a scheduler that cannot be reached, one line and exit 2, nothing written."""
+    from registry import free_port
+
+    fill(source, app_layout(str(tmp_path / "app"), {"1.0": [1, 2]}), "1.0", "team/app")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "version": 1,
+        "defaults": {"insecure": True},
+        "images": [{"source": f"docker://{source.host}/team/app", "targets": [f"{registry.host}/mirror/app"]}],
+    }))
+    done = batchpush_cli("run", str(plan), "--metadata-dir", str(tmp_path / "md"))  # locally, first
+    assert done.returncode == 0, done.stderr
+    attach_signature(source, "team/app", remote_digest(source, "team/app:1.0"), tmp_path)
+    mark = len(registry.access_log())
+    done = batchpush_cli("run", str(plan), "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--metadata-dir", str(tmp_path / "md"))
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot reach the Dask scheduler" in lines[0], done.stderr
+    assert not [line for line in requests_since(registry, mark) if line.split(" ")[0] in ("PUT", "POST", "PATCH", "DELETE")]
