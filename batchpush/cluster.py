@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__, waits
 from .digest import Digest
-from .engine import Engine, PushJob, PushOptions, _Entry, _Work
+from .engine import Engine, Entry, PushJob, PushOptions, Work
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, UsageError
 from .layer_push import Staged
 from .metadata import Knowledge
@@ -401,9 +401,9 @@ class _Push:
     #: tag's digest (and size) then, so the worker reads neither again
     resolved: _Resolved | None = None
 
-    def entry(self) -> _Entry:
+    def entry(self) -> Entry:
         """The engine's entry for the image, holding what the client resolved."""
-        entry = _Entry(self.image, 0, self.platforms)
+        entry = Entry(self.image, 0, self.platforms)
         if self.resolved is not None:
             for name, value in zip(("node", "digest"), self.resolved, strict=True):
                 future: cf.Future[Any] = cf.Future()
@@ -572,7 +572,7 @@ def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer:
     and takes no upload slot in a local run either: a lease each made the
     scheduler pace a batch of small images."""
     client = engine.client(target.api_host)
-    layers = engine._pusher(client, target).layers
+    layers = engine.pusher(client, target).layers
     if ask_first and client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
         layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
         return
@@ -617,22 +617,22 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, b
             if failure is not None:
                 error = BatchPushError(failure[0])
                 error.kind = failure[1]
-                results[push.index] = engine._failed(push.image.name, str(push.target), error, time.monotonic())
+                results[push.index] = engine.failed(push.image.name, str(push.target), error, time.monotonic())
                 continue
             for name in push.blobs:
                 blob = blobs[name]
                 assert blob.remote is not None
                 engine.state.add_layer(registry, blob.repositories[registry], blob.key, blob.remote)
             runnable.append(push)
-        entries: dict[int, _Entry] = {}
+        entries: dict[int, Entry] = {}
         for push in runnable:  # an image to several tags is prepared once
             if id(push.image) not in entries:
                 entries[id(push.image)] = push.entry()
             entries[id(push.image)].uses += 1
 
         def run(push: _Push) -> ImageResult:
-            work = _Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
-            result = engine._run_work(work)
+            work = Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
+            result = engine.run_work(work)
             return replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
@@ -655,7 +655,7 @@ def _held_back(parts: Iterable[Knowledge], pushes: list[_Push]) -> tuple[list[Kn
     return [replace(part, entries=tuple(entry for entry in part.entries if entry[1].source_repository not in names)) for part in parts], Knowledge(held)
 
 
-def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
+def _up_to_date(engine: Engine, work: Work) -> ImageResult | None:
     """The cron fast path alone: the image as the store knows it (nothing
     compressed), its tag HEAD; None when it is not up to date or cannot say."""
     assert work.entry is not None and work.reference is not None
@@ -663,12 +663,12 @@ def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
         return _mirror_up_to_date(engine, work, work.entry.image.node)
     started = time.monotonic()
     try:
-        node = engine._prepared(work.entry)
+        node = engine.prepared(work.entry)
         if isinstance(node, PendingManifest):
             if not node.ready():  # the store did not know every layer after all
                 return None
             node = node.wait(engine.cancelled)
-        current = engine._pusher(engine.client(work.reference.api_host), work.reference).up_to_date(node, work.reference.tag or "latest")
+        current = engine.pusher(engine.client(work.reference.api_host), work.reference).up_to_date(node, work.reference.tag or "latest")
     except Exception as exc:
         log.info("%s: not checked (%s); pushing in full", work.target, exc)
         return None
@@ -677,22 +677,22 @@ def _up_to_date(engine: Engine, work: _Work) -> ImageResult | None:
     return ImageResult(work.source, work.target, "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
 
 
-def _mirror_up_to_date(engine: Engine, work: _Work, image: RemoteImage) -> ImageResult | None:
+def _mirror_up_to_date(engine: Engine, work: Work, image: RemoteImage) -> ImageResult | None:
     """A registry source's image whose target tag names the source's digest already
     (a HEAD at each end): its result, its attachments copied as a local run copies
     them; None when the image must be copied (its blobs go by blob tasks first)."""
     assert work.entry is not None and work.reference is not None
     started = time.monotonic()
     try:
-        pusher = engine._pusher(engine.client(work.reference.api_host), work.reference)
-        current = engine._mirror_up_to_date(work.entry, image, pusher, work.reference.tag or "latest")
+        pusher = engine.pusher(engine.client(work.reference.api_host), work.reference)
+        current = engine.mirror_up_to_date(work.entry, image, pusher, work.reference.tag or "latest")
     except Exception as exc:  # the copy says it again, as the image's failure
         log.info("%s: not checked (%s)", work.target, exc)
         return None
     if current is None:
         return None
     if image.attachments or image.referrers:
-        return engine._run_work(work)  # the same HEADs again, then its attachments
+        return engine.run_work(work)  # the same HEADs again, then its attachments
     digest, size = current
     return ImageResult(work.source, work.target, "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
 
@@ -777,7 +777,7 @@ class _ClusterRun:
         self._display: _Display | None = None
         #: each image's result as it comes, and its work
         self.slots: list[ImageResult | None] = []
-        self.expanded: list[_Work] = []
+        self.expanded: list[Work] = []
 
     def _connect(self) -> None:
         """The cluster, reached once some image is to be pushed: a re-run whose
@@ -809,7 +809,7 @@ class _ClusterRun:
             told.join(STOP_WAIT_S)  # a scheduler gone silent must not hold the stop
         error = InterruptedError_("stopped before the cluster gave its result; no manifest was written after the stop")
         now = time.monotonic()
-        self.result.images = [slot or self.engine._failed(work.source, work.target, error, now) for slot, work in zip(self.slots, self.expanded, strict=True)]
+        self.result.images = [slot or self.engine.failed(work.source, work.target, error, now) for slot, work in zip(self.slots, self.expanded, strict=True)]
         self.engine.add_totals(self.result)
         return self.result
 
@@ -847,11 +847,11 @@ class _ClusterRun:
         self.slots = slots = []
         #: each slot's work, for the pruning entries (which need every image of theirs arrived)
         self.expanded = expanded = []
-        works: list[tuple[int, _Work]] = []
+        works: list[tuple[int, Work]] = []
         for job in jobs:
-            for work in self.engine._expand(job):
+            for work in self.engine.expand(job):
                 self._check_stop()
-                slot = self.engine._failed(work.source, work.target, work.error, time.monotonic()) if work.error is not None else None
+                slot = self.engine.failed(work.source, work.target, work.error, time.monotonic()) if work.error is not None else None
                 expanded.append(work)
                 slots.append(slot)
                 if work.error is None:
@@ -861,7 +861,7 @@ class _ClusterRun:
         for index, work in works:
             error = next((refused[host] for host in _work_hosts(work) if host in refused), None)
             if error is not None:
-                slots[index] = self.engine._failed(work.source, work.target, error, time.monotonic())
+                slots[index] = self.engine.failed(work.source, work.target, error, time.monotonic())
             else:
                 pending.append((index, work))
         self.works = dict(pending)
@@ -878,25 +878,25 @@ class _ClusterRun:
                 slots[index] = resolved.pop(id(work))  # type: ignore[assignment]
         for index, pushed in self._pushes([(index, work) for index, work in todo if slots[index] is None], setup, resolved):  # type: ignore[arg-type]
             work = self.works[index]
-            slots[index] = pushed or self.engine._failed(work.source, work.target, BatchPushError("the repository task returned nothing for it"), time.monotonic())
+            slots[index] = pushed or self.engine.failed(work.source, work.target, BatchPushError("the repository task returned nothing for it"), time.monotonic())
         self.result.images = [image for image in slots if image is not None]
         arrived = {id(work) for work, image in zip(expanded, slots, strict=True) if image is not None and image.ok}
         self.engine.run_prunes(arrived, self.result)  # here: a tag list and a DELETE per tag gone
         self.engine.add_totals(self.result)  # the client's own requests: pings, checks, manifests read, prunes
         return self.result
 
-    def _resolve(self, works: list[_Work]) -> dict[int, _Resolved | ImageResult]:
+    def _resolve(self, works: list[Work]) -> dict[int, _Resolved | ImageResult]:
         """Each registry source's image to copy, read here (its tag's digest, its
         manifests; never a layer), so the batch knows its blobs: by ``id`` of the
         work, or the work's failure."""
         if not works:
             return {}
 
-        def resolve(work: _Work) -> _Resolved:
+        def resolve(work: Work) -> _Resolved:
             assert work.entry is not None
-            node = self.engine._prepared(work.entry)
+            node = self.engine.prepared(work.entry)
             assert not isinstance(node, PendingManifest)
-            return node, self.engine._source_head(work.entry, work.entry.image.node)  # type: ignore[arg-type]
+            return node, self.engine.source_head(work.entry, work.entry.image.node)  # type: ignore[arg-type]
 
         resolved: dict[int, _Resolved | ImageResult] = {}
         with self._pool("resolve") as pool:
@@ -906,10 +906,10 @@ class _ClusterRun:
                 except Cancelled:
                     raise
                 except Exception as exc:
-                    resolved[id(work)] = self.engine._failed(work.source, work.target, _error(exc, work.source), time.monotonic())
+                    resolved[id(work)] = self.engine.failed(work.source, work.target, _error(exc, work.source), time.monotonic())
         return resolved
 
-    def _setup(self, works: Iterable[_Work]) -> tuple[_Setup, dict[str, BatchPushError]]:
+    def _setup(self, works: Iterable[Work]) -> tuple[_Setup, dict[str, BatchPushError]]:
         """The registries' options and credentials (targets' and registry sources'),
         read here; a host whose credentials cannot be read fails its images."""
         registries, secrets, refused = {}, {}, {}
@@ -938,7 +938,7 @@ class _ClusterRun:
                 log.info("%s: not pinged (%s)", host, exc)
         return chosen
 
-    def _pushed_before(self, work: _Work) -> bool:
+    def _pushed_before(self, work: Work) -> bool:
         """The client's store saw every config of the image go to this target: a re-run."""
         assert work.entry is not None and work.reference is not None
         if _mirrored(work):
@@ -955,7 +955,7 @@ class _ClusterRun:
         hosts = {host for push in pushes for host in _hosts(push.target, push.image)}
         return self.client.submit(_repository_task, pushes, setup.only(hosts), self._knowledge(keys), blobs, key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
 
-    def _checked(self, works: list[tuple[int, _Work]]) -> Iterator[tuple[int, ImageResult | None]]:
+    def _checked(self, works: list[tuple[int, Work]]) -> Iterator[tuple[int, ImageResult | None]]:
         """The cron fast path, run here as a local run does: one tag HEAD per image
         the client's store saw go to its target (nothing compressed); None for an
         image not up to date. A task per group of them, as it was, paid the
@@ -968,7 +968,7 @@ class _ClusterRun:
                     self._show(result, work)
                 yield index, result
 
-    def _pushes(self, pending: list[tuple[int, _Work]], setup: _Setup, resolved: dict[int, _Resolved]) -> Iterator[tuple[int, ImageResult | None]]:
+    def _pushes(self, pending: list[tuple[int, Work]], setup: _Setup, resolved: dict[int, _Resolved]) -> Iterator[tuple[int, ImageResult | None]]:
         """The blob tasks (each blob in the task of the first repository that needs
         it; placed in its first repository per registry, in plan order); a
         repository's task once all its images' blobs are placed. The
@@ -1056,7 +1056,7 @@ class _ClusterRun:
             error = BatchPushError(_lost("repository", exc))
             for push in pushes:
                 work = self.works[push.index]
-                yield push.index, self.engine._failed(work.source, work.target, error, time.monotonic())
+                yield push.index, self.engine.failed(work.source, work.target, error, time.monotonic())
             return
         self.engine.store.absorb(done.learned)
         _add(self.result, done.totals)
@@ -1064,7 +1064,7 @@ class _ClusterRun:
             self._show(result, self.works[index])
             yield index, result
 
-    def _show(self, image: ImageResult, work: _Work) -> None:
+    def _show(self, image: ImageResult, work: Work) -> None:
         assert work.reference is not None
         try:
             if image.ok and image.digest is not None:
@@ -1075,7 +1075,7 @@ class _ClusterRun:
             log.exception("progress renderer failed")
 
 
-def _by_repository(works: list[tuple[int, _Work]], tasks: int, resolved: dict[int, _Resolved]) -> list[list[_Push]]:
+def _by_repository(works: list[tuple[int, Work]], tasks: int, resolved: dict[int, _Resolved]) -> list[list[_Push]]:
     """The pushes grouped by target repository, in plan order, whole repositories
     packed into about ``tasks`` groups (a repository is never split: its images
     share one push state). A task has a fixed cost (an engine, a store,
@@ -1096,18 +1096,18 @@ def _by_repository(works: list[tuple[int, _Work]], tasks: int, resolved: dict[in
     return groups
 
 
-def _mirrored(work: _Work) -> bool:
+def _mirrored(work: Work) -> bool:
     return work.entry is not None and isinstance(work.entry.image.node, RemoteImage)
 
 
-def _tells_itself(work: _Work) -> bool:
+def _tells_itself(work: Work) -> bool:
     """A registry source's image with attachments to copy: checked up to date, it
     went through the engine's whole path, which showed its line already."""
     image = work.entry.image.node if work.entry is not None else None
     return isinstance(image, RemoteImage) and bool(image.attachments or image.referrers)
 
 
-def _work_hosts(work: _Work) -> Iterator[str]:
+def _work_hosts(work: Work) -> Iterator[str]:
     assert work.reference is not None and work.entry is not None
     return _hosts(work.reference, work.entry.image)
 
@@ -1127,7 +1127,7 @@ def _blobs(push: _Push) -> Iterator[_Blob]:
         yield from _remote_blobs(push.resolved[0], source)
     elif not isinstance(push.image.node, RemoteImage):
         for manifest in _manifests(push.image.node):
-            yield _Blob(None, Preparer._config(manifest), is_config=True)
+            yield _Blob(None, Preparer.config_layer(manifest), is_config=True)
             yield from (_Blob(layer, None) for layer in manifest.layers if layer.blob is not None)
 
 

@@ -130,7 +130,7 @@ def expand_targets(images: Sequence[SourceImage], target: Reference) -> list[tup
     return pairs
 
 
-class _Entry:
+class Entry:
     """A source image shared by its targets: prepared once, released after the last.
 
     The first target to need it prepares it; the others wait for that (with the
@@ -153,16 +153,16 @@ class _Prune:
     job: PushJob
     listed: list[str] | None
     targets: list[Reference]
-    works: list[_Work] = field(default_factory=list)
+    works: list[Work] = field(default_factory=list)
     #: an image of it could not even be planned
     failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class _Work:
+class Work:
     source: str
     target: str
-    entry: _Entry | None = None
+    entry: Entry | None = None
     reference: Reference | None = None
     error: BatchPushError | None = None
 
@@ -284,7 +284,7 @@ class Engine:
         KeyboardInterrupt (the Python API's Ctrl-C) cancels the run: the images in
         flight stop and fail as interrupted, then it is raised again."""
         result = BatchResult()
-        ordered: list[ImageResult | tuple[_Work, cf.Future[ImageResult]]] = []
+        ordered: list[ImageResult | tuple[Work, cf.Future[ImageResult]]] = []
         interrupted = False
         images = cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image")
         try:
@@ -338,32 +338,32 @@ class Engine:
                     result.pruned.extend(prune_target(self.client(target.api_host), target, prune.listed, prune.job.tags))
                 except Exception as exc:
                     error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, str(target))
-                    result.images.append(self._failed(prune.job.source, str(target), BatchPushError(f"prune: {error.message}"), time.monotonic()))
+                    result.images.append(self.failed(prune.job.source, str(target), BatchPushError(f"prune: {error.message}"), time.monotonic()))
 
-    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | tuple[_Work, cf.Future[ImageResult]]]) -> None:
+    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | tuple[Work, cf.Future[ImageResult]]]) -> None:
         # a bounded number of pushes waits in the pool, so a plan of any size is
         # expanded as it runs and memory stays flat
         slots = threading.BoundedSemaphore(self.options.max_concurrent_images * 2)
         for job in jobs:
-            for work in self._expand(job):
+            for work in self.expand(job):
                 if self.cancelled.is_set():
                     return
                 if work.error is not None:
-                    ordered.append(self._failed(work.source, work.target, work.error, time.monotonic()))
+                    ordered.append(self.failed(work.source, work.target, work.error, time.monotonic()))
                     continue
                 while not slots.acquire(timeout=waits.POLL_S):
                     if self.cancelled.is_set():
                         self._abandon(work)
                         return
-                future = images.submit(self._run_work, work)
+                future = images.submit(self.run_work, work)
                 future.add_done_callback(lambda _: slots.release())
                 ordered.append((work, future))
 
-    def _abandon(self, work: _Work) -> None:
+    def _abandon(self, work: Work) -> None:
         if work.entry is not None:
             self._release(work.entry)
 
-    def _image_result(self, item: ImageResult | tuple[_Work, cf.Future[ImageResult]]) -> ImageResult:
+    def _image_result(self, item: ImageResult | tuple[Work, cf.Future[ImageResult]]) -> ImageResult:
         """The image's result; once the run is cancelled, an image that has not
         stopped within CANCEL_GRACE_S (a request waiting for its answer) is reported
         interrupted without waiting for it."""
@@ -377,26 +377,26 @@ class Engine:
                 try:
                     return future.result()
                 except Exception as exc:  # a fault outside the image's own guard: still its own
-                    return self._failed(work.source, work.target, InternalError.of(exc, work.source), time.monotonic())
+                    return self.failed(work.source, work.target, InternalError.of(exc, work.source), time.monotonic())
             if self.cancelled.is_set():
                 cancelled_at = cancelled_at or time.monotonic()
                 if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
-                    return self._failed(work.source, work.target, InterruptedError_("interrupted while a request was waiting for its answer; no manifest was written"), cancelled_at)
+                    return self.failed(work.source, work.target, InterruptedError_("interrupted while a request was waiting for its answer; no manifest was written"), cancelled_at)
 
-    def _expand(self, job: PushJob) -> Iterator[_Work]:
+    def expand(self, job: PushJob) -> Iterator[Work]:
         targets: list[Reference] = []
         for text in job.targets:
             try:
                 targets.append(parse_target(text))
             except BatchPushError as exc:
-                yield _Work(job.source, text, error=exc)
+                yield Work(job.source, text, error=exc)
         try:
             opened = self._open(job.source, signatures=job.signatures)
             images = opened.images()
         except Exception as exc:
             error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, job.source)
             for target in targets:
-                yield _Work(job.source, str(target), error=error)
+                yield Work(job.source, str(target), error=error)
             return
         prune = _Prune(job, opened.listed, targets) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
         if prune is not None:
@@ -405,7 +405,7 @@ class Engine:
             images = select_tags(images, job.tags)
             if not images:
                 for target in targets:
-                    yield _Work(job.source, str(target), error=SourceError(job.source, f"no tag matches {job.tags.pattern!r}"))
+                    yield Work(job.source, str(target), error=SourceError(job.source, f"no tag matches {job.tags.pattern!r}"))
                 return
         planned: list[tuple[SourceImage, Reference]] = []
         for target in targets:
@@ -414,13 +414,13 @@ class Engine:
             except BatchPushError as exc:
                 if prune is not None:
                     prune.failed = True
-                yield _Work(job.source, str(target), error=exc)
-        entries: dict[int, _Entry] = {}
+                yield Work(job.source, str(target), error=exc)
+        entries: dict[int, Entry] = {}
         for image, _ in planned:
-            entry = entries.setdefault(id(image), _Entry(image, 0, job.platforms))
+            entry = entries.setdefault(id(image), Entry(image, 0, job.platforms))
             entry.uses += 1
         for image, reference in planned:
-            work = _Work(image.name, str(reference), entries[id(image)], reference)
+            work = Work(image.name, str(reference), entries[id(image)], reference)
             if prune is not None:
                 prune.works.append(work)
             yield work
@@ -430,7 +430,7 @@ class Engine:
             return RegistrySource(spec, self.client(parse_registry_source(spec).api_host), signatures=signatures)
         return open_source(spec)
 
-    def _failed(self, source: str, target: str, error: BatchPushError, started: float, *, tell: bool = True) -> ImageResult:
+    def failed(self, source: str, target: str, error: BatchPushError, started: float, *, tell: bool = True) -> ImageResult:
         """A failed image's result, told to the renderers unless it is an
         attachment's (``tell`` False: its image tells its own failure)."""
         failed = ImageResult(source, target, "failed", error=error.message, error_kind=error.kind, seconds=time.monotonic() - started)
@@ -441,7 +441,7 @@ class Engine:
 
     def _done(self, result: ImageResult) -> ImageResult:
         """Tell the renderers ``result`` is final: a failure where it is made
-        (``_failed``, a failed attachment), every other image from ``_run_work``."""
+        (``failed``, a failed attachment), every other image from ``run_work``."""
         self._tell(lambda: self.options.progress.image_done(result))
         return result
 
@@ -452,7 +452,7 @@ class Engine:
         except Exception:  # a renderer's fault must not lose the image's result
             log.exception("progress renderer failed")
 
-    def _once(self, entry: _Entry, name: str, make: Callable[[], Any]) -> Any:
+    def _once(self, entry: Entry, name: str, make: Callable[[], Any]) -> Any:
         """``make()`` once for all the entry's targets: the first to ask runs it, the
         others wait for its result (with the cancel flag in view), never on a lock
         held meanwhile."""
@@ -468,7 +468,7 @@ class Engine:
                 future.set_exception(exc)
         return waits.result(future, self.cancelled)
 
-    def _prepared(self, entry: _Entry) -> PreparedNode | PendingManifest:
+    def prepared(self, entry: Entry) -> PreparedNode | PendingManifest:
         """The entry's image, prepared once for all its targets. A single manifest
         is started without waiting (its layers upload as they are checked); an index
         (or a dry run) is prepared whole."""
@@ -483,11 +483,11 @@ class Engine:
 
         return self._once(entry, "node", prepare)  # type: ignore[no-any-return]
 
-    def _resolve(self, entry: _Entry, image: RemoteImage) -> PreparedNode:
+    def _resolve(self, entry: Entry, image: RemoteImage) -> PreparedNode:
         """A registry source's image, read by the digest its tag had when compared
         with the target (so the copy is what was compared, even if the tag moves)."""
         client = self.client(image.reference.api_host)
-        digest, size = self._source_head(entry, image)
+        digest, size = self.source_head(entry, image)
         pinned = RemoteImage(replace(image.reference, digest=digest))
 
         def fetch(repository: str, reference: str, declared: int | None) -> tuple[bytes, str, Digest]:
@@ -497,10 +497,10 @@ class Engine:
 
         return prepared_remote(resolve(pinned, fetch, entry.platforms, size))
 
-    def _source_digest(self, entry: _Entry, image: RemoteImage) -> Digest:
-        return self._source_head(entry, image)[0]
+    def _source_digest(self, entry: Entry, image: RemoteImage) -> Digest:
+        return self.source_head(entry, image)[0]
 
-    def _source_head(self, entry: _Entry, image: RemoteImage) -> tuple[Digest, int | None]:
+    def source_head(self, entry: Entry, image: RemoteImage) -> tuple[Digest, int | None]:
         """The digest the source's tag names now, and the manifest's size the HEAD
         stated (None when pinned by digest, or stated as 0, which no manifest is):
         one HEAD, once for all targets."""
@@ -517,7 +517,7 @@ class Engine:
 
         return self._once(entry, "digest", head)  # type: ignore[no-any-return]
 
-    def _mirror_up_to_date(self, entry: _Entry, image: RemoteImage, pusher: ImagePusher, tag: str) -> tuple[Digest, int] | None:
+    def mirror_up_to_date(self, entry: Entry, image: RemoteImage, pusher: ImagePusher, tag: str) -> tuple[Digest, int] | None:
         """The mirror's cron fast path: the target's tag already names the source's
         digest (a HEAD at each end, nothing read); its digest and size. A platform
         subset is never "up to date" this way: its index is not the source's."""
@@ -527,7 +527,7 @@ class Engine:
         current = pusher.tag_manifest(tag)
         return current if current is not None and current[0] == digest else None
 
-    def _pusher(self, client: RegistryClient, target: Reference) -> ImagePusher:
+    def pusher(self, client: RegistryClient, target: Reference) -> ImagePusher:
         layers = LayerPusher(client, target, self.state, self._remote_store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=self.options.progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
         return ImagePusher(layers, self._executors[target.api_host])
 
@@ -538,7 +538,7 @@ class Engine:
         for layer in prepared_blobs(node):
             self.state.add_layer(registry, repository, layer.key, RemoteBlob(layer.digest, layer.size, layer.media_type))
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: Entry) -> None:
         with entry.lock:
             entry.uses -= 1
             last = entry.uses == 0
@@ -554,7 +554,7 @@ class Engine:
             return self.client(blob.host).blob_reader(blob)
         return blob
 
-    def _run_work(self, work: _Work) -> ImageResult:
+    def run_work(self, work: Work) -> ImageResult:
         result = self._push_work(work)
         assert work.entry is not None and work.reference is not None
         remote = work.entry.image.node
@@ -562,7 +562,7 @@ class Engine:
             result = self._copy_attachments(work, remote, Digest.parse(result.source_digest), result)
         return self._done(result) if result.ok else result  # a failure was told where it was made
 
-    def _copy_attachments(self, work: _Work, image: RemoteImage, digest: Digest, result: ImageResult) -> ImageResult:
+    def _copy_attachments(self, work: Work, image: RemoteImage, digest: Digest, result: ImageResult) -> ImageResult:
         """The image's signatures, attestations and SBOMs (tags naming its digest),
         each copied as an image of its own under the same tag. One that fails fails
         the image: it did not arrive whole."""
@@ -589,7 +589,7 @@ class Engine:
     def _copy_one(self, source: Reference, target: Reference) -> ImageResult:
         """One attachment (a tag or a digest of the source repository) copied as an image of its own."""
         image = SourceImage(f"{REGISTRY_TRANSPORT}{source}", (source.tag,) if source.tag else (), RemoteImage(source))  # type: ignore[arg-type]
-        return self._push_work(_Work(image.name, str(target), _Entry(image, 1), target), tell=False)
+        return self._push_work(Work(image.name, str(target), Entry(image, 1), target), tell=False)
 
     def _copy_referrers(self, image: RemoteImage, digest: Digest, target: Reference) -> list[str]:
         """What the source's referrers API lists for ``digest``, each copied by digest
@@ -639,7 +639,7 @@ class Engine:
         client.with_retries(lambda: client.put_manifest(target.repository, tag, mt.OCI_INDEX, data), f"manifest {tag}")
         return True
 
-    def _push_work(self, work: _Work, *, tell: bool = True) -> ImageResult:
+    def _push_work(self, work: Work, *, tell: bool = True) -> ImageResult:
         assert work.entry is not None and work.reference is not None
         started = time.monotonic()
         target = work.reference
@@ -649,14 +649,14 @@ class Engine:
         try:
             remote = work.entry.image.node if isinstance(work.entry.image.node, RemoteImage) else None
             client = self.client(target.api_host)
-            pusher = self._pusher(client, target)
+            pusher = self.pusher(client, target)
             if remote is not None:
-                current = self._mirror_up_to_date(work.entry, remote, pusher, tag)
+                current = self.mirror_up_to_date(work.entry, remote, pusher, tag)
                 if current is not None:
                     digest, size = current
                     progress.pushed(str(target), tag, str(digest), size, up_to_date=True)
                     return ImageResult(work.source, str(target), "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
-            node = self._prepared(work.entry)
+            node = self.prepared(work.entry)
             if remote is not None and remote.reference.registry == target.registry:
                 self._held_by_source(remote, node)  # a mount from the source repository sends nothing
             progress.image_started(str(target), target.name)
@@ -677,12 +677,12 @@ class Engine:
             progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
             source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
         except Cancelled:
-            return self._failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started, tell=tell)
+            return self.failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started, tell=tell)
         except BatchPushError as exc:
-            return self._failed(work.source, str(target), exc, started, tell=tell)
+            return self.failed(work.source, str(target), exc, started, tell=tell)
         except Exception as exc:  # a bug, a dead worker pool, a full disk...: this image fails, the run goes on
             log.debug("%s: unexpected error", target, exc_info=True)
-            return self._failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
+            return self.failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
         finally:
             self._release(work.entry)
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)

@@ -287,7 +287,7 @@ class Preparer:
                 layers.append(checked)
             else:
                 layers.append(self._finishers.submit(self._check_when_done, layer, future))
-        return PendingManifest(node, tuple(layers), self._config(node))
+        return PendingManifest(node, tuple(layers), self.config_layer(node))
 
     def _check_when_done(self, layer: SourceLayer, future: cf.Future[Any]) -> PreparedLayer:
         return self._layer(layer, waits.result(future, self.cancel))
@@ -383,10 +383,10 @@ class Preparer:
         for layer in node.layers:
             future = futures.get(id(layer))
             layers.append(self._foreign(layer) if future is None else self._layer(layer, waits.result(future, self.cancel)))
-        return PreparedManifest(node, tuple(layers), self._config(node))
+        return PreparedManifest(node, tuple(layers), self.config_layer(node))
 
     @staticmethod
-    def _config(node: SourceManifest) -> PreparedLayer:
+    def config_layer(node: SourceManifest) -> PreparedLayer:
         config = node.config_descriptor
         assert config.digest is not None
         source = SourceLayer(config, None, node.config_blob if isinstance(node.config_blob, FileRange) else None, Compression.NONE)
