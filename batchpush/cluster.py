@@ -883,6 +883,8 @@ class _ClusterRun:
         arrived = {id(work) for work, image in zip(expanded, slots, strict=True) if image is not None and image.ok}
         self.engine.run_prunes(arrived, self.result)  # here: a tag list and a DELETE per tag gone
         self.engine.add_totals(self.result)  # the client's own requests: pings, checks, manifests read, prunes
+        if self._display is None:  # said, so that a scheduler that is down does not go unnoticed for long
+            self.progress.note(f"nothing was left to push: the Dask scheduler at {self.address} was not contacted")
         return self.result
 
     def _resolve(self, works: list[Work]) -> dict[int, _Resolved | ImageResult]:

@@ -226,6 +226,7 @@ def test_a_fleet_to_two_registries_on_two_workers(cluster, registry, tmp_path):
         done = batchpush_cli("run", plan, "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--metadata-dir", metadata, "--report", str(tmp_path / "r3.json"))
         assert done.returncode == 0, done.stderr
         assert all(i["status"] == "up-to-date" for i in report_of(tmp_path / "r3.json")["images"])
+        assert "the Dask scheduler at tcp://127.0.0.1:" in done.stdout and "was not contacted" in done.stdout, done.stdout
     finally:
         second.stop()
 
