@@ -683,9 +683,19 @@ def _mirror_up_to_date(engine: Engine, work: Work, image: RemoteImage) -> ImageR
     them; None when the image must be copied (its blobs go by blob tasks first)."""
     assert work.entry is not None and work.reference is not None
     started = time.monotonic()
+    tag = work.reference.tag or "latest"
     try:
         pusher = engine.pusher(engine.client(work.reference.api_host), work.reference)
-        current = engine.mirror_up_to_date(work.entry, image, pusher, work.reference.tag or "latest")
+        if work.entry.platforms:
+            # a subset's index is not the source's: compared as a local run compares
+            # it, by the index it would push (its manifests are read now, once)
+            node = engine.prepared(work.entry)
+            assert not isinstance(node, PendingManifest)
+            pushed = pusher.up_to_date(node, tag)
+            if pushed is None:
+                return None
+            return ImageResult(work.source, work.target, "up-to-date", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, source_digest=str(engine.source_head(work.entry, image)[0]))
+        current = engine.mirror_up_to_date(work.entry, image, pusher, tag)
     except Exception as exc:  # the copy says it again, as the image's failure
         log.info("%s: not checked (%s)", work.target, exc)
         return None
