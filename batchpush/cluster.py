@@ -707,10 +707,14 @@ def _mirror_up_to_date(engine: Engine, work: Work, image: RemoteImage) -> ImageR
     return ImageResult(work.source, work.target, "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
 
 
-def _lost(kind: str, exc: BaseException) -> str:
-    """Why a task gave no result: a worker's refusal as it said it, else what the cluster said."""
+def _lost(kind: str, exc: BaseException, address: str) -> str:
+    """Why a task gave no result: a worker's refusal as it said it, the scheduler's
+    loss (this client cancels no task: a cancel is the scheduler dropping it), else
+    what the cluster said."""
     if isinstance(exc, ClusterError):
         return exc.message
+    if isinstance(exc, cf.CancelledError):
+        return f"the cluster dropped the {kind}'s task: is the Dask scheduler at {address} still running?"
     return f"the cluster lost the {kind}'s task: {_error(exc, kind).message}"
 
 
@@ -1052,7 +1056,7 @@ class _ClusterRun:
         try:
             result: _BlobsDone = future.result()
         except Exception as exc:
-            failure = (_lost("blob", exc), "error")
+            failure = (_lost("blob", exc, self.address), "error")
             return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge()) for name, blob in blobs.items()}
         _add(self.result, result.totals)
         for blob in result.blobs.values():  # kept even if no repository task comes back
@@ -1065,7 +1069,7 @@ class _ClusterRun:
         try:
             done: _RepositoryDone = future.result()
         except Exception as exc:
-            error = BatchPushError(_lost("repository", exc))
+            error = BatchPushError(_lost("repository", exc, self.address))
             for push in pushes:
                 work = self.works[push.index]
                 yield push.index, self.engine.failed(work.source, work.target, error, time.monotonic())

@@ -523,4 +523,39 @@ def test_a_worker_that_joined_with_another_version_refuses_each_task():
     setup = cluster._Setup(RegistryOptions(), {}, cluster._Secrets({}), "run", {}, version="0.0.0-other")
     with pytest.raises(cluster.ClusterError, match=r"refused: worker local runs batchpush \S+, this client 0.0.0-other"):
         cluster._TaskEngine(setup, ())
-    assert cluster._lost("blob", cluster.ClusterError("refused: x")) == "refused: x"
+    assert cluster._lost("blob", cluster.ClusterError("refused: x"), "tcp://h:1") == "refused: x"
+
+
+def test_the_scheduler_killed_mid_batch_fails_what_is_left_and_says_why(registry, tmp_path):
+    """kill -9 of the scheduler once uploads are under way: the client ends (exit 1,
+    the report written), each image pushed or failed, a failure asking whether the
+    scheduler still runs, and every manifest in the registry whole."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(registry.host)
+    proxy.throttle_bytes_per_s = 400_000
+    started = start_cluster(tmp_path)
+    try:
+        _, plan = slow_fleet(tmp_path, proxy, 150_000)
+        report = str(tmp_path / "r.json")
+        client = start_client(plan, started, tmp_path, report)
+        try:
+            wait_for_uploads(proxy, client, 2)
+            os.killpg(started.scheduler.pid, signal.SIGKILL)
+            out, err = client.communicate(timeout=100)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert client.returncode == 1, err
+        images = report_of(report)["images"]
+        assert len(images) == 20 and {i["status"] for i in images} <= {"pushed", "failed"}
+        failed = [i for i in images if i["status"] == "failed"]
+        assert failed and all(f"is the Dask scheduler at {started.address} still running?" in i["error"] for i in failed), failed
+        for image in images:
+            name = image["target"].split("/", 1)[1]
+            if remote_digest_or_none(registry, name) is not None:
+                pull_and_verify(registry, name, str(tmp_path / "pulled" / name.replace("/", "_").replace(":", "_")))
+    finally:
+        stop_cluster(started)
+        proxy.stop()
