@@ -22,6 +22,8 @@ from .policy import V2Metadata
 MAX_ENTRIES_PER_DIFF_ID = 50
 #: how long a writer waits for another process's transaction
 BUSY_TIMEOUT_S = 30.0
+#: how often a connection asks again for WAL mode while a new store is locked
+WAL_RETRY_S = 0.05
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -65,6 +67,22 @@ class Fingerprint:
     compressed_size: int
 
 
+def _use_wal(db: sqlite3.Connection) -> None:
+    """WAL mode, asked for again for a bounded time while the store is locked: the
+    switch of a new store's journal needs it alone, and SQLite answers "database is
+    locked" at once, without its busy timeout, while another run's first connection
+    writes the schema (two runs started together on a new store)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
+
+
 class MetadataStore:
     """DiffID -> [V2Metadata] (oldest first) and digest -> DiffID, plus fingerprints."""
 
@@ -91,7 +109,7 @@ class MetadataStore:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             with self._lock:
                 closed = self._closed
