@@ -30,8 +30,8 @@ its metadata store, and submits:
   waited for and its finished tasks are not run again (Dask would, for a
   result still wanted). A worker's Engine pushes the repositories' images
   exactly as a local run does, its store seeded with what the blob tasks
-  learned (their fingerprints: nothing is read or compressed again; their
-  DiffID → digest entries) and its push state with where each blob now is: the
+  learned, by way of the client's store (their fingerprints: nothing is read or
+  compressed again; their DiffID → digest entries) and its push state with where each blob now is: the
   blob's first repository needs no request, every other one mounts it from
   there, once (the repository's images share that push state). The manifest
   goes only once every blob it names is in the repository (the engine's rule).
@@ -370,7 +370,7 @@ class _Blob:
 
 @dataclass(frozen=True, slots=True)
 class _BlobDone:
-    """Where a blob is now, per registry, or why it is not; what the task learned."""
+    """Where a blob is now, per registry, or why it is not."""
 
     key: Any
     remote: RemoteBlob | None
@@ -378,13 +378,14 @@ class _BlobDone:
     repositories: dict[str, str]
     #: registry -> why the blob is not there: (message, error kind)
     failures: dict[str, tuple[str, str]]
-    learned: Knowledge
 
 
 @dataclass(frozen=True, slots=True)
 class _BlobsDone:
     #: by the blob task's name
     blobs: dict[str, _BlobDone]
+    #: what the task learned of its blobs (DiffID -> digest, fingerprints, where each is)
+    learned: Knowledge
     totals: BatchResult
 
 
@@ -519,7 +520,7 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
                 prepared = blob.prepared or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
             except Exception as exc:
                 error = _error(exc, "blob")
-                return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, (f"on worker {worker}: {error.message}", error.kind)), Knowledge())
+                return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, (f"on worker {worker}: {error.message}", error.kind)))
             repositories, failures = {}, {}
             remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
             if blob.held_by is not None:  # on the source's registry, a mount sends nothing
@@ -531,11 +532,11 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
                 except Exception as exc:
                     error = _error(exc, str(target))
                     failures[registry] = (f"blob {prepared.digest} on worker {worker}: {error.message}", error.kind)
-            return _BlobDone(prepared.key, remote, repositories, failures, engine.store.export([prepared.key]))
+            return _BlobDone(prepared.key, remote, repositories, failures)
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="blob") as pool:
             placed = dict(zip(blobs, pool.map(place, blobs.values()), strict=True))
-        return _BlobsDone(placed, task.totals())
+        return _BlobsDone(placed, engine.store.export(done.key for done in placed.values()), task.totals())
 
 
 def _first_attempt() -> bool:
@@ -606,7 +607,7 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, b
     once can make the registry lose a manifest's blob while it writes the link).
     Never raises: a failure is its image's result."""
     worker = _worker()
-    seeds, later = _held_back((knowledge, *(blob.learned for blob in blobs.values())), pushes)
+    seeds, later = _held_back((knowledge,), pushes)
     task = _TaskEngine(setup, seeds)
     results: dict[int, ImageResult] = {}
     with task as engine:
@@ -1057,10 +1058,11 @@ class _ClusterRun:
             result: _BlobsDone = future.result()
         except Exception as exc:
             failure = (_lost("blob", exc, self.address), "error")
-            return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure), Knowledge()) for name, blob in blobs.items()}
+            return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure)) for name, blob in blobs.items()}
         _add(self.result, result.totals)
-        for blob in result.blobs.values():  # kept even if no repository task comes back
-            self.engine.store.absorb(blob.learned)
+        # into the client's store now: kept even if no repository task comes back, and
+        # what the repository tasks are seeded with (_submit_repository)
+        self.engine.store.absorb(result.learned)
         return result.blobs
 
     def _repository_done(self, future: distributed.Future, pushes: list[_Push]) -> Iterator[tuple[int, ImageResult | None]]:
