@@ -86,7 +86,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, waits
 from .digest import Digest
@@ -109,7 +109,6 @@ if TYPE_CHECKING:  # imported where used: a re-run with nothing to push never im
     import distributed
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: how long the client tries to reach the scheduler, and waits for a first worker
 CONNECT_TIMEOUT_S = 10.0
@@ -830,26 +829,19 @@ class _ClusterRun:
 
     @contextlib.contextmanager
     def _pool(self, name: str) -> Iterator[cf.ThreadPoolExecutor]:
-        """Threads for the client's own requests; on a stop, those not started never start."""
+        """Threads for the client's own requests; on a stop, those under way are
+        cancelled (the engine's requests end) and those not started never start."""
         pool = cf.ThreadPoolExecutor(max_workers=self.engine.options.max_concurrent_images, thread_name_prefix=name)
         try:
             yield pool
         finally:
+            if self.stop.is_set():
+                self.engine.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _result(self, future: cf.Future[T]) -> T:
-        """A future of the client's own threads, the stop in view."""
-        while True:
-            self._check_stop()
-            try:
-                return future.result(timeout=waits.POLL_S)
-            except cf.TimeoutError:
-                continue
-
     def _check_stop(self) -> None:
-        """Raises Cancelled once the run is stopped, its own engine's requests cancelled."""
+        """Raises Cancelled once the run is stopped."""
         if self.stop.is_set():
-            self.engine.cancel()
             raise Cancelled()
 
     def _stop_tasks(self) -> None:
@@ -887,11 +879,10 @@ class _ClusterRun:
         for index, checked in self._checked(checks):
             slots[index] = checked
         todo = [(index, work) for index, work in pending if slots[index] is None]
-        resolved = self._resolve([work for _, work in todo if _mirrored(work)])
-        for index, work in todo:
-            if isinstance(resolved.get(id(work)), ImageResult):
-                slots[index] = resolved.pop(id(work))  # type: ignore[assignment]
-        for index, pushed in self._pushes([(index, work) for index, work in todo if slots[index] is None], setup, resolved):  # type: ignore[arg-type]
+        resolved, unresolved = self._resolve([(index, work) for index, work in todo if _mirrored(work)])
+        for index, failed in unresolved:
+            slots[index] = failed
+        for index, pushed in self._pushes([(index, work) for index, work in todo if slots[index] is None], setup, resolved):
             work = self.works[index]
             slots[index] = pushed or self.engine.failed(work.source, work.target, BatchPushError("the repository task returned nothing for it"), time.monotonic())
         self.result.images = [image for image in slots if image is not None]
@@ -902,12 +893,12 @@ class _ClusterRun:
             self.progress.note(f"nothing was left to push: the Dask scheduler at {self.address} was not contacted")
         return self.result
 
-    def _resolve(self, works: list[Work]) -> dict[int, _Resolved | ImageResult]:
+    def _resolve(self, works: list[tuple[int, Work]]) -> tuple[dict[int, _Resolved], list[tuple[int, ImageResult]]]:
         """Each registry source's image to copy, read here (its tag's digest, its
         manifests; never a layer), so the batch knows its blobs: by ``id`` of the
-        work, or the work's failure."""
+        work; and the failures, by the work's index."""
         if not works:
-            return {}
+            return {}, []
 
         def resolve(work: Work) -> _Resolved:
             assert work.entry is not None
@@ -915,16 +906,17 @@ class _ClusterRun:
             assert not isinstance(node, PendingManifest)
             return node, self.engine.source_head(work.entry, work.entry.image.node)  # type: ignore[arg-type]
 
-        resolved: dict[int, _Resolved | ImageResult] = {}
+        resolved: dict[int, _Resolved] = {}
+        unresolved: list[tuple[int, ImageResult]] = []
         with self._pool("resolve") as pool:
-            for work, future in [(work, pool.submit(resolve, work)) for work in works]:
+            for index, work, future in [(index, work, pool.submit(resolve, work)) for index, work in works]:
                 try:
-                    resolved[id(work)] = self._result(future)
+                    resolved[id(work)] = waits.result(future, self.stop)
                 except Cancelled:
                     raise
                 except Exception as exc:
-                    resolved[id(work)] = self.engine.failed(work.source, work.target, _error(exc, work.source), time.monotonic())
-        return resolved
+                    unresolved.append((index, self.engine.failed(work.source, work.target, _error(exc, work.source), time.monotonic())))
+        return resolved, unresolved
 
     def _setup(self, works: Iterable[Work]) -> tuple[_Setup, dict[str, BatchPushError]]:
         """The registries' options and credentials (targets' and registry sources'),
@@ -980,7 +972,7 @@ class _ClusterRun:
         with self._pool("check") as pool:
             futures = [pool.submit(_up_to_date, self.engine, work) for _, work in works]
             for (index, work), future in zip(works, futures, strict=True):
-                result = self._result(future)
+                result = waits.result(future, self.stop)
                 if result is not None and not _tells_itself(work):
                     self._show(result, work)
                 yield index, result
