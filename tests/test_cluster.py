@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -325,6 +326,17 @@ def slow_fleet(tmp_path, proxy, file_size: int) -> tuple[list[tuple[str, list[st
     return layouts, plan
 
 
+@contextlib.contextmanager
+def running(client: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The client process, killed if the test leaves before it ended."""
+    try:
+        yield client
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
 def start_client(plan: str, cluster: Cluster, tmp_path, report: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "batchpush", "run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", report],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
@@ -354,17 +366,12 @@ def test_a_worker_killed_mid_batch_loses_nothing(cluster, registry, tmp_path):
     try:
         layouts, plan = slow_fleet(tmp_path, proxy, 150_000)
         report = str(tmp_path / "r.json")
-        client = start_client(plan, cluster, tmp_path, report)
-        try:
+        with running(start_client(plan, cluster, tmp_path, report)) as client:
             wait_for_uploads(proxy, client, 2)
             victim = cluster.workers[0]
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait(timeout=30)
             out, err = client.communicate(timeout=100)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
         assert client.returncode == 0, err
         images = report_of(report)["images"]
         assert len(images) == 20 and all(i["status"] == "pushed" for i in images), [i["error"] for i in images]
@@ -465,8 +472,7 @@ def test_sigterm_stops_the_cluster_run_writes_the_report_and_the_workers_stop(cl
             "images": [{"source": f"oci:{path}", "targets": [f"{proxy.host}/big/svc{i}"]} for i, path in enumerate(layouts)],
         })
         report = str(tmp_path / "r.json")
-        client = start_client(plan, cluster, tmp_path, report)
-        try:
+        with running(start_client(plan, cluster, tmp_path, report)) as client:
             deadline = time.monotonic() + 60
             while proxy.large_bodies_in_flight < 1:  # uploads under way
                 assert client.poll() is None and time.monotonic() < deadline, "no upload in sight"
@@ -474,10 +480,6 @@ def test_sigterm_stops_the_cluster_run_writes_the_report_and_the_workers_stop(cl
             at_stop = committed(proxy, large=True)
             client.send_signal(signal.SIGTERM)
             out, err = client.communicate(timeout=60)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
         assert client.returncode == 128 + signal.SIGTERM, err
         assert "stopped by signal 15" in err, err
         images = report_of(report)["images"]
@@ -499,19 +501,20 @@ def test_sigterm_stops_the_cluster_run_writes_the_report_and_the_workers_stop(cl
         # came; the rest never start (without telling the workers, all of them go)
         assert committed(proxy, large=True) - at_stop <= 4, (committed(proxy, large=True), at_stop)
         # whatever manifest arrived is whole (skopeo reads every blob it names)
-        for image in images:
-            name = image["target"].split("/", 1)[1]
-            if remote_digest_or_none(registry, name) is not None:
-                pull_and_verify(registry, name, str(tmp_path / "pulled" / name.replace("/", "_").replace(":", "_")))
+        assert_present_images_whole(registry, images, tmp_path)
     finally:
         proxy.stop()
 
 
-def remote_digest_or_none(registry, ref: str) -> str | None:
+def assert_present_images_whole(registry, images: list[dict], tmp_path) -> None:
+    """Each reported image whose manifest the registry has is whole: skopeo reads
+    every blob it names (an image that failed may be absent, never half there)."""
     from conftest import skopeo
 
-    done = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{ref}")
-    return None if done.returncode != 0 else done.stdout
+    for image in images:
+        name = image["target"].split("/", 1)[1]
+        if skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{name}").returncode == 0:
+            pull_and_verify(registry, name, str(tmp_path / "pulled" / name.replace("/", "_").replace(":", "_")))
 
 
 def test_a_worker_that_joined_with_another_version_refuses_each_task():
@@ -538,24 +541,16 @@ def test_the_scheduler_killed_mid_batch_fails_what_is_left_and_says_why(registry
     try:
         _, plan = slow_fleet(tmp_path, proxy, 150_000)
         report = str(tmp_path / "r.json")
-        client = start_client(plan, started, tmp_path, report)
-        try:
+        with running(start_client(plan, started, tmp_path, report)) as client:
             wait_for_uploads(proxy, client, 2)
             os.killpg(started.scheduler.pid, signal.SIGKILL)
             out, err = client.communicate(timeout=100)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
         assert client.returncode == 1, err
         images = report_of(report)["images"]
         assert len(images) == 20 and {i["status"] for i in images} <= {"pushed", "failed"}
         failed = [i for i in images if i["status"] == "failed"]
         assert failed and all(f"is the Dask scheduler at {started.address} still running?" in i["error"] for i in failed), failed
-        for image in images:
-            name = image["target"].split("/", 1)[1]
-            if remote_digest_or_none(registry, name) is not None:
-                pull_and_verify(registry, name, str(tmp_path / "pulled" / name.replace("/", "_").replace(":", "_")))
+        assert_present_images_whole(registry, images, tmp_path)
     finally:
         stop_cluster(started)
         proxy.stop()
