@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from batchpush.registry.client import SMALL_BODY_BYTES
+
 
 @dataclass
 class Rule:
@@ -109,8 +111,8 @@ def _drop_headers(head: bytes, names: tuple[str, ...], added: dict[str, str] | N
 
 
 #: a request body this large is an upload that takes one of the host's
-#: max_concurrent_uploads slots (batchpush's SMALL_BODY_BYTES)
-LARGE_BODY_BYTES = 1 << 20
+#: max_concurrent_uploads slots
+LARGE_BODY_BYTES = SMALL_BODY_BYTES
 
 
 class FaultProxy:
