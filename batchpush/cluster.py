@@ -657,10 +657,14 @@ def _held_back(parts: Iterable[Knowledge], pushes: list[_Push]) -> tuple[list[Kn
 
 def _up_to_date(engine: Engine, work: Work) -> ImageResult | None:
     """The cron fast path alone: the image as the store knows it (nothing
-    compressed), its tag HEAD; None when it is not up to date or cannot say."""
+    compressed), its tag HEAD; None when it is not up to date or cannot say. A
+    registry source's image is compared by digest at both ends, but for a platform
+    subset: its index is not the source's, so it is compared, as a local run does,
+    by the index it would push (its manifests are read now, once)."""
     assert work.entry is not None and work.reference is not None
-    if isinstance(work.entry.image.node, RemoteImage):
-        return _mirror_up_to_date(engine, work, work.entry.image.node)
+    image = work.entry.image.node
+    if isinstance(image, RemoteImage) and not work.entry.platforms:
+        return _mirror_up_to_date(engine, work, image)
     started = time.monotonic()
     try:
         node = engine.prepared(work.entry)
@@ -669,12 +673,13 @@ def _up_to_date(engine: Engine, work: Work) -> ImageResult | None:
                 return None
             node = node.wait(engine.cancelled)
         current = engine.pusher(engine.client(work.reference.api_host), work.reference).up_to_date(node, work.reference.tag or "latest")
+        source_digest = str(engine.source_head(work.entry, image)[0]) if current is not None and isinstance(image, RemoteImage) else None
     except Exception as exc:
         log.info("%s: not checked (%s); pushing in full", work.target, exc)
         return None
     if current is None:
         return None
-    return ImageResult(work.source, work.target, "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
+    return ImageResult(work.source, work.target, "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started, source_digest=source_digest)
 
 
 def _mirror_up_to_date(engine: Engine, work: Work, image: RemoteImage) -> ImageResult | None:
@@ -683,19 +688,9 @@ def _mirror_up_to_date(engine: Engine, work: Work, image: RemoteImage) -> ImageR
     them; None when the image must be copied (its blobs go by blob tasks first)."""
     assert work.entry is not None and work.reference is not None
     started = time.monotonic()
-    tag = work.reference.tag or "latest"
     try:
         pusher = engine.pusher(engine.client(work.reference.api_host), work.reference)
-        if work.entry.platforms:
-            # a subset's index is not the source's: compared as a local run compares
-            # it, by the index it would push (its manifests are read now, once)
-            node = engine.prepared(work.entry)
-            assert not isinstance(node, PendingManifest)
-            pushed = pusher.up_to_date(node, tag)
-            if pushed is None:
-                return None
-            return ImageResult(work.source, work.target, "up-to-date", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, source_digest=str(engine.source_head(work.entry, image)[0]))
-        current = engine.mirror_up_to_date(work.entry, image, pusher, tag)
+        current = engine.mirror_up_to_date(work.entry, image, pusher, work.reference.tag or "latest")
     except Exception as exc:  # the copy says it again, as the image's failure
         log.info("%s: not checked (%s)", work.target, exc)
         return None
@@ -1113,7 +1108,9 @@ def _mirrored(work: Work) -> bool:
 def _tells_itself(work: Work) -> bool:
     """A registry source's image with attachments to copy: checked up to date, it
     went through the engine's whole path, which showed its line already."""
-    image = work.entry.image.node if work.entry is not None else None
+    if work.entry is None or work.entry.platforms:  # a subset's attachments are not copied
+        return False
+    image = work.entry.image.node
     return isinstance(image, RemoteImage) and bool(image.attachments or image.referrers)
 
 

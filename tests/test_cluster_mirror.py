@@ -89,6 +89,9 @@ def test_a_mirror_plan_on_two_workers(cluster, source, registry, tmp_path):
         assert done.returncode == 0, done.stderr
         again = report_of(tmp_path / "r2.json")["images"]
         assert [i["status"] for i in again] == ["up-to-date"] * len(images)
+        # each image's line shown once, the subset's too (the client showed it)
+        for image in again:
+            assert done.stdout.count(f"{image['target']}: digest: {image['digest']} size: {image['size']} (up to date)") == 1, (image["target"], done.stdout)
         for where in (source, *targets):
             later = requests_since(where, marks[where.host])
             assert not [line for line in later if "/blobs/" in line], later
