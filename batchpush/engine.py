@@ -535,7 +535,7 @@ class Engine:
         """The source repository holds every blob of its image: on the same registry,
         the push state names it as the first mount candidate of each."""
         registry, repository = image.reference.registry, image.reference.repository
-        for layer in prepared_blobs(node):
+        for layer in _blobs(node):
             self.state.add_layer(registry, repository, layer.key, RemoteBlob(layer.digest, layer.size, layer.media_type))
 
     def _release(self, entry: Entry) -> None:
@@ -700,11 +700,11 @@ def _check_pull_budget(client: RegistryClient, image: RemoteImage) -> None:
         raise SourceError(image.spec, f"the source's pull budget is spent (RateLimit-Remaining 0{limit}); not asked again in this run")
 
 
-def prepared_blobs(node: PreparedNode | PendingManifest) -> Iterator[PreparedLayer]:
+def _blobs(node: PreparedNode | PendingManifest) -> Iterator[PreparedLayer]:
     """The config and layers of every manifest of a prepared image."""
     if isinstance(node, PreparedIndex):
         for child in node.children:
-            yield from prepared_blobs(child)
+            yield from _blobs(child)
     elif isinstance(node, PreparedManifest):
         yield node.config
         yield from node.layers
