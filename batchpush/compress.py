@@ -1,11 +1,12 @@
-"""Compress-while-hashing: isal gzip plus sha256, into a spool file.
+"""Compress-while-hashing: isal gzip plus sha256, the recipe and its pieces.
 
 Runs in worker processes: inputs (FileRange) and outputs are picklable values.
 The layer is cut into fixed blocks that are deflated independently (so a large
 layer keeps every worker busy, as pigz does) and joined into one gzip stream; one
 sequential pass hashes the input (sha256, to check the config's DiffID; xxh3, for
 the fingerprint cache) and the joined output (sha256: the blob's digest). The
-spool file lets one compression serve every target registry and every retry.
+engine streams the blocks to the registries as they come (``blocks.py``,
+``deflate_block_bytes``); ``compress_to_spool`` is the whole recipe in one process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 from isal import isal_zlib
@@ -42,7 +44,8 @@ class CompressedBlob:
     """A compressed layer in the spool: its gzip ``digest`` and ``size``, and the
     ``diff_id`` and ``uncompressed_size`` measured from the input."""
 
-    path: str
+    #: None: not kept in the spool (made again from the source when read again)
+    path: str | None
     digest: Digest
     size: int
     diff_id: Digest
@@ -50,10 +53,16 @@ class CompressedBlob:
     #: xxh3-128 of the input, for the fingerprint cache
     fingerprint: str
     recipe: str = RECIPE
+    #: each block's compressed size, and the input's CRC32: what a stream made
+    #: again from mid-way needs (``blocks.RecompressedStream``)
+    block_sizes: tuple[int, ...] = ()
+    crc: int = 0
+    #: the data sent to target registries while it was compressed (``presend.Presend``)
+    presends: tuple[Any, ...] = ()
 
     @property
-    def blob(self) -> FileRange:
-        return FileRange(self.path, 0, self.size)
+    def blob(self) -> FileRange | None:
+        return FileRange(self.path, 0, self.size) if self.path is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +118,28 @@ def deflate_block(block: FileRange, last: bool, spool_dir: str) -> DeflatedBlock
     return DeflatedBlock(path, crc & 0xFFFFFFFF, block.size)
 
 
+def deflate_block_bytes(block: FileRange, last: bool) -> tuple[bytes, int]:
+    """A worker's share of a streamed compression: one block's raw deflate output,
+    returned (pickled back to the sender, no file written), and its input's CRC32."""
+    crc = 0
+
+    def on_input(chunk: memoryview) -> None:
+        nonlocal crc
+        crc = isal_zlib.crc32(chunk, crc)
+
+    return b"".join(_deflate(read_views(block), last, on_input)), crc & 0xFFFFFFFF
+
+
+def gzip_trailer(crc: int, input_size: int) -> bytes:
+    """The gzip stream's last 8 bytes: the input's CRC32 and its size modulo 2**32."""
+    return struct.pack("<II", crc & 0xFFFFFFFF, input_size & 0xFFFFFFFF)
+
+
+def combine_crc(crc: int, block_crc: int, block_size: int, first: bool) -> int:
+    """The CRC32 of the input so far, with the next block's appended."""
+    return block_crc if first else isal_zlib.crc32_combine(crc, block_crc, block_size)
+
+
 def hash_input(blob: FileRange) -> tuple[Digest, str]:
     """The input's sha256 (its DiffID) and xxh3-128 (its fingerprint), in one pass.
     Raises SourceError if the source is short."""
@@ -148,7 +179,7 @@ def assemble(blob: FileRange, parts: Iterable[DeflatedBlock], spool_dir: str, ha
                 finally:
                     with contextlib.suppress(OSError):
                         os.unlink(part.path)
-            trailer = struct.pack("<II", crc & 0xFFFFFFFF, blob.size & 0xFFFFFFFF)
+            trailer = gzip_trailer(crc, blob.size)
             output_hash.update(trailer)
             out.write(trailer)
             size += len(trailer)

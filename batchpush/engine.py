@@ -16,6 +16,7 @@ does I/O or runs foreign code (credential helpers, progress renderers).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from .layer_push import LayerPusher
 from .metadata import MetadataStore, OverlayStore
 from .policy import hmac_key
 from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer, prepared_remote
+from .presend import UploadSink
 from .progress import NoProgress, Progress
 from .prune import prune as prune_target
 from .reference import Reference, parse_target
@@ -48,7 +50,7 @@ from .registry.errors import RegistryError
 from .registry.reads import BlobStream
 from .report import BatchResult, ImageResult
 from .sources import SourceImage, SourceManifest, open_source
-from .sources.base import FileRange, ImageSource, RegistryBlob
+from .sources.base import FileRange, ImageSource, RegistryBlob, SourceLayer
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
 from .sources.registry import Platform, RegistrySource, RemoteImage, parse_registry_source, referrers_tag, resolve
 from .state import PushState, RemoteBlob
@@ -82,8 +84,12 @@ class PushOptions:
     jobs: int | None = None
     #: (image, target) pushes at once
     max_concurrent_images: int = DEFAULT_MAX_CONCURRENT_IMAGES
-    #: where compressed layers are spooled; None: the system temp directory
+    #: where compressed layers are kept for a second reading; None: the system
+    #: temp directory (TMPDIR honoured)
     spool_dir: str | None = None
+    #: the most bytes the spool may hold; None: half the free space of its
+    #: filesystem at the start (spool.py)
+    spool_limit: int | None = None
     #: say what would happen, with read requests only
     dry_run: bool = False
     progress: Progress = field(default_factory=NoProgress)
@@ -140,6 +146,8 @@ class Entry:
         self.image = image
         self.uses = uses
         self.platforms = platforms
+        #: where it goes: a new layer is sent to each registry of these while it is compressed
+        self.targets: list[Reference] = []
         self.lock = threading.Lock()
         #: what is done once for all targets ("node": the prepared image; "digest": a
         #: registry source's digest for it, one HEAD), by name
@@ -197,7 +205,7 @@ class Engine:
         self.cancelled = threading.Event()
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
-        self.preparer = Preparer(self._spool, self.store, self._pool, cancel=self.cancelled)
+        self.preparer = Preparer(self._spool, self.store, self._pool, cancel=self.cancelled, spool_limit=self.options.spool_limit)
 
     def cancel(self) -> None:
         """Stop: start nothing new; in-flight uploads stop and their sessions are
@@ -416,9 +424,10 @@ class Engine:
                     prune.failed = True
                 yield Work(job.source, str(target), error=exc)
         entries: dict[int, Entry] = {}
-        for image, _ in planned:
+        for image, reference in planned:
             entry = entries.setdefault(id(image), Entry(image, 0, job.platforms))
             entry.uses += 1
+            entry.targets.append(reference)
         for image, reference in planned:
             work = Work(image.name, str(reference), entries[id(image)], reference)
             if prune is not None:
@@ -478,7 +487,7 @@ class Engine:
             if isinstance(source, RemoteImage):
                 return self._resolve(entry, source)
             if isinstance(source, SourceManifest) and not self.options.dry_run:
-                return self.preparer.start(source)
+                return self.preparer.start(source, functools.partial(self._sinks, entry))
             return self.preparer.prepare(source)
 
         return self._once(entry, "node", prepare)  # type: ignore[no-any-return]
@@ -537,6 +546,39 @@ class Engine:
         registry, repository = image.reference.registry, image.reference.repository
         for layer in _blobs(node):
             self.state.add_layer(registry, repository, layer.key, RemoteBlob(layer.digest, layer.size, layer.media_type))
+
+    def _sinks(self, entry: Entry, layer: SourceLayer) -> list[UploadSink]:
+        """The uploads a new layer of ``entry`` is sent to while it is compressed: one
+        per target registry (its first repository there; the others mount from it).
+        None for a layer the store knows by its DiffID (a mount or a check may place
+        it without sending anything)."""
+        key = layer.diff_id or layer.descriptor.digest
+        if self.cancelled.is_set() or (key is not None and self.store.get_metadata(key)):
+            return []
+        firsts: dict[str, Reference] = {}
+        for target in entry.targets:
+            firsts.setdefault(target.registry, target)
+        sinks = []
+        for target in firsts.values():
+            try:
+                sinks.append(UploadSink(self.client(target.api_host), target, self.state))
+            except BatchPushError as exc:  # the layer goes the usual way, which says what is wrong
+                log.debug("%s: no stream while compressing: %s", target, exc)
+        return sinks
+
+    def _drop_presends(self, node: PreparedNode | PendingManifest | None, target: Reference) -> None:
+        """What was sent to ``target`` while compressing and that no push took up (its
+        image failed before): the sessions are cancelled, the staging claims given back."""
+        if isinstance(node, PendingManifest):
+            layers = [future.result() for future in node.layers if future.done() and not future.cancelled() and future.exception() is None]
+        elif isinstance(node, PreparedManifest):
+            layers = list(node.layers)
+        else:
+            return
+        for layer in layers:
+            for presend in layer.presends:
+                if presend.for_target(target) and presend.take():
+                    presend.drop()
 
     def _release(self, entry: Entry) -> None:
         with entry.lock:
@@ -646,6 +688,7 @@ class Engine:
         # a referrer goes by its digest, untagged
         tag = target.tag or (str(target.digest) if target.digest else "latest")
         progress = self.options.progress
+        node: PreparedNode | PendingManifest | None = None
         try:
             remote = work.entry.image.node if isinstance(work.entry.image.node, RemoteImage) else None
             client = self.client(target.api_host)
@@ -684,6 +727,7 @@ class Engine:
             log.debug("%s: unexpected error", target, exc_info=True)
             return self.failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
         finally:
+            self._drop_presends(node, target)
             self._release(work.entry)
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
 

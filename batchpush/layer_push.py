@@ -189,7 +189,12 @@ class LayerPusher:
         upload whose data another push has sent, uncommitted, comes back
         ``Staged`` too, gate or not. The caller waits for the gate and the
         staged layer's ``waits_for``, then calls ``finish`` (or ``abandon``)."""
-        return self._run(layer, _Carry(gate=gate), is_config)
+        carry = _Carry(gate=gate)
+        presend = next((p for p in layer.presends if p.for_target(self.target) and p.take()), None)
+        if presend is not None:
+            # its data was sent while it was compressed: the upload goes on from there
+            carry.upload, carry.staging, carry.sent = presend.upload, presend.staging, presend.upload.offset
+        return self._run(layer, carry, is_config)
 
     def finish(self, staged: Staged) -> LayerResult:
         """Complete a staged layer, its gate now open and what it waited for done."""

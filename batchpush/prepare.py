@@ -16,8 +16,8 @@ a path or an mtime. Each blob is done once per batch.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import functools
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Hashable
@@ -26,11 +26,18 @@ from typing import Any
 
 from . import mediatypes as mt
 from . import waits
-from .compress import BLOCK_BYTES, RECIPE, CompressedBlob, DeflatedBlock, HashedBlob, assemble, blocks_of, compress_to_spool, deflate_block, fingerprint_blob, hash_blob, hash_input
+from .blocks import BlockWindow, RecompressedStream, ordered_blocks
+from .compress import BLOCK_BYTES, GZIP_HEADER, RECIPE, CompressedBlob, HashedBlob, combine_crc, fingerprint_blob, gzip_trailer, hash_blob, hash_input
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
 from .sources.base import BlobSource, Compression, FileRange, RegistryBlob, SourceIndex, SourceLayer, SourceManifest, SourceNode
+from .spool import Spool
+
+#: what a compression streams its output to, besides the spool: one sink per
+#: target registry (``presend.UploadSink``), made for a layer when its pass starts
+Sink = Any
+Sinks = Callable[[SourceLayer], list[Sink]]
 
 #: blobs smaller than this are handled in the calling thread, not shipped to a worker
 POOL_MIN_BYTES = 1 << 20
@@ -52,6 +59,8 @@ class PreparedLayer:
     recipe: str
     #: where the bytes to send are (a file range, or a source registry's blob)
     blob: BlobSource | None
+    #: its data sent while it was compressed, uncommitted (``presend.Presend``)
+    presends: tuple[Any, ...] = ()
 
     @property
     def compressed_by_us(self) -> bool:
@@ -102,13 +111,6 @@ class PendingManifest:
         return PreparedManifest(self.source, tuple(waits.result(future, cancel) for future in self.layers), self.config)
 
 
-def _unlink_spool_file(future: cf.Future[Any]) -> None:
-    """Done callback of a compression (or a block) nobody needs any more: its file goes."""
-    if not future.cancelled() and future.exception() is None:
-        with contextlib.suppress(OSError):
-            os.unlink(future.result().path)
-
-
 def _compresses(layer: SourceLayer) -> bool:
     return layer.compression is Compression.NONE and layer.descriptor.media_type in mt.GZIP_OF and not layer.is_foreign
 
@@ -139,8 +141,12 @@ class Preparer:
     guards the dictionaries only: no pass, future method, callback or file
     operation runs under it. Every wait looks at ``cancel``."""
 
-    def __init__(self, spool_dir: str, store: MetadataStore, pool: cf.Executor | None = None, *, use_fingerprints: bool = True, cancel: threading.Event | None = None) -> None:
+    def __init__(self, spool_dir: str, store: MetadataStore, pool: cf.Executor | None = None, *, use_fingerprints: bool = True, cancel: threading.Event | None = None, spool_limit: int | None = None) -> None:
         self.spool_dir = spool_dir
+        #: whole compressed layers kept for a second reading, within the limit
+        self.spool = Spool(spool_dir, spool_limit)
+        #: blocks compressed ahead of their consumers, across every compression
+        self.window = BlockWindow(2 * (os.cpu_count() or 1) + 2)
         self.store = store
         self.pool = pool
         self.use_fingerprints = use_fingerprints
@@ -158,6 +164,8 @@ class Preparer:
         self._assemblers = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="assemble")
         #: threads that check layers as their passes finish (streaming images)
         self._finishers = cf.ThreadPoolExecutor(max_workers=32, thread_name_prefix="check")
+        #: threads that hash a large layer's input while its blocks are compressed
+        self._hashers = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash-input")
         self.bytes_read = 0
         self.bytes_compressed = 0
 
@@ -180,10 +188,8 @@ class Preparer:
         if inline:
             self._fill(future, kind, key, fn, blob, *args)
             return future
-        if fn is compress_to_spool and blob.size > BLOCK_BYTES:
-            task: Callable[..., Any] = lambda blob, *_: self._compress_in_blocks(blob)  # noqa: E731 - the spool is ours
-        else:
-            task = functools.partial(self._in_pool, fn)
+        # a compression hands its blocks to the worker processes itself
+        task: Callable[..., Any] = fn if fn == self._compress_pass else functools.partial(self._in_pool, fn)
         try:
             self._assemblers.submit(self._fill, future, kind, key, task, blob, *args)
         except RuntimeError as exc:  # shut down: the run is over
@@ -221,26 +227,70 @@ class Preparer:
     def close(self, *, wait: bool = True) -> None:
         self._finishers.shutdown(wait=wait, cancel_futures=True)
         self._assemblers.shutdown(wait=wait, cancel_futures=True)
+        self._hashers.shutdown(wait=wait, cancel_futures=True)
 
-    def _compress_in_blocks(self, blob: FileRange) -> CompressedBlob:
-        """A large layer's blocks go to every worker at once. Meanwhile this thread
-        hashes the input (hashing releases the GIL), then joins the blocks as they
-        come back, so the layer is ready soon after its last block."""
-        futures: list[cf.Future[DeflatedBlock]] = []
+    def _compress_pass(self, blob: FileRange, layer: SourceLayer | None, sinks: Sinks | None) -> CompressedBlob:
+        """The recipe, streamed: the blocks go to the workers a few ahead
+        (``blocks.ordered_blocks``) while another thread hashes the input (hashing
+        releases the GIL), and each block, as soon as it is back and in order, is
+        hashed into the digest, kept in the spool while it has room, and handed to
+        the sinks (the layer's upload to each target registry, see presend.py).
+        A layer is never waited on for room: not kept, it is made again when read
+        again. A layer that is not what it declares leaves no presend."""
+        submit = None if self.pool is None or blob.size < POOL_MIN_BYTES else self._submit
+        hashing = self._hashers.submit(hash_input, blob) if submit is not None else None
+        wanted = sinks(layer) if sinks is not None and layer is not None and blob.size > BLOCK_BYTES else []
+        started = [sink for sink in wanted if sink.start()]
+        keep = self.spool.keep()
+        output_hash = hashlib.sha256()
+        size = crc = 0
+        block_sizes: list[int] = []
+
+        def emit(data: bytes) -> None:
+            nonlocal size
+            output_hash.update(data)
+            size += len(data)
+            keep.write(data)
+            for sink in started:
+                sink.put(data)
+
         try:
-            futures.extend(self._submit(deflate_block, block, last, self.spool_dir) for block, last in blocks_of(blob))
-            hashed = hash_input(blob)
-            return assemble(blob, (waits.result(future, self.cancel) for future in futures), self.spool_dir, hashed)
+            emit(GZIP_HEADER)
+            for index, (data, block_crc, block_input) in enumerate(ordered_blocks(blob, submit, self.window, self.cancel)):
+                crc = combine_crc(crc, block_crc, block_input, index == 0)
+                block_sizes.append(len(data))
+                emit(data)
+                del data
+            emit(gzip_trailer(crc, blob.size))
+            diff_id, fingerprint = waits.result(hashing, self.cancel) if hashing is not None else hash_input(blob)
+            digest = Digest("sha256", output_hash.hexdigest())
+            # named by digest and by this pass: a layer released and compressed again
+            # while the first file is still being deleted never shares its name
+            path = keep.finish(f"{digest.hex}-{id(keep):x}")
+            declared = (layer.diff_id, layer.descriptor.digest) if layer is not None else ()
+            presends: tuple[Any, ...] = ()
+            if any(expected is not None and expected != diff_id for expected in declared):
+                for sink in started:
+                    sink.abort()
+            else:
+                presends = tuple(presend for sink in started if (presend := sink.close(digest)) is not None)
         except BaseException:
-            # nothing waits for the other blocks: each deletes its spool file when it
-            # ends (at once if done already)
-            for future in futures:
-                future.add_done_callback(_unlink_spool_file)
+            keep.abort()
+            for sink in started:
+                sink.abort()
             raise
+        return CompressedBlob(path, digest, size, diff_id, blob.size, fingerprint, block_sizes=tuple(block_sizes), crc=crc, presends=presends)
 
-    def _compress(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[CompressedBlob]:
+    def _compress(self, layer: SourceLayer, key: Hashable | None = None, sinks: Sinks | None = None) -> cf.Future[CompressedBlob]:
         assert layer.blob is not None
-        return self._run("gzip", _key(layer) if key is None else key, layer.blob, compress_to_spool, self.spool_dir)
+        return self._run("gzip", _key(layer) if key is None else key, layer.blob, self._compress_pass, layer, sinks)
+
+    def _forget(self, future: cf.Future[Any]) -> None:
+        """Done callback of a compression nobody needs any more: its kept file goes."""
+        if not future.cancelled() and future.exception() is None:
+            result = future.result()
+            if isinstance(result, CompressedBlob) and result.path is not None:
+                self.spool.remove(result.path, result.size)
 
     # -- preparing ----------------------------------------------------------
     def prepare(self, node: SourceNode) -> PreparedNode:
@@ -254,21 +304,22 @@ class Preparer:
             self.release(node)
             raise
 
-    def start(self, node: SourceManifest) -> PendingManifest:
+    def start(self, node: SourceManifest, sinks: Sinks | None = None) -> PendingManifest:
         """Like ``prepare`` for one image manifest, without waiting: each layer is
         checked as soon as its own pass is done, so its upload can begin while the
         image's other layers are still compressing (the caller withholds every
-        commit until all are checked)."""
+        commit until all are checked). ``sinks`` makes, for a layer that is
+        compressed now, the uploads its bytes are sent to as they are made."""
         self._hold(node)
         try:
-            return self._started(node)
+            return self._started(node, sinks)
         except BaseException:
             self.release(node)
             raise
 
-    def _started(self, node: SourceManifest) -> PendingManifest:
+    def _started(self, node: SourceManifest, sinks: Sinks | None) -> PendingManifest:
         first: dict[int, cf.Future[Any]] = {}
-        self._start(node, first)
+        self._start(node, first, sinks)
         layers: list[cf.Future[PreparedLayer]] = []
         for layer in node.layers:
             future = first.get(id(layer))
@@ -317,9 +368,9 @@ class Preparer:
                     if kind == "gzip" and future is not None:
                         compressions.append(future)
         for future in compressions:
-            future.add_done_callback(_unlink_spool_file)
+            future.add_done_callback(self._forget)
 
-    def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]]) -> None:
+    def _start(self, node: SourceNode, futures: dict[int, cf.Future[Any]], sinks: Sinks | None = None) -> None:
         """Start each layer's first pass. An uncompressed layer whose declared DiffID
         the store knows is not read; else a layer seen before is fingerprinted (xxh3, waited
         for: another image may be running the same pass) and looked up once: found,
@@ -327,20 +378,20 @@ class Preparer:
         (compression or hashing) is under way."""
         if isinstance(node, SourceIndex):
             for child in node.children:
-                self._start(child, futures)
+                self._start(child, futures, sinks)
             return
         for layer in node.layers:
             if layer.blob is not None:
-                futures[id(layer)] = self._first_pass(layer)
+                futures[id(layer)] = self._first_pass(layer, sinks)
 
-    def _first_pass(self, layer: SourceLayer) -> cf.Future[Any]:
+    def _first_pass(self, layer: SourceLayer, sinks: Sinks | None = None) -> cf.Future[Any]:
         assert layer.blob is not None
         known = self._declared(layer)
         if known is None and self.use_fingerprints and self.store.has_fingerprints(layer.blob.size, _recipe(layer)):
             xxh3 = waits.result(self._run("xxh3", _key(layer), layer.blob, fingerprint_blob), self.cancel)
             known = self.store.get_fingerprint(xxh3, layer.blob.size, _recipe(layer))
         if known is None:
-            return self._full_pass(layer)
+            return self._full_pass(layer, sinks=sinks)
         found: cf.Future[Any] = cf.Future()
         found.set_result(known)
         return found
@@ -366,10 +417,10 @@ class Preparer:
             return None
         return self.store.get_fingerprint_by_diff_id(digest, layer.blob.size, RECIPE)
 
-    def _full_pass(self, layer: SourceLayer, key: Hashable | None = None) -> cf.Future[Any]:
+    def _full_pass(self, layer: SourceLayer, key: Hashable | None = None, sinks: Sinks | None = None) -> cf.Future[Any]:
         assert layer.blob is not None
         if _compresses(layer):
-            return self._compress(layer, key)
+            return self._compress(layer, key, sinks)
         return self._run("sha", _key(layer) if key is None else key, layer.blob, hash_blob, self._algorithm(layer))
 
     @staticmethod
@@ -433,7 +484,7 @@ class Preparer:
             if digest is not None and digest != result.diff_id:  # an uncompressed blob is named by its DiffID
                 raise DigestMismatchError(layer.blob.path if layer.blob else "?", "layer digest", str(digest), str(result.diff_id))
             self._check_diff_id(layer, result.diff_id)
-            return PreparedLayer(layer, result.diff_id, result.digest, result.size, mt.GZIP_OF[layer.descriptor.media_type], RECIPE, result.blob)
+            return PreparedLayer(layer, result.diff_id, result.digest, result.size, mt.GZIP_OF[layer.descriptor.media_type], RECIPE, result.blob, result.presends)
         return self._checked_as_is(layer, result)
 
     def _checked_as_is(self, layer: SourceLayer, result: HashedBlob) -> PreparedLayer:
@@ -445,16 +496,21 @@ class Preparer:
             self._check_diff_id(layer, result.digest)
         return PreparedLayer(layer, layer.diff_id, result.digest, result.size, descriptor.media_type, layer.compression.value, layer.blob)
 
-    def materialize(self, layer: PreparedLayer) -> BlobSource:
-        """The bytes of a layer prepared from its fingerprint: compressed now, and
-        checked to be exactly what the fingerprint promised."""
+    def materialize(self, layer: PreparedLayer) -> BlobSource | RecompressedStream:
+        """The bytes of a layer to send: its file, or its spooled compression; a layer
+        prepared from its fingerprint is compressed now, and checked to be exactly
+        what the fingerprint promised. A compression the spool did not keep is made
+        again as it is sent (``RecompressedStream``, resumable mid-way)."""
         if layer.blob is not None:
             return layer.blob
         assert layer.source.blob is not None
         result = waits.result(self._compress(layer.source), self.cancel)
         if result.digest != layer.digest or result.diff_id != layer.diff_id:
             raise DigestMismatchError(layer.source.blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
-        return result.blob
+        if result.blob is not None:
+            return result.blob
+        submit = None if self.pool is None or layer.source.blob.size < POOL_MIN_BYTES else self._submit
+        return RecompressedStream(layer.source.blob, result.digest, result.size, result.block_sizes, result.crc, submit, self.window, self.cancel)
 
 
 def prepared_remote(node: SourceNode) -> PreparedNode:

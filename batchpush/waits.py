@@ -126,3 +126,17 @@ class Slots:
             with self._lock:
                 self._held -= 1
             self._free.release()
+
+    def try_take(self) -> bool:
+        """A slot if one is free now, without waiting; give it back with ``give_back``."""
+        if not self._free.acquire(blocking=False):
+            return False
+        with self._lock:
+            self._held += 1
+            self.peak = max(self.peak, self._held)
+        return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._held -= 1
+        self._free.release()

@@ -147,7 +147,10 @@ def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
     import multiprocessing
     import random
 
+    from batchpush.blocks import RecompressedStream
     from batchpush.compress import BLOCK_BYTES
+    from batchpush.digest import Digest
+    from batchpush.errors import DigestMismatchError
     from batchpush.metadata import MetadataStore
     from batchpush.prepare import Preparer
 
@@ -162,12 +165,25 @@ def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
     store = MetadataStore(str(tmp_path / "md"))
     with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
         preparer = Preparer(str(tmp_path / "pool"), store, pool)
-        parallel = preparer._compress_in_blocks(blob)
+        parallel = preparer._compress_pass(blob, None, None)
+        # the stream made again from the source, from its first byte and from any
+        # offset (a resumed upload): the same bytes, block boundaries included
+        stream = RecompressedStream(blob, parallel.digest, parallel.size, parallel.block_sizes, parallel.crc, preparer._submit, preparer.window, preparer.cancel)
+        whole = b"".join(bytes(v) for v in stream.views())
+        kept = open(parallel.path, "rb").read()
+        for start in (1, 10, 11, 10 + parallel.block_sizes[0], 11 + parallel.block_sizes[0] + 5, len(kept) - 8, len(kept) - 1):
+            assert b"".join(bytes(v) for v in stream.views(start)) == kept[start:], start
         preparer.close()
     assert parallel.digest == inline.digest and parallel.size == inline.size
-    assert gzip.decompress(open(parallel.path, "rb").read()) == data
+    assert whole == kept
+    assert gzip.decompress(kept) == data
     assert sorted(os.listdir(tmp_path / "pool")) == [os.path.basename(parallel.path)]  # no block left behind
     assert parallel.path.startswith(os.path.join(tmp_path / "pool", parallel.digest.hex))
+    # a stream whose source changed since is refused before its last piece
+    lying = RecompressedStream(blob, Digest("sha256", "0" * 64), parallel.size, parallel.block_sizes, parallel.crc, None, preparer.window, preparer.cancel)
+    with pytest.raises(DigestMismatchError):
+        for _ in lying.views():
+            pass
 
     # a source shorter than it claims: a SourceError naming it, and nothing left in the spool
     os.unlink(parallel.path)
@@ -175,7 +191,7 @@ def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
     with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
         preparer = Preparer(str(tmp_path / "pool"), store, pool)
         with pytest.raises(BatchPushError, match=r"big\.tar"):
-            preparer._compress_in_blocks(short)
+            preparer._compress_pass(short, None, None)
         preparer.close()
     assert os.listdir(tmp_path / "pool") == []
 

@@ -231,11 +231,12 @@ class _Cutter:
     a view of the stream's buffer, valid because the stream is not asked for its
     next piece before that one is sent."""
 
-    def __init__(self, stream: BlobStream) -> None:
+    def __init__(self, stream: BlobStream, start: int = 0) -> None:
         self.name = stream.name
-        self._views = stream.views()
+        # only a resumable stream is read from mid-way (``start``)
+        self._views = stream.views(start) if start else stream.views()  # type: ignore[call-arg]
         self._rest = memoryview(b"")
-        self.taken = 0
+        self.taken = start
 
     def take(self, length: int) -> Iterator[memoryview]:
         left = length
@@ -778,6 +779,46 @@ class RegistryClient:
             before_commit()
         self._commit(repository, upload, digest, blob.size, body(upload.offset, blob.size - upload.offset))
 
+    def try_upload_slot(self) -> bool:
+        """One of the host's ``max_concurrent_uploads`` body slots if one is free now
+        (a layer sent while it is compressed takes one for its whole stream, or is not
+        sent then); give it back with ``give_upload_slot``."""
+        return self._upload_slots.try_take()
+
+    def give_upload_slot(self) -> None:
+        self._upload_slots.give_back()
+
+    def send_chunk(self, repository: str, upload: BlobUpload, pieces: list[memoryview], on_progress: Callable[[int], None] | None = None) -> None:
+        """One ``PATCH`` of ``pieces`` at ``upload.offset`` (``Content-Range``): the next
+        part of a blob whose bytes are made as they are sent (a layer compressed while
+        it is uploaded), nothing committed. ``upload`` moves on: its offset, its
+        session's newest location. A request that breaks leaves it ``interrupted``:
+        ``upload_status`` says where the registry is; a 416 raises UploadRangeError
+        (temporary) after marking it so. A Range past what was sent raises
+        UploadGoneError."""
+        length = sum(len(piece) for piece in pieces)
+        start = upload.offset
+        headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{start}-{start + length - 1}"}
+
+        def counted(n: int) -> None:
+            self._count_bytes(n)
+            if on_progress is not None:
+                on_progress(n)
+
+        upload.interrupted = True  # until the answer says otherwise
+        try:
+            response = self.request("PATCH", upload.session.location, scopes=(scope_for(repository, "pull,push"),), expected={202}, headers=headers, body=lambda: _StreamBody(iter(pieces), length, counted, self.cancel))
+        except RegistryError as exc:
+            if exc.status == 416:
+                raise UploadRangeError(exc.method, exc.url, exc.status, exc.codes, "the registry refused the chunk's range") from exc
+            raise
+        release(response)
+        upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes)
+        if response.headers.get("Range") and _range_end(response.headers.get("Range")) > start + length:
+            raise UploadGoneError("PATCH", upload.session.location, 202, (), f"the registry reports more bytes received than the {start + length} sent")
+        upload.offset = start + length
+        upload.interrupted = False
+
     def _commit(self, repository: str, upload: BlobUpload, digest: Digest, size: int, body: Callable[[], Any] | None) -> None:
         """The committing ``PUT ?digest=`` (with the rest of the data, if any)."""
         final = _with_query(upload.session.location, "digest", str(digest))
@@ -809,9 +850,14 @@ class RegistryClient:
     def _upload_stream(self, repository: str, upload: BlobUpload, stream: BlobStream, digest: Digest, counted: Callable[[int], None], before_commit: Callable[[], None] | None) -> None:
         scopes = (scope_for(repository, "pull,push"),)
         size = stream.size
-        if upload.interrupted and upload.offset >= size:
-            self.upload_status(repository, upload)  # all of it was sent: only the commit may be left
-        if (upload.interrupted or upload.offset not in (0, size)) and self._restart_stream(repository, upload, digest, size):
+        # a stream made again from its source (a layer compressed again) is read from
+        # any offset: a broken upload goes on from where the registry is
+        resumable = getattr(stream, "resumable", False)
+        if upload.interrupted and (upload.offset >= size or resumable):
+            self.upload_status(repository, upload)  # where the registry is (all of it sent: only the commit is left)
+        if resumable and upload.offset > size:
+            raise self._stream_gone(repository, upload, "GET", None, f"the registry reports {upload.offset} bytes received of a {size}-byte blob")
+        if not resumable and (upload.interrupted or upload.offset not in (0, size)) and self._restart_stream(repository, upload, digest, size):
             return
         chunked, chunk = self._chunking(size, upload, before_commit)
         # The stream checks its digest before it yields its last piece: that piece is
@@ -840,7 +886,7 @@ class RegistryClient:
         upload.interrupted = True  # until a response says otherwise
         try:
             if chunked and upload.offset < ahead:
-                reads.append(_Cutter(stream))
+                reads.append(_Cutter(stream, upload.offset))
                 while upload.offset < ahead:
                     length = min(chunk, ahead - upload.offset)
                     headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{upload.offset}-{upload.offset + length - 1}"}
@@ -858,7 +904,7 @@ class RegistryClient:
             last: Callable[[], Any] | None = None
             if upload.offset < size:  # the held-back piece (a one-piece blob whole), checked as it is taken
                 if not reads:
-                    reads.append(_Cutter(stream))
+                    reads.append(_Cutter(stream, upload.offset))
                 rest = b"".join(bytes(part) for part in reads[0].take(size - upload.offset))
                 last = lambda: rest  # noqa: E731 - a 401's resend sends the same bytes
             if before_commit is not None:

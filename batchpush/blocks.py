@@ -1,0 +1,169 @@
+"""A layer compressed as a stream: its blocks, in order, from the workers to the senders.
+
+The recipe (``compress.RECIPE``) cuts the input into blocks deflated independently.
+``ordered_blocks`` hands them to the worker processes a few ahead of the consumer
+and yields each one's output in order as soon as it is there: compression of the
+next blocks overlaps the sending of this one, and the window (how many blocks are
+submitted and not yet taken) is what bounds memory, per layer and across the run
+(``BlockWindow``). A consumer that falls behind holds the producer back.
+
+Because blocks are independent, the bytes from any offset of the compressed
+stream can be made again from the source by compressing from the block that holds
+it (``RecompressedStream``): a layer that was not kept in the spool is sent again,
+or resumed mid-way after a broken upload, without compressing it all.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import waits
+from .compress import GZIP_HEADER, blocks_of, combine_crc, deflate_block_bytes, gzip_trailer
+from .digest import Digest
+from .errors import Cancelled, DigestMismatchError
+from .sources.base import FileRange
+
+#: blocks one layer's compression has submitted and not yet handed on, at most
+AHEAD_PER_LAYER = 4
+
+Submit = Callable[..., "cf.Future[Any]"]
+
+
+class BlockWindow:
+    """Blocks submitted to the workers and not yet handed to a consumer, across
+    every compression of the run: at most ``limit`` (each holds up to a block's
+    compressed bytes in memory). A compression takes a place for each block it
+    submits without waiting while it has blocks under way (so it never waits while
+    holding places its own consumer must free), and waits (with the cancel flag in
+    view) only when it has none."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._free = threading.Semaphore(self.limit)
+
+    def take(self, cancel: threading.Event, *, wait: bool) -> bool:
+        if not wait:
+            return self._free.acquire(blocking=False)
+        while not self._free.acquire(timeout=waits.POLL_S):
+            if cancel.is_set():
+                raise Cancelled()
+        return True
+
+    def give(self) -> None:
+        self._free.release()
+
+
+def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, first: int = 0) -> Iterator[tuple[bytes, int, int]]:
+    """Each block of ``blob`` from block ``first`` on, deflated: ``(output, input
+    CRC32, input size)``, in order. ``submit`` runs ``deflate_block_bytes`` in a
+    worker; None: here, one after another. Blocks left unconsumed are cancelled."""
+    blocks = blocks_of(blob)[first:]
+    if submit is None:
+        for block, last in blocks:
+            if cancel.is_set():
+                raise Cancelled()
+            data, crc = deflate_block_bytes(block, last)
+            yield data, crc, block.size
+        return
+    pending: deque[tuple[cf.Future[Any], int]] = deque()
+    following = iter(blocks)
+    more = True
+    try:
+        while pending or more:
+            while more and len(pending) < AHEAD_PER_LAYER and window.take(cancel, wait=not pending):
+                step = next(following, None)
+                if step is None:
+                    window.give()
+                    more = False
+                    break
+                block, last = step
+                try:
+                    pending.append((submit(deflate_block_bytes, block, last), block.size))
+                except BaseException:
+                    window.give()
+                    raise
+            if not pending:
+                continue
+            future, size = pending.popleft()
+            try:
+                data, crc = waits.result(future, cancel)
+            finally:
+                window.give()
+            yield data, crc, size
+    finally:
+        for future, _ in pending:
+            future.cancel()
+            window.give()
+
+
+class RecompressedStream:
+    """A compressed layer that the spool did not keep, as a ``BlobStream``: its bytes
+    made again from the source as they are read. ``views(start)`` begins at byte
+    ``start`` of the compressed stream, compressing from the block that holds it
+    (``resumable``: an upload broken mid-way goes on from the registry's offset). A
+    read from the first byte checks the digest before its last piece; a read from
+    mid-way cannot, and the registry checks it at the commit."""
+
+    resumable = True
+
+    def __init__(self, source: FileRange, digest: Digest, size: int, block_sizes: tuple[int, ...], crc: int, submit: Submit | None, window: BlockWindow, cancel: threading.Event) -> None:
+        self.source = source
+        self.crc = crc
+        self.digest = digest
+        self._size = size
+        self.block_sizes = block_sizes
+        self._submit = submit
+        self._window = window
+        self._cancel = cancel
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def name(self) -> str:
+        return self.source.path
+
+    def views(self, start: int = 0) -> Iterator[memoryview]:
+        hasher = hashlib.sha256() if start == 0 else None
+        offset = 0
+        # the block holding ``start``, and where it begins in the stream
+        first, begin = 0, len(GZIP_HEADER)
+        if start >= begin:
+            while first < len(self.block_sizes) and begin + self.block_sizes[first] <= start:
+                begin += self.block_sizes[first]
+                first += 1
+        else:
+            piece = memoryview(GZIP_HEADER)[start:]
+            if hasher is not None:
+                hasher.update(piece)
+            yield piece
+        offset = begin
+        crc = 0
+        for index, (data, block_crc, block_input) in enumerate(ordered_blocks(self.source, self._submit, self._window, self._cancel, first=first)):
+            crc = combine_crc(crc, block_crc, block_input, index == 0)
+            view = memoryview(data)
+            if offset < start:
+                view = view[start - offset :]
+            offset += len(data)
+            if hasher is not None:
+                hasher.update(view)
+            if view:
+                yield view
+        # the CRC of the whole input, as the first compression found it (a read from
+        # mid-way has not seen the blocks before)
+        trailer = gzip_trailer(crc if first == 0 else self.crc, self.source.size)
+        piece = memoryview(trailer)
+        if offset < start:
+            piece = piece[start - offset :]
+        if hasher is not None:
+            hasher.update(piece)
+            if offset + len(trailer) != self._size or Digest("sha256", hasher.hexdigest()) != self.digest:
+                raise DigestMismatchError(self.source.path, "layer compressed again", str(self.digest), f"sha256:{hasher.hexdigest()} ({offset + len(trailer)} bytes)")
+        if piece:
+            yield piece

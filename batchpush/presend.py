@@ -1,0 +1,232 @@
+"""A new layer's data sent to its target registries while it is compressed.
+
+docker's pusher compresses a layer while it uploads it; batchpush compresses each
+layer once for every target, in parallel blocks (``blocks.py``). The two meet
+here: when a large layer that nothing in the store or the batch knows is
+compressed, an ``UploadSink`` per target registry of its image opens an upload
+session before the first block and sends the blocks as they come (PATCH chunks of
+whatever has come since the last one), the digest hashed by the compression as the
+bytes pass. Nothing is committed: the layer is not checked yet (its DiffID), and
+its image's other layers may still fail. What was sent becomes a ``Presend``, which
+the layer push to that repository takes up (``LayerPusher``): its commit is one
+bodiless ``PUT ?digest=``, once the image is checked.
+
+- A sink takes one of the host's upload slots for its whole stream, or is not
+  used (the layer then goes the usual way, after its compression): it never waits
+  for one, so a compression never waits on another image's upload.
+- A request that breaks is resumed from the registry's offset with the data the
+  sink still holds (it lets go of a chunk once the registry confirmed it); when its
+  attempts are spent, the sink stops and its session is handed on as it is: the
+  layer push resumes it from the registry's offset, the bytes made again from the
+  source (``blocks.RecompressedStream``).
+- A sink that sent everything claims the blob's staging in the push state
+  (``PushState.stage``) before the layer is released to any push, so every other
+  push of the blob to that registry waits for its commit and mounts it. A presend
+  nobody took up (its image failed first) is dropped by that image's push: the
+  session cancelled, the claim given back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+
+from . import waits
+from .digest import Digest
+from .errors import BatchPushError, Cancelled
+from .reference import Reference
+from .registry.client import BlobUpload, RegistryClient
+from .registry.errors import UploadGoneError
+from .state import PushState
+
+log = logging.getLogger(__name__)
+
+#: pieces a sink may have queued, not yet sent: the producer waits beyond that
+QUEUED_PIECES = 2
+_END = None
+
+
+class Presend:
+    """A layer's data, whole or in part, in an upload session of ``repository``,
+    not committed. ``take`` gives it to one push; ``drop`` cancels it."""
+
+    def __init__(self, client: RegistryClient, target: Reference, state: PushState, upload: BlobUpload, digest: Digest, *, staging: bool) -> None:
+        self.client = client
+        self.registry = target.registry
+        self.repository = target.repository
+        self.state = state
+        self.upload = upload
+        self.digest = digest
+        #: this presend holds the blob's staging claim in the push state
+        self.staging = staging
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def for_target(self, target: Reference) -> bool:
+        return (target.registry, target.repository) == (self.registry, self.repository)
+
+    def take(self) -> bool:
+        """True for the first caller only: that push commits it (or drops it)."""
+        with self._lock:
+            taken, self._taken = self._taken, True
+        return not taken
+
+    def drop(self) -> None:
+        """Nobody will commit it: the session is cancelled, the claim given back."""
+        self.client.cancel_upload(self.repository, self.upload.session)
+        if self.staging:
+            self.state.unstage(self.registry, self.digest)
+
+
+class UploadSink:
+    """Sends one compression's output into an upload session of ``target`` as it is
+    made (see the module docstring). The producer calls ``start``, then ``put`` for
+    each piece in order, then ``close`` (or ``abort``). Its own thread does the
+    requests; ``put`` waits (the cancel flag in view) while it is behind."""
+
+    def __init__(self, client: RegistryClient, target: Reference, state: PushState) -> None:
+        self.client = client
+        self.target = target
+        self.state = state
+        self.upload: BlobUpload | None = None
+        self.failure: BaseException | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_PIECES)
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        #: bytes the producer handed over
+        self.produced = 0
+        #: the stream offset of the first piece the sink still holds (sent, unconfirmed)
+        self._base = 0
+
+    def start(self) -> bool:
+        """Takes an upload slot of the host if one is free now; False: not used."""
+        if not self.client.try_upload_slot():
+            return False
+        self._thread = threading.Thread(target=self._run, name=f"presend-{self.target.registry}", daemon=True)
+        self._thread.start()
+        return True
+
+    def put(self, data: bytes | memoryview) -> None:
+        """The next piece of the stream (nothing once the sink has stopped)."""
+        self.produced += len(data)
+        self._offer(bytes(data) if isinstance(data, memoryview) else data)
+
+    def _offer(self, item: bytes | None) -> None:
+        cancel = self.client.cancel
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=waits.POLL_S)
+                return
+            except queue.Full:
+                if cancel.is_set():
+                    raise Cancelled() from None
+
+    def close(self, digest: Digest) -> Presend | None:
+        """The stream is whole: waits for the last chunk, then hands the session on.
+        None when nothing useful was sent (the sink failed at the start)."""
+        self._offer(_END)
+        self._join()
+        upload = self.upload
+        if upload is None:
+            return None
+        whole = self.failure is None and upload.offset == self.produced
+        if not whole:
+            upload.interrupted = True  # the layer push asks the registry where it is
+            log.debug("%s: the stream of %s stopped at %d of %d bytes (%s); handed on to be resumed", self.target, digest, upload.offset, self.produced, self.failure)
+            return Presend(self.client, self.target, self.state, upload, digest, staging=False)
+        claim = self.state.stage(self.target.registry, digest)
+        if claim is not None:
+            # another push is sending the same blob to this registry: ours goes
+            self.client.cancel_upload(self.target.repository, upload.session)
+            return None
+        return Presend(self.client, self.target, self.state, upload, digest, staging=True)
+
+    def abort(self) -> None:
+        """The compression failed (or the run stopped): the session is cancelled."""
+        self._stopped.set()
+        self._join()
+        if self.upload is not None:
+            self.client.cancel_upload(self.target.repository, self.upload.session)
+            self.upload = None
+
+    def _join(self) -> None:
+        thread = self._thread
+        cancel = self.client.cancel
+        while thread is not None and thread.is_alive():
+            thread.join(waits.POLL_S)
+            if cancel.is_set():
+                self._stopped.set()
+
+    def _run(self) -> None:
+        repository = self.target.repository
+        pending: deque[memoryview] = deque()
+        try:
+            session = self.client.with_retries(lambda: self.client.start_upload(repository), f"upload to {self.target}")
+            self.upload = upload = BlobUpload(session)
+            ended = False
+            while not ended:
+                item = self._next()
+                while True:
+                    if item is _END:
+                        ended = True
+                        break
+                    assert item is not None
+                    pending.append(memoryview(item))
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if pending:
+                    self.client.with_retries(lambda: self._send(upload, pending), f"stream of a layer to {self.target}")
+        except (BatchPushError, OSError) as exc:
+            self.failure = exc
+            if isinstance(exc, UploadGoneError) and self.upload is not None:
+                self.client.cancel_upload(repository, self.upload.session)
+                self.upload = None
+            log.debug("%s: a layer's stream stopped: %s", self.target, exc)
+        except BaseException as exc:  # never lost: the layer goes the usual way
+            self.failure = exc
+            log.debug("%s: a layer's stream stopped", self.target, exc_info=True)
+        finally:
+            self._stopped.set()
+            pending.clear()
+            self.client.give_upload_slot()
+
+    def _next(self) -> bytes | None:
+        """The next piece; the end once the sink is stopped (aborted)."""
+        while True:
+            try:
+                return self._queue.get(timeout=waits.POLL_S)
+            except queue.Empty:
+                if self._stopped.is_set():
+                    return _END
+                if self.client.cancel.is_set():
+                    raise Cancelled() from None
+
+    def _send(self, upload: BlobUpload, pending: deque[memoryview]) -> None:
+        """One attempt at sending what is pending (from stream offset ``_base``): after
+        a broken request, from where the registry is."""
+        if upload.interrupted:
+            self.client.upload_status(self.target.repository, upload)
+            if upload.offset < self._base:
+                raise UploadGoneError("GET", upload.session.location, None, (), f"the registry holds {upload.offset} bytes, fewer than it confirmed before ({self._base})")
+        skip = upload.offset - self._base
+        while skip and pending:
+            head = pending[0]
+            if len(head) <= skip:
+                skip -= len(head)
+                self._base += len(head)
+                pending.popleft()
+            else:
+                pending[0] = head[skip:]
+                self._base += skip
+                skip = 0
+        if pending:
+            self.client.send_chunk(self.target.repository, upload, list(pending))
+            pending.clear()
+            self._base = upload.offset
+
+
+__all__ = ["Presend", "UploadSink"]
