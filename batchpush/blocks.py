@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import waits
-from .compress import GZIP_HEADER, blocks_of, combine_crc, deflate_block_bytes, gzip_trailer
+from .compress import BLOCK_BYTES, GZIP_HEADER, blocks_of, combine_crc, deflate_block_bytes, gzip_trailer
 from .digest import Digest
 from .errors import Cancelled, DigestMismatchError
 from .sources.base import FileRange
@@ -102,24 +102,29 @@ def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, 
 
 
 class RecompressedStream:
-    """A compressed layer that the spool did not keep, as a ``BlobStream``: its bytes
+    """A compressed layer that the spool does not hold, as a ``BlobStream``: its bytes
     made again from the source as they are read. ``views(start)`` begins at byte
     ``start`` of the compressed stream, compressing from the block that holds it
-    (``resumable``: an upload broken mid-way goes on from the registry's offset). A
-    read from the first byte checks the digest before its last piece; a read from
-    mid-way cannot, and the registry checks it at the commit."""
+    (``resumable``: an upload broken mid-way goes on from the registry's offset).
+    Each block's compressed size and input CRC32 are learned as it passes (or given,
+    from the compression that made the digest), so a read from mid-way knows where
+    to begin and what the trailer says. A read from the first byte checks the digest
+    (and the size) before its last piece; a read from mid-way cannot, and the
+    registry checks the digest at the commit."""
 
     resumable = True
 
-    def __init__(self, source: FileRange, digest: Digest, size: int, block_sizes: tuple[int, ...], crc: int, submit: Submit | None, window: BlockWindow, cancel: threading.Event) -> None:
+    def __init__(self, source: FileRange, digest: Digest, size: int, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, blocks: tuple[tuple[int, int], ...] = (), on_compressed: Callable[[int], None] | None = None) -> None:
         self.source = source
-        self.crc = crc
         self.digest = digest
         self._size = size
-        self.block_sizes = block_sizes
+        #: each block's (compressed size, input CRC32), as far as known
+        self.blocks: list[tuple[int, int]] = list(blocks)
         self._submit = submit
         self._window = window
         self._cancel = cancel
+        #: told the size of each block compressed again
+        self.on_compressed = on_compressed
 
     @property
     def size(self) -> int:
@@ -131,22 +136,28 @@ class RecompressedStream:
 
     def views(self, start: int = 0) -> Iterator[memoryview]:
         hasher = hashlib.sha256() if start == 0 else None
-        offset = 0
         # the block holding ``start``, and where it begins in the stream
-        first, begin = 0, len(GZIP_HEADER)
-        if start >= begin:
-            while first < len(self.block_sizes) and begin + self.block_sizes[first] <= start:
-                begin += self.block_sizes[first]
+        first, offset = 0, len(GZIP_HEADER)
+        if start >= offset:
+            while first < len(self.blocks) and offset + self.blocks[first][0] <= start:
+                offset += self.blocks[first][0]
                 first += 1
+            if first == len(self.blocks) and offset < start and first * BLOCK_BYTES < self.source.size:
+                raise ValueError(f"{self.source.path}: byte {start} of the compressed stream is past what was made of it")
         else:
             piece = memoryview(GZIP_HEADER)[start:]
             if hasher is not None:
                 hasher.update(piece)
             yield piece
-        offset = begin
-        crc = 0
-        for index, (data, block_crc, block_input) in enumerate(ordered_blocks(self.source, self._submit, self._window, self._cancel, first=first)):
+        crc = 0  # the input's CRC32 so far: the skipped blocks' as learned, then each one's
+        for index, (_, block_crc) in enumerate(self.blocks[:first]):
+            crc = combine_crc(crc, block_crc, min(BLOCK_BYTES, self.source.size - index * BLOCK_BYTES), index == 0)
+        for index, (data, block_crc, block_input) in enumerate(ordered_blocks(self.source, self._submit, self._window, self._cancel, first=first), start=first):
             crc = combine_crc(crc, block_crc, block_input, index == 0)
+            if index == len(self.blocks):
+                self.blocks.append((len(data), block_crc))
+            if self.on_compressed is not None:
+                self.on_compressed(len(data))
             view = memoryview(data)
             if offset < start:
                 view = view[start - offset :]
@@ -155,9 +166,7 @@ class RecompressedStream:
                 hasher.update(view)
             if view:
                 yield view
-        # the CRC of the whole input, as the first compression found it (a read from
-        # mid-way has not seen the blocks before)
-        trailer = gzip_trailer(crc if first == 0 else self.crc, self.source.size)
+        trailer = gzip_trailer(crc, self.source.size)
         piece = memoryview(trailer)
         if offset < start:
             piece = piece[start - offset :]

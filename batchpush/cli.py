@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -20,7 +19,7 @@ from .errors import BatchPushError, UsageError
 from .logs import JsonFormatter, RedactingFormatter
 from .metrics import DEFAULT_JOB, MetricsOptions, RunTimes, export, parse_label
 from .outcome import LayerOutcome
-from .plan import load_plan
+from .plan import load_plan, parse_size
 from .progress import Fanout, JsonProgress, LineWriter, PlainProgress, Progress, RichProgress, WriterHandler
 from .reference import parse_target
 from .registry.auth import CredentialProvider, Credentials
@@ -36,14 +35,10 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 def _size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    match = re.fullmatch(r"(\d+)\s*([kmg]?)(?:i?b)?", text.strip().lower(), re.ASCII)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64M)")
-    size = int(match.group(1)) * units[match.group(2)]
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
-    return size
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _platform(text: str) -> Platform:
@@ -60,6 +55,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
     parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
     parser.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
+    parser.add_argument("--spool-dir", metavar="DIR", help="where compressed layers are kept for a second reading (default: the system temp directory; overrides the plan)")
+    parser.add_argument("--spool-limit", type=_size, metavar="SIZE", help="the most the spool may hold, e.g. 2G (default: half the free space of its filesystem; overrides the plan)")
     parser.add_argument("--max-concurrent-images", type=int, default=DEFAULT_MAX_CONCURRENT_IMAGES, metavar="N", help="images pushed at once")
     parser.add_argument("--dry-run", action="store_true", help="print what would happen, with read requests only")
     parser.add_argument("--no-signatures", action="store_true", help="from a registry source, do not copy each image's signatures, attestations and SBOMs (sha256-<digest>.sig tags; overrides the plan)")
@@ -202,15 +199,20 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         if args.command == "run":
             plan = load_plan(args.plan)
             defaults, registries, jobs = plan.defaults, plan.registries, plan.jobs()
+            spool_dir, spool_limit = args.spool_dir or plan.spool_dir, args.spool_limit or plan.spool_limit
             credentials: CredentialProvider = DockerConfigCredentials()
         else:
             defaults = RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit, ca_file=args.ca_file)
             registries, jobs = {}, iter([PushJob(args.source, tuple(args.targets), platforms=tuple(args.platform))])
+            spool_dir, spool_limit = args.spool_dir, args.spool_limit
             credentials = _push_credentials(args)
         if args.no_signatures:
             jobs = (replace(job, signatures=False) for job in jobs)
     except BatchPushError as exc:
         say(f"error: {exc}")
+        return EXIT_USAGE
+    if spool_dir is not None and not (os.path.isdir(spool_dir) and os.access(spool_dir, os.W_OK | os.X_OK)):
+        say(f"error: spool directory {spool_dir}: not a directory this user can write")
         return EXIT_USAGE
     for option, field_name in (("--max-attempts", "max_attempts"), ("--max-requests-in-flight", "max_requests_in_flight")):
         value = getattr(args, field_name)
@@ -231,6 +233,8 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         metadata_dir=args.metadata_dir,
         jobs=args.jobs,
         max_concurrent_images=args.max_concurrent_images,
+        spool_dir=spool_dir,
+        spool_limit=spool_limit,
         dry_run=args.dry_run,
         progress=progress,
     )

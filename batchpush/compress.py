@@ -53,10 +53,9 @@ class CompressedBlob:
     #: xxh3-128 of the input, for the fingerprint cache
     fingerprint: str
     recipe: str = RECIPE
-    #: each block's compressed size, and the input's CRC32: what a stream made
-    #: again from mid-way needs (``blocks.RecompressedStream``)
-    block_sizes: tuple[int, ...] = ()
-    crc: int = 0
+    #: each block's compressed size and input CRC32: what a stream made again from
+    #: mid-way needs (``blocks.RecompressedStream``)
+    blocks: tuple[tuple[int, int], ...] = ()
     #: the data sent to target registries while it was compressed (``presend.Presend``)
     presends: tuple[Any, ...] = ()
 

@@ -323,6 +323,10 @@ class Engine:
         run adds each task's engine)."""
         result.bytes_read += self.preparer.bytes_read
         result.bytes_compressed += self.preparer.bytes_compressed
+        spool = self.preparer.spool
+        result.spool_peak_bytes = max(result.spool_peak_bytes, spool.peak)
+        result.spool_limit_bytes = max(result.spool_limit_bytes, spool.limit)
+        result.layers_not_kept += spool.not_kept
         with self._clients_lock:
             clients = list(self._clients.values())
         for client in clients:

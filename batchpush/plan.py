@@ -114,7 +114,23 @@ def _field_rules(options_type: type) -> dict[str, _FieldRule]:
 
 
 _FIELD_RULES = _field_rules(RegistryOptions)
-_TOP_KEYS = {"version", "defaults", "registries", "images"}
+_TOP_KEYS = {"version", "defaults", "registries", "images", "spool_dir", "spool_limit"}
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """A positive size: a number of bytes, or with a unit (``512M``, ``2GiB``, ``64k``);
+    ValueError says what is wrong."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        match = re.fullmatch(r"(\d+)\s*([kmgt]?)(?:i?b)?", str(text).strip().lower(), re.ASCII)
+        if not match:
+            raise ValueError(f"not a size: {text!r} (e.g. 64M)")
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if size <= 0:
+        raise ValueError(f"not a positive size: {text!r}")
+    return size
 _IMAGE_KEYS = {"source", "targets", "tags", "platforms", "signatures", "prune"}
 
 
@@ -125,6 +141,9 @@ class Plan:
     registries: Mapping[str, RegistryOptions]
     #: the raw image entries, validated; expanded into jobs lazily by ``jobs()``
     entries: tuple[Mapping[str, Any], ...] = field(repr=False)
+    #: where compressed layers are kept, and at most how many bytes (spool.py)
+    spool_dir: str | None = None
+    spool_limit: int | None = None
 
     def jobs(self) -> Iterator[PushJob]:
         """The entries as push jobs. First, each layout and archive without a tag in
@@ -286,6 +305,17 @@ def validate_plan(path: str, document: Any) -> Plan:
                 re.compile(tags)
             except re.error as exc:
                 raise _error(path, f"{where}.tags", f"invalid regular expression: {exc}") from exc
-    plan = Plan(path, defaults, registries, tuple(images))
+    spool_dir = document.get("spool_dir")
+    if spool_dir is not None and not isinstance(spool_dir, str):
+        raise _error(path, "spool_dir", "must be a directory's path")
+    if spool_dir is not None and not os.path.isabs(spool_dir):
+        spool_dir = os.path.join(os.path.dirname(os.path.abspath(path)), spool_dir)
+    spool_limit = None
+    if document.get("spool_limit") is not None:
+        try:
+            spool_limit = parse_size(document["spool_limit"])
+        except ValueError as exc:
+            raise _error(path, "spool_limit", str(exc)) from None
+    plan = Plan(path, defaults, registries, tuple(images), spool_dir, spool_limit)
     _refuse_shared_tags(plan, [plan._job(entry) for entry in plan.entries], open_sources=False)
     return plan

@@ -244,7 +244,7 @@ class Preparer:
         keep = self.spool.keep()
         output_hash = hashlib.sha256()
         size = crc = 0
-        block_sizes: list[int] = []
+        blocks: list[tuple[int, int]] = []
 
         def emit(data: bytes) -> None:
             nonlocal size
@@ -258,7 +258,7 @@ class Preparer:
             emit(GZIP_HEADER)
             for index, (data, block_crc, block_input) in enumerate(ordered_blocks(blob, submit, self.window, self.cancel)):
                 crc = combine_crc(crc, block_crc, block_input, index == 0)
-                block_sizes.append(len(data))
+                blocks.append((len(data), block_crc))
                 emit(data)
                 del data
             emit(gzip_trailer(crc, blob.size))
@@ -279,7 +279,7 @@ class Preparer:
             for sink in started:
                 sink.abort()
             raise
-        return CompressedBlob(path, digest, size, diff_id, blob.size, fingerprint, block_sizes=tuple(block_sizes), crc=crc, presends=presends)
+        return CompressedBlob(path, digest, size, diff_id, blob.size, fingerprint, blocks=tuple(blocks), presends=presends)
 
     def _compress(self, layer: SourceLayer, key: Hashable | None = None, sinks: Sinks | None = None) -> cf.Future[CompressedBlob]:
         assert layer.blob is not None
@@ -503,14 +503,24 @@ class Preparer:
         again as it is sent (``RecompressedStream``, resumable mid-way)."""
         if layer.blob is not None:
             return layer.blob
-        assert layer.source.blob is not None
+        blob = layer.source.blob
+        assert blob is not None
+        submit = None if self.pool is None or blob.size < POOL_MIN_BYTES else self._submit
+        with self._lock:
+            running = self._work.get(("gzip", _key(layer.source)))
+        if running is None and self.spool.limit - self.spool.used < layer.size:
+            # no room to keep it: compressed as it is sent, the digest checked at the end
+            return RecompressedStream(blob, layer.digest, layer.size, submit, self.window, self.cancel, on_compressed=self._compressed_again)
         result = waits.result(self._compress(layer.source), self.cancel)
         if result.digest != layer.digest or result.diff_id != layer.diff_id:
-            raise DigestMismatchError(layer.source.blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
+            raise DigestMismatchError(blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
         if result.blob is not None:
             return result.blob
-        submit = None if self.pool is None or layer.source.blob.size < POOL_MIN_BYTES else self._submit
-        return RecompressedStream(layer.source.blob, result.digest, result.size, result.block_sizes, result.crc, submit, self.window, self.cancel)
+        return RecompressedStream(blob, result.digest, result.size, submit, self.window, self.cancel, blocks=result.blocks, on_compressed=self._compressed_again)
+
+    def _compressed_again(self, size: int) -> None:
+        with self._lock:
+            self.bytes_compressed += size
 
 
 def prepared_remote(node: SourceNode) -> PreparedNode:

@@ -83,6 +83,11 @@ class BatchResult:
     errors_by_registry: Counter[str] = field(default_factory=Counter)
     #: target tags a pruning plan entry found gone from its source (deleted or kept)
     pruned: list[Pruned] = field(default_factory=list)
+    #: the most bytes the spool held at once, and its limit; layers it could not keep
+    #: (compressed again when read again)
+    spool_peak_bytes: int = 0
+    spool_limit_bytes: int = 0
+    layers_not_kept: int = 0
 
     @property
     def ok(self) -> bool:
@@ -108,6 +113,9 @@ class BatchResult:
                 "bytes_uploaded": self.bytes_uploaded,
                 "blobs_mounted": self.blobs_mounted,
                 "requests": dict(sorted(self.requests_by_method.items())),
+                "spool_peak_bytes": self.spool_peak_bytes,
+                "spool_limit_bytes": self.spool_limit_bytes,
+                "layers_not_kept": self.layers_not_kept,
             },
             "pruned": [{"target": p.target, "digest": str(p.digest) if p.digest else None, "deleted": p.deleted, "reason": p.reason or None} for p in self.pruned],
         }

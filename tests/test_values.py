@@ -168,11 +168,15 @@ def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
         parallel = preparer._compress_pass(blob, None, None)
         # the stream made again from the source, from its first byte and from any
         # offset (a resumed upload): the same bytes, block boundaries included
-        stream = RecompressedStream(blob, parallel.digest, parallel.size, parallel.block_sizes, parallel.crc, preparer._submit, preparer.window, preparer.cancel)
-        whole = b"".join(bytes(v) for v in stream.views())
+        given = RecompressedStream(blob, parallel.digest, parallel.size, preparer._submit, preparer.window, preparer.cancel, blocks=parallel.blocks)
+        learned = RecompressedStream(blob, parallel.digest, parallel.size, preparer._submit, preparer.window, preparer.cancel)
+        whole = b"".join(bytes(v) for v in learned.views())  # learns each block's size and CRC
+        assert learned.blocks == list(parallel.blocks)
         kept = open(parallel.path, "rb").read()
-        for start in (1, 10, 11, 10 + parallel.block_sizes[0], 11 + parallel.block_sizes[0] + 5, len(kept) - 8, len(kept) - 1):
-            assert b"".join(bytes(v) for v in stream.views(start)) == kept[start:], start
+        first = parallel.blocks[0][0]
+        for stream in (given, learned):
+            for start in (1, 10, 11, 10 + first, 11 + first + 5, len(kept) - 8, len(kept) - 1):
+                assert b"".join(bytes(v) for v in stream.views(start)) == kept[start:], start
         preparer.close()
     assert parallel.digest == inline.digest and parallel.size == inline.size
     assert whole == kept
@@ -180,7 +184,7 @@ def test_blocks_compressed_by_several_workers_give_the_same_bytes(tmp_path):
     assert sorted(os.listdir(tmp_path / "pool")) == [os.path.basename(parallel.path)]  # no block left behind
     assert parallel.path.startswith(os.path.join(tmp_path / "pool", parallel.digest.hex))
     # a stream whose source changed since is refused before its last piece
-    lying = RecompressedStream(blob, Digest("sha256", "0" * 64), parallel.size, parallel.block_sizes, parallel.crc, None, preparer.window, preparer.cancel)
+    lying = RecompressedStream(blob, Digest("sha256", "0" * 64), parallel.size, None, preparer.window, preparer.cancel)
     with pytest.raises(DigestMismatchError):
         for _ in lying.views():
             pass
