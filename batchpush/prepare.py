@@ -146,7 +146,7 @@ class Preparer:
         #: whole compressed layers kept for a second reading, within the limit
         self.spool = Spool(spool_dir, spool_limit)
         #: blocks compressed ahead of their consumers, across every compression
-        self.window = BlockWindow(2 * (os.cpu_count() or 1) + 2)
+        self.window = BlockWindow((os.cpu_count() or 1) + 2)
         self.store = store
         self.pool = pool
         self.use_fingerprints = use_fingerprints
