@@ -16,10 +16,11 @@ or resumed mid-way after a broken upload, without compressing it all.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from . import waits
@@ -58,7 +59,7 @@ class BlockWindow:
         self._free.release()
 
 
-def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, first: int = 0) -> Iterator[tuple[bytes, int, int]]:
+def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, first: int = 0) -> Generator[tuple[bytes, int, int], None, None]:
     """Each block of ``blob`` from block ``first`` on, deflated: ``(output, input
     CRC32, input size)``, in order. ``submit`` runs ``deflate_block_bytes`` in a
     worker; None: here, one after another. Blocks left unconsumed are cancelled."""
@@ -152,7 +153,12 @@ class RecompressedStream:
         crc = 0  # the input's CRC32 so far: the skipped blocks' as learned, then each one's
         for index, (_, block_crc) in enumerate(self.blocks[:first]):
             crc = combine_crc(crc, block_crc, min(BLOCK_BYTES, self.source.size - index * BLOCK_BYTES), index == 0)
-        for index, (data, block_crc, block_input) in enumerate(ordered_blocks(self.source, self._submit, self._window, self._cancel, first=first), start=first):
+        blocks = ordered_blocks(self.source, self._submit, self._window, self._cancel, first=first)
+        with contextlib.closing(blocks):  # a read left mid-way cancels the blocks under way
+            yield from self._made(blocks, first, start, offset, crc, hasher)
+
+    def _made(self, blocks: Iterator[tuple[bytes, int, int]], first: int, start: int, offset: int, crc: int, hasher: Any) -> Iterator[memoryview]:
+        for index, (data, block_crc, block_input) in enumerate(blocks, start=first):
             crc = combine_crc(crc, block_crc, block_input, index == 0)
             if index == len(self.blocks):
                 self.blocks.append((len(data), block_crc))

@@ -231,6 +231,8 @@ class Engine:
             for executor in self._executors.values():
                 for thread in list(getattr(executor, "_threads", ())):
                     thread.join(max(0.0, deadline - time.monotonic()))
+            # and so do the streams of layers that were being compressed (presend.py)
+            self.preparer.join_streams(deadline)
         self.preparer.close(wait=wait)
         if self._pool is not None:
             self._pool.shutdown(wait=wait, cancel_futures=True)
@@ -731,6 +733,9 @@ class Engine:
             log.debug("%s: unexpected error", target, exc_info=True)
             return self.failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
         finally:
+            if node is None:  # failed before it asked: what another target prepared may hold its presends
+                prepared = work.entry.once.get("node")
+                node = prepared.result() if prepared is not None and prepared.done() and prepared.exception() is None else None
             self._drop_presends(node, target)
             self._release(work.entry)
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)

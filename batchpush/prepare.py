@@ -16,10 +16,12 @@ a path or an mtime. Each blob is done once per batch.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -224,6 +226,12 @@ class Preparer:
     def _in_pool(self, fn: Callable[..., Any], blob: FileRange, *args: Any) -> Any:
         return waits.result(self._submit(fn, blob, *args), self.cancel)
 
+    def join_streams(self, deadline: float) -> None:
+        """After a cancel: until ``deadline`` at most, the compressions still ending,
+        so the uploads they were streaming to are cancelled (a DELETE each)."""
+        for thread in list(getattr(self._assemblers, "_threads", ())):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
     def close(self, *, wait: bool = True) -> None:
         self._finishers.shutdown(wait=wait, cancel_futures=True)
         self._assemblers.shutdown(wait=wait, cancel_futures=True)
@@ -241,7 +249,9 @@ class Preparer:
         hashing = self._hashers.submit(hash_input, blob) if submit is not None else None
         wanted = sinks(layer) if sinks is not None and layer is not None and blob.size > BLOCK_BYTES else []
         started = [sink for sink in wanted if sink.start()]
-        keep = self.spool.keep()
+        # a layer streaming to every registry of its image is not kept: nothing reads
+        # it again but a retry or another image (which compress it again, streaming)
+        keep = self.spool.keep() if not wanted or len(started) < len(wanted) else None
         output_hash = hashlib.sha256()
         size = crc = 0
         blocks: list[tuple[int, int]] = []
@@ -250,23 +260,25 @@ class Preparer:
             nonlocal size
             output_hash.update(data)
             size += len(data)
-            keep.write(data)
+            if keep is not None:
+                keep.write(data)
             for sink in started:
                 sink.put(data)
 
         try:
             emit(GZIP_HEADER)
-            for index, (data, block_crc, block_input) in enumerate(ordered_blocks(blob, submit, self.window, self.cancel)):
-                crc = combine_crc(crc, block_crc, block_input, index == 0)
-                blocks.append((len(data), block_crc))
-                emit(data)
-                del data
+            with contextlib.closing(ordered_blocks(blob, submit, self.window, self.cancel)) as made:
+                for index, (data, block_crc, block_input) in enumerate(made):
+                    crc = combine_crc(crc, block_crc, block_input, index == 0)
+                    blocks.append((len(data), block_crc))
+                    emit(data)
+                    del data
             emit(gzip_trailer(crc, blob.size))
             diff_id, fingerprint = waits.result(hashing, self.cancel) if hashing is not None else hash_input(blob)
             digest = Digest("sha256", output_hash.hexdigest())
             # named by digest and by this pass: a layer released and compressed again
             # while the first file is still being deleted never shares its name
-            path = keep.finish(f"{digest.hex}-{id(keep):x}")
+            path = keep.finish(f"{digest.hex}-{id(keep):x}") if keep is not None else None
             declared = (layer.diff_id, layer.descriptor.digest) if layer is not None else ()
             presends: tuple[Any, ...] = ()
             if any(expected is not None and expected != diff_id for expected in declared):
@@ -275,7 +287,8 @@ class Preparer:
             else:
                 presends = tuple(presend for sink in started if (presend := sink.close(digest)) is not None)
         except BaseException:
-            keep.abort()
+            if keep is not None:
+                keep.abort()
             for sink in started:
                 sink.abort()
             raise

@@ -180,6 +180,11 @@ class UploadSink:
                         break
                 if pending:
                     self.client.with_retries(lambda: self._send(upload, pending), f"stream of a layer to {self.target}")
+        except Cancelled as exc:  # the run stops: nobody will take the session up
+            self.failure = exc
+            if self.upload is not None:
+                self.client.cancel_upload(repository, self.upload.session)
+                self.upload = None
         except (BatchPushError, OSError) as exc:
             self.failure = exc
             if isinstance(exc, UploadGoneError) and self.upload is not None:

@@ -385,7 +385,8 @@ def test_sigint_while_the_pool_compresses_ends_the_run_cleanly(registry, tmp_pat
     run = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(spool)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + BOUND_S
-        while not any(name.startswith(".block-") for d in _spool_dirs(str(spool)) for name in os.listdir(spool / d)):
+        # a compression under way writes its spool file as its blocks come
+        while not any(name.startswith(".partial-") for d in _spool_dirs(str(spool)) for name in os.listdir(spool / d)):
             assert run.poll() is None and time.monotonic() < deadline, "compression never started"
             time.sleep(0.01)
         signalled = time.monotonic()
@@ -492,7 +493,7 @@ def test_a_compression_worker_killed_mid_batch(registry, tmp_path, metadata_dir)
             deadline = time.monotonic() + BOUND_S
             while time.monotonic() < deadline:
                 running = pool._pool
-                if running is not None and any(name.startswith(".block-") for name in os.listdir(engine._spool)):
+                if running is not None and any(name.startswith(".partial-") for name in os.listdir(engine._spool)):
                     pids = list(getattr(running, "_processes", None) or {})
                     if pids:
                         os.kill(pids[0], signal.SIGKILL)

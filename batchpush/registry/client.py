@@ -225,6 +225,15 @@ class _StreamBody:
             raise
 
 
+def _cut(pieces: list[memoryview]) -> Iterator[memoryview]:
+    """``pieces`` in views of CHUNK_BYTES at most: a cancel is seen, and a slow link
+    moves, a piece at a time (a block of 16 MiB handed whole to the socket would
+    hold both for as long as it takes to drain)."""
+    for piece in pieces:
+        for start in range(0, len(piece), CHUNK_BYTES):
+            yield piece[start : start + CHUNK_BYTES]
+
+
 class _Cutter:
     """One read of a stream, cut into consecutive pieces of the lengths asked for
     (PATCH chunks): no byte is read twice. A piece held over between two chunks is
@@ -807,7 +816,7 @@ class RegistryClient:
 
         upload.interrupted = True  # until the answer says otherwise
         try:
-            response = self.request("PATCH", upload.session.location, scopes=(scope_for(repository, "pull,push"),), expected={202}, headers=headers, body=lambda: _StreamBody(iter(pieces), length, counted, self.cancel))
+            response = self.request("PATCH", upload.session.location, scopes=(scope_for(repository, "pull,push"),), expected={202}, headers=headers, body=lambda: _StreamBody(_cut(pieces), length, counted, self.cancel))
         except RegistryError as exc:
             if exc.status == 416:
                 raise UploadRangeError(exc.method, exc.url, exc.status, exc.codes, "the registry refused the chunk's range") from exc
