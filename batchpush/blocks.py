@@ -30,7 +30,7 @@ from .errors import Cancelled, DigestMismatchError
 from .sources.base import FileRange
 
 #: blocks one layer's compression has submitted and not yet handed on, at most
-AHEAD_PER_LAYER = 4
+AHEAD_PER_LAYER = 3
 
 Submit = Callable[..., "cf.Future[Any]"]
 

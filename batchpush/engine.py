@@ -54,7 +54,7 @@ from .sources.base import FileRange, ImageSource, RegistryBlob, SourceLayer
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
 from .sources.registry import Platform, RegistrySource, RemoteImage, parse_registry_source, referrers_tag, resolve
 from .state import PushState, RemoteBlob
-from .workers import WorkerPool
+from .workers import WorkerPool, release_big_buffers
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ class Engine:
         #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
         self.cancelled = threading.Event()
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
+        release_big_buffers()  # the compressed blocks pass through this process too
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
         self.preparer = Preparer(self._spool, self.store, self._pool, cancel=self.cancelled, spool_limit=self.options.spool_limit)
 

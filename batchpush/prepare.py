@@ -148,7 +148,7 @@ class Preparer:
         #: whole compressed layers kept for a second reading, within the limit
         self.spool = Spool(spool_dir, spool_limit)
         #: blocks compressed ahead of their consumers, across every compression
-        self.window = BlockWindow((os.cpu_count() or 1) + 2)
+        self.window = BlockWindow((os.cpu_count() or 1) + 1)
         self.store = store
         self.pool = pool
         self.use_fingerprints = use_fingerprints
