@@ -138,7 +138,7 @@ def parse_prefix(text: str) -> RepositoryPrefix:
     """``REGISTRY/[PATH/]`` (``new.example/``, ``new.example/migrated/``). As in a
     reference, a first component without ``.`` or ``:`` (and not ``localhost``) is
     a path on Docker Hub. Raises ReferenceError_."""
-    if not is_prefix(text) or text.startswith("/"):
+    if not is_prefix(text) or text.startswith("/") or text.endswith("//"):
         raise ReferenceError_(text, "a repository prefix is REGISTRY/[PATH/], ending in /")
     first, _, rest = text[:-1].partition("/")
     registry, path = (first, rest) if "." in first or ":" in first or first == "localhost" else (DOCKER_HUB, text[:-1])

@@ -1006,7 +1006,7 @@ class RegistryClient:
         not a valid tag is skipped with a warning. The limits default to this host's
         ``max_tag_pages`` and ``max_tags``."""
         limits = PageLimits(self.options.max_tag_pages if max_pages is None else max_pages, "max_tag_pages", self.options.max_tags if max_tags is None else max_tags, "max_tags")
-        return self._list_pages(f"/v2/{repository}/tags/list", "tags", f"the tag list of {repository}", scope_for(repository, "pull"), valid_tag, page_size, limits)
+        return self._list_pages(f"/v2/{repository}/tags/list", "tags", f"the tag list of {repository}", scope_for(repository, "pull"), (valid_tag, "tag"), page_size, limits)
 
     def list_catalog(self, *, page_size: int = CATALOG_PAGE_SIZE, max_pages: int | None = None, max_repositories: int | None = None) -> list[str]:
         """Every repository the registry lists (``GET /v2/_catalog?n=``), in its
@@ -1021,22 +1021,23 @@ class RegistryClient:
             self.options.max_repositories if max_repositories is None else max_repositories,
             "max_repositories",
         )
-        return self._list_pages("/v2/_catalog", "repositories", "the catalog", CATALOG_SCOPE, valid_repository, page_size, limits)
+        return self._list_pages("/v2/_catalog", "repositories", "the catalog", CATALOG_SCOPE, (valid_repository, "repository"), page_size, limits)
 
-    def _list_pages(self, path: str, key: str, what: str, scope: str, valid: Callable[[object], bool], page_size: int, limits: PageLimits) -> list[str]:
+    def _list_pages(self, path: str, key: str, what: str, scope: str, valid: tuple[Callable[[object], bool], str], page_size: int, limits: PageLimits) -> list[str]:
         """The names of a paged list (``key`` of each page's JSON), each once.
 
         ``Link: <...>; rel="next"`` is followed to the end, resolved against the page
         that named it. A link to another origin or another path, to a page already
         read, a list longer than ``limits`` (pages or names): a permanent
-        RegistryError (nothing is returned). A name ``valid`` refuses is skipped (it
-        never reaches a URL) with a warning. A page that is not a JSON list raises
+        RegistryError (nothing is returned). A name ``valid`` (a check, and the
+        noun for the warning) refuses is skipped (it never reaches a URL). A page that is not a JSON list raises
         MalformedResponseError (temporary). One request failing fails the listing:
         the caller's retry policy runs it again from the first page."""
         url = f"{self.base_url}{path}?n={max(1, page_size)}"
         seen_pages: set[str] = set()
         names: dict[str, None] = {}  # ordered, each once
         received = skipped = 0
+        check, noun = valid
         while True:
             if len(seen_pages) >= limits.pages:
                 raise RegistryError("GET", url, None, (), f"{what} runs past {limits.pages} pages ({limits.pages_setting}): refused", permanent=True)
@@ -1047,12 +1048,12 @@ class RegistryClient:
             if received > limits.names:
                 raise RegistryError("GET", url, 200, (), f"{what} holds more than {limits.names} {key} ({limits.names_setting}): refused", permanent=True)
             for name in page:
-                if valid(name):
+                if check(name):
                     names[name] = None  # type: ignore[index]
                     continue
                 skipped += 1
                 if skipped <= MAX_QUOTED_TAGS:
-                    log.warning("%s: skipping a name that is not valid: %.140r", what, name)
+                    log.warning("%s: skipping a %s that is not a valid %s name: %.140r", what, noun, noun, name)
             link = next_link(response.headers.get("Link"))
             if link is None:
                 break
@@ -1060,7 +1061,7 @@ class RegistryClient:
             if url in seen_pages:
                 raise RegistryError("GET", url, 200, (), f"{what} links back to a page already read: refused", permanent=True)
         if skipped > MAX_QUOTED_TAGS:
-            log.warning("%s: %d names that are not valid skipped in all", what, skipped)
+            log.warning("%s: %d names that are not valid %s names skipped in all", what, skipped, noun)
         return list(names)
 
     @staticmethod
