@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .errors import BatchPushError, ReferenceError_, SourceError, UsageError
+from .prune import Pruned
 from .reference import RepositoryPrefix, is_prefix, parse_prefix, parse_target
 from .registry.errors import RegistryError
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
@@ -218,3 +219,39 @@ def _resolve(target: str, path: str) -> str:
 
 def _repository_job(job: PushJob, source: str, targets: tuple[str, ...], error: BatchPushError | None = None) -> PushJob:
     return replace(job, source=source, targets=targets, repositories=RepositoryMap(), error=error)
+
+
+#: why a target repository below a pruning catalog entry's prefix is reported
+GONE_REASON = "no repository of the source catalog is copied here (gone from the source?): a repository is never deleted"
+
+
+@dataclass(slots=True)
+class GoneRepositories:
+    """A pruning catalog entry (``prune: true``): its target prefixes, and the
+    target repositories its catalog's repositories were copied to. Once the run
+    is done, a repository below a prefix that none of them is (it disappeared
+    from the source catalog, or came from elsewhere) is reported, never deleted."""
+
+    job: PushJob
+    copied: set[str]
+    #: the entry could not be planned (its catalog not listed): nothing is known
+    failed: bool = False
+
+    def record(self, job: PushJob) -> None:
+        """One of the entry's repository jobs, as ``repository_jobs`` made it."""
+        if job.error is not None and job.source == self.job.source:
+            self.failed = True
+        self.copied.update(parse_target(target).name for target in job.targets if not is_prefix(target))
+
+    def report(self, list_catalog: Lister) -> list[Pruned]:
+        """The target repositories below the prefixes that no repository was
+        copied to (a ``Pruned`` each, kept); raises as ``list_catalog`` does."""
+        if self.failed:
+            return []
+        reported = []
+        for target in self.job.targets:
+            prefix = parse_prefix(target)
+            for name in list_catalog(prefix, target):
+                if f"{prefix.registry}/{name}" not in self.copied:
+                    reported.append(Pruned(f"{prefix.registry}/{name}", None, False, GONE_REASON))
+        return reported

@@ -138,7 +138,7 @@ def _closing_lines(args: argparse.Namespace, result: BatchResult, seconds: float
         yield from _dry_run_lines(result)
     for pruned in result.pruned:
         verb = ("would delete" if args.dry_run else "deleted") if pruned.deleted else "kept"
-        yield f"{pruned.target}: {verb} ({pruned.digest}){': ' + pruned.reason if pruned.reason else ''}"
+        yield f"{pruned.target}: {verb}{f' ({pruned.digest})' if pruned.digest else ''}{': ' + pruned.reason if pruned.reason else ''}"
     yield from summary_lines(result, seconds)
 
 

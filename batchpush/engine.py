@@ -30,7 +30,7 @@ from typing import Any
 
 from . import mediatypes as mt
 from . import waits
-from .catalog import RepositoryMap, list_repositories, repository_jobs
+from .catalog import GoneRepositories, RepositoryMap, is_catalog_source, list_repositories, repository_jobs
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
 from .image_push import ImagePusher
@@ -215,6 +215,8 @@ class Engine:
         self._clients_lock = threading.Lock()
         #: pruning plan entries of this run, pruned once every image is done
         self._prunes: list[_Prune] = []
+        #: pruning catalog entries: their targets' repositories no longer copied are reported
+        self._gone: list[GoneRepositories] = []
         #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
         self.cancelled = threading.Event()
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
@@ -361,6 +363,11 @@ class Engine:
                 except Exception as exc:
                     error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, str(target))
                     result.images.append(self.failed(prune.job.source, str(target), BatchPushError(f"prune: {error.message}"), time.monotonic()))
+        for gone in self._gone:
+            try:
+                result.pruned.extend(gone.report(self.list_repositories))
+            except BatchPushError as exc:  # a report only: nothing would have been deleted
+                log.warning("%s: the target catalog could not be listed (%s): repositories no longer in the source catalog not reported", gone.job.source, exc)
 
     def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | tuple[Work, cf.Future[ImageResult]]]) -> None:
         # a bounded number of pushes waits in the pool, so a plan of any size is
@@ -410,7 +417,13 @@ class Engine:
         repository (its catalog listed when the job is reached), prefix targets
         resolved (catalog.py); any other job as it is."""
         for job in jobs:
-            yield from repository_jobs(job, self.list_repositories)
+            gone = GoneRepositories(job, set()) if job.prune and is_catalog_source(job.source) else None
+            for each in repository_jobs(job, self.list_repositories):
+                if gone is not None:
+                    gone.record(each)
+                yield each
+            if gone is not None:
+                self._gone.append(gone)
 
     def list_repositories(self, source: RepositoryPrefix, spec: str) -> list[str]:
         """The repositories the catalog of ``source``'s registry lists below its

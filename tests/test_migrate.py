@@ -41,11 +41,11 @@ def source(tmp_path):
     started.stop()
 
 
-def fill(registry: Registry, layout: Path, repositories: dict[str, list[str]]) -> None:
+def fill(registry: Registry, layout: Path, repositories: dict[str, list[str]], first_seed: int = 0) -> None:
     """One small image per (repository, tag), written to a layout by our code and
-    copied into the registry by skopeo."""
+    copied into the registry by skopeo; each image's layer from its own seed."""
     writer = LayoutWriter(str(layout))
-    seed = 0
+    seed = first_seed
     for repository, tags in repositories.items():
         for tag in tags:
             seed += 1
@@ -254,3 +254,24 @@ def test_dry_run_lists_what_a_migration_would_copy(source, registry, tmp_path, b
         assert f"docker://{source.host}/team1/svc2:{tag} -> {registry.host}/t1/svc2:{tag}:" in run.out, run.out
     assert "svc0" not in run.out
     assert catalog_of(registry) == []
+
+
+def test_prune_works_per_repository_and_reports_repositories_gone(source, registry, tmp_path, batchpush):
+    """``prune: true`` on a catalog entry: each repository is pruned as a single
+    repository entry is (a target tag its source lacks is deleted); a target
+    repository below the prefix that no source repository is copied to (its source
+    left the catalog) is reported, and kept."""
+    fill(source, tmp_path / "source-layout", {"team0/svc0": ["1.0"], "team0/svc1": ["1.0"]})
+    fill(registry, tmp_path / "target-layout", {"migrated/svc0": ["0.9"], "migrated/gone": ["1.0"]}, first_seed=100)
+    gone = remote_digest(registry, "migrated/gone:1.0")
+    plan = write_plan(tmp_path, [{"source": f"docker://{source.host}/team0/", "targets": [f"{registry.host}/migrated/"], "prune": True}], **{source.host: {}, registry.host: {}})
+    run, report = run_plan(batchpush, tmp_path, plan)
+
+    assert run.code == 0, run.err
+    assert tags_of(registry, "migrated/svc0") == ["1.0"] and tags_of(registry, "migrated/svc1") == ["1.0"]
+    pruned = {p["target"]: p for p in report["pruned"]}
+    assert pruned[f"{registry.host}/migrated/svc0:0.9"]["deleted"] is True
+    assert pruned[f"{registry.host}/migrated/gone"]["deleted"] is False and "never deleted" in pruned[f"{registry.host}/migrated/gone"]["reason"]
+    assert len(pruned) == 2
+    assert f"{registry.host}/migrated/gone: kept: no repository of the source catalog is copied here" in run.out
+    assert remote_digest(registry, "migrated/gone:1.0") == gone
