@@ -10,6 +10,7 @@ loops) are injected by our proxy in front of the real source registry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from conftest import pull_and_verify, remote_digest, skopeo
 from fault_proxy import Rule
 from images import LayoutWriter, layer_tar
 from registry import Registry, start_registry
+
+import batchpush
+from batchpush.registry.auth import Credentials
 
 #: the source registry's repositories and their tags; each tag a distinct image
 REPOSITORIES = {
@@ -41,7 +45,7 @@ def source(tmp_path):
     started.stop()
 
 
-def fill(registry: Registry, layout: Path, repositories: dict[str, list[str]], first_seed: int = 0) -> None:
+def fill(registry: Registry, layout: Path, repositories: dict[str, list[str]], first_seed: int = 0, creds: tuple[str, ...] = ()) -> None:
     """One small image per (repository, tag), written to a layout by our code and
     copied into the registry by skopeo; each image's layer from its own seed."""
     writer = LayoutWriter(str(layout))
@@ -52,7 +56,7 @@ def fill(registry: Registry, layout: Path, repositories: dict[str, list[str]], f
             descriptor, _ = writer.image([layer_tar(seed, files=1, file_size=512)])
             name = f"{repository.replace('/', '-')}-{tag}"
             writer.tag(descriptor, name)
-            done = skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:{name}", f"docker://{registry.host}/{repository}:{tag}")
+            done = skopeo("copy", "--dest-tls-verify=false", *creds, f"oci:{layout}:{name}", f"docker://{registry.host}/{repository}:{tag}")
             assert done.returncode == 0, done.stderr
 
 
@@ -275,3 +279,56 @@ def test_prune_works_per_repository_and_reports_repositories_gone(source, regist
     assert len(pruned) == 2
     assert f"{registry.host}/migrated/gone: kept: no repository of the source catalog is copied here" in run.out
     assert remote_digest(registry, "migrated/gone:1.0") == gone
+
+
+def test_a_catalog_behind_token_auth(token_registry, registry, tmp_path):
+    """distribution's token auth grants the catalog to the scope
+    ``registry:catalog:*``: with credentials the migration lists and copies every
+    repository; anonymous, the catalog is refused (401) and the entry says so."""
+    source, issuer = token_registry
+    fill(source, tmp_path / "layout", {"team0/svc0": ["1.0"], "team1/svc2": ["1.0"]}, creds=("--dest-creds", "alice:alice-secret-pw"))
+    plan = batchpush.plan_of([{"source": f"docker://{source.host}/", "targets": [f"{registry.host}/m/"]}], registries={source.host: {"insecure": True}, registry.host: {"insecure": True}})
+
+    def options(who: Credentials | None) -> batchpush.PushOptions:
+        return batchpush.PushOptions(metadata_dir=str(tmp_path / "md"), credentials=lambda host: who if host == source.host else None)
+
+    anonymous = batchpush.run(plan, options(None))
+    (failed,) = anonymous.images
+    assert failed.status == "failed" and "HTTP 401" in (failed.error or "") and "does not list its repositories" in (failed.error or "")
+
+    result = batchpush.run(plan, options(Credentials("alice", "alice-secret-pw")))
+    assert result.ok, [i.error for i in result.images]
+    assert catalog_of(registry) == ["m/team0/svc0", "m/team1/svc2"]
+    assert any("registry:catalog:*" in r["scopes"] for r in issuer.requests if r["subject"] == "alice")
+    for repository in ("team0/svc0", "team1/svc2"):
+        done = skopeo("inspect", "--raw", "--tls-verify=false", "--creds", "alice:alice-secret-pw", f"docker://{source.host}/{repository}:1.0")
+        assert done.returncode == 0, done.stderr
+        assert remote_digest(registry, f"m/{repository}:1.0") == "sha256:" + hashlib.sha256(done.stdout.encode()).hexdigest()
+
+
+#: names a hostile catalog may list that are not repository paths
+NOT_REPOSITORIES = ["../etc", "team0/../../x", "UPPER/case", "a//b", "/lead", "trail/", "sp ace", "%2e%2e", "x" * 300, 7]
+
+
+def test_names_that_are_not_repositories_are_skipped_and_never_sent(source, front, registry, tmp_path, batchpush):
+    """The catalog lists, besides its real repositories, names that are not
+    repository paths: each is skipped (a warning), no request carries one, the
+    real repositories arrive."""
+    fill(source, tmp_path / "layout", {"team0/svc0": ["1.0"]})
+
+    def add_names(body: bytes) -> bytes:
+        document = json.loads(body)
+        return json.dumps({**document, "repositories": [*document["repositories"], *NOT_REPOSITORIES]}).encode()
+
+    front.add(Rule("GET", "^/v2/_catalog", "forward", body_filter=add_names, times=-1))
+    plan = write_plan(tmp_path, [{"source": f"docker://{front.host}/", "targets": [f"{registry.host}/m/"]}], **{front.host: {}, registry.host: {}})
+    run, report = run_plan(batchpush, tmp_path, plan)
+
+    assert run.code == 0, run.err
+    warnings = [line for line in run.err.splitlines() if line.startswith("WARNING ")]
+    assert len(warnings) == len(NOT_REPOSITORIES) and all("not a valid repository name" in line for line in warnings), [w for w in warnings if "not a valid repository name" not in w]
+    assert [i["target"] for i in report["images"]] == [f"{registry.host}/m/team0/svc0:1.0"]
+    sent = [seen.target for seen in front.requests()] + registry.access_log()
+    for name in ("..", "UPPER", "a//b", "/lead", "trail/", "sp ace", "%2e", "xxxxxxxxxx"):
+        assert not [line for line in sent if name in line], name
+    assert_copied(source, registry, {"team0/svc0:1.0": "m/team0/svc0:1.0"})
