@@ -332,3 +332,24 @@ def test_names_that_are_not_repositories_are_skipped_and_never_sent(source, fron
     for name in ("..", "UPPER", "a//b", "/lead", "trail/", "sp ace", "%2e", "xxxxxxxxxx"):
         assert not [line for line in sent if name in line], name
     assert_copied(source, registry, {"team0/svc0:1.0": "m/team0/svc0:1.0"})
+
+
+def test_a_migration_on_the_cluster(source, registry, tmp_path):
+    """``--scheduler``: the client lists the catalog and the repositories' tags, the
+    workers copy; the same repositories, renamed, selected by version, arrive."""
+    from test_cluster import batchpush_cli, start_cluster, stop_cluster
+
+    fill(source, tmp_path / "layout", {"team1/svc2": ["v1.0.0", "v1.1.0", "nightly"], "team1/svc3": ["1.0"], "team0/svc0": ["1.0"]})
+    cluster = start_cluster(tmp_path)
+    try:
+        rename = [{"from": "^svc(\\d)$", "to": "service-\\1"}]
+        plan = write_plan(tmp_path, [{"source": f"docker://{source.host}/team1/", "targets": [f"{registry.host}/t1/"], "rename": rename, "semver": ">=1"}], **{source.host: {}, registry.host: {}})
+        done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "report.json"))
+    finally:
+        stop_cluster(cluster)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert catalog_of(registry) == ["t1/service-2", "t1/service-3"]
+    assert_copied(source, registry, {"team1/svc2:v1.0.0": "t1/service-2:v1.0.0", "team1/svc2:v1.1.0": "t1/service-2:v1.1.0", "team1/svc3:1.0": "t1/service-3:1.0"})
+    assert tags_of(registry, "t1/service-2") == ["v1.0.0", "v1.1.0"]
+    images = json.loads((tmp_path / "report.json").read_text())["images"]
+    assert len(images) == 3 and all(image["worker"] for image in images)
