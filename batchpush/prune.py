@@ -5,9 +5,9 @@ the source that succeeded and was not empty (a source that answers "no tags" by
 mistake must not empty the mirror). A target tag goes when the source has no
 such tag (and, with tag filters, when ``tags``, ``exclude_tags`` and ``semver``
 select it: tags this entry does not mirror are never touched; ``latest`` plays no
-part, a version that left the N highest is still the source's). Its manifest is deleted by digest, which
-deletes every tag naming it: so a digest that a kept tag also names is not
-deleted, and its stale tag stays (the report says so).
+part, a version that left the N highest is still the source's). Its manifest is
+deleted by digest, which deletes every tag naming it: so a digest that a kept tag
+also names is not deleted, and its stale tag stays (the report says so).
 """
 
 from __future__ import annotations
