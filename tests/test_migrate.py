@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,8 @@ def tags_of(registry: Registry, repository: str) -> list[str]:
 
 
 def catalog_of(registry: Registry) -> list[str]:
-    """The repositories the registry holds, read with skopeo's HTTP-free view: its tag
-    lists of every name we could have written (the catalog is what we test)."""
-    import urllib.request
-
+    """The repositories the registry holds, as its own catalog lists them, read with
+    urllib (not batchpush, whose catalog reading is what these tests test)."""
     with urllib.request.urlopen(f"http://{registry.host}/v2/_catalog?n=1000", timeout=30) as answer:
         return sorted(json.load(answer)["repositories"])
 
