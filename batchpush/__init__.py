@@ -12,6 +12,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Callbacks": "api",
+    "list_repositories": "api",
+    "plan_of": "api",
+    "retry_jobs": "api",
+    "run": "api",
+    "Rename": "catalog",
+    "RepositoryMap": "catalog",
     "Engine": "engine",
     "PushJob": "engine",
     "PushOptions": "engine",
@@ -26,36 +33,55 @@ _EXPORTS = {
     "Credentials": "registry",
     "RegistryError": "registry",
     "RegistryOptions": "registry",
+    "Plan": "plan",
+    "load_plan": "plan",
     "BatchResult": "report",
     "ImageResult": "report",
+    "TagSelection": "selection",
+    "VersionRange": "selection",
 }
 
 __all__ = [
     "BatchPushError",
     "BatchResult",
+    "Callbacks",
     "Credentials",
     "DigestMismatchError",
     "Engine",
     "ImageResult",
     "LayerOutcome",
     "LayerResult",
+    "Plan",
     "PlanError",
     "PushJob",
     "PushOptions",
     "RegistryError",
     "RegistryOptions",
+    "Rename",
+    "RepositoryMap",
     "SourceError",
+    "TagSelection",
     "UsageError",
+    "VersionRange",
     "__version__",
+    "list_repositories",
+    "load_plan",
+    "plan_of",
     "push",
+    "retry_jobs",
+    "run",
 ]
 
 if TYPE_CHECKING:
+    from .api import Callbacks, list_repositories, plan_of, retry_jobs, run
+    from .catalog import Rename, RepositoryMap
     from .engine import Engine, PushJob, PushOptions, push
     from .errors import BatchPushError, DigestMismatchError, PlanError, SourceError, UsageError
     from .outcome import LayerOutcome, LayerResult
+    from .plan import Plan, load_plan
     from .registry import Credentials, RegistryError, RegistryOptions
     from .report import BatchResult, ImageResult
+    from .selection import TagSelection, VersionRange
 
 
 def __getattr__(name: str) -> Any:

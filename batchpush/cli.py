@@ -21,7 +21,7 @@ from .metrics import DEFAULT_JOB, MetricsOptions, RunTimes, export, parse_label
 from .outcome import LayerOutcome
 from .plan import load_plan, parse_size
 from .progress import Fanout, JsonProgress, LineWriter, PlainProgress, Progress, RichProgress, WriterHandler
-from .reference import parse_target
+from .reference import target_host
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MAX_REQUESTS_IN_FLIGHT, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
 from .registry.credentials import ChainedCredentials, DockerConfigCredentials
@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchpush {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     push = commands.add_parser("push", help="push the images of one source to one or more repositories")
-    push.add_argument("source", help="oci:PATH[:TAG], docker-archive:PATH[:REF] or docker://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
-    push.add_argument("targets", nargs="+", metavar="TARGET", help="REGISTRY/REPOSITORY[:TAG]; without a tag, the source's tags")
+    push.add_argument("source", help="oci:PATH[:TAG], docker-archive:PATH[:REF], docker://REGISTRY/REPOSITORY[:TAG|@DIGEST], or docker://REGISTRY/[PREFIX/] (every repository its catalog lists)")
+    push.add_argument("targets", nargs="+", metavar="TARGET", help="REGISTRY/REPOSITORY[:TAG]; without a tag, the source's tags; REGISTRY/[PREFIX/] (ending in /): each source repository's path appended")
     push.add_argument("--insecure", action="append", default=[], metavar="HOST[:PORT]", help="plain HTTP or unverified TLS for this host (repeatable)")
     push.add_argument("--platform", action="append", default=[], type=_platform, metavar="OS/ARCH[/VARIANT]", help="of a registry source's index, copy only this platform (repeatable; default all)")
     push.add_argument("--username", metavar="NAME", help="log in to the target registries as NAME (password from --password-stdin)")
@@ -118,7 +118,7 @@ def _dry_run_lines(result: BatchResult) -> Iterator[str]:
         if image.status != "dry-run":
             yield f"{image.target}: {image.status}" + (f" ({image.digest})" if image.digest else "")
             continue
-        yield f"{image.target}:"
+        yield f"{image.source} -> {image.target}:"
         for layer in image.layers:
             where = f" from {layer.mounted_from}" if layer.mounted_from else ""
             sent = f" {layer.bytes_sent} bytes" if layer.outcome is LayerOutcome.UPLOADED else ""
@@ -135,7 +135,7 @@ def _closing_lines(args: argparse.Namespace, result: BatchResult, seconds: float
         yield from _dry_run_lines(result)
     for pruned in result.pruned:
         verb = ("would delete" if args.dry_run else "deleted") if pruned.deleted else "kept"
-        yield f"{pruned.target}: {verb} ({pruned.digest}){': ' + pruned.reason if pruned.reason else ''}"
+        yield f"{pruned.target}: {verb}{f' ({pruned.digest})' if pruned.digest else ''}{': ' + pruned.reason if pruned.reason else ''}"
     yield from summary_lines(result, seconds)
 
 
@@ -158,7 +158,7 @@ def _push_credentials(args: argparse.Namespace) -> CredentialProvider:
     explicit = {}
     for target in args.targets:
         try:
-            explicit[parse_target(target).api_host] = Credentials(args.username, password)
+            explicit[target_host(target)] = Credentials(args.username, password)
         except BatchPushError:
             continue  # reported as that target's failure
     return ChainedCredentials(explicit, DockerConfigCredentials())

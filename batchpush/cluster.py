@@ -850,7 +850,7 @@ class _ClusterRun:
         #: each slot's work, for the pruning entries (which need every image of theirs arrived)
         self.expanded = expanded = []
         works: list[tuple[int, Work]] = []
-        for job in jobs:
+        for job in self.engine.repository_jobs(jobs):  # the client lists catalogs, as it reads manifests
             for work in self.engine.expand(job):
                 self._check_stop()
                 slot = self.engine.failed(work.source, work.target, work.error, time.monotonic()) if work.error is not None else None

@@ -31,6 +31,7 @@ from typing import Any
 
 from . import mediatypes as mt
 from . import waits
+from .catalog import GoneRepositories, RepositoryMap, is_catalog_source, list_repositories, repository_jobs
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
 from .image_push import ImagePusher
@@ -41,7 +42,7 @@ from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedMani
 from .presend import UploadSink
 from .progress import NoProgress, Progress
 from .prune import prune as prune_target
-from .reference import Reference, parse_target
+from .reference import Reference, RepositoryPrefix, parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
 from .registry.credentials import DockerConfigCredentials, password_from
@@ -49,6 +50,7 @@ from .registry.dry_run import DryRunClient
 from .registry.errors import RegistryError
 from .registry.reads import BlobStream
 from .report import BatchResult, ImageResult
+from .selection import TagSelection, VersionRange
 from .sources import SourceImage, SourceManifest, open_source
 from .sources.base import FileRange, ImageSource, RegistryBlob, SourceLayer
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
@@ -97,7 +99,11 @@ class PushOptions:
 
 @dataclass(frozen=True, slots=True)
 class PushJob:
-    """One source to some targets; ``tags`` filters the source's tags."""
+    """One source to some targets (a plan entry). ``tags``, ``exclude_tags``,
+    ``semver`` and ``latest`` select the source's tags (selection.py); a catalog
+    source (``docker://HOST/[PREFIX/]``) or a target ending in ``/`` is a
+    migration of many repositories (catalog.py), which ``repositories`` filters
+    and renames."""
 
     source: str
     targets: tuple[str, ...]
@@ -110,14 +116,30 @@ class PushJob:
     #: a true mirror: once every image arrived, delete the targets' tags the source
     #: no longer has (prune.py; a registry source without a tag, targets without one)
     prune: bool = False
+    #: drop the tags this regex finds (after ``tags``)
+    exclude_tags: re.Pattern[str] | None = None
+    #: keep the tags that are semantic versions in this range
+    semver: VersionRange | None = None
+    #: keep the N highest versions of the tags selected
+    latest: int | None = None
+    #: of a catalog source: which repositories, under which path
+    repositories: RepositoryMap = field(default_factory=RepositoryMap)
+    #: the job could not be planned (a target refused, a catalog not served): each
+    #: target fails with this, nothing is asked
+    error: BatchPushError | None = None
+
+    @property
+    def selection(self) -> TagSelection:
+        return TagSelection(self.tags, self.exclude_tags, self.semver, self.latest)
 
 
-def select_tags(images: Sequence[SourceImage], pattern: re.Pattern[str] | None) -> list[SourceImage]:
-    """The images with a tag ``pattern`` selects, each with only those tags (all of
-    them, untagged ones included, without a pattern)."""
-    if pattern is None:
+def select_tags(images: Sequence[SourceImage], selection: TagSelection) -> list[SourceImage]:
+    """The images with a tag ``selection`` selects, each with only those tags (all
+    of them, untagged ones included, when it selects everything)."""
+    if selection.everything:
         return list(images)
-    selected = [SourceImage(i.name, tuple(t for t in i.tags if pattern.search(t)), i.node) for i in images]
+    chosen = set(selection.select(dict.fromkeys(tag for image in images for tag in image.tags)))
+    selected = [SourceImage(i.name, tuple(t for t in i.tags if t in chosen), i.node) for i in images]
     return [i for i in selected if i.tags]
 
 
@@ -201,6 +223,8 @@ class Engine:
         self._clients_lock = threading.Lock()
         #: pruning plan entries of this run, pruned once every image is done
         self._prunes: list[_Prune] = []
+        #: pruning catalog entries: their targets' repositories no longer copied are reported
+        self._gone: list[GoneRepositories] = []
         #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
         self.cancelled = threading.Event()
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
@@ -350,16 +374,21 @@ class Engine:
             assert prune.listed is not None
             for target in prune.targets:
                 try:
-                    result.pruned.extend(prune_target(self.client(target.api_host), target, prune.listed, prune.job.tags))
+                    result.pruned.extend(prune_target(self.client(target.api_host), target, prune.listed, prune.job.selection.may_select))
                 except Exception as exc:
                     error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, str(target))
                     result.images.append(self.failed(prune.job.source, str(target), BatchPushError(f"prune: {error.message}"), time.monotonic()))
+        for gone in self._gone:
+            try:
+                result.pruned.extend(gone.report(self.list_repositories))
+            except BatchPushError as exc:  # a report only: nothing would have been deleted
+                log.warning("%s: the target catalog could not be listed (%s): repositories no longer in the source catalog not reported", gone.job.source, exc)
 
     def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | tuple[Work, cf.Future[ImageResult]]]) -> None:
         # a bounded number of pushes waits in the pool, so a plan of any size is
         # expanded as it runs and memory stays flat
         slots = threading.BoundedSemaphore(self.options.max_concurrent_images * 2)
-        for job in jobs:
+        for job in self.repository_jobs(jobs):
             for work in self.expand(job):
                 if self.cancelled.is_set():
                     return
@@ -398,7 +427,30 @@ class Engine:
                 if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
                     return self.failed(work.source, work.target, InterruptedError_("interrupted while a request was waiting for its answer; no manifest was written"), cancelled_at)
 
+    def repository_jobs(self, jobs: Iterable[PushJob]) -> Iterator[PushJob]:
+        """The jobs as the run expands them: a catalog source as one job per
+        repository (its catalog listed when the job is reached), prefix targets
+        resolved (catalog.py); any other job as it is."""
+        for job in jobs:
+            gone = GoneRepositories(job, set()) if job.prune and is_catalog_source(job.source) else None
+            for each in repository_jobs(job, self.list_repositories):
+                if gone is not None:
+                    gone.record(each)
+                yield each
+            if gone is not None:
+                self._gone.append(gone)
+
+    def list_repositories(self, source: RepositoryPrefix, spec: str) -> list[str]:
+        """The repositories the catalog of ``source``'s registry lists below its
+        prefix (``spec``: the source as written, for messages); see
+        ``catalog.list_repositories``."""
+        return list_repositories(self.client(source.api_host), source, spec)
+
     def expand(self, job: PushJob) -> Iterator[Work]:
+        if job.error is not None:
+            for text in job.targets:
+                yield Work(job.source, text, error=job.error)
+            return
         targets: list[Reference] = []
         for text in job.targets:
             try:
@@ -416,11 +468,12 @@ class Engine:
         prune = _Prune(job, opened.listed, targets) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
         if prune is not None:
             self._prunes.append(prune)
-        if job.tags is not None:
-            images = select_tags(images, job.tags)
+        selection = job.selection
+        if not selection.everything:
+            images = select_tags(images, selection)
             if not images:
                 for target in targets:
-                    yield Work(job.source, str(target), error=SourceError(job.source, f"no tag matches {job.tags.pattern!r}"))
+                    yield Work(job.source, str(target), error=SourceError(job.source, f"no tag is selected ({selection})"))
                 return
         planned: list[tuple[SourceImage, Reference]] = []
         for target in targets:

@@ -17,6 +17,19 @@ YAML (PyYAML's safe loader) or JSON. Every error names the file, the entry and t
 field; unknown keys are errors. Relative source paths are relative to the plan file.
 A source may be a registry (``docker://REGISTRY/REPOSITORY[:TAG|@DIGEST]``:
 mirroring); ``platforms: [linux/amd64, ...]`` then copies that subset of an index.
+
+A migration names many repositories at once (catalog.py):
+
+```yaml
+  - source: docker://old.example/team1/      # the catalog's repositories below team1/
+    targets: [new.example/t1/]               # a prefix: team1/svc2 -> new.example/t1/svc2
+    repositories: "^team1/svc"               # regexes over the source repository path
+    exclude_repositories: "legacy"
+    rename: [{from: "^svc(\\d)$", to: "service-\\1"}]   # the path below the source prefix
+    exclude_tags: "-rc|nightly"              # tag selection (selection.py): tags,
+    semver: ">=1.2, <2"                      # exclude_tags, semver, latest, in that order
+    latest: 5
+```
 """
 
 from __future__ import annotations
@@ -31,10 +44,12 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .catalog import Rename, RepositoryMap, check_targets, is_catalog_source
 from .engine import PushJob, select_tags
 from .errors import BatchPushError, PlanError
-from .reference import parse_target
+from .reference import is_prefix, parse_target
 from .registry.client import RegistryOptions
+from .selection import VersionRange
 from .sources import open_source
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
 from .sources.registry import Platform, parse_registry_source
@@ -131,7 +146,9 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise ValueError(f"not a positive size: {text!r}")
     return size
-_IMAGE_KEYS = {"source", "targets", "tags", "platforms", "signatures", "prune"}
+_IMAGE_KEYS = {"source", "targets", "tags", "platforms", "signatures", "prune", "exclude_tags", "semver", "latest", "repositories", "exclude_repositories", "rename"}
+#: the entry keys that are regular expressions
+_REGEX_KEYS = ("tags", "exclude_tags", "repositories", "exclude_repositories")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,27 +175,41 @@ class Plan:
         transport, _, rest = source.partition(":")
         if not source.startswith(REGISTRY_TRANSPORT) and not os.path.isabs(rest):
             source = f"{transport}:{os.path.join(os.path.dirname(os.path.abspath(self.path)), rest)}"
-        tags = entry.get("tags")
         platforms = tuple(Platform.parse(p) for p in entry.get("platforms") or ())
-        return PushJob(source, tuple(entry["targets"]), re.compile(tags) if tags else None, platforms, signatures=entry.get("signatures", True), prune=entry.get("prune", False))
+        regex = {key: re.compile(entry[key]) if entry.get(key) else None for key in _REGEX_KEYS}
+        repositories = RepositoryMap(regex["repositories"], regex["exclude_repositories"], tuple(Rename.parse(r["from"], r["to"]) for r in entry.get("rename") or ()))
+        semver = VersionRange.parse(entry["semver"]) if entry.get("semver") is not None else None
+        return PushJob(
+            source,
+            tuple(entry["targets"]),
+            regex["tags"],
+            platforms,
+            signatures=entry.get("signatures", True),
+            prune=entry.get("prune", False),
+            exclude_tags=regex["exclude_tags"],
+            semver=semver,
+            latest=entry.get("latest"),
+            repositories=repositories,
+        )
 
 
 def _written_tags(job: PushJob, *, open_sources: bool) -> list[str]:
     """The target tags (``registry/repository:tag``) a job writes, as far as they
     are known without a request: a target's own tag; for a target without one, the
     tag a ``docker://`` source names, and with ``open_sources`` the tags of a
-    layout or archive. A registry repository's tags (listed by a request) and a
-    source that does not open (the run reports it as its images' failure) add none."""
-    targets = [parse_target(t) for t in job.targets]
+    layout or archive. A registry repository's tags (listed by a request), a
+    prefix target's repositories (listed by a request too) and a source that does
+    not open (the run reports it as its images' failure) add none."""
+    targets = [parse_target(t) for t in job.targets if not is_prefix(t)]
     written = [str(t) for t in targets if t.tag]
     untagged = [t for t in targets if not t.tag]
     tags: list[str] = []
     try:
         if untagged and job.source.startswith(REGISTRY_TRANSPORT):
             tag = parse_registry_source(job.source).tag
-            tags = [tag] if tag and (job.tags is None or job.tags.search(tag)) else []
+            tags = job.selection.select([tag]) if tag else []
         elif untagged and open_sources:
-            tags = [tag for image in select_tags(open_source(job.source).images(), job.tags) for tag in image.tags]
+            tags = [tag for image in select_tags(open_source(job.source).images(), job.selection) for tag in image.tags]
         return written + [str(t.with_tag(tag)) for t in untagged for tag in tags]
     except BatchPushError:
         return written
@@ -194,6 +225,52 @@ def _refuse_shared_tags(plan: Plan, jobs: list[PushJob], *, open_sources: bool) 
             if first != i:
                 sources = plan.entries[first]["source"], plan.entries[i]["source"]
                 raise _error(plan.path, f"images[{first}] ({sources[0]}) and images[{i}] ({sources[1]})", f"both write {tag}; one tag must have one source")
+
+
+def _check_selection(path: str, where: str, entry: Mapping[str, Any], *, catalog: bool, prefixed: bool) -> None:
+    """The entry's tag selection, repository filters and rename rules."""
+    for key in _REGEX_KEYS:
+        value = entry.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise _error(path, f"{where}.{key}", "must be a regular expression string")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise _error(path, f"{where}.{key}", f"invalid regular expression: {exc}") from exc
+    for key in ("repositories", "exclude_repositories"):
+        if key in entry and not catalog:
+            raise _error(path, f"{where}.{key}", "needs a catalog source (docker://REGISTRY/ or docker://REGISTRY/PREFIX/)")
+    if entry.get("semver") is not None:
+        if not isinstance(entry["semver"], str):
+            raise _error(path, f"{where}.semver", "must be a version constraint string, e.g. '>=1.2, <2'")
+        try:
+            VersionRange.parse(entry["semver"])
+        except BatchPushError as exc:
+            raise _error(path, f"{where}.semver", exc.message) from exc
+    if "latest" in entry:
+        try:
+            _positive_int(entry["latest"])
+        except ValueError:
+            raise _error(path, f"{where}.latest", "must be a positive integer") from None
+    rules = entry.get("rename")
+    if rules is None:
+        return
+    if not prefixed:
+        raise _error(path, f"{where}.rename", "needs a target ending in / (a prefix, to which the renamed path is appended)")
+    if not isinstance(rules, list) or not all(isinstance(r, dict) and set(r) == {"from", "to"} and all(isinstance(v, str) for v in r.values()) for r in rules):
+        raise _error(path, f"{where}.rename", "must be a list of {from: REGEX, to: REPLACEMENT}")
+    parsed = []
+    for k, rule in enumerate(rules):
+        try:
+            parsed.append(Rename.parse(rule["from"], rule["to"]))
+        except BatchPushError as exc:
+            raise _error(path, f"{where}.rename[{k}]", exc.message) from exc
+    collision = RepositoryMap(rename=tuple(parsed)).fixed_collision()
+    if collision is not None:
+        first, second = collision
+        raise _error(path, f"{where}.rename[{first}] and rename[{second}]", f"both rename to {rules[first]['to']!r}: two repositories would be copied to one target repository")
 
 
 def _error(path: str, where: str, problem: str) -> PlanError:
@@ -263,9 +340,10 @@ def validate_plan(path: str, document: Any) -> Plan:
         source = entry.get("source")
         if not isinstance(source, str) or ":" not in source:
             raise _error(path, f"{where}.source", "must be oci:PATH[:TAG], docker-archive:PATH[:REF] or docker://REGISTRY/REPOSITORY[:TAG|@DIGEST]")
+        catalog = is_catalog_source(source)
         if source.startswith(REGISTRY_TRANSPORT):
             try:
-                parse_registry_source(source)
+                check_targets(source, []) if catalog else parse_registry_source(source)
             except BatchPushError as exc:
                 raise _error(path, f"{where}.source", exc.message) from exc
         for key in ("signatures", "prune"):
@@ -289,22 +367,15 @@ def validate_plan(path: str, document: Any) -> Plan:
             raise _error(path, f"{where}.targets", "must be a non-empty list of REGISTRY/REPOSITORY[:TAG]")
         for j, target in enumerate(targets):
             try:
-                parse_target(target)
+                check_targets(source, [target]) if is_prefix(target) or catalog else parse_target(target)
             except BatchPushError as exc:
                 raise _error(path, f"{where}.targets[{j}]", exc.message) from exc
         if entry.get("prune"):
-            if not source.startswith(REGISTRY_TRANSPORT) or parse_registry_source(source).tag or parse_registry_source(source).digest:
+            if not source.startswith(REGISTRY_TRANSPORT) or (not catalog and (parse_registry_source(source).tag or parse_registry_source(source).digest)):
                 raise _error(path, f"{where}.prune", "needs a docker://REGISTRY/REPOSITORY source without a tag: the whole repository is mirrored")
-            if any(parse_target(t).tag for t in targets):
+            if any(not is_prefix(t) and parse_target(t).tag for t in targets):
                 raise _error(path, f"{where}.prune", "needs targets without a tag")
-        tags = entry.get("tags")
-        if tags is not None:
-            if not isinstance(tags, str):
-                raise _error(path, f"{where}.tags", "must be a regular expression string")
-            try:
-                re.compile(tags)
-            except re.error as exc:
-                raise _error(path, f"{where}.tags", f"invalid regular expression: {exc}") from exc
+        _check_selection(path, where, entry, catalog=catalog, prefixed=any(is_prefix(t) for t in targets))
     spool_dir = document.get("spool_dir")
     if spool_dir is not None and not isinstance(spool_dir, str):
         raise _error(path, "spool_dir", "must be a directory's path")

@@ -3,17 +3,17 @@
 Only after every image of the plan entry arrived, and only from a tag listing of
 the source that succeeded and was not empty (a source that answers "no tags" by
 mistake must not empty the mirror). A target tag goes when the source has no
-such tag (and, with a tag filter, when the filter selects it: tags this entry
-does not mirror are never touched). Its manifest is deleted by digest, which
-deletes every tag naming it: so a digest that a kept tag also names is not
-deleted, and its stale tag stays (the report says so).
+such tag (and, with tag filters, when ``tags``, ``exclude_tags`` and ``semver``
+select it: tags this entry does not mirror are never touched; ``latest`` plays no
+part, a version that left the N highest is still the source's). Its manifest is
+deleted by digest, which deletes every tag naming it: so a digest that a kept tag
+also names is not deleted, and its stale tag stays (the report says so).
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from . import mediatypes as mt
@@ -34,12 +34,13 @@ class Pruned:
     reason: str = ""
 
 
-def prune(client: RegistryClient, target: Reference, source_tags: Collection[str], tags: re.Pattern[str] | None) -> list[Pruned]:
-    """Delete ``target``'s tags that ``source_tags`` lacks; raises RegistryError if
-    the target's tags cannot be listed (nothing is deleted then)."""
+def prune(client: RegistryClient, target: Reference, source_tags: Collection[str], mirrored: Callable[[str], bool] | None = None) -> list[Pruned]:
+    """Delete ``target``'s tags that ``source_tags`` lacks, of those ``mirrored``
+    says the entry copies (all without it); raises RegistryError if the target's
+    tags cannot be listed (nothing is deleted then)."""
     repository = target.repository
     listed = client.with_retries(lambda: client.list_tags(repository), f"tags of {target.name}")
-    stale = [tag for tag in listed if tag not in source_tags and (tags is None or tags.search(tag))]
+    stale = [tag for tag in listed if tag not in source_tags and (mirrored is None or mirrored(tag))]
     if not stale:
         return []
 

@@ -55,6 +55,11 @@ class Reference:
         return text
 
 
+def is_repository_path(text: str) -> bool:
+    """``text`` is a repository path (``team/app``) of at most MAX_NAME_LENGTH characters."""
+    return len(text) <= MAX_NAME_LENGTH and _PATH.fullmatch(text) is not None
+
+
 def split_domain(name: str) -> tuple[str, str]:
     """Docker's rule: the first component is a registry if it has '.', ':' or is localhost."""
     first, sep, rest = name.partition("/")
@@ -91,6 +96,62 @@ def parse_reference(text: str) -> Reference:
     if len(registry) + 1 + len(path) > MAX_NAME_LENGTH:
         raise ReferenceError_(text, f"name longer than {MAX_NAME_LENGTH} characters")
     return Reference(registry, path, tag, digest)
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryPrefix:
+    """``registry/[path/]``: many repositories at once, each named by its path below
+    ``prefix``. As a source (``docker://HOST/team1/``) it selects what the registry's
+    catalog lists below it; as a target (``new.example/t1/``) it receives each
+    source repository under its path appended."""
+
+    registry: str
+    #: ``""`` (the whole registry) or ``"path/"``, ending in ``/``
+    prefix: str
+
+    @property
+    def api_host(self) -> str:
+        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+
+    def below(self, repository: str) -> str | None:
+        """The path of ``repository`` below the prefix; None if it is not below it."""
+        return repository[len(self.prefix) :] if repository.startswith(self.prefix) and len(repository) > len(self.prefix) else None
+
+    def join(self, path: str) -> Reference:
+        """The repository ``path`` below the prefix; ReferenceError_ if that is not a
+        valid repository name."""
+        name = f"{self.prefix}{path}"
+        if not is_repository_path(name) or len(self.registry) + 1 + len(name) > MAX_NAME_LENGTH:
+            raise ReferenceError_(f"{self}{path}", "repository must be lower-case path components of [a-z0-9._-], the whole name at most 255 characters")
+        return Reference(self.registry, name)
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.prefix}"
+
+
+def is_prefix(text: str) -> bool:
+    """A target or source text ending in ``/``: a repository prefix."""
+    return text.endswith("/")
+
+
+def parse_prefix(text: str) -> RepositoryPrefix:
+    """``REGISTRY/[PATH/]`` (``new.example/``, ``new.example/migrated/``). As in a
+    reference, a first component without ``.`` or ``:`` (and not ``localhost``) is
+    a path on Docker Hub. Raises ReferenceError_."""
+    if not is_prefix(text) or text.startswith("/") or text.endswith("//"):
+        raise ReferenceError_(text, "a repository prefix is REGISTRY/[PATH/], ending in /")
+    first, _, rest = text[:-1].partition("/")
+    registry, path = (first, rest) if "." in first or ":" in first or first == "localhost" else (DOCKER_HUB, text[:-1])
+    if not _DOMAIN.fullmatch(registry):
+        raise ReferenceError_(text, f"invalid registry {registry!r}")
+    if path and not is_repository_path(path):
+        raise ReferenceError_(text, "the path must be lower-case path components of [a-z0-9._-]")
+    return RepositoryPrefix(registry, f"{path}/" if path else "")
+
+
+def target_host(text: str) -> str:
+    """The host a target (or a prefix target) is pushed to; raises ReferenceError_."""
+    return parse_prefix(text).api_host if is_prefix(text) else parse_reference(text).api_host
 
 
 def parse_target(text: str) -> Reference:

@@ -58,8 +58,12 @@ from .errors import (
     transport_error,
 )
 from .reads import (
+    CATALOG_PAGE_SIZE,
+    CATALOG_SCOPE,
+    MAX_CATALOG_PAGES,
     MAX_MANIFEST_BYTES,
     MAX_QUOTED_TAGS,
+    MAX_REPOSITORIES,
     MAX_TAG_PAGE_BYTES,
     MAX_TAG_PAGES,
     MAX_TAGS,
@@ -67,11 +71,13 @@ from .reads import (
     BlobReader,
     BlobStream,
     FetchedManifest,
+    PageLimits,
     RateLimit,
     media_type_of,
     next_link,
     next_page,
     rate_limit_of,
+    valid_repository,
     valid_tag,
 )
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
@@ -138,6 +144,10 @@ class RegistryOptions:
     #: a tag list (source or prune) longer than this many pages, or tags, is refused
     max_tag_pages: int = MAX_TAG_PAGES
     max_tags: int = MAX_TAGS
+    #: a catalog (a ``docker://HOST/`` source) longer than this many pages, or
+    #: repositories, is refused
+    max_catalog_pages: int = MAX_CATALOG_PAGES
+    max_repositories: int = MAX_REPOSITORIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -1047,65 +1057,84 @@ class RegistryClient:
 
     def list_tags(self, repository: str, *, page_size: int = TAG_PAGE_SIZE, max_pages: int | None = None, max_tags: int | None = None) -> list[str]:
         """Every tag of ``repository`` (``GET /v2/<name>/tags/list?n=``), in the
-        registry's order, each once.
+        registry's order, each once; paged as ``_list_pages`` says. A name that is
+        not a valid tag is skipped with a warning. The limits default to this host's
+        ``max_tag_pages`` and ``max_tags``."""
+        limits = PageLimits(self.options.max_tag_pages if max_pages is None else max_pages, "max_tag_pages", self.options.max_tags if max_tags is None else max_tags, "max_tags")
+        return self._list_pages(f"/v2/{repository}/tags/list", "tags", f"the tag list of {repository}", scope_for(repository, "pull"), (valid_tag, "tag"), page_size, limits)
+
+    def list_catalog(self, *, page_size: int = CATALOG_PAGE_SIZE, max_pages: int | None = None, max_repositories: int | None = None) -> list[str]:
+        """Every repository the registry lists (``GET /v2/_catalog?n=``), in its
+        order, each once; paged as ``_list_pages`` says. A name that is not a
+        repository path is skipped with a warning. A registry that does not serve
+        the catalog (Docker Hub, GHCR, ECR answer 401, 403 or 404) raises the
+        RegistryError of that answer. The limits default to this host's
+        ``max_catalog_pages`` and ``max_repositories``."""
+        limits = PageLimits(
+            self.options.max_catalog_pages if max_pages is None else max_pages,
+            "max_catalog_pages",
+            self.options.max_repositories if max_repositories is None else max_repositories,
+            "max_repositories",
+        )
+        return self._list_pages("/v2/_catalog", "repositories", "the catalog", CATALOG_SCOPE, (valid_repository, "repository"), page_size, limits)
+
+    def _list_pages(self, path: str, key: str, what: str, scope: str, valid: tuple[Callable[[object], bool], str], page_size: int, limits: PageLimits) -> list[str]:
+        """The names of a paged list (``key`` of each page's JSON), each once.
 
         ``Link: <...>; rel="next"`` is followed to the end, resolved against the page
         that named it. A link to another origin or another path, to a page already
-        read, a list longer than ``max_pages`` pages or ``max_tags`` tags: a
-        permanent RegistryError (nothing is returned). A name that is not a valid
-        tag is skipped with a warning. A page that is not a JSON tag list raises
+        read, a list longer than ``limits`` (pages or names): a permanent
+        RegistryError (nothing is returned). A name ``valid`` (a check, and the
+        noun for the warning) refuses is skipped (it never reaches a URL). A page that is not a JSON list raises
         MalformedResponseError (temporary). One request failing fails the listing:
-        the caller's retry policy runs it again from the first page. The limits
-        default to this host's ``max_tag_pages`` and ``max_tags``."""
-        max_pages = self.options.max_tag_pages if max_pages is None else max_pages
-        max_tags = self.options.max_tags if max_tags is None else max_tags
-        path = f"/v2/{repository}/tags/list"
+        the caller's retry policy runs it again from the first page."""
         url = f"{self.base_url}{path}?n={max(1, page_size)}"
         seen_pages: set[str] = set()
-        tags: dict[str, None] = {}  # ordered, each once
+        names: dict[str, None] = {}  # ordered, each once
         received = skipped = 0
+        check, noun = valid
         while True:
-            if len(seen_pages) >= max_pages:
-                raise RegistryError("GET", url, None, (), f"the tag list of {repository} runs past {max_pages} pages (max_tag_pages): refused", permanent=True)
+            if len(seen_pages) >= limits.pages:
+                raise RegistryError("GET", url, None, (), f"{what} runs past {limits.pages} pages ({limits.pages_setting}): refused", permanent=True)
             seen_pages.add(url)
-            response = self.request("GET", url, scopes=(scope_for(repository, "pull"),), expected={200}, headers={"Accept": "application/json"})
-            page = self._tag_page(response, url, repository)
+            response = self.request("GET", url, scopes=(scope,), expected={200}, headers={"Accept": "application/json"})
+            page = self._list_page(response, url, key, what)
             received += len(page)
-            if received > max_tags:
-                raise RegistryError("GET", url, 200, (), f"the tag list of {repository} holds more than {max_tags} tags (max_tags): refused", permanent=True)
-            for tag in page:
-                if valid_tag(tag):
-                    tags[tag] = None
+            if received > limits.names:
+                raise RegistryError("GET", url, 200, (), f"{what} holds more than {limits.names} {key} ({limits.names_setting}): refused", permanent=True)
+            for name in page:
+                if check(name):
+                    names[name] = None  # type: ignore[index]
                     continue
                 skipped += 1
                 if skipped <= MAX_QUOTED_TAGS:
-                    log.warning("%s: skipping a tag that is not a valid tag name: %.140r", repository, tag)
+                    log.warning("%s: skipping a %s that is not a valid %s name: %.140r", what, noun, noun, name)
             link = next_link(response.headers.get("Link"))
             if link is None:
                 break
             url = next_page(response.url, link, origin=self.base_url, path=path)
             if url in seen_pages:
-                raise RegistryError("GET", url, 200, (), f"the tag list of {repository} links back to a page already read: refused", permanent=True)
+                raise RegistryError("GET", url, 200, (), f"{what} links back to a page already read: refused", permanent=True)
         if skipped > MAX_QUOTED_TAGS:
-            log.warning("%s: %d tags that are not valid tag names skipped in all", repository, skipped)
-        return list(tags)
+            log.warning("%s: %d names that are not valid %s names skipped in all", what, skipped, noun)
+        return list(names)
 
     @staticmethod
-    def _tag_page(response: requests.Response, url: str, repository: str) -> list[object]:
-        """The ``tags`` of one page (``null``: none)."""
+    def _list_page(response: requests.Response, url: str, key: str, what: str) -> list[object]:
+        """The ``key`` list of one page (``null``: none)."""
         body = read_limited(response, MAX_TAG_PAGE_BYTES + 1)
         if len(body) > MAX_TAG_PAGE_BYTES:
-            raise RegistryError("GET", url, 200, (), f"a page of the tag list of {repository} is larger than {MAX_TAG_PAGE_BYTES} bytes: refused", permanent=True)
+            raise RegistryError("GET", url, 200, (), f"a page of {what} is larger than {MAX_TAG_PAGE_BYTES} bytes: refused", permanent=True)
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
-            raise MalformedResponseError("GET", url, 200, (), "the tag list is not JSON") from None
-        tags = document.get("tags") if isinstance(document, dict) else []
-        if tags is None:
+            raise MalformedResponseError("GET", url, 200, (), f"{what} is not JSON") from None
+        names = document.get(key) if isinstance(document, dict) else []
+        if names is None:
             return []
-        if not isinstance(tags, list):
-            raise MalformedResponseError("GET", url, 200, (), "the tag list's tags are not a list")
-        return tags
+        if not isinstance(names, list):
+            raise MalformedResponseError("GET", url, 200, (), f"the {key} of {what} are not a list")
+        return names
 
     def blob_reader(self, blob: RegistryBlob) -> BlobReader:
         """A stream of ``blob`` from this registry (see ``reads.BlobReader``): nothing

@@ -8,7 +8,9 @@ none of it trusting the registry further than it must:
   for and the one the registry states;
 - a tag list follows ``Link: <...>; rel="next"`` only on the same origin and path,
   never to a page already read, for at most MAX_TAG_PAGES pages and MAX_TAGS tags,
-  and a name that is not a valid tag is skipped (it never reaches a URL);
+  and a name that is not a valid tag is skipped (it never reaches a URL); a
+  catalog (``/v2/_catalog``) the same, within MAX_CATALOG_PAGES and
+  MAX_REPOSITORIES, a name that is not a repository path skipped;
 - a blob streams through BlobReader, hashed as it passes: its last piece is held
   back until length and digest are known to match, so an upload it feeds can never
   complete with other bytes. A read that breaks off resumes with ``Range``.
@@ -29,6 +31,7 @@ import requests
 
 from ..digest import CHUNK_BYTES, Digest
 from ..errors import Cancelled, DigestMismatchError
+from ..reference import is_repository_path
 from .auth import scope_for
 from .errors import BODY_ERRORS, MalformedResponseError, RegistryError, parse_decimal, release, transport_error
 from .retry import retry_fields
@@ -56,6 +59,16 @@ MAX_TAG_PAGE_BYTES = 16 << 20
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", re.ASCII)
 #: invalid tags named one by one in the log; the rest are counted
 MAX_QUOTED_TAGS = 10
+#: repositories asked for per page of a catalog (``?n=``); registries may send fewer
+#: (distribution answers at most 1000 whatever is asked)
+CATALOG_PAGE_SIZE = 1000
+#: pages of one catalog followed at most (a ``Link`` that never ends is cut off here)
+MAX_CATALOG_PAGES = 1000
+#: repositories of one catalog read at most
+MAX_REPOSITORIES = 100_000
+#: the token scope of the catalog (distribution's token auth asks for it)
+CATALOG_SCOPE = "registry:catalog:*"
+
 #: one read from a blob's socket. The pieces yielded are CHUNK_BYTES; they are
 #: filled in smaller reads because what a read had collected when the connection
 #: broke is lost with it (http.client's buffered read raises, its partial bytes
@@ -172,6 +185,21 @@ def next_page(page_url: str, link: str, *, origin: str, path: str) -> str:
     if parts.path != path:
         raise RegistryError("GET", page_url, 200, (), f"its Link to the next page leads to another path ({parts.path[:200]!r}, not {path!r}): refused", permanent=True)
     return target.split("#", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class PageLimits:
+    """How far a paged list (tags, catalog) is followed, and the settings that say so."""
+
+    pages: int
+    pages_setting: str
+    names: int
+    names_setting: str
+
+
+def valid_repository(name: object) -> TypeGuard[str]:
+    """A string that is a repository path (distribution's grammar): safe in a URL path."""
+    return isinstance(name, str) and is_repository_path(name)
 
 
 def valid_tag(tag: object) -> TypeGuard[str]:
