@@ -44,7 +44,11 @@ from .state import PushState
 log = logging.getLogger(__name__)
 
 #: pieces a sink may have queued, not yet sent: the producer waits beyond that
-QUEUED_PIECES = 1
+QUEUED_PIECES = 2
+#: the smallest chunk sent but the last: registries that keep chunks as the parts
+#: of an object store's multipart upload refuse smaller ones (S3's is 5 MiB); one
+#: that asks more (OCI-Chunk-Min-Length) gets that
+MIN_CHUNK_BYTES = 5 << 20
 _END = None
 
 
@@ -178,7 +182,7 @@ class UploadSink:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                if pending:
+                if pending and (ended or sum(map(len, pending)) >= max(MIN_CHUNK_BYTES, upload.session.chunk_min_bytes)):
                     self.client.with_retries(lambda: self._send(upload, pending), f"stream of a layer to {self.target}")
         except Cancelled as exc:  # the run stops: nobody will take the session up
             self.failure = exc

@@ -411,6 +411,7 @@ class _Resubmitted:
             outer.cancel()
         # the caller's cancel and ours end here, with the waiters told
         if not outer.set_running_or_notify_cancel():
+            self._inner = None
             return
         if failure is None:
             failure = inner.exception()
@@ -418,3 +419,8 @@ class _Resubmitted:
             outer.set_exception(failure)
         else:
             outer.set_result(inner.result())
+        # the outer future's callback holds this task, which holds the outer future:
+        # a cycle only the garbage collector would free, with the result (a 16 MiB
+        # block) in it; let go of both futures now
+        self._inner = None
+        self.outer = None  # type: ignore[assignment]
