@@ -4,9 +4,9 @@ docker's pusher compresses a layer while it uploads it; batchpush compresses eac
 layer once for every target, in parallel blocks (``blocks.py``). The two meet
 here: when a large layer that nothing in the store or the batch knows is
 compressed, an ``UploadSink`` per target registry of its image opens an upload
-session before the first block and sends the blocks as they come (PATCH chunks of
-whatever has come since the last one), the digest hashed by the compression as the
-bytes pass. Nothing is committed: the layer is not checked yet (its DiffID), and
+session before the first block and sends the blocks as they come, in streamed
+PATCHes (chunked transfer encoding, as docker pushes) of ``--chunk-size`` each, the
+digest hashed by the compression as the bytes pass. Nothing is committed: the layer is not checked yet (its DiffID), and
 its image's other layers may still fail. What was sent becomes a ``Presend``, which
 the layer push to that repository takes up (``LayerPusher``): its commit is one
 bodiless ``PUT ?digest=``, once the image is checked.
@@ -14,11 +14,10 @@ bodiless ``PUT ?digest=``, once the image is checked.
 - A sink takes one of the host's upload slots for its whole stream, or is not
   used (the layer then goes the usual way, after its compression): it never waits
   for one, so a compression never waits on another image's upload.
-- A request that breaks is resumed from the registry's offset with the data the
-  sink still holds (it lets go of a chunk once the registry confirmed it); when its
-  attempts are spent, the sink stops and its session is handed on as it is: the
-  layer push resumes it from the registry's offset, the bytes made again from the
-  source (``blocks.RecompressedStream``).
+- The sink holds nothing once sent. A stream that breaks stops the sink, and its
+  session is handed on as it is: the layer push asks the registry where it is and
+  resumes from that offset, the bytes made again from the source by compressing
+  from the block that holds it (``blocks.RecompressedStream``), not from the start.
 - A sink that sent everything claims the blob's staging in the push state
   (``PushState.stage``) before the layer is released to any push, so every other
   push of the blob to that registry waits for its commit and mounts it. A presend
@@ -28,27 +27,23 @@ bodiless ``PUT ?digest=``, once the image is checked.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
-from collections import deque
+from collections.abc import Iterator
 
 from . import waits
 from .digest import Digest
 from .errors import BatchPushError, Cancelled
 from .reference import Reference
 from .registry.client import BlobUpload, RegistryClient
-from .registry.errors import UploadGoneError
 from .state import PushState
 
 log = logging.getLogger(__name__)
 
 #: pieces a sink may have queued, not yet sent: the producer waits beyond that
 QUEUED_PIECES = 2
-#: the smallest chunk sent but the last: registries that keep chunks as the parts
-#: of an object store's multipart upload refuse smaller ones (S3's is 5 MiB); one
-#: that asks more (OCI-Chunk-Min-Length) gets that
-MIN_CHUNK_BYTES = 5 << 20
 _END = None
 
 
@@ -101,8 +96,6 @@ class UploadSink:
         self._stopped = threading.Event()
         #: bytes the producer handed over
         self.produced = 0
-        #: the stream offset of the first piece the sink still holds (sent, unconfirmed)
-        self._base = 0
 
     def start(self) -> bool:
         """Takes an upload slot of the host if one is free now; False: not used."""
@@ -165,43 +158,36 @@ class UploadSink:
 
     def _run(self) -> None:
         repository = self.target.repository
-        pending: deque[memoryview] = deque()
         try:
             session = self.client.with_retries(lambda: self.client.start_upload(repository), f"upload to {self.target}")
             self.upload = upload = BlobUpload(session)
-            ended = False
-            while not ended:
-                item = self._next()
-                while True:
-                    if item is _END:
-                        ended = True
-                        break
-                    assert item is not None
-                    pending.append(memoryview(item))
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                if pending and (ended or sum(map(len, pending)) >= max(MIN_CHUNK_BYTES, upload.session.chunk_min_bytes)):
-                    self.client.with_retries(lambda: self._send(upload, pending), f"stream of a layer to {self.target}")
+            pieces = self._pieces()
+            # PATCHes of --chunk-size (64 MiB by default): a break costs one of them
+            limit = self.client.options.chunk_size_bytes
+            while (first := next(pieces, None)) is not None:
+                self.client.send_stream(repository, upload, itertools.chain((first,), pieces), limit)
         except Cancelled as exc:  # the run stops: nobody will take the session up
             self.failure = exc
             if self.upload is not None:
                 self.client.cancel_upload(repository, self.upload.session)
                 self.upload = None
         except (BatchPushError, OSError) as exc:
+            # the bytes sent are the registry's; those not sent are gone with the
+            # stream: the layer push resumes from the registry's offset (blocks.py)
             self.failure = exc
-            if isinstance(exc, UploadGoneError) and self.upload is not None:
-                self.client.cancel_upload(repository, self.upload.session)
-                self.upload = None
             log.debug("%s: a layer's stream stopped: %s", self.target, exc)
         except BaseException as exc:  # never lost: the layer goes the usual way
             self.failure = exc
             log.debug("%s: a layer's stream stopped", self.target, exc_info=True)
         finally:
             self._stopped.set()
-            pending.clear()
             self.client.give_upload_slot()
+
+    def _pieces(self) -> Iterator[memoryview]:
+        """The stream's pieces as the producer hands them over, until its end."""
+        while (item := self._next()) is not _END:
+            assert item is not None
+            yield memoryview(item)
 
     def _next(self) -> bytes | None:
         """The next piece; the end once the sink is stopped (aborted)."""
@@ -213,29 +199,6 @@ class UploadSink:
                     return _END
                 if self.client.cancel.is_set():
                     raise Cancelled() from None
-
-    def _send(self, upload: BlobUpload, pending: deque[memoryview]) -> None:
-        """One attempt at sending what is pending (from stream offset ``_base``): after
-        a broken request, from where the registry is."""
-        if upload.interrupted:
-            self.client.upload_status(self.target.repository, upload)
-            if upload.offset < self._base:
-                raise UploadGoneError("GET", upload.session.location, None, (), f"the registry holds {upload.offset} bytes, fewer than it confirmed before ({self._base})")
-        skip = upload.offset - self._base
-        while skip and pending:
-            head = pending[0]
-            if len(head) <= skip:
-                skip -= len(head)
-                self._base += len(head)
-                pending.popleft()
-            else:
-                pending[0] = head[skip:]
-                self._base += skip
-                skip = 0
-        if pending:
-            self.client.send_chunk(self.target.repository, upload, list(pending))
-            pending.clear()
-            self._base = upload.offset
 
 
 __all__ = ["Presend", "UploadSink"]

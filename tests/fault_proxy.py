@@ -42,6 +42,14 @@ from dataclasses import dataclass, field
 
 from batchpush.registry.client import SMALL_BODY_BYTES
 
+#: ``_read_body``'s length for a chunked body read to its end
+CHUNKED = -(1 << 62)
+
+
+def _upto(length: int, limit: int) -> int:
+    """The length to read of a body of ``length`` (or CHUNKED) to stop after ``limit`` data bytes."""
+    return -limit if length == CHUNKED else min(length, limit)
+
 
 @dataclass
 class Rule:
@@ -193,17 +201,48 @@ class FaultProxy:
         sock.close()
 
     def _read_body(self, reader, length: int, sink=None) -> int:  # type: ignore[no-untyped-def]
-        large = length >= LARGE_BODY_BYTES
+        """The request body's bytes (``length``; a chunked body: ``CHUNKED``, or
+        ``-n`` for its first n data bytes), handed to ``sink`` as they come (a
+        chunked body with its framing, as it came). Returns the data bytes read."""
+        large = length >= LARGE_BODY_BYTES or length < 0
         if large:
             with self.lock:
                 self.large_bodies_in_flight += 1
                 self.peak_large_bodies = max(self.peak_large_bodies, self.large_bodies_in_flight)
         try:
+            if length < 0:
+                return self._read_chunked(reader, -length, sink)
             return self._read_body_bytes(reader, length, sink)
         finally:
             if large:
                 with self.lock:
                     self.large_bodies_in_flight -= 1
+
+    def _read_chunked(self, reader, limit: int, sink=None) -> int:  # type: ignore[no-untyped-def]
+        """A chunked body, framing and all, until its last chunk or ``limit`` data bytes."""
+        got = 0
+        while got < limit:
+            size_line = reader.readline(1024)
+            if not size_line:
+                break
+            if sink is not None:
+                sink(size_line)
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while (line := reader.readline(1024)) not in (b"\r\n", b"\n", b""):  # trailers, then the blank line
+                    if sink is not None:
+                        sink(line)
+                if sink is not None:
+                    sink(b"\r\n")
+                break
+            take = min(size, limit - got)
+            got += self._read_body_bytes(reader, take, sink)
+            if take < size:
+                break
+            crlf = reader.readline(1024)
+            if sink is not None:
+                sink(crlf)
+        return got
 
     def _read_body_bytes(self, reader, length: int, sink=None) -> int:  # type: ignore[no-untyped-def]
         got = 0
@@ -244,6 +283,8 @@ class FaultProxy:
                 method, target, _ = request_line.split(" ", 2)
                 headers = [h.split(":", 1) for h in header_lines if ":" in h]
                 length = int(next((v for k, v in headers if k.strip().lower() == "content-length"), "0"))
+                if any(k.strip().lower() == "transfer-encoding" and "chunked" in v.lower() for k, v in headers):
+                    length = CHUNKED
                 rule = self._pick(method, target)
                 request_headers = {k.strip().lower(): v.strip() for k, v in headers}
                 if rule is None or rule.action in FORWARDING:
@@ -269,14 +310,14 @@ class FaultProxy:
                     self._stream(client, method, target, rule, request_headers)
                     return
                 if rule.action == "reset_buffered":
-                    got = self._read_body(reader, min(length, rule.after_body_bytes))
+                    got = self._read_body(reader, _upto(length, rule.after_body_bytes))
                     self._record(method, target, "reset_buffered", got)
                     self._reset(client)
                     return
                 if rule.action == "reset":
                     upstream = socket.create_connection((self.upstream_host, self.upstream_port))
                     upstream.sendall(head)
-                    got = self._read_body(reader, min(length, rule.after_body_bytes), upstream.sendall)
+                    got = self._read_body(reader, _upto(length, rule.after_body_bytes), upstream.sendall)
                     self._record(method, target, "reset", got)
                     time.sleep(0.1)
                     self._reset(upstream)

@@ -235,13 +235,30 @@ class _StreamBody:
             raise
 
 
-def _cut(pieces: list[memoryview]) -> Iterator[memoryview]:
+def _cut_each(pieces: Iterator[memoryview]) -> Iterator[memoryview]:
     """``pieces`` in views of CHUNK_BYTES at most: a cancel is seen, and a slow link
     moves, a piece at a time (a block of 16 MiB handed whole to the socket would
     hold both for as long as it takes to drain)."""
     for piece in pieces:
         for start in range(0, len(piece), CHUNK_BYTES):
             yield piece[start : start + CHUNK_BYTES]
+
+
+class _UnsizedBody:
+    """A request body of unknown length (sent chunked), counted as it goes, stopped
+    by a cancelled run."""
+
+    def __init__(self, pieces: Iterator[memoryview], on_bytes: Callable[[int], None], cancel: threading.Event) -> None:
+        self.pieces = pieces
+        self.on_bytes = on_bytes
+        self.cancel = cancel
+
+    def __iter__(self) -> Iterator[memoryview]:
+        for piece in self.pieces:
+            if self.cancel.is_set():
+                raise Cancelled()
+            yield piece
+            self.on_bytes(len(piece))
 
 
 class _Cutter:
@@ -807,35 +824,54 @@ class RegistryClient:
     def give_upload_slot(self) -> None:
         self._upload_slots.give_back()
 
-    def send_chunk(self, repository: str, upload: BlobUpload, pieces: list[memoryview], on_progress: Callable[[int], None] | None = None) -> None:
-        """One ``PATCH`` of ``pieces`` at ``upload.offset`` (``Content-Range``): the next
-        part of a blob whose bytes are made as they are sent (a layer compressed while
-        it is uploaded), nothing committed. ``upload`` moves on: its offset, its
-        session's newest location. A request that breaks leaves it ``interrupted``:
-        ``upload_status`` says where the registry is; a 416 raises UploadRangeError
-        (temporary) after marking it so. A Range past what was sent raises
-        UploadGoneError."""
-        length = sum(len(piece) for piece in pieces)
+    def send_stream(self, repository: str, upload: BlobUpload, pieces: Iterator[memoryview], limit: int) -> None:
+        """One streamed ``PATCH`` (no Content-Range, chunked transfer encoding: docker's
+        own way) of the next ``pieces``, sent as they come, until ``limit`` bytes or
+        more went (at a piece's end; the iterator is left where it is) or it ends;
+        appended at the registry's ``upload.offset``, nothing committed. A blob whose
+        bytes are made as they are sent (a layer compressed while it is uploaded)
+        goes in PATCHes of about ``limit`` bytes, whatever its size: a break loses
+        one of them at most, and a registry whose session survives it (behind a
+        buffering proxy) holds the others. ``upload`` moves on (its offset, as the
+        registry's Range says, and its session's newest location). A request that
+        breaks leaves it ``interrupted``: its bytes are gone with the stream, and
+        ``upload_status`` says where the registry is. A 401 that would need the body
+        sent again raises UploadGoneError (temporary)."""
         start = upload.offset
-        headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{start}-{start + length - 1}"}
+        sent = 0
+        used = False
+
+        def limited() -> Iterator[memoryview]:
+            taken = 0
+            for piece in pieces:
+                yield piece
+                taken += len(piece)
+                if taken >= limit:
+                    return
 
         def counted(n: int) -> None:
+            nonlocal sent
+            sent += n
             self._count_bytes(n)
-            if on_progress is not None:
-                on_progress(n)
+
+        def body() -> _UnsizedBody:
+            nonlocal used
+            if used:
+                raise _StreamSpent()
+            used = True
+            return _UnsizedBody(_cut_each(limited()), counted, self.cancel)
 
         upload.interrupted = True  # until the answer says otherwise
         try:
-            response = self.request("PATCH", upload.session.location, scopes=(scope_for(repository, "pull,push"),), expected={202}, headers=headers, body=lambda: _StreamBody(_cut(pieces), length, counted, self.cancel))
-        except RegistryError as exc:
-            if exc.status == 416:
-                raise UploadRangeError(exc.method, exc.url, exc.status, exc.codes, "the registry refused the chunk's range") from exc
-            raise
+            response = self.request("PATCH", upload.session.location, scopes=(scope_for(repository, "pull,push"),), expected={202}, headers={"Content-Type": "application/octet-stream"}, body=body)
+        except _StreamSpent:
+            raise UploadGoneError("PATCH", upload.session.location, 401, (), "a stream cannot be sent again after a fresh token") from None
         release(response)
         upload.session = UploadSession(self._session_from(response).location, upload.session.chunk_min_bytes)
-        if response.headers.get("Range") and _range_end(response.headers.get("Range")) > start + length:
-            raise UploadGoneError("PATCH", upload.session.location, 202, (), f"the registry reports more bytes received than the {start + length} sent")
-        upload.offset = start + length
+        received = _range_end(response.headers.get("Range")) if response.headers.get("Range") else start + sent
+        if received != start + sent:
+            raise UploadGoneError("PATCH", upload.session.location, 202, (), f"the registry reports {received} bytes received, {start + sent} were sent")
+        upload.offset = received
         upload.interrupted = False
 
     def _commit(self, repository: str, upload: BlobUpload, digest: Digest, size: int, body: Callable[[], Any] | None) -> None:

@@ -47,14 +47,17 @@ def _origin_proxies(scheme: str, netloc: str) -> dict[str, str]:
 def send(session: requests.Session, method: str, url: str, headers: dict[str, str], body: Any, *, timeout: tuple[float, float], verify: bool | str | None) -> requests.Response:
     """One request, streamed, never redirected. ``url`` is already quoted (built
     with ``quote`` or taken from the registry's Location); ``body`` is None, bytes,
-    or a sized iterable of bytes (sent with its Content-Length, not chunked)."""
+    a sized iterable of bytes (sent with its Content-Length), or an iterable without
+    a size (sent chunked: a stream whose length is known only at its end)."""
     request = requests.PreparedRequest()
     request.method = method
     request.url = url
     request.headers = CaseInsensitiveDict({**session.headers, **headers})  # type: ignore[arg-type]
     request.body = body
     request.hooks = {"response": []}
-    if body is not None:
+    if body is not None and not hasattr(body, "__len__"):
+        request.headers["Transfer-Encoding"] = "chunked"
+    elif body is not None:
         request.headers["Content-Length"] = str(len(body))
     elif method not in ("GET", "HEAD"):
         request.headers["Content-Length"] = "0"
