@@ -18,13 +18,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from . import waits
-from .compress import BLOCK_BYTES, GZIP_HEADER, blocks_of, combine_crc, deflate_block_bytes, gzip_trailer
+from .compress import BLOCK_BYTES, GZIP_HEADER, DeflatedBlock, blocks_of, combine_crc, deflate_block, deflate_block_bytes, gzip_trailer
 from .digest import Digest
 from .errors import Cancelled, DigestMismatchError
 from .sources.base import FileRange
@@ -59,10 +60,32 @@ class BlockWindow:
         self._free.release()
 
 
-def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, first: int = 0) -> Generator[tuple[bytes, int, int], None, None]:
+def _read_block(future: cf.Future[Any]) -> tuple[bytes, int]:
+    """A worker's block: its file's bytes (the file then goes) and its input's CRC32."""
+    made: DeflatedBlock = future.result()
+    try:
+        with open(made.path, "rb") as f:
+            return f.read(), made.crc32
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(made.path)
+
+
+def _drop_block(future: cf.Future[Any]) -> None:
+    """Done callback of a block nobody will read: its file goes."""
+    if not future.cancelled() and future.exception() is None:
+        with contextlib.suppress(OSError):
+            os.unlink(future.result().path)
+
+
+def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, first: int = 0, directory: str | None = None) -> Generator[tuple[bytes, int, int], None, None]:
     """Each block of ``blob`` from block ``first`` on, deflated: ``(output, input
-    CRC32, input size)``, in order. ``submit`` runs ``deflate_block_bytes`` in a
-    worker; None: here, one after another. Blocks left unconsumed are cancelled."""
+    CRC32, input size)``, in order. ``submit`` runs ``deflate_block`` in a worker,
+    which writes the block into a file in ``directory`` (a tmpfs where there is
+    one) and answers its name: a worker killed while it answered a 16 MiB message
+    would leave the pool's reader waiting for the rest of it for ever (CPython's
+    ProcessPoolExecutor sees a dead worker only between messages). None: here,
+    one after another. Blocks left unconsumed are cancelled, their files removed."""
     blocks = blocks_of(blob)[first:]
     if submit is None:
         for block, last in blocks:
@@ -84,7 +107,7 @@ def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, 
                     break
                 block, last = step
                 try:
-                    pending.append((submit(deflate_block_bytes, block, last), block.size))
+                    pending.append((submit(deflate_block, block, last, directory), block.size))
                 except BaseException:
                     window.give()
                     raise
@@ -92,13 +115,18 @@ def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, 
                 continue
             future, size = pending.popleft()
             try:
-                data, crc = waits.result(future, cancel)
+                waits.wait_done((future,), cancel)
+                data, crc = _read_block(future)
+            except BaseException:
+                future.add_done_callback(_drop_block)
+                raise
             finally:
                 window.give()
             yield data, crc, size
     finally:
         for future, _ in pending:
             future.cancel()
+            future.add_done_callback(_drop_block)
             window.give()
 
 
@@ -115,8 +143,10 @@ class RecompressedStream:
 
     resumable = True
 
-    def __init__(self, source: FileRange, digest: Digest, size: int, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, blocks: tuple[tuple[int, int], ...] = (), on_compressed: Callable[[int], None] | None = None) -> None:
+    def __init__(self, source: FileRange, digest: Digest, size: int, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, blocks: tuple[tuple[int, int], ...] = (), on_compressed: Callable[[int], None] | None = None, directory: str | None = None) -> None:
         self.source = source
+        #: where the workers put the blocks they compress
+        self.directory = directory
         self.digest = digest
         self._size = size
         #: each block's (compressed size, input CRC32), as far as known
@@ -153,7 +183,7 @@ class RecompressedStream:
         crc = 0  # the input's CRC32 so far: the skipped blocks' as learned, then each one's
         for index, (_, block_crc) in enumerate(self.blocks[:first]):
             crc = combine_crc(crc, block_crc, min(BLOCK_BYTES, self.source.size - index * BLOCK_BYTES), index == 0)
-        blocks = ordered_blocks(self.source, self._submit, self._window, self._cancel, first=first)
+        blocks = ordered_blocks(self.source, self._submit, self._window, self._cancel, first=first, directory=self.directory)
         with contextlib.closing(blocks):  # a read left mid-way cancels the blocks under way
             yield from self._made(blocks, first, start, offset, crc, hasher)
 

@@ -20,6 +20,8 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -41,6 +43,8 @@ from .spool import Spool
 Sink = Any
 Sinks = Callable[[SourceLayer], list[Sink]]
 
+#: a tmpfs for the blocks the workers hand over
+SHM_DIR = "/dev/shm"  # noqa: S108 - a private directory is made in it (mkdtemp, mode 0700)
 #: blobs smaller than this are handled in the calling thread, not shipped to a worker
 POOL_MIN_BYTES = 1 << 20
 #: the fingerprint "recipe" of a blob pushed as it is (its digest is its sha256)
@@ -147,6 +151,9 @@ class Preparer:
         self.spool_dir = spool_dir
         #: whole compressed layers kept for a second reading, within the limit
         self.spool = Spool(spool_dir, spool_limit)
+        #: where the workers put each block they compress, for a moment: a tmpfs
+        #: (/dev/shm) where this user can write one, else the spool
+        self.block_dir = tempfile.mkdtemp(prefix="batchpush-blocks-", dir=SHM_DIR if os.access(SHM_DIR, os.W_OK) else spool_dir)
         #: blocks compressed ahead of their consumers, across every compression
         self.window = BlockWindow((os.cpu_count() or 1) + 1)
         self.store = store
@@ -236,6 +243,7 @@ class Preparer:
         self._finishers.shutdown(wait=wait, cancel_futures=True)
         self._assemblers.shutdown(wait=wait, cancel_futures=True)
         self._hashers.shutdown(wait=wait, cancel_futures=True)
+        shutil.rmtree(self.block_dir, ignore_errors=True)
 
     def _compress_pass(self, blob: FileRange, layer: SourceLayer | None, sinks: Sinks | None) -> CompressedBlob:
         """The recipe, streamed: the blocks go to the workers a few ahead
@@ -267,7 +275,7 @@ class Preparer:
 
         try:
             emit(GZIP_HEADER)
-            with contextlib.closing(ordered_blocks(blob, submit, self.window, self.cancel)) as made:
+            with contextlib.closing(ordered_blocks(blob, submit, self.window, self.cancel, directory=self.block_dir)) as made:
                 for index, (data, block_crc, block_input) in enumerate(made):
                     crc = combine_crc(crc, block_crc, block_input, index == 0)
                     blocks.append((len(data), block_crc))
@@ -523,13 +531,13 @@ class Preparer:
             running = self._work.get(("gzip", _key(layer.source)))
         if running is None and self.spool.limit - self.spool.used < layer.size:
             # no room to keep it: compressed as it is sent, the digest checked at the end
-            return RecompressedStream(blob, layer.digest, layer.size, submit, self.window, self.cancel, on_compressed=self._compressed_again)
+            return RecompressedStream(blob, layer.digest, layer.size, submit, self.window, self.cancel, on_compressed=self._compressed_again, directory=self.block_dir)
         result = waits.result(self._compress(layer.source), self.cancel)
         if result.digest != layer.digest or result.diff_id != layer.diff_id:
             raise DigestMismatchError(blob.path, f"layer recompressed with {RECIPE}", str(layer.digest), str(result.digest))
         if result.blob is not None:
             return result.blob
-        return RecompressedStream(blob, result.digest, result.size, submit, self.window, self.cancel, blocks=result.blocks, on_compressed=self._compressed_again)
+        return RecompressedStream(blob, result.digest, result.size, submit, self.window, self.cancel, blocks=result.blocks, on_compressed=self._compressed_again, directory=self.block_dir)
 
     def _compressed_again(self, size: int) -> None:
         with self._lock:
