@@ -28,6 +28,7 @@ every request, its body bytes and the status it was answered with.
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import re
 import socket
@@ -35,6 +36,7 @@ import socketserver
 import ssl
 import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -108,6 +110,16 @@ def _drop_headers(head: bytes, names: tuple[str, ...], added: dict[str, str] | N
     kept = [line for line in lines if line.split(":", 1)[0].strip().lower() not in dropped or ":" not in line]
     kept[1:1] = [f"{k}: {v}" for k, v in (added or {}).items()]
     return "\r\n".join(kept).encode("latin-1")
+
+
+#: the longest a reset waits for the bytes before it to be acknowledged
+FLUSH_S = 30.0
+
+
+def _unacknowledged_bytes(sock: socket.socket) -> int:
+    """Bytes written to ``sock`` that its peer has not acknowledged yet (Linux's
+    SIOCOUTQ, which is TIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 #: a request body this large is an upload that takes one of the host's
@@ -191,6 +203,17 @@ class FaultProxy:
     def _reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
+
+    def _flush_then_reset(self, sock: socket.socket) -> None:
+        """Reset ``sock`` once the peer has acknowledged every byte written to it, so
+        exactly what was sent is what the peer can read before the reset (a reset
+        throws away what its own send queue still holds). The peer's kernel holds
+        acknowledged bytes for its reader; Linux lets them be read before the reset
+        is reported. Bounded: a peer that stops reading is reset after FLUSH_S."""
+        deadline = time.monotonic() + FLUSH_S
+        while _unacknowledged_bytes(sock) > 0 and time.monotonic() < deadline and not self._stopping.is_set():
+            time.sleep(0.005)
+        self._reset(sock)
 
     def _read_body(self, reader, length: int, sink=None) -> int:  # type: ignore[no-untyped-def]
         large = length >= LARGE_BODY_BYTES
@@ -278,8 +301,7 @@ class FaultProxy:
                     upstream.sendall(head)
                     got = self._read_body(reader, min(length, rule.after_body_bytes), upstream.sendall)
                     self._record(method, target, "reset", got)
-                    time.sleep(0.1)
-                    self._reset(upstream)
+                    self._flush_then_reset(upstream)
                     self._reset(client)
                     return
         except (OSError, ValueError):
@@ -365,8 +387,7 @@ class FaultProxy:
             if close_delimited:
                 return False
             if cut:
-                time.sleep(0.2)  # the bytes sent reach the client before the reset does
-                self._reset(client)
+                self._flush_then_reset(client)  # the bytes sent reach the client before the reset does
                 return False
         return True
 
