@@ -86,8 +86,23 @@ def test_reset_mid_patch_that_reached_the_registry_starts_a_new_session(registry
     proxy.add(Rule("PATCH", "/blobs/uploads/", "reset", after_body_bytes=CHUNK // 2, skip=3))
     result = push(f"oci:{tmp_path}/layout", f"{proxy.host}/faults/stream", proxy, metadata_dir, chunked=True)
     assert result.ok, result.images[0].error
-    assert len(proxy.requests("POST", "/v2/faults/stream/blobs/uploads/")) >= 2
+    uploads = "/v2/faults/stream/blobs/uploads/"
+    seen = proxy.requests(path=uploads)
+    broken = [i for i, s in enumerate(seen) if s.action == "reset"]
+    assert len(broken) == 1, "the fault fired once"
+    old = session_of(seen[broken[0]].target)
+    layer = next(layer for layer in result.images[0].layers if layer.size > CHUNK)
+    commits = [s for s in seen if s.method == "PUT" and "digest=" in s.target and layer.digest.hex in s.target]
+    assert len(commits) == 1 and commits[0].status == 201
+    assert session_of(commits[0].target) != old, "the layer was committed in a new session"
+    assert [s.method for s in seen[broken[0] + 1 :] if session_of(s.target) == old] in ([], ["GET"]), "the broken session was left alone (asked where it was, at most)"
+    assert len(proxy.requests("POST", uploads)) == 3  # the layer's, the config's and the new session
     assert pull_and_verify(registry, "faults/stream:1.0", str(tmp_path / "pulled"))[0].diff_ids == diff_ids
+
+
+def session_of(target: str) -> str:
+    """The upload session's id in an upload URL ("" for the POST that opens one)."""
+    return target.split("/blobs/uploads/", 1)[1].split("?", 1)[0]
 
 
 def test_reset_mid_monolithic_put_is_resent_from_the_spool(registry, proxy, tmp_path, metadata_dir):
