@@ -22,7 +22,10 @@ another loopback address (``bind``: another host for the client).
 A ``status`` answer can be written exactly as the rule says (``raw_headers``: no
 Content-Length or Content-Type of ours, so a test can omit or garble them) and be
 followed by closing the connection (``close``: a body shorter than its
-Content-Length then ends early). Request bodies can be throttled. Counters record
+Content-Length then ends early). A forwarding rule counts its requests in flight
+(``peak_in_flight``) and can hold its first answer until several are
+(``hold_until_in_flight``): concurrency, or its absence, seen at the proxy. Request
+bodies can be throttled. Counters record
 every request, its body bytes and the status it was answered with.
 """
 
@@ -75,6 +78,16 @@ class Rule:
     #: ``stream``: the filler bytes answered, and whether a Content-Length states them
     stream_bytes: int = 0
     stream_length: bool = True
+    #: the first answer this rule forwards is held (not sent) until this many of its
+    #: requests are in flight at once, or ``hold_s`` passes: concurrency made observable
+    hold_until_in_flight: int = 0
+    hold_s: float = 30.0
+    #: requests this rule forwards that are in flight now (from their arrival until
+    #: their answer's last byte is about to be sent; the client cannot have read that
+    #: answer whole before), and the most there were at once
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    held: bool = False
     times: int = 1  # -1: every match
     skip: int = 0
     seen: int = 0
@@ -144,6 +157,8 @@ class FaultProxy:
         #: TCP connections accepted
         self.connections = 0
         self.lock = threading.Lock()
+        #: notified when a rule's in_flight grows (a held answer waits on it)
+        self._in_flight_grew = threading.Condition(self.lock)
         self._tls: ssl.SSLContext | None = None
         if tls is not None:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -337,6 +352,39 @@ class FaultProxy:
                 continue
 
     def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, rule: Rule | None, request_headers: dict[str, str]) -> bool:  # type: ignore[no-untyped-def]
+        if rule is None:
+            return self._forward_answer(client, reader, head, method, target, length, rule=rule, request_headers=request_headers)
+        with self.lock:
+            rule.in_flight += 1
+            rule.peak_in_flight = max(rule.peak_in_flight, rule.in_flight)
+            hold = rule.hold_until_in_flight > 0 and not rule.held
+            rule.held = rule.held or hold
+            self._in_flight_grew.notify_all()
+        left = threading.Event()
+
+        def leave() -> None:
+            with self.lock:
+                if not left.is_set():
+                    left.set()
+                    rule.in_flight -= 1
+
+        try:
+            return self._forward_answer(client, reader, head, method, target, length, rule=rule, request_headers=request_headers, hold=hold, leave=leave)
+        finally:
+            leave()
+
+    def _hold_answer(self, rule: Rule) -> None:
+        """Wait until ``rule.hold_until_in_flight`` of its requests are in flight, at
+        most ``rule.hold_s``."""
+        deadline = time.monotonic() + rule.hold_s
+        with self._in_flight_grew:
+            while rule.peak_in_flight < rule.hold_until_in_flight and not self._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._in_flight_grew.wait(min(left, 0.5))
+
+    def _forward_answer(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, rule: Rule | None, request_headers: dict[str, str], hold: bool = False, leave: Callable[[], None] = lambda: None) -> bool:  # type: ignore[no-untyped-def]
         reset_after = rule is not None and rule.action == "reset_after_response"
         replaced = {k.lower(): (k, v.replace("{n}", str(rule.fired))) for k, v in rule.headers.items()} if rule is not None and rule.action == "headers" else {}
         if rule is not None and (rule.drop_request_headers or rule.add_request_headers):
@@ -380,7 +428,12 @@ class FaultProxy:
             sent = b"" if method == "HEAD" else body[: rule.response_bytes] if cut and rule is not None else body
             with self.lock:
                 seen.response_bytes = len(sent)
-            client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent)
+            if hold and rule is not None:
+                self._hold_answer(rule)
+            answer = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent
+            client.sendall(answer[:-1])
+            leave()  # before the last byte: the client cannot have the answer whole yet
+            client.sendall(answer[-1:])
             if rule is not None and rule.action == "stall":
                 self._hold(client, rule.stall_s)
                 return False

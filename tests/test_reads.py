@@ -621,21 +621,27 @@ def test_a_cancelled_run_stops_a_streaming_upload(registry, target, tmp_path, ma
     assert destination.head_blob("mirror/dst", seeded.layer_digest) is None
 
 
-def test_reads_run_in_parallel_on_one_client(registry, tmp_path, make_client):
+def test_reads_run_in_parallel_on_one_client(registry, proxy, tmp_path, make_client):
+    """Three threads read a blob through one client at once: the proxy holds the
+    first answer until all three requests are in flight, which only reads that run
+    side by side can bring about (one after another, the first is let go after
+    hold_s and the peak stays 1)."""
     seeded = seed(registry, str(tmp_path / "layout"))
-    client = make_client(registry.host)
+    reads = proxy.add(Rule("GET", "/blobs/sha256:", "forward", times=-1, hold_until_in_flight=3))
+    client = make_client(proxy.host)
     results: list[bytes] = []
 
     def read() -> None:
-        results.append(hashlib.sha256(read_all(client.blob_reader(remote_blob(registry.host, seeded)))[0]).digest())
+        results.append(hashlib.sha256(read_all(client.blob_reader(remote_blob(proxy.host, seeded)))[0]).digest())
 
     threads = [threading.Thread(target=read) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(100)
     assert results == [bytes.fromhex(seeded.layer_digest.hex)] * 3
     assert client.bytes_read == 3 * seeded.layer.size
+    assert reads.peak_in_flight == 3 and reads.fired == 3
 
 
 def test_a_401_to_a_streamed_chunk_ends_the_attempt_and_the_next_starts_over(registry, target, target_proxy, tmp_path, clients):
