@@ -63,8 +63,8 @@ def write_plan(tmp_path, proxy: FaultProxy, images: list[dict]) -> str:
 def test_layouts_whose_tags_collide_are_refused_before_any_request(tmp_path, proxy, batchpush):
     # two layouts both hold v0: which one the tag gets is known only once they are
     # opened, and is refused then, before the first request to any registry
-    a = simple_layout(str(tmp_path / "layouts" / "a"), {"v0": [1, 2], "v1": [1, 3]})
-    b = simple_layout(str(tmp_path / "layouts" / "b"), {"v2": [1, 4], "v0": [1, 5]})
+    simple_layout(str(tmp_path / "layouts" / "a"), {"v0": [1, 2], "v1": [1, 3]})
+    simple_layout(str(tmp_path / "layouts" / "b"), {"v2": [1, 4], "v0": [1, 5]})
     target = f"{proxy.host}/team0/svc2"
     path = write_plan(tmp_path, proxy, [
         {"source": "oci:layouts/a", "targets": [target]},
