@@ -10,7 +10,8 @@ and reset the connection after N bytes of the answer's body (``reset_response``:
 read that breaks mid-body), or forward it with one byte of the answer's body
 flipped (``corrupt_body``), or forward it and send the answer's head and its first N
 body bytes, then nothing, the connection held open (``stall``: until the client
-closes it or ``stall_s`` passes). Any forwarding rule may drop request headers on the
+closes it or ``stall_s`` passes), or take the request and answer nothing at all, the
+connection held open (``hang``: a registry that accepts and never answers). Any forwarding rule may drop request headers on the
 way (``drop_request_headers``: e.g. ``Range``, as a server that ignores it), add some
 (``add_request_headers``: e.g. a storage host's own credentials), rewrite the answer's
 body (``body_filter``) and send it without a Content-Length, ended by closing the
@@ -52,7 +53,7 @@ from batchpush.registry.client import SMALL_BODY_BYTES
 class Rule:
     method: str | None
     path: str  # a regular expression searched in the request target
-    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream"
+    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream" | "hang"
     status: int = 503
     #: headers added to a ``status`` answer, or set on the registry's (``headers``)
     headers: dict[str, str] = field(default_factory=dict)
@@ -73,7 +74,7 @@ class Rule:
     body_filter: Callable[[bytes], bytes] | None = None
     #: the answer goes without Content-Length; closing the connection ends it
     close_delimited: bool = False
-    #: ``stall``: the longest the connection is held silent
+    #: ``stall``, ``hang``: the longest the connection is held silent
     stall_s: float = 90.0
     #: ``stream``: the filler bytes answered, and whether a Content-Length states them
     stream_bytes: int = 0
@@ -305,6 +306,11 @@ class FaultProxy:
                 if rule.action == "stream":
                     self._read_body(reader, length)
                     self._stream(client, method, target, rule, request_headers)
+                    return
+                if rule.action == "hang":
+                    got = self._read_body(reader, length)
+                    self._record(method, target, "hang", got, request_headers)
+                    self._hold(client, rule.stall_s)
                     return
                 if rule.action == "reset_buffered":
                     got = self._read_body(reader, min(length, rule.after_body_bytes))
