@@ -11,8 +11,9 @@ read that breaks mid-body), or forward it with one byte of the answer's body
 flipped (``corrupt_body``), or forward it and send the answer's head and its first N
 body bytes, then nothing, the connection held open (``stall``: until the client
 closes it or ``stall_s`` passes), or take the request and answer nothing at all, the
-connection held open (``hang``: a registry that accepts and never answers). Any forwarding rule may drop request headers on the
-way (``drop_request_headers``: e.g. ``Range``, as a server that ignores it), add some
+connection held open (``hang``: a registry that accepts and never answers). Any
+forwarding rule may drop request headers on the way (``drop_request_headers``: e.g.
+``Range``, as a server that ignores it), add some
 (``add_request_headers``: e.g. a storage host's own credentials), rewrite the answer's
 body (``body_filter``) and send it without a Content-Length, ended by closing the
 connection (``close_delimited``); ``forward`` does only that. ``stream`` answers
@@ -25,9 +26,10 @@ Content-Length or Content-Type of ours, so a test can omit or garble them) and b
 followed by closing the connection (``close``: a body shorter than its
 Content-Length then ends early). A forwarding rule counts its requests in flight
 (``peak_in_flight``) and can hold its first answer until several are
-(``hold_until_in_flight``): concurrency, or its absence, seen at the proxy. Request
-bodies can be throttled. Counters record
-every request, its body bytes and the status it was answered with.
+(``hold_until_in_flight``): concurrency, or its absence, seen at the proxy. A reset
+comes once the peer has acknowledged the bytes sent before it. Request bodies can be
+throttled. Counters record every request, its body bytes and the status it was
+answered with.
 """
 
 from __future__ import annotations
@@ -262,6 +264,8 @@ class FaultProxy:
     def _serve(self, client: socket.socket) -> None:
         with self.lock:
             self.connections += 1
+        # an answer's last byte may go on its own (see _forward_answer): not held back by Nagle
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls is not None:
             try:
                 client = self._tls.wrap_socket(client, server_side=True)
@@ -366,12 +370,13 @@ class FaultProxy:
             hold = rule.hold_until_in_flight > 0 and not rule.held
             rule.held = rule.held or hold
             self._in_flight_grew.notify_all()
-        left = threading.Event()
+        left = False
 
         def leave() -> None:
+            nonlocal left
             with self.lock:
-                if not left.is_set():
-                    left.set()
+                if not left:
+                    left = True
                     rule.in_flight -= 1
 
         try:
@@ -437,9 +442,12 @@ class FaultProxy:
             if hold and rule is not None:
                 self._hold_answer(rule)
             answer = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent
-            client.sendall(answer[:-1])
-            leave()  # before the last byte: the client cannot have the answer whole yet
-            client.sendall(answer[-1:])
+            if rule is None:
+                client.sendall(answer)
+            else:  # the request leaves the rule's in-flight count before the last byte goes
+                client.sendall(answer[:-1])
+                leave()  # the client cannot have the answer whole yet
+                client.sendall(answer[-1:])
             if rule is not None and rule.action == "stall":
                 self._hold(client, rule.stall_s)
                 return False
