@@ -10,8 +10,10 @@ and reset the connection after N bytes of the answer's body (``reset_response``:
 read that breaks mid-body), or forward it with one byte of the answer's body
 flipped (``corrupt_body``), or forward it and send the answer's head and its first N
 body bytes, then nothing, the connection held open (``stall``: until the client
-closes it or ``stall_s`` passes). Any forwarding rule may drop request headers on the
-way (``drop_request_headers``: e.g. ``Range``, as a server that ignores it), add some
+closes it or ``stall_s`` passes), or take the request and answer nothing at all, the
+connection held open (``hang``: a registry that accepts and never answers). Any
+forwarding rule may drop request headers on the way (``drop_request_headers``: e.g.
+``Range``, as a server that ignores it), add some
 (``add_request_headers``: e.g. a storage host's own credentials), rewrite the answer's
 body (``body_filter``) and send it without a Content-Length, ended by closing the
 connection (``close_delimited``); ``forward`` does only that. ``stream`` answers
@@ -22,12 +24,17 @@ another loopback address (``bind``: another host for the client).
 A ``status`` answer can be written exactly as the rule says (``raw_headers``: no
 Content-Length or Content-Type of ours, so a test can omit or garble them) and be
 followed by closing the connection (``close``: a body shorter than its
-Content-Length then ends early). Request bodies can be throttled. Counters record
-every request, its body bytes and the status it was answered with.
+Content-Length then ends early). A forwarding rule counts its requests in flight
+(``peak_in_flight``) and can hold its first answer until several are
+(``hold_until_in_flight``): concurrency, or its absence, seen at the proxy. A reset
+comes once the peer has acknowledged the bytes sent before it. Request bodies can be
+throttled. Counters record every request, its body bytes and the status it was
+answered with.
 """
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import re
 import socket
@@ -35,6 +42,7 @@ import socketserver
 import ssl
 import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -55,7 +63,7 @@ def _upto(length: int, limit: int) -> int:
 class Rule:
     method: str | None
     path: str  # a regular expression searched in the request target
-    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream"
+    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream" | "hang"
     status: int = 503
     #: headers added to a ``status`` answer, or set on the registry's (``headers``)
     headers: dict[str, str] = field(default_factory=dict)
@@ -76,11 +84,21 @@ class Rule:
     body_filter: Callable[[bytes], bytes] | None = None
     #: the answer goes without Content-Length; closing the connection ends it
     close_delimited: bool = False
-    #: ``stall``: the longest the connection is held silent
+    #: ``stall``, ``hang``: the longest the connection is held silent
     stall_s: float = 90.0
     #: ``stream``: the filler bytes answered, and whether a Content-Length states them
     stream_bytes: int = 0
     stream_length: bool = True
+    #: the first answer this rule forwards is held (not sent) until this many of its
+    #: requests are in flight at once, or ``hold_s`` passes: concurrency made observable
+    hold_until_in_flight: int = 0
+    hold_s: float = 30.0
+    #: requests this rule forwards that are in flight now (from their arrival until
+    #: their answer's last byte is about to be sent; the client cannot have read that
+    #: answer whole before), and the most there were at once
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    held: bool = False
     times: int = 1  # -1: every match
     skip: int = 0
     seen: int = 0
@@ -118,6 +136,16 @@ def _drop_headers(head: bytes, names: tuple[str, ...], added: dict[str, str] | N
     return "\r\n".join(kept).encode("latin-1")
 
 
+#: the longest a reset waits for the bytes before it to be acknowledged
+FLUSH_S = 30.0
+
+
+def _unacknowledged_bytes(sock: socket.socket) -> int:
+    """Bytes written to ``sock`` that its peer has not acknowledged yet (Linux's
+    SIOCOUTQ, which is TIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
 #: a request body this large is an upload that takes one of the host's
 #: max_concurrent_uploads slots
 LARGE_BODY_BYTES = SMALL_BODY_BYTES
@@ -140,6 +168,8 @@ class FaultProxy:
         #: TCP connections accepted
         self.connections = 0
         self.lock = threading.Lock()
+        #: notified when a rule's in_flight grows (a held answer waits on it)
+        self._in_flight_grew = threading.Condition(self.lock)
         self._tls: ssl.SSLContext | None = None
         if tls is not None:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -199,6 +229,17 @@ class FaultProxy:
     def _reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
+
+    def _flush_then_reset(self, sock: socket.socket) -> None:
+        """Reset ``sock`` once the peer has acknowledged every byte written to it, so
+        exactly what was sent is what the peer can read before the reset (a reset
+        throws away what its own send queue still holds). The peer's kernel holds
+        acknowledged bytes for its reader; Linux lets them be read before the reset
+        is reported. Bounded: a peer that stops reading is reset after FLUSH_S."""
+        deadline = time.monotonic() + FLUSH_S
+        while _unacknowledged_bytes(sock) > 0 and time.monotonic() < deadline and not self._stopping.is_set():
+            time.sleep(0.005)
+        self._reset(sock)
 
     def _read_body(self, reader, length: int, sink=None) -> int:  # type: ignore[no-untyped-def]
         """The request body's bytes (``length``; a chunked body: ``CHUNKED``, or
@@ -262,6 +303,8 @@ class FaultProxy:
     def _serve(self, client: socket.socket) -> None:
         with self.lock:
             self.connections += 1
+        # an answer's last byte may go on its own (see _forward_answer): not held back by Nagle
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls is not None:
             try:
                 client = self._tls.wrap_socket(client, server_side=True)
@@ -309,6 +352,11 @@ class FaultProxy:
                     self._read_body(reader, length)
                     self._stream(client, method, target, rule, request_headers)
                     return
+                if rule.action == "hang":
+                    got = self._read_body(reader, length)
+                    self._record(method, target, "hang", got, request_headers)
+                    self._hold(client, rule.stall_s)
+                    return
                 if rule.action == "reset_buffered":
                     got = self._read_body(reader, _upto(length, rule.after_body_bytes))
                     self._record(method, target, "reset_buffered", got)
@@ -319,8 +367,7 @@ class FaultProxy:
                     upstream.sendall(head)
                     got = self._read_body(reader, _upto(length, rule.after_body_bytes), upstream.sendall)
                     self._record(method, target, "reset", got)
-                    time.sleep(0.1)
-                    self._reset(upstream)
+                    self._flush_then_reset(upstream)
                     self._reset(client)
                     return
         except (OSError, ValueError):
@@ -356,6 +403,40 @@ class FaultProxy:
                 continue
 
     def _forward(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, rule: Rule | None, request_headers: dict[str, str]) -> bool:  # type: ignore[no-untyped-def]
+        if rule is None:
+            return self._forward_answer(client, reader, head, method, target, length, rule=rule, request_headers=request_headers)
+        with self.lock:
+            rule.in_flight += 1
+            rule.peak_in_flight = max(rule.peak_in_flight, rule.in_flight)
+            hold = rule.hold_until_in_flight > 0 and not rule.held
+            rule.held = rule.held or hold
+            self._in_flight_grew.notify_all()
+        left = False
+
+        def leave() -> None:
+            nonlocal left
+            with self.lock:
+                if not left:
+                    left = True
+                    rule.in_flight -= 1
+
+        try:
+            return self._forward_answer(client, reader, head, method, target, length, rule=rule, request_headers=request_headers, hold=hold, leave=leave)
+        finally:
+            leave()
+
+    def _hold_answer(self, rule: Rule) -> None:
+        """Wait until ``rule.hold_until_in_flight`` of its requests are in flight, at
+        most ``rule.hold_s``."""
+        deadline = time.monotonic() + rule.hold_s
+        with self._in_flight_grew:
+            while rule.peak_in_flight < rule.hold_until_in_flight and not self._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._in_flight_grew.wait(min(left, 0.5))
+
+    def _forward_answer(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, *, rule: Rule | None, request_headers: dict[str, str], hold: bool = False, leave: Callable[[], None] = lambda: None) -> bool:  # type: ignore[no-untyped-def]
         reset_after = rule is not None and rule.action == "reset_after_response"
         replaced = {k.lower(): (k, v.replace("{n}", str(rule.fired))) for k, v in rule.headers.items()} if rule is not None and rule.action == "headers" else {}
         if rule is not None and (rule.drop_request_headers or rule.add_request_headers):
@@ -399,15 +480,22 @@ class FaultProxy:
             sent = b"" if method == "HEAD" else body[: rule.response_bytes] if cut and rule is not None else body
             with self.lock:
                 seen.response_bytes = len(sent)
-            client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent)
+            if hold and rule is not None:
+                self._hold_answer(rule)
+            answer = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent
+            if rule is None:
+                client.sendall(answer)
+            else:  # the request leaves the rule's in-flight count before the last byte goes
+                client.sendall(answer[:-1])
+                leave()  # the client cannot have the answer whole yet
+                client.sendall(answer[-1:])
             if rule is not None and rule.action == "stall":
                 self._hold(client, rule.stall_s)
                 return False
             if close_delimited:
                 return False
             if cut:
-                time.sleep(0.2)  # the bytes sent reach the client before the reset does
-                self._reset(client)
+                self._flush_then_reset(client)  # the bytes sent reach the client before the reset does
                 return False
         return True
 

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +46,20 @@ class Registry:
     def count(self, method: str, path_part: str = "") -> int:
         return sum(1 for line in self.access_log() if f'"{method} ' in line and path_part in line)
 
-    def restart(self, *, wipe: bool = False) -> None:
-        """Stop and start again on the same port; ``wipe`` loses its storage first."""
+    def restart(self, *, wipe: bool = False, while_down: Callable[[], None] | None = None) -> None:
+        """Stop and start again on the same port; ``wipe`` loses its storage first;
+        ``while_down`` is called while it is stopped (and it starts again however
+        that call ends)."""
         self.stop()
         if wipe:
             wipe_storage(self)
+        try:
+            if while_down is not None:
+                while_down()
+        finally:
+            self._start()
+
+    def _start(self) -> None:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.process.args, stdout=log, stderr=subprocess.STDOUT)  # type: ignore[arg-type]
         _wait_ready(self)

@@ -191,7 +191,17 @@ sys.exit(code)
 """
 
 
-def run_measured(args: list[str], tmp_path, *, timeout_s: float) -> tuple[int, str, int]:
+#: the longest a test's subprocess may run: below the per-test timeout (pyproject.toml's
+#: 120 s), so that a hang ends as the test's own TimeoutExpired with the child killed,
+#: not as pytest-timeout's thread dump with the child left running
+SUBPROCESS_LIMIT_S = 100.0  # (in all, when a test runs several)
+
+
+def test_subprocess_limits_are_below_the_per_test_timeout(pytestconfig):
+    assert float(pytestconfig.getini("timeout")) > SUBPROCESS_LIMIT_S
+
+
+def run_measured(args: list[str], tmp_path, *, timeout_s: float = SUBPROCESS_LIMIT_S) -> tuple[int, str, int]:
     """``batchpush ARGS`` in a process of its own: exit code, stderr, its peak RSS in bytes."""
     peak = tmp_path / "peak_kib"
     done = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(peak), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout_s)
@@ -206,7 +216,7 @@ def test_thousand_small_images_with_flat_memory(registry, tmp_path):
         writer.tag(descriptor, f"t{i}")
     plan = write_plan(tmp_path, {"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [{"source": f"oci:{tmp_path}/many", "targets": [f"{registry.host}/many/app"]}]})
     report = tmp_path / "report.json"
-    returncode, err, peak_rss_bytes = run_measured(["run", plan, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--max-concurrent-images", "16"], tmp_path, timeout_s=900)
+    returncode, err, peak_rss_bytes = run_measured(["run", plan, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--max-concurrent-images", "16"], tmp_path)
     assert returncode == 0, err[-3000:]
     document = json.loads(report.read_text())
     assert len(document["images"]) == 1000
@@ -226,7 +236,7 @@ def test_live_display_on_a_terminal(registry, tmp_path):
     assert script, "script(1) (util-linux) is missing"
     simple_layout(str(tmp_path / "layout"), {"1": [61, 62]}, file_size=200_000)
     command = shlex.join([sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path}/layout", f"{registry.host}/tty/app", "--insecure", registry.host, "--metadata-dir", str(tmp_path / "md")])
-    done = subprocess.run([script, "-qec", command, str(tmp_path / "typescript")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([script, "-qec", command, str(tmp_path / "typescript")], capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
     assert done.returncode == 0, done.stdout[-2000:]
     screen = (tmp_path / "typescript").read_text(errors="replace")
     assert "images" in screen and "done" in screen  # the live header

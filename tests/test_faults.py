@@ -7,11 +7,12 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from conftest import pull_and_verify
-from fault_proxy import FaultProxy, Rule, signal_mid_upload
+from fault_proxy import FaultProxy, Rule, Seen, signal_mid_upload
 from images import LayoutWriter, random_layer
 
 import batchpush
@@ -86,8 +87,23 @@ def test_reset_mid_patch_that_reached_the_registry_starts_a_new_session(registry
     proxy.add(Rule("PATCH", "/blobs/uploads/", "reset", after_body_bytes=CHUNK // 2, skip=3))
     result = push(f"oci:{tmp_path}/layout", f"{proxy.host}/faults/stream", proxy, metadata_dir, chunked=True)
     assert result.ok, result.images[0].error
-    assert len(proxy.requests("POST", "/v2/faults/stream/blobs/uploads/")) >= 2
+    uploads = "/v2/faults/stream/blobs/uploads/"
+    seen = proxy.requests(path=uploads)
+    broken = [i for i, s in enumerate(seen) if s.action == "reset"]
+    assert len(broken) == 1, "the fault fired once"
+    old = session_of(seen[broken[0]].target)
+    layer = next(layer for layer in result.images[0].layers if layer.size > CHUNK)
+    commits = [s for s in seen if s.method == "PUT" and "digest=" in s.target and layer.digest.hex in s.target]
+    assert len(commits) == 1 and commits[0].status == 201
+    assert session_of(commits[0].target) != old, "the layer was committed in a new session"
+    assert [s.method for s in seen[broken[0] + 1 :] if session_of(s.target) == old] in ([], ["GET"]), "the broken session was left alone (asked where it was, at most)"
+    assert len(proxy.requests("POST", uploads)) == 3  # the layer's, the config's and the new session
     assert pull_and_verify(registry, "faults/stream:1.0", str(tmp_path / "pulled"))[0].diff_ids == diff_ids
+
+
+def session_of(target: str) -> str:
+    """The upload session's id in an upload URL ("" for the POST that opens one)."""
+    return target.split("/blobs/uploads/", 1)[1].split("?", 1)[0]
 
 
 def test_reset_mid_monolithic_put_is_resent_from_the_spool(registry, proxy, tmp_path, metadata_dir):
@@ -176,28 +192,44 @@ def test_never_retried_statuses(registry, proxy, tmp_path, metadata_dir):
 
 
 def test_registry_restarted_mid_batch(registry, proxy, tmp_path, metadata_dir):
+    """The registry goes down mid-batch and stays down until a request of the batch
+    has found it down (the proxy could not connect), then comes back: every image
+    is pushed whole."""
     for i in range(4):
         big_layout(str(tmp_path / f"layout{i}"), seeds=(10 + i,), size=400_000)
     proxy.throttle_bytes_per_s = 1_000_000
     jobs = [batchpush.PushJob(f"oci:{tmp_path}/layout{i}", (f"{proxy.host}/restart/app{i}",)) for i in range(4)]
     options = PushOptions(registries={proxy.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, max_concurrent_images=1)
-    with batchpush.Engine(options) as engine:
-        import threading
+    at_restart: list[int] = []
+    refused: list[Seen] = []
+    done = threading.Event()
 
-        at_restart: list[int] = []
+    def until(condition, timeout_s: float = 60) -> bool:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout_s
+        while not condition() and not done.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return bool(condition())
 
-        def restart() -> None:
-            while proxy.live_body_bytes < 600_000:
-                time.sleep(0.02)
+    def while_down() -> None:
+        until(lambda: proxy.requests(path="/v2/restart/") and proxy.requests(path="/v2/restart/")[-1].action == "upstream down")
+        refused.extend(seen for seen in proxy.requests(path="/v2/restart/") if seen.action == "upstream down")
+
+    def restart() -> None:
+        if until(lambda: proxy.live_body_bytes >= 600_000):
             at_restart.append(proxy.live_body_bytes)
-            registry.restart()
+            registry.restart(while_down=while_down)
 
-        thread = threading.Thread(target=restart)
-        thread.start()
-        result = engine.run(jobs)
-        thread.join()
+    thread = threading.Thread(target=restart)
+    thread.start()
+    try:
+        with batchpush.Engine(options) as engine:
+            result = engine.run(jobs)
+    finally:
+        done.set()
+        thread.join(60)
     assert result.ok, [i.error for i in result.images]
     assert at_restart and at_restart[0] < 4 * 400_000  # the registry went down mid-batch
+    assert refused, "a request of the batch found the registry down"
     for i in range(4):
         pull_and_verify(registry, f"restart/app{i}:1.0", str(tmp_path / f"pulled{i}"))
 

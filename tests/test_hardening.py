@@ -525,49 +525,44 @@ def test_a_compression_worker_killed_mid_batch(registry, tmp_path, metadata_dir)
 
 
 @pytest.mark.parametrize("signals", [1, 2], ids=["one-sigint", "second-sigint"])
-def test_sigint_while_a_request_waits_for_an_answer_that_never_comes(tmp_path, signals):
+def test_sigint_while_a_request_waits_for_an_answer_that_never_comes(registry, tmp_path, signals):
     """Review of defect 11: a request waiting for its answer (a registry that
     accepts and never answers: up to the 300 s read timeout) held SIGINT's exit,
     and a ping held a lock the other threads queued on. Now the run reports the
-    image interrupted after a short grace and exits 130 without joining it."""
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-
-    def swallow() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            held.append(connection)  # read nothing, answer nothing
-
-    threading.Thread(target=swallow, daemon=True).start()
-    host = f"127.0.0.1:{listener.getsockname()[1]}"
+    image interrupted after a short grace and exits 130 without joining it; a
+    second SIGINT ends it at once. The registry is the real one behind our proxy,
+    which lets the ping through and takes every request after it without answering."""
+    proxy = FaultProxy(registry.host)
+    proxy.add(Rule(None, r"^/v2/.", "hang", times=-1))
     simple_layout(str(tmp_path / "layout"), {"1": [1], "2": [2], "3": [3]})
     report = tmp_path / "report.json"
-    command = [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path / 'layout'}", f"{host}/hole/app", "--insecure", host, "--metadata-dir", str(tmp_path / "md"), "--report", str(report)]
+    command = [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path / 'layout'}", f"{proxy.host}/hole/app", "--insecure", proxy.host, "--metadata-dir", str(tmp_path / "md"), "--report", str(report)]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + BOUND_S
-        while not held:  # the first request is waiting for its answer
+        while not [seen for seen in proxy.requests() if seen.action == "hang"]:  # a request is waiting for its answer
             assert run.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         run.send_signal(signal.SIGINT)
-        if signals == 2:  # while the first one's cancellation waits for the stuck upload
-            time.sleep(0.5)
-            run.send_signal(signal.SIGINT)
+        if signals == 2:
+            # a second SIGINT that arrives before the first one's handler ran is merged
+            # with it (one pending signal, one handler call): send one every 0.2 s until
+            # the process ends, so that a second handler call surely comes, whatever
+            # the load; the message below says which path ended it
+            while run.poll() is None:
+                assert time.monotonic() < deadline, "a second SIGINT did not end the run"
+                try:
+                    run.wait(0.2)
+                except subprocess.TimeoutExpired:
+                    run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=BOUND_S)  # far below the read timeout
     finally:
         if run.poll() is None:
             run.kill()
-        listener.close()
-        for connection in held:
-            connection.close()
+        proxy.stop()
     assert run.returncode == 130, err
+    assert [seen for seen in proxy.requests() if seen.target == "/v2/" and seen.status == 200], "the ping reached the registry"
+    assert all(seen.action == "hang" for seen in proxy.requests() if seen.target != "/v2/")
     if signals == 2:
         assert "stopped at once by a second signal" in err
         return

@@ -3,6 +3,7 @@ that image is pushed, the rest of the batch goes on. No input crashes."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -16,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from images import docker25_archive, layer_tar, simple_layout
 
+from batchpush.digest import Digest
 from batchpush.errors import BatchPushError
 from batchpush.metadata import MetadataStore
-from batchpush.prepare import Preparer
+from batchpush.prepare import PreparedIndex, PreparedLayer, PreparedNode, Preparer
 from batchpush.sources import open_source
 
 
@@ -53,20 +55,44 @@ def test_hostile_sources_in_a_batch_leave_the_good_ones(tmp_path, registry, batc
     pull_and_verify(registry, "good/app:1", str(tmp_path / "pulled"))
 
 
-def _reads_or_refuses(spec: str, tmp_path) -> None:
-    """Read and prepare every image of ``spec``: a BatchPushError (a clear refusal)
-    is fine, any other exception is a crash and fails the test."""
+def _reads_or_refuses(spec: str, path: str, tmp_path) -> None:
+    """Read and prepare every image of ``spec``: a refusal must be a BatchPushError
+    naming ``path`` (the file or layout); what is accepted must be well-formed (each
+    blob hashes to its digest and size, each layer decompresses to its DiffID, the
+    config's DiffIDs are the layers'). Any other exception is a crash."""
     spool = tmp_path / "spool"
     spool.mkdir(exist_ok=True)
     store = MetadataStore(str(spool / "md"))
     try:
         preparer = Preparer(str(spool), store)
         for image in open_source(spec).images():
-            preparer.prepare(image.node)
-    except BatchPushError:
-        pass
+            _assert_well_formed(preparer, preparer.prepare(image.node))
+    except BatchPushError as exc:
+        assert path in str(exc), f"the refusal does not name {path}: {exc}"
     finally:
         store.close()
+
+
+def _blob_bytes(preparer: Preparer, layer: PreparedLayer) -> bytes:
+    """The bytes that would be sent (a layer prepared from its fingerprint is
+    compressed now), checked against the layer's digest and size."""
+    with preparer.materialize(layer).open() as f:
+        data = f.read()
+    assert len(data) == layer.size and str(Digest.sha256_of(data)) == str(layer.digest), layer
+    return data
+
+
+def _assert_well_formed(preparer: Preparer, node: PreparedNode) -> None:
+    if isinstance(node, PreparedIndex):
+        for child in node.children:
+            _assert_well_formed(preparer, child)
+        return
+    config = json.loads(_blob_bytes(preparer, node.config))
+    for layer in node.layers:
+        data = _blob_bytes(preparer, layer)
+        uncompressed = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        assert str(Digest.sha256_of(uncompressed)) == str(layer.diff_id), layer
+    assert config["rootfs"]["diff_ids"] == [str(layer.diff_id) for layer in node.layers]
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +112,35 @@ def test_mutated_archives_never_crash(archive_bytes, tmp_path, flips, cut):
         data = data[: cut % len(data)]
     path = tmp_path / "mutated.tar"
     path.write_bytes(bytes(data))
-    _reads_or_refuses(f"docker-archive:{path}", tmp_path)
+    _reads_or_refuses(f"docker-archive:{path}", str(path), tmp_path)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=80), lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["manifests", "mediaType", "digest", "size", "annotations", "org.opencontainers.image.ref.name", "urls", "layers", "config"]), inner, max_size=5), max_leaves=20)
+_DROP = object()
+#: edits of the layout's own index entry: a key dropped or given another value (often
+#: a near miss of a real one), so that some mutated indexes are still valid
+_EDITS = st.lists(st.tuples(st.sampled_from(["mediaType", "digest", "size", "annotations", "platform", "urls", "artifactType"]), st.just(_DROP) | _JSON | st.sampled_from(["application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json", {"org.opencontainers.image.ref.name": "2"}, {"architecture": "arm64", "os": "linux"}, []])), max_size=3)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=80), lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["manifests", "mediaType", "digest", "size", "annotations", "org.opencontainers.image.ref.name", "urls", "layers", "config"]), inner, max_size=5), max_leaves=20))
-def test_mutated_layout_indexes_never_crash(tmp_path, document):
+@given(st.one_of(_JSON.map(lambda document: ("document", document)), _EDITS.map(lambda edits: ("edits", edits))))
+def test_mutated_layout_indexes_never_crash(tmp_path, mutation):
     layout = tmp_path / "layout"
     if not layout.exists():
         simple_layout(str(layout), {"1": [5]})
+        (tmp_path / "index.json").write_bytes((layout / "index.json").read_bytes())
+    kind, value = mutation
+    if kind == "edits":
+        document = json.loads((tmp_path / "index.json").read_text())
+        for key, new in value:
+            if new is _DROP:
+                document["manifests"][0].pop(key, None)
+            else:
+                document["manifests"][0][key] = new
+    else:
+        document = value
     (layout / "index.json").write_text(json.dumps(document))
-    _reads_or_refuses(f"oci:{layout}", tmp_path)
+    _reads_or_refuses(f"oci:{layout}", str(layout), tmp_path)
 
 
 def test_tar_of_unsupported_member_types_is_refused(tmp_path):

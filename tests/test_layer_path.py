@@ -145,7 +145,7 @@ def test_a_rerun_reads_no_layer_and_a_changed_file_is_caught_when_uploaded(regis
     (a cron re-run costs the same whatever the layers' size); the bytes are read and
     checked only if they must be uploaded, and a file that no longer matches its
     digest is then refused, naming it, with no manifest written."""
-    diff_ids = three_tier_layout(str(tmp_path / "layout"))
+    three_tier_layout(str(tmp_path / "layout"))
     source = f"oci:{tmp_path}/layout"
     push_in_new_process(source, f"{registry.host}/a/x", registry.host, metadata_dir, str(tmp_path / "r1.json"))
 
@@ -169,4 +169,3 @@ def test_a_rerun_reads_no_layer_and_a_changed_file_is_caught_when_uploaded(regis
     assert done.returncode == 1
     assert largest.name in done.stderr
     assert not [line for line in registry.access_log()[before:] if '"PUT ' in line and "/manifests/" in line]
-    assert len(diff_ids) == 3

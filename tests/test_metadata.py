@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import multiprocessing
-import os
 import stat
 
 from batchpush.digest import Digest
 from batchpush.metadata import MAX_ENTRIES_PER_DIFF_ID, Fingerprint, MetadataStore
-from batchpush.policy import V2Metadata
+from batchpush.policy import V2Metadata, entry_hmac, hmac_key
+from batchpush.registry.auth import Credentials
 
 DIFF = Digest("sha256", "d" * 64)
 
@@ -42,12 +43,26 @@ def test_cap_drops_the_oldest(tmp_path):
     assert entries[-1].source_repository == f"reg/r{MAX_ENTRIES_PER_DIFF_ID + 6}"
 
 
-def test_file_mode_and_no_secrets(tmp_path):
-    store = MetadataStore(str(tmp_path / "md"))
-    store.add(DIFF, V2Metadata(digest(1), "reg/a", "ab" * 32))
+def test_the_store_is_private_and_holds_no_credential(tmp_path):
+    """The store's files are 0600 (its WAL's too, while it is open), and what a push
+    with credentials records in it (the seed's HMAC of the blob and repository, keyed
+    by the credentials) is none of the password, the auth string or that key."""
+    password = "s3cret-Pa55word-xyz"
+    auth = base64.b64encode(f"pusher:{password}".encode()).decode()
+    key = hmac_key(Credentials("pusher", password, auth))
+    entry = V2Metadata(digest(1), "reg/a", entry_hmac(key, digest(1), "reg/a"), "gzip-isal-l1")
+    directory = tmp_path / "md"
+    store = MetadataStore(str(directory))
+    store.add(DIFF, entry)
+    assert store.get_metadata(DIFF) == [entry] and entry.hmac
+    files = sorted(directory.iterdir())
+    assert {stat.S_IMODE(path.stat().st_mode) for path in files} == {0o600}, [(path.name, oct(path.stat().st_mode)) for path in files]
+    stored = b"".join(path.read_bytes() for path in files)
     store.close()
-    mode = stat.S_IMODE(os.stat(store.path).st_mode)
-    assert mode == 0o600
+    stored += b"".join(path.read_bytes() for path in directory.iterdir())
+    assert entry.hmac.encode() in stored  # what is searched is where the entry went
+    for secret in (password.encode(), auth.encode(), key):
+        assert secret not in stored, "a credential, or the key made from it, is in the store"
 
 
 def test_fingerprints(tmp_path):

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 import yaml
 from conftest import pull_and_verify, remote_digest, skopeo
+from fault_proxy import Rule
 from images import LayoutWriter, layer_tar, random_layer
 from referrers_api import ReferrersApi
 from registry import Registry, start_registry
@@ -449,10 +450,12 @@ def test_a_spent_pull_budget_stops_asking_the_source(source, registry, tmp_path,
         proxy.stop()
 
 
-def test_a_source_hosts_max_concurrent_uploads_bounds_its_reads(source, registry, tmp_path, metadata_dir):
+def test_a_source_hosts_max_concurrent_uploads_bounds_its_reads(source, front, registry, tmp_path, metadata_dir):
     """Per-host settings apply to a host whether it is read or written: a source with
     max_concurrent_uploads 1 serves one blob read at a time, however many the
-    target takes at once."""
+    target takes at once. Counted at the proxy in front of the source: its first blob
+    answer is held until a second read is in flight (or 2 s pass), so reads that
+    overlap are seen, and the most in flight at once must be 1."""
     from batchpush.engine import Engine, PushJob, PushOptions
     from batchpush.registry.client import RegistryOptions
 
@@ -462,11 +465,12 @@ def test_a_source_hosts_max_concurrent_uploads_bounds_its_reads(source, registry
         writer.tag(descriptor, f"t{i}")
     for i in range(4):
         fill(source, str(tmp_path / "many"), f"t{i}", "team/many")
-    registries = {source.host: RegistryOptions(insecure=True, max_concurrent_uploads=1), registry.host: RegistryOptions(insecure=True, max_concurrent_uploads=4)}
+    reads = front.add(Rule("GET", "/blobs/sha256:", "forward", times=-1, hold_until_in_flight=2, hold_s=2))
+    registries = {front.host: RegistryOptions(insecure=True, max_concurrent_uploads=1), registry.host: RegistryOptions(insecure=True, max_concurrent_uploads=4)}
     with Engine(PushOptions(registries=registries, metadata_dir=metadata_dir)) as engine:
-        result = engine.run([PushJob(f"docker://{source.host}/team/many", (f"{registry.host}/bounded/many",))])
+        result = engine.run([PushJob(f"docker://{front.host}/team/many", (f"{registry.host}/bounded/many",))])
         assert result.ok, [i.error for i in result.images]
-        assert engine._clients[source.host].max_concurrent_reads == 1
-        assert engine._clients[registry.host].max_concurrent_reads == 0
+        assert engine._clients[registry.host].max_concurrent_reads == 0  # the target is not read
+    assert reads.fired >= 8 and reads.peak_in_flight == 1  # every layer read, one at a time
     for i in range(4):
         assert remote_digest(registry, f"bounded/many:t{i}") == remote_digest(source, f"team/many:t{i}")

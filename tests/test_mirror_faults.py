@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from conftest import Run, SecureRegistry, assert_no_secret, pull_and_verify, rem
 from fault_proxy import FaultProxy, Rule, Seen
 from images import LayoutWriter, layer_tar, random_layer
 from registry import Registry, start_registry
-from test_batch import run_measured
+from test_batch import SUBPROCESS_LIMIT_S, run_measured
 from test_mirror import commits
 
 from batchpush.digest import CHUNK_BYTES
@@ -42,9 +43,6 @@ from batchpush.registry.reads import READ_BYTES
 
 #: the Retry-After of the injected 429s, in seconds
 RETRY_AFTER_S = 3
-#: what the proxy may take to record a request that was already on its way when a
-#: 429 was answered (the pause holds only requests sent after the answer)
-IN_FLIGHT_GRACE_S = 1.0
 #: the peak RSS the issue allows a mirror run (the batch's bound)
 PEAK_RSS_BYTES = 300 << 20
 #: the large blob of the memory test
@@ -265,19 +263,27 @@ def requests_between(proxy: FaultProxy, start: float, end: float) -> list[Seen]:
 def test_a_429_with_retry_after_pauses_the_source_host(source, front, registry, tmp_path, batchpush, step):
     """A 429 with Retry-After on the manifest GET or a blob GET: the source host is
     asked nothing until it has passed, then the step is asked again and the run
-    succeeds. (A lower bound on when the next request came, not a timing.)"""
-    fill(source, image_layout(str(tmp_path / "app"), {"1.0": [layer_tar(41), random_layer(42, CHUNK_BYTES + 5)]}), "1.0", "team/app")
+    succeeds. (A lower bound on when the next request came, not a timing.) Two
+    images are mirrored, so that the other's requests want to go during the pause,
+    one request to a registry at a time (--max-requests-in-flight 1): when the 429
+    is answered no other request is on its way (the client pauses the host before
+    it gives the slot up), so none may come before the pause ends, with no window
+    of wall-clock time allowed for requests already on their way."""
+    layout = image_layout(str(tmp_path / "app"), {"1.0": [layer_tar(41), random_layer(42, CHUNK_BYTES + 5)], "2.0": [layer_tar(43), random_layer(44, CHUNK_BYTES + 5)]})
+    for tag in ("1.0", "2.0"):  # 2.0's requests want to go while 1.0's step waits
+        fill(source, layout, tag, "team/app")
     path = f"/manifests/{remote_digest(source, 'team/app:1.0')}" if step == "manifest" else f"/blobs/{blob_digests(source, 'team/app:1.0')[2]}"
     body = json.dumps({"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]}).encode()
     front.add(Rule("GET", re.escape(path), "status", status=429, headers={"Retry-After": str(RETRY_AFTER_S)}, body=body))
-    run = batchpush("push", f"docker://{front.host}/team/app:1.0", f"{registry.host}/mirror/app:1.0", "--insecure", front.host, "--insecure", registry.host)
+    run = batchpush("push", f"docker://{front.host}/team/app", f"{registry.host}/mirror/app", "--insecure", front.host, "--insecure", registry.host, "--max-requests-in-flight", "1")
 
     assert run.code == 0, run.err
     refused, again = front.requests("GET", path)
     assert refused.status == 429 and again.status == 200
     assert again.at - refused.at >= RETRY_AFTER_S
-    assert requests_between(front, refused.at + IN_FLIGHT_GRACE_S, refused.at + RETRY_AFTER_S) == []  # the whole host waited
-    assert_arrived(source, registry, "team/app:1.0", "mirror/app:1.0", tmp_path / "pulled")
+    assert requests_between(front, refused.at, refused.at + RETRY_AFTER_S) == []  # the whole host waited
+    for tag in ("1.0", "2.0"):
+        assert_arrived(source, registry, f"team/app:{tag}", f"mirror/app:{tag}", tmp_path / f"pulled-{tag}")
 
 
 #: how a line names a source's pull budget
@@ -531,14 +537,15 @@ def test_a_200_mb_blob_streams_under_300_mb_of_peak_rss(source, registry, tmp_pa
     """A 200 MB layer is mirrored by a batchpush process of its own whose peak RSS
     (its own VmHWM: test_batch.run_measured) stays under 300 MB: blobs stream, never held
     whole. The layer arrives intact: skopeo reads it back, every byte checked."""
-    made = subprocess.run([sys.executable, "-c", BIG_LAYOUT, str(tmp_path / "big"), "101", str(LARGE_BLOB_BYTES), os.path.dirname(__file__)], capture_output=True, text=True, timeout=300)
+    deadline = time.monotonic() + SUBPROCESS_LIMIT_S  # both subprocesses, in all
+    made = subprocess.run([sys.executable, "-c", BIG_LAYOUT, str(tmp_path / "big"), "101", str(LARGE_BLOB_BYTES), os.path.dirname(__file__)], capture_output=True, text=True, timeout=deadline - time.monotonic())
     assert made.returncode == 0, made.stderr
     fill(source, str(tmp_path / "big"), "big", "team/big")
     layer = raw_manifest(source, "team/big:big")["layers"][0]
     assert layer["size"] >= LARGE_BLOB_BYTES
     report = tmp_path / "report.json"
     args = ["push", f"docker://{source.host}/team/big:big", f"{registry.host}/mirror/big:big", "--insecure", source.host, "--insecure", registry.host, "-q", "--report", str(report), "--metadata-dir", str(tmp_path / "md")]
-    returncode, err, peak_rss_bytes = run_measured(args, tmp_path, timeout_s=600)
+    returncode, err, peak_rss_bytes = run_measured(args, tmp_path, timeout_s=deadline - time.monotonic())
     assert returncode == 0, err[-3000:]
     assert peak_rss_bytes < PEAK_RSS_BYTES, f"peak RSS {peak_rss_bytes >> 20} MiB"
     assert report_of(report)["images"][0]["status"] == "pushed"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import remote_digest
+from conftest import pull_and_verify
 from fault_proxy import FaultProxy
 from images import docker25_archive, layer_tar, simple_layout
 
@@ -93,8 +93,8 @@ def test_an_archive_and_a_layout_writing_one_tag_are_refused_before_any_request(
 
 
 def test_tag_filters_that_keep_the_layouts_apart_are_accepted_and_pushed(tmp_path, registry, proxy, batchpush):
-    simple_layout(str(tmp_path / "layouts" / "a"), {"v0": [1, 2], "v1": [1, 3]})
-    simple_layout(str(tmp_path / "layouts" / "b"), {"v2": [1, 4], "v0": [1, 5]})
+    a = simple_layout(str(tmp_path / "layouts" / "a"), {"v0": [1, 2], "v1": [1, 3]})
+    b = simple_layout(str(tmp_path / "layouts" / "b"), {"v2": [1, 4], "v0": [1, 5]})
     target = f"{proxy.host}/team0/svc2"
     path = write_plan(tmp_path, proxy, [
         {"source": "oci:layouts/a", "targets": [target], "tags": "^v1$"},
@@ -104,5 +104,6 @@ def test_tag_filters_that_keep_the_layouts_apart_are_accepted_and_pushed(tmp_pat
     run = batchpush("run", path, "--metadata-dir", str(tmp_path / "md"))
     assert run.code == 1, run.err
     assert run.err.count("error: ") == 1 and "layouts/missing" in run.err
-    for tag in ("v0", "v1", "v2"):
-        assert remote_digest(registry, f"team0/svc2:{tag}").startswith("sha256:")
+    # each tag holds the image its filter let through: v0 is b's (a's v0 was filtered out)
+    for tag, image in (("v0", b["v0"]), ("v1", a["v1"]), ("v2", b["v2"])):
+        assert pull_and_verify(registry, f"team0/svc2:{tag}", str(tmp_path / f"pulled-{tag}"))[0].diff_ids == image.diff_ids, tag

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+import requests
 from conftest import pull_and_verify
 from fault_proxy import FaultProxy, Rule
 from images import OCI_MANIFEST, LayoutWriter, random_layer
@@ -301,25 +302,51 @@ def test_too_many_pages_or_tags_are_refused(registry, proxy, tmp_path, make_clie
     assert len(tag_pages(proxy)) == 2 + 3
 
 
-def test_names_that_are_not_tags_are_skipped_with_a_warning(proxy, make_client, caplog):
+def test_names_that_are_not_tags_are_skipped_with_a_warning(registry, proxy, tmp_path, make_client, caplog):
+    """The registry's own list, with names no registry would hold added by the proxy."""
+    seed_tags(registry, tmp_path)
     names = ["good", "../../etc/passwd", "-dash", ".dot", "ünï", "a" * 129, "a" * 128, "x/y", "tab\tbed", 5, None, "good", "v1.0_x-Y"]
-    proxy.add(Rule("GET", "/tags/list", "status", status=200, body=json.dumps({"name": REPO, "tags": names}).encode()))
+
+    def add_names(body: bytes) -> bytes:
+        document = json.loads(body)
+        assert sorted(document["tags"]) == TAGS  # the registry's answer, altered only here
+        document["tags"] += names
+        return json.dumps(document).encode()
+
+    proxy.add(Rule("GET", "/tags/list", "forward", body_filter=add_names))
     with caplog.at_level(logging.WARNING, logger="batchpush.registry.client"):
-        assert make_client(proxy.host).list_tags(REPO) == ["good", "a" * 128, "v1.0_x-Y"]
+        listed = make_client(proxy.host).list_tags(REPO)
+    assert sorted(listed) == sorted([*TAGS, "good", "a" * 128, "v1.0_x-Y"]) and len(listed) == len(TAGS) + 3
     assert len(caplog.records) == 9 and "'../../etc/passwd'" in caplog.text
 
 
-@pytest.mark.parametrize(("body", "expected"), [(b'{"name":"x","tags":null}', []), (b"{}", [])])
-def test_an_empty_tag_list(proxy, make_client, body, expected):
-    proxy.add(Rule("GET", "/tags/list", "status", status=200, body=body))
-    assert make_client(proxy.host).list_tags(REPO) == expected
+def empty_repository(registry: Registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``REPO`` with no tag left: an image pushed, then its manifest deleted
+    (distribution then lists its tags as null)."""
+    seeded = seed(registry, str(tmp_path / "layout"), layer_bytes=1000)
+    assert requests.delete(f"{registry.url}/v2/{REPO}/manifests/{seeded.manifest_digest}", timeout=30).status_code == 202
+    assert requests.get(f"{registry.url}/v2/{REPO}/tags/list", timeout=30).json() == {"name": REPO, "tags": None}
+
+
+@pytest.mark.parametrize("body", [None, b"{}"], ids=["registry-null", "no-tags-key"])
+def test_an_empty_tag_list(registry, proxy, tmp_path, make_client, body):
+    """The real registry's empty repository (its answer as it is: tags null), and the
+    same answer without a tags key at all (the proxy's only change)."""
+    empty_repository(registry, tmp_path)
+    if body is not None:
+        proxy.add(Rule("GET", "/tags/list", "forward", body_filter=lambda _: body))
+    assert make_client(proxy.host).list_tags(REPO) == []
+    assert [seen.status for seen in proxy.requests("GET", "/tags/list")] == [200]
 
 
 @pytest.mark.parametrize("body", [b"<html>", b'{"tags":"1.0"}', b"\xff\xfe"])
-def test_a_tag_list_that_is_not_one_is_malformed(proxy, make_client, body):
-    proxy.add(Rule("GET", "/tags/list", "status", status=200, body=body))
+def test_a_tag_list_that_is_not_one_is_malformed(registry, proxy, tmp_path, make_client, body):
+    """The registry answers its real list; the proxy replaces the body."""
+    seed_tags(registry, tmp_path)
+    proxy.add(Rule("GET", "/tags/list", "forward", body_filter=lambda _: body))
     with pytest.raises(MalformedResponseError):
         make_client(proxy.host).list_tags(REPO)
+    assert [seen.status for seen in proxy.requests("GET", "/tags/list")] == [200]
 
 
 def test_link_header_parsing():
@@ -621,21 +648,27 @@ def test_a_cancelled_run_stops_a_streaming_upload(registry, target, tmp_path, ma
     assert destination.head_blob("mirror/dst", seeded.layer_digest) is None
 
 
-def test_reads_run_in_parallel_on_one_client(registry, tmp_path, make_client):
+def test_reads_run_in_parallel_on_one_client(registry, proxy, tmp_path, make_client):
+    """Three threads read a blob through one client at once: the proxy holds the
+    first answer until all three requests are in flight, which only reads that run
+    side by side can bring about (one after another, the first is let go after
+    hold_s and the peak stays 1)."""
     seeded = seed(registry, str(tmp_path / "layout"))
-    client = make_client(registry.host)
+    reads = proxy.add(Rule("GET", "/blobs/sha256:", "forward", times=-1, hold_until_in_flight=3))
+    client = make_client(proxy.host)
     results: list[bytes] = []
 
     def read() -> None:
-        results.append(hashlib.sha256(read_all(client.blob_reader(remote_blob(registry.host, seeded)))[0]).digest())
+        results.append(hashlib.sha256(read_all(client.blob_reader(remote_blob(proxy.host, seeded)))[0]).digest())
 
     threads = [threading.Thread(target=read) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(100)
     assert results == [bytes.fromhex(seeded.layer_digest.hex)] * 3
     assert client.bytes_read == 3 * seeded.layer.size
+    assert reads.peak_in_flight == 3 and reads.fired == 3
 
 
 def test_a_401_to_a_streamed_chunk_ends_the_attempt_and_the_next_starts_over(registry, target, target_proxy, tmp_path, clients):

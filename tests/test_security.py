@@ -195,50 +195,6 @@ def test_redirect_to_another_host_never_carries_authorization(token_registry, tm
         elsewhere.stop()
 
 
-def test_redirect_from_https_to_http_is_refused(tmp_path):
-    """Our own small https server answers the ping and redirects everything else to
-    plain http: the client refuses to follow."""
-    import ssl
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from tls import make_tls
-
-    ca, cert, key = make_tls(str(tmp_path / "certs"))
-
-    class Redirector(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            if self.path == "/v2/":
-                self.send_response(200)
-            else:
-                self.send_response(307)
-                self.send_header("Location", f"http://127.0.0.1:9{self.path}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_HEAD = do_PUT = do_POST = _answer
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        host = f"127.0.0.1:{server.server_address[1]}"
-        client = RegistryClient(host, RegistryOptions(ca_file=ca))
-        with pytest.raises(client_module.RegistryError, match="refusing a redirect from https to plain http"):
-            client.put_manifest("a/b", "1", "application/vnd.oci.image.manifest.v1+json", b"{}")
-        client.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_netrc_is_never_read(registry, tmp_path, metadata_dir, monkeypatch):
     """requests would add a ~/.netrc login to every request; ours never send one unasked."""
     from fault_proxy import FaultProxy

@@ -165,19 +165,32 @@ def test_a_broken_pool_is_rebuilt_by_the_next_submit(make_pool: Callable[..., Wo
 
 def test_resubmitting_futures_survive_a_killed_worker(make_pool: Callable[..., WorkerPool], tmp_path: Path) -> None:
     """The task whose worker died and the task queued behind it both run again on a
-    fresh pool, and their futures get their results."""
+    fresh pool, and their futures get their results. The first task is seen running
+    before its worker is killed (it has started a child), and its first run cannot
+    end by itself within the test (it sleeps SLOW_TASK_S); its second run finds the
+    mark the first left and ends at once."""
     pool = make_pool(1)
     worker = _worker_pid(pool)
     blob, data = _layer(tmp_path)
-    running = pool.submit_resubmitting(time.sleep, 5)
+    mark = tmp_path / "started"
+    script = f"if [ -e {mark} ]; then exit 0; fi; touch {mark}; exec sleep {SLOW_TASK_S}"
+    running = pool.submit_resubmitting(subprocess.run, ["sh", "-c", script])
     queued = pool.submit_resubmitting(compress_to_spool, blob, _spool(tmp_path))
-    assert not running.done()
+    deadline = time.monotonic() + WAIT_S
+    while not (mark.exists() and psutil.Process(worker).children()):  # the task is under way in that worker
+        assert time.monotonic() < deadline and not running.done(), "the task did not start"
+        time.sleep(0.01)
+    first_run = psutil.Process(worker).children(recursive=True)
     os.kill(worker, signal.SIGKILL)
+    for child in first_run:  # the first run's sleep, orphaned
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
-    assert running.result(timeout=WAIT_S) is None
+    assert running.result(timeout=WAIT_S).returncode == 0  # the second run's: the first never ends by itself in time
     compressed = queued.result(timeout=WAIT_S)
     assert gzip.decompress(Path(compressed.path).read_bytes()) == data
     assert pool.breakages == 1
+    assert _worker_pid(pool) != worker
 
 
 def test_a_cancelled_resubmitting_future_stays_cancelled(make_pool: Callable[..., WorkerPool]) -> None:
