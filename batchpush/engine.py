@@ -1,7 +1,12 @@
 """The batch: sources to targets, with shared state, pools and independent failures.
 
-Jobs are expanded lazily into (source image, target) pushes, which run on a thread
-pool, a bounded number in flight (so memory stays flat for any plan size). Each
+Jobs are expanded into (source image, target) pushes a bounded window ahead of
+them, many at once (expansion.py: a registry source's tag list is a round trip),
+and the pushes run on a thread pool, a bounded number queued (so memory stays flat
+for any plan size). A registry source's image is first checked (its tag's HEAD at
+the source and at the target, at once): those checks run beyond the pushes, as
+many as a registry takes requests at once, and only the images to copy take one of
+the ``max_concurrent_images`` places. Each
 source image is prepared once — compressed in a process pool, verified — and that
 serves every target and every retry; its spooled files are released when its
 last target is done. Within an image, layers go up on the target registry's own
@@ -26,12 +31,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from . import mediatypes as mt
 from . import waits
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
+from .expansion import Expanded, Expansion, Key
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
 from .metadata import MetadataStore, OverlayStore
@@ -55,6 +61,7 @@ from .state import PushState, RemoteBlob
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: after a cancel, how long an image may take to stop before it is reported interrupted unwaited
 CANCEL_GRACE_S = 5.0
@@ -63,6 +70,13 @@ CANCEL_GRACE_S = 5.0
 DEFAULT_MAX_CONCURRENT_IMAGES = 16
 #: after a cancel, how long the spool's removal is tried again
 CANCEL_SPOOL_S = 2.0
+#: the most image checks (a registry source's two HEADs) run beyond the pushes, and
+#: the most plan entries expanded (tag lists) at once: as many as a registry takes
+#: requests at once (``max_requests_in_flight``), up to this many threads each
+MAX_CHECKS_AHEAD = 64
+#: pushes queued for the image pool, per thread of it: enough that a thread ending
+#: finds the next image expanded, few enough that memory stays flat
+QUEUED_PER_THREAD = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +170,8 @@ class _Prune:
     works: list[Work] = field(default_factory=list)
     #: an image of it could not even be planned
     failed: bool = False
+    #: where its entry sorts in the plan (its expansion's key): pruned in plan order
+    order: Key = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +211,10 @@ class Engine:
         self._prunes: list[_Prune] = []
         #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
         self.cancelled = threading.Event()
+        #: image checks run beyond the pushes, and plan entries expanded at once
+        self.checks_ahead = min(MAX_CHECKS_AHEAD, max(o.max_requests_in_flight for o in (self.options.registry_defaults, *self.options.registries.values())))
+        #: the ``max_concurrent_images`` places of the pushes (an image's attachments ride on its place)
+        self._push_slots = waits.Slots(self.options.max_concurrent_images)
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
         self.preparer = Preparer(self._spool, self.store, self._pool, cancel=self.cancelled)
@@ -264,7 +284,7 @@ class Engine:
             options,
             self.credentials(host, options),
             cancel=self.cancelled,
-            other_threads=self.options.max_concurrent_images + 2,
+            other_threads=self.options.max_concurrent_images + self.checks_ahead + 2,
             marked_insecure=lambda other: self.registry_options(other).insecure,
         )
         with self._clients_lock:
@@ -284,15 +304,19 @@ class Engine:
         KeyboardInterrupt (the Python API's Ctrl-C) cancels the run: the images in
         flight stop and fail as interrupted, then it is raised again."""
         result = BatchResult()
-        ordered: list[ImageResult | tuple[Work, cf.Future[ImageResult]]] = []
+        keyed: list[tuple[Key, ImageResult | tuple[Work, cf.Future[ImageResult]]]] = []
         interrupted = False
-        images = cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image")
+        threads = self.options.max_concurrent_images + self.checks_ahead
+        images = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image")
         try:
             try:
-                self._submit_all(jobs, images, ordered)
+                self._submit_all(jobs, images, threads * QUEUED_PER_THREAD, keyed)
             except KeyboardInterrupt:
                 interrupted = True
                 self.cancel()
+            # the images were started as their entries were expanded: back into the plan's order
+            keyed.sort(key=lambda item: item[0])
+            ordered = [item for _, item in keyed]
             while True:
                 try:
                     result.images = [self._image_result(item) for item in ordered]
@@ -328,7 +352,7 @@ class Engine:
         """Each pruning plan entry whose images all arrived (``arrived``: the ``id`` of
         each work that did) drops the targets' tags its source no longer has; one
         that cannot is a failure of its own, added to ``result``."""
-        for prune in self._prunes:
+        for prune in sorted(self._prunes, key=lambda prune: prune.order):
             if prune.failed or not all(id(work) in arrived for work in prune.works):
                 log.warning("%s: not pruned: an image of it did not arrive", prune.job.source)
                 continue
@@ -340,24 +364,36 @@ class Engine:
                     error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, str(target))
                     result.images.append(self.failed(prune.job.source, str(target), BatchPushError(f"prune: {error.message}"), time.monotonic()))
 
-    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | tuple[Work, cf.Future[ImageResult]]]) -> None:
-        # a bounded number of pushes waits in the pool, so a plan of any size is
-        # expanded as it runs and memory stays flat
-        slots = threading.BoundedSemaphore(self.options.max_concurrent_images * 2)
-        for job in jobs:
-            for work in self.expand(job):
+    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, queued: int, keyed: list[tuple[Key, ImageResult | tuple[Work, cf.Future[ImageResult]]]]) -> None:
+        """Every job's works into ``images``, as the expansion hands them on, each
+        with its key. At most ``queued`` wait there or run: a full queue stops the
+        expansion too, so a plan of any size is expanded as it runs and memory
+        stays flat."""
+        slots = threading.BoundedSemaphore(queued)
+        for key, work in Expansion(jobs, self._expanded, width=self.checks_ahead, cancel=self.cancelled):
+            if self.cancelled.is_set():
+                self._abandon(work)
+                return
+            if work.error is not None:
+                keyed.append((key, self.failed(work.source, work.target, work.error, time.monotonic())))
+                continue
+            while not slots.acquire(timeout=waits.POLL_S):
                 if self.cancelled.is_set():
+                    self._abandon(work)
                     return
-                if work.error is not None:
-                    ordered.append(self.failed(work.source, work.target, work.error, time.monotonic()))
-                    continue
-                while not slots.acquire(timeout=waits.POLL_S):
-                    if self.cancelled.is_set():
-                        self._abandon(work)
-                        return
-                future = images.submit(self.run_work, work)
-                future.add_done_callback(lambda _: slots.release())
-                ordered.append((work, future))
+            future = images.submit(self.run_work, work)
+            future.add_done_callback(lambda _: slots.release())
+            keyed.append((key, (work, future)))
+
+    def _expanded(self, job: PushJob, key: Key) -> Expanded[PushJob, Work]:
+        """``job`` expanded (on an expansion thread): its works, each failure one
+        that carries its error. (Issue 22's catalog source would give the jobs of
+        its repositories here, ``Expanded(jobs=...)``, each expanded in turn.)"""
+        try:
+            return Expanded(list(self.expand(job, key)))
+        except Exception as exc:  # a bug: this entry's images fail, the run goes on
+            log.debug("%s: unexpected error while expanding", job.source, exc_info=True)
+            return Expanded([Work(job.source, target, error=InternalError.of(exc, job.source)) for target in job.targets])
 
     def _abandon(self, work: Work) -> None:
         if work.entry is not None:
@@ -383,7 +419,10 @@ class Engine:
                 if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
                     return self.failed(work.source, work.target, InterruptedError_("interrupted while a request was waiting for its answer; no manifest was written"), cancelled_at)
 
-    def expand(self, job: PushJob) -> Iterator[Work]:
+    def expand(self, job: PushJob, order: Key = ()) -> Iterator[Work]:
+        """The job's (image, target) works; a job that cannot be expanded gives one
+        work per target that carries its error. Lists a registry source's tags.
+        ``order``: where the job sorts in the plan (its pruning is done in that order)."""
         targets: list[Reference] = []
         for text in job.targets:
             try:
@@ -398,7 +437,7 @@ class Engine:
             for target in targets:
                 yield Work(job.source, str(target), error=error)
             return
-        prune = _Prune(job, opened.listed, targets) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
+        prune = _Prune(job, opened.listed, targets, order=order) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
         if prune is not None:
             self._prunes.append(prune)
         if job.tags is not None:
@@ -456,17 +495,32 @@ class Engine:
         """``make()`` once for all the entry's targets: the first to ask runs it, the
         others wait for its result (with the cancel flag in view), never on a lock
         held meanwhile."""
-        with entry.lock:
-            future = entry.once.get(name)
-            mine = future is None
-            if future is None:
-                future = entry.once[name] = cf.Future()
+        future, mine = self._once_future(entry, name)
+        if mine:
+            _settle(future, make)
+        return waits.result(future, self.cancelled)
+
+    def _once_started(self, entry: Entry, name: str, make: Callable[[], T], executor: cf.Executor) -> cf.Future[T]:
+        """``make()`` once for all the entry's targets, started on ``executor`` by the
+        first to ask; everyone gets its future at once."""
+        future, mine = self._once_future(entry, name)
         if mine:
             try:
-                future.set_result(make())
-            except BaseException as exc:
+                executor.submit(_settle, future, make)
+            except RuntimeError as exc:  # the pool is shut down: the run is ending
                 future.set_exception(exc)
-        return waits.result(future, self.cancelled)
+        return future
+
+    @staticmethod
+    def _once_future(entry: Entry, name: str) -> tuple[cf.Future[Any], bool]:
+        """The entry's future named ``name``, and whether the caller made it (and so
+        must settle it)."""
+        with entry.lock:
+            future = entry.once.get(name)
+            if future is not None:
+                return future, False
+            future = entry.once[name] = cf.Future()
+            return future, True
 
     def prepared(self, entry: Entry) -> PreparedNode | PendingManifest:
         """The entry's image, prepared once for all its targets. A single manifest
@@ -504,8 +558,15 @@ class Engine:
         """The digest the source's tag names now, and the manifest's size the HEAD
         stated (None when pinned by digest, or stated as 0, which no manifest is):
         one HEAD, once for all targets."""
+        return waits.result(self._source_head_started(entry, image), self.cancelled)
+
+    def _source_head_started(self, entry: Entry, image: RemoteImage) -> cf.Future[tuple[Digest, int | None]]:
+        """``source_head``'s answer to come: its HEAD sent now, on the source host's
+        own pool (once for all targets), so that the caller asks the target meanwhile."""
         if image.reference.digest is not None:
-            return image.reference.digest, None
+            pinned: cf.Future[tuple[Digest, int | None]] = cf.Future()
+            pinned.set_result((image.reference.digest, None))
+            return pinned
         client = self.client(image.reference.api_host)
         repository, tag = image.reference.repository, image.selector
 
@@ -515,16 +576,17 @@ class Engine:
                 raise SourceError(image.spec, "the source has no such tag (any more)")
             return found[0], found[1] or None
 
-        return self._once(entry, "digest", head)  # type: ignore[no-any-return]
+        return self._once_started(entry, "digest", head, self._executors[client.host])
 
     def mirror_up_to_date(self, entry: Entry, image: RemoteImage, pusher: ImagePusher, tag: str) -> tuple[Digest, int] | None:
         """The mirror's cron fast path: the target's tag already names the source's
-        digest (a HEAD at each end, nothing read); its digest and size. A platform
-        subset is never "up to date" this way: its index is not the source's."""
+        digest (a HEAD at each end, both at once, nothing read); its digest and size.
+        A platform subset is never "up to date" this way: its index is not the source's."""
         if entry.platforms:
             return None
-        digest = self._source_digest(entry, image)
+        source = self._source_head_started(entry, image)
         current = pusher.tag_manifest(tag)
+        digest = waits.result(source, self.cancelled)[0]
         return current if current is not None and current[0] == digest else None
 
     def pusher(self, client: RegistryClient, target: Reference) -> ImagePusher:
@@ -656,26 +718,9 @@ class Engine:
                     digest, size = current
                     progress.pushed(str(target), tag, str(digest), size, up_to_date=True)
                     return ImageResult(work.source, str(target), "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
-            node = self.prepared(work.entry)
-            if remote is not None and remote.reference.registry == target.registry:
-                self._held_by_source(remote, node)  # a mount from the source repository sends nothing
-            progress.image_started(str(target), target.name)
-            if isinstance(node, PendingManifest) and not node.ready():
-                # layers still compressing: none is known to this store, so the tag
-                # cannot already hold what we would push; start sending now
-                pushed = pusher.push_streaming(node, tag)
-            else:
-                if isinstance(node, PendingManifest):
-                    node = node.wait(self.cancelled)
-                current = pusher.up_to_date(node, tag)
-                if current is not None:
-                    progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
-                    return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
-                pushed = pusher.push(node, tag)
-            if self.options.dry_run:  # (each layer's line was printed by the layer path)
-                return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=pushed.layers)
-            progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
-            source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
+            # the check above runs beyond the pushes; what is prepared and sent takes a place
+            with self._push_slots.hold(self.cancelled):
+                return self._push(work, remote, pusher, tag, started)
         except Cancelled:
             return self.failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started, tell=tell)
         except BatchPushError as exc:
@@ -685,7 +730,41 @@ class Engine:
             return self.failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
         finally:
             self._release(work.entry)
+
+    def _push(self, work: Work, remote: RemoteImage | None, pusher: ImagePusher, tag: str, started: float) -> ImageResult:
+        """The image prepared and pushed to ``work``'s target, unless the target's tag
+        holds it already; raises on any failure before its manifest is written."""
+        assert work.entry is not None and work.reference is not None
+        target, progress = work.reference, self.options.progress
+        node = self.prepared(work.entry)
+        if remote is not None and remote.reference.registry == target.registry:
+            self._held_by_source(remote, node)  # a mount from the source repository sends nothing
+        progress.image_started(str(target), target.name)
+        if isinstance(node, PendingManifest) and not node.ready():
+            # layers still compressing: none is known to this store, so the tag
+            # cannot already hold what we would push; start sending now
+            pushed = pusher.push_streaming(node, tag)
+        else:
+            if isinstance(node, PendingManifest):
+                node = node.wait(self.cancelled)
+            current = pusher.up_to_date(node, tag)
+            if current is not None:
+                progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
+                return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
+            pushed = pusher.push(node, tag)
+        if self.options.dry_run:  # (each layer's line was printed by the layer path)
+            return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=pushed.layers)
+        progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
+        source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
+
+
+def _settle(future: cf.Future[T], make: Callable[[], T]) -> None:
+    """``future`` given ``make()``'s result, or what it raised."""
+    try:
+        future.set_result(make())
+    except BaseException as exc:
+        future.set_exception(exc)
 
 
 def _check_pull_budget(client: RegistryClient, image: RemoteImage) -> None:

@@ -24,6 +24,17 @@ Content-Length or Content-Type of ours, so a test can omit or garble them) and b
 followed by closing the connection (``close``: a body shorter than its
 Content-Length then ends early). Request bodies can be throttled. Counters record
 every request, its body bytes and the status it was answered with.
+
+Concurrency is observed by order of arrival and counts, never by timings: every
+request is in flight from its arrival (its head read) until its answer starts (so
+the client cannot send the next one before this one is counted out), and each
+records the others in flight as it arrived (``concurrent``).
+``delay_s`` holds every request that long before it is handled (a WAN's round
+trip, so that a client's concurrent requests overlap here). ``hold`` forwards a
+request once ``until_count`` requests matching ``until_method`` and ``until_path``
+have arrived (itself included if it matches), or ``stall_s`` has passed; the
+record says which (``held``): a client that sends the two at once meets the
+condition, one that waits for the first answer before the second cannot.
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from batchpush.registry.client import SMALL_BODY_BYTES
 class Rule:
     method: str | None
     path: str  # a regular expression searched in the request target
-    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream"
+    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream" | "hold"
     status: int = 503
     #: headers added to a ``status`` answer, or set on the registry's (``headers``)
     headers: dict[str, str] = field(default_factory=dict)
@@ -68,8 +79,12 @@ class Rule:
     body_filter: Callable[[bytes], bytes] | None = None
     #: the answer goes without Content-Length; closing the connection ends it
     close_delimited: bool = False
-    #: ``stall``: the longest the connection is held silent
+    #: ``stall``: the longest the connection is held silent; ``hold``: the longest a request is held
     stall_s: float = 90.0
+    #: ``hold``: the requests whose arrivals end the hold, and how many of them
+    until_method: str | None = None
+    until_path: str = ""
+    until_count: int = 1
     #: ``stream``: the filler bytes answered, and whether a Content-Length states them
     stream_bytes: int = 0
     stream_length: bool = True
@@ -94,10 +109,14 @@ class Seen:
     status: int | None = None
     #: answer-body bytes sent to the client (a forwarded answer's)
     response_bytes: int = 0
+    #: the requests ("METHOD target") in flight at the proxy as this one arrived
+    concurrent: tuple[str, ...] = ()
+    #: ``hold``: "met" (its condition was met) or "timed out"
+    held: str = ""
 
 
 #: actions that forward the request to the registry
-FORWARDING = ("reset_after_response", "headers", "reset_response", "corrupt_body", "stall", "forward")
+FORWARDING = ("reset_after_response", "headers", "reset_response", "corrupt_body", "stall", "forward", "hold")
 
 
 def _drop_headers(head: bytes, names: tuple[str, ...], added: dict[str, str] | None = None) -> bytes:
@@ -131,7 +150,18 @@ class FaultProxy:
         self.live_body_bytes = 0
         #: TCP connections accepted
         self.connections = 0
+        #: every request held this long before it is handled (a WAN's round trip)
+        self.delay_s = 0.0
+        #: requests arrived and not yet answered ("METHOD target" by arrival number), and their peak
+        self.in_flight: dict[int, str] = {}
+        self.peak_in_flight = 0
+        #: (method, target) of every request, in order of arrival
+        self.arrivals: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        #: notified at every arrival (``hold`` waits on it)
+        self._arrived = threading.Condition(self.lock)
+        #: the request this thread is serving: the others in flight as it arrived
+        self._current = threading.local()
         self._tls: ssl.SSLContext | None = None
         if tls is not None:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -145,6 +175,8 @@ class FaultProxy:
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
             allow_reuse_address = True
+            #: a client's connections opened at once (up to its request limit) wait for no SYN retry
+            request_queue_size = 128
 
         self.server = Server((bind, 0), Handler)
         self.host = f"{bind}:{self.server.server_address[1]}"
@@ -182,10 +214,36 @@ class FaultProxy:
         return None
 
     def _record(self, method: str, target: str, action: str, body_bytes: int, headers: dict[str, str] | None = None, status: int | None = None) -> Seen:
-        seen = Seen(time.monotonic(), method, target, action, body_bytes, headers or {}, status)
+        seen = Seen(time.monotonic(), method, target, action, body_bytes, headers or {}, status, concurrent=getattr(self._current, "concurrent", ()))
         with self.lock:
             self.seen.append(seen)
         return seen
+
+    def _arrive(self, method: str, target: str) -> int:
+        """Counts the request in flight; returns its arrival number."""
+        with self.lock:
+            number = len(self.arrivals)
+            self.arrivals.append((method, target))
+            self._current.concurrent = tuple(self.in_flight.values())
+            self._current.number = number
+            self.in_flight[number] = f"{method} {target}"
+            self.peak_in_flight = max(self.peak_in_flight, len(self.in_flight))
+            self._arrived.notify_all()
+        return number
+
+    def _answering(self) -> None:
+        """The request this thread serves is no longer in flight: its answer starts."""
+        with self.lock:
+            self.in_flight.pop(getattr(self._current, "number", -1), None)
+
+    def _wait_until(self, rule: Rule) -> str:
+        """Until ``rule``'s requests have arrived ("met"), or its ``stall_s`` has passed."""
+
+        def met() -> bool:
+            return sum(1 for method, target in self.arrivals if (rule.until_method is None or method == rule.until_method) and re.search(rule.until_path, target)) >= rule.until_count
+
+        with self._arrived:
+            return "met" if self._arrived.wait_for(met, timeout=rule.stall_s) else "timed out"
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
@@ -244,53 +302,63 @@ class FaultProxy:
                 method, target, _ = request_line.split(" ", 2)
                 headers = [h.split(":", 1) for h in header_lines if ":" in h]
                 length = int(next((v for k, v in headers if k.strip().lower() == "content-length"), "0"))
-                rule = self._pick(method, target)
-                request_headers = {k.strip().lower(): v.strip() for k, v in headers}
-                if rule is None or rule.action in FORWARDING:
-                    if not self._forward(client, reader, head, method, target, length, rule=rule, request_headers=request_headers):
+                self._arrive(method, target)
+                try:
+                    if self.delay_s:
+                        time.sleep(self.delay_s)
+                    if not self._handle(client, reader, head, method, target, length, headers):
                         return
-                    continue
-                if rule.action == "status":
-                    got = self._read_body(reader, length)
-                    self._record(method, target, f"status {rule.status}", got, request_headers, rule.status)
-                    location = rule.headers.get("Location", "")
-                    if "{target}" in location:  # a redirect to the same path elsewhere
-                        rule_headers = {**rule.headers, "Location": location.replace("{target}", target)}
-                    else:
-                        rule_headers = rule.headers
-                    ours = "" if rule.raw_headers else f"Content-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n"
-                    extra = "".join(f"{k}: {v}\r\n" for k, v in rule_headers.items())
-                    client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{ours}{extra}\r\n".encode("latin-1") + (b"" if method == "HEAD" else rule.body))
-                    if rule.close:
-                        return
-                    continue
-                if rule.action == "stream":
-                    self._read_body(reader, length)
-                    self._stream(client, method, target, rule, request_headers)
-                    return
-                if rule.action == "reset_buffered":
-                    got = self._read_body(reader, min(length, rule.after_body_bytes))
-                    self._record(method, target, "reset_buffered", got)
-                    self._reset(client)
-                    return
-                if rule.action == "reset":
-                    upstream = socket.create_connection((self.upstream_host, self.upstream_port))
-                    upstream.sendall(head)
-                    got = self._read_body(reader, min(length, rule.after_body_bytes), upstream.sendall)
-                    self._record(method, target, "reset", got)
-                    time.sleep(0.1)
-                    self._reset(upstream)
-                    self._reset(client)
-                    return
+                finally:
+                    self._answering()  # (or it got none)
         except (OSError, ValueError):
             return
         finally:
             reader.close()
 
+    def _handle(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, headers: list[list[str]]) -> bool:  # type: ignore[no-untyped-def]
+        """One request answered; False when the connection is done with."""
+        rule = self._pick(method, target)
+        request_headers = {k.strip().lower(): v.strip() for k, v in headers}
+        if rule is None or rule.action in FORWARDING:
+            return self._forward(client, reader, head, method, target, length, rule=rule, request_headers=request_headers)
+        if rule.action == "status":
+            got = self._read_body(reader, length)
+            self._record(method, target, f"status {rule.status}", got, request_headers, rule.status)
+            location = rule.headers.get("Location", "")
+            if "{target}" in location:  # a redirect to the same path elsewhere
+                rule_headers = {**rule.headers, "Location": location.replace("{target}", target)}
+            else:
+                rule_headers = rule.headers
+            ours = "" if rule.raw_headers else f"Content-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n"
+            extra = "".join(f"{k}: {v}\r\n" for k, v in rule_headers.items())
+            self._answering()
+            client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{ours}{extra}\r\n".encode("latin-1") + (b"" if method == "HEAD" else rule.body))
+            return not rule.close
+        if rule.action == "stream":
+            self._read_body(reader, length)
+            self._stream(client, method, target, rule, request_headers)
+            return False
+        if rule.action == "reset_buffered":
+            got = self._read_body(reader, min(length, rule.after_body_bytes))
+            self._record(method, target, "reset_buffered", got)
+            self._reset(client)
+            return False
+        if rule.action == "reset":
+            upstream = socket.create_connection((self.upstream_host, self.upstream_port))
+            upstream.sendall(head)
+            got = self._read_body(reader, min(length, rule.after_body_bytes), upstream.sendall)
+            self._record(method, target, "reset", got)
+            time.sleep(0.1)
+            self._reset(upstream)
+            self._reset(client)
+            return False
+        raise ValueError(f"unknown action {rule.action!r}")
+
     def _stream(self, client: socket.socket, method: str, target: str, rule: Rule, request_headers: dict[str, str]) -> None:
         """A ``status`` answer whose body is ``stream_bytes`` of filler, made as it is
         sent; the connection is closed after it (or when the client goes away)."""
         seen = self._record(method, target, "stream", 0, request_headers, rule.status)
+        self._answering()
         length = f"Content-Length: {rule.stream_bytes}\r\n" if rule.stream_length else ""
         extra = "".join(f"{k}: {v}\r\n" for k, v in rule.headers.items())
         client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{length}{extra}Connection: close\r\n\r\n".encode("latin-1"))
@@ -319,6 +387,7 @@ class FaultProxy:
         replaced = {k.lower(): (k, v.replace("{n}", str(rule.fired))) for k, v in rule.headers.items()} if rule is not None and rule.action == "headers" else {}
         if rule is not None and (rule.drop_request_headers or rule.add_request_headers):
             head = _drop_headers(head, rule.drop_request_headers, rule.add_request_headers)
+        held = self._wait_until(rule) if rule is not None and rule.action == "hold" else ""
         try:
             upstream = socket.create_connection((self.upstream_host, self.upstream_port), timeout=60)
         except OSError:
@@ -329,6 +398,7 @@ class FaultProxy:
             upstream.sendall(head)
             got = self._read_body(reader, length, upstream.sendall)
             seen = self._record(method, target, rule.action if rule is not None else "forward", got, request_headers)
+            seen.held = held
             response = http.client.HTTPResponse(upstream, method=method)
             response.begin()
             body = response.read()
@@ -358,6 +428,7 @@ class FaultProxy:
             sent = b"" if method == "HEAD" else body[: rule.response_bytes] if cut and rule is not None else body
             with self.lock:
                 seen.response_bytes = len(sent)
+            self._answering()
             client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent)
             if rule is not None and rule.action == "stall":
                 self._hold(client, rule.stall_s)
