@@ -32,9 +32,10 @@ records the others in flight as it arrived (``concurrent``).
 ``delay_s`` holds every request that long before it is handled (a WAN's round
 trip, so that a client's concurrent requests overlap here). ``hold`` forwards a
 request once ``until_count`` requests matching ``until_method`` and ``until_path``
-have arrived (itself included if it matches), or ``stall_s`` has passed; the
-record says which (``held``): a client that sends the two at once meets the
-condition, one that waits for the first answer before the second cannot.
+have arrived since the rule was added (itself included if it matches), or
+``stall_s`` has passed; the record says which (``held``): a client that sends the
+two at once meets the condition, one that waits for the first answer before the
+second cannot.
 """
 
 from __future__ import annotations
@@ -81,10 +82,12 @@ class Rule:
     close_delimited: bool = False
     #: ``stall``: the longest the connection is held silent; ``hold``: the longest a request is held
     stall_s: float = 90.0
-    #: ``hold``: the requests whose arrivals end the hold, and how many of them
+    #: ``hold``: the requests whose arrivals (since the rule was added) end the hold, and how many of them
     until_method: str | None = None
     until_path: str = ""
     until_count: int = 1
+    #: the proxy's arrivals before the rule was added
+    arrived_before: int = 0
     #: ``stream``: the filler bytes answered, and whether a Content-Length states them
     stream_bytes: int = 0
     stream_length: bool = True
@@ -186,6 +189,7 @@ class FaultProxy:
 
     def add(self, rule: Rule) -> Rule:
         with self.lock:
+            rule.arrived_before = len(self.arrivals)
             self.rules.append(rule)
         return rule
 
@@ -240,7 +244,7 @@ class FaultProxy:
         """Until ``rule``'s requests have arrived ("met"), or its ``stall_s`` has passed."""
 
         def met() -> bool:
-            return sum(1 for method, target in self.arrivals if (rule.until_method is None or method == rule.until_method) and re.search(rule.until_path, target)) >= rule.until_count
+            return sum(1 for method, target in self.arrivals[rule.arrived_before :] if (rule.until_method is None or method == rule.until_method) and re.search(rule.until_path, target)) >= rule.until_count
 
         with self._arrived:
             return "met" if self._arrived.wait_for(met, timeout=rule.stall_s) else "timed out"

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 from conftest import remote_digest, skopeo
-from fault_proxy import Rule
+from fault_proxy import FaultProxy, Rule
 from images import LayoutWriter, layer_tar
 from registry import Registry, start_registry
 
@@ -71,7 +71,7 @@ def test_no_more_jobs_are_taken_than_the_width_ahead_of_the_consumer():
 def test_a_cancel_ends_the_expansion():
     cancel = threading.Event()
     seen = []
-    for _, work in Expansion((f"j{i}" for i in itertools.count(1)), lambda job, key: Expanded([job]), width=2, cancel=cancel):
+    for _, work in Expansion((f"j{i}" for i in range(1000)), lambda job, key: Expanded([job]), width=2, cancel=cancel):
         seen.append(work)
         if len(seen) == 5:
             cancel.set()
@@ -164,19 +164,24 @@ def test_an_images_source_and_target_heads_are_asked_at_once(source, front, tmp_
 
 
 def test_image_checks_fill_the_hosts_request_limit(source, front, tmp_path, batchpush):
-    """The queue of expanded images is deep enough that the checks alone keep a
-    host's ``max_requests_in_flight`` (32 by default) busy: every one of its
-    places holds a manifest HEAD at once, and never more."""
+    """The queue of expanded images is deep enough that the checks alone keep the
+    source host's ``max_requests_in_flight`` (32 by default) busy: every one of its
+    places holds a manifest HEAD at once, and never more. (The targets are the same
+    registry, reached as another host: its requests have places of their own.)"""
     fill(source, tmp_path, ["v1"])
     names = [f"r{i}" for i in range(40)]
     clone(source, [f"team/{name}" for name in names] + [f"mirror/{name}" for name in names])  # the targets are up to date
     limit = RegistryOptions().max_requests_in_flight
     front.add(Rule("HEAD", r"/manifests/", "hold", times=-1, until_method="HEAD", until_path=r"/manifests/", until_count=limit, stall_s=HOLD_S))
-    report = tmp_path / "report.json"
-    run = batchpush("run", mirror_plan(tmp_path, front.host, front.host, names), "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--no-signatures")
+    target = FaultProxy(source.host)
+    try:
+        report = tmp_path / "report.json"
+        run = batchpush("run", mirror_plan(tmp_path, front.host, target.host, names), "--report", str(report), "--metadata-dir", str(tmp_path / "md"), "--no-signatures")
+    finally:
+        target.stop()
     assert run.code == 0, run.err
     heads = front.requests("HEAD", "/manifests/")
-    assert len(heads) == 80
+    assert len(heads) == len(target.requests("HEAD", "/manifests/")) == 40
     assert all(seen.held == "met" for seen in heads), f"never {limit} HEADs in flight at once: at most {max(len(seen.concurrent) + 1 for seen in heads)} requests"
     assert front.peak_in_flight == limit
     assert [image["status"] for image in json.loads(report.read_text())["images"]] == ["up-to-date"] * 40
