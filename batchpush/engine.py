@@ -389,11 +389,28 @@ class Engine:
         """``job`` expanded (on an expansion thread): its works, each failure one
         that carries its error. (Issue 22's catalog source would give the jobs of
         its repositories here, ``Expanded(jobs=...)``, each expanded in turn.)"""
+        self._connect_early(job)
         try:
             return Expanded(list(self.expand(job, key)))
         except Exception as exc:  # a bug: this entry's images fail, the run goes on
             log.debug("%s: unexpected error while expanding", job.source, exc_info=True)
             return Expanded([Work(job.source, target, error=InternalError.of(exc, job.source)) for target in job.targets])
+
+    def _connect_early(self, job: PushJob) -> None:
+        """The job's target registries not yet reached are pinged now, on their own
+        pools, while its source is listed: the ping (the scheme, the auth challenge)
+        that their first request would wait for. One that fails is said again by
+        that request, as its image's failure."""
+        for text in job.targets:
+            try:
+                host = parse_target(text).api_host
+                with self._clients_lock:
+                    if host in self._clients:
+                        continue
+                client = self.client(host)
+                self._executors[host].submit(_ping, client)
+            except Exception as exc:  # (a bad target or credentials: its works carry the error)
+                log.debug("%s: not reached early: %s", text, exc)
 
     def _abandon(self, work: Work) -> None:
         if work.entry is not None:
@@ -757,6 +774,13 @@ class Engine:
         progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
         source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
+
+
+def _ping(client: RegistryClient) -> None:
+    try:
+        client.ping()
+    except Exception as exc:  # the first request pings again and fails with it
+        log.debug("%s: the early ping failed: %s", client.host, exc)
 
 
 def _settle(future: cf.Future[T], make: Callable[[], T]) -> None:

@@ -35,7 +35,7 @@ request once ``until_count`` requests matching ``until_method`` and ``until_path
 have arrived since the rule was added (itself included if it matches), or
 ``stall_s`` has passed; the record says which (``held``): a client that sends the
 two at once meets the condition, one that waits for the first answer before the
-second cannot.
+second cannot. ``until_proxy`` counts them at another proxy (another host).
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ class Rule:
     until_method: str | None = None
     until_path: str = ""
     until_count: int = 1
+    #: ``hold``: count the arrivals at this proxy instead (another host of the client's)
+    until_proxy: FaultProxy | None = None
     #: the proxy's arrivals before the rule was added
     arrived_before: int = 0
     #: ``stream``: the filler bytes answered, and whether a Content-Length states them
@@ -189,8 +191,10 @@ class FaultProxy:
 
     def add(self, rule: Rule) -> Rule:
         with self.lock:
-            rule.arrived_before = len(self.arrivals)
             self.rules.append(rule)
+        counted = rule.until_proxy or self
+        with counted.lock:
+            rule.arrived_before = len(counted.arrivals)
         return rule
 
     def body_bytes(self, method: str, path: str = "") -> int:
@@ -243,11 +247,19 @@ class FaultProxy:
     def _wait_until(self, rule: Rule) -> str:
         """Until ``rule``'s requests have arrived ("met"), or its ``stall_s`` has passed."""
 
-        def met() -> bool:
-            return sum(1 for method, target in self.arrivals[rule.arrived_before :] if (rule.until_method is None or method == rule.until_method) and re.search(rule.until_path, target)) >= rule.until_count
+        counted = rule.until_proxy or self
 
+        def met() -> bool:
+            arrivals = list(counted.arrivals)  # (another proxy's: a copy, its lock not taken under ours)
+            return sum(1 for method, target in arrivals[rule.arrived_before :] if (rule.until_method is None or method == rule.until_method) and re.search(rule.until_path, target)) >= rule.until_count
+
+        deadline = time.monotonic() + rule.stall_s
         with self._arrived:
-            return "met" if self._arrived.wait_for(met, timeout=rule.stall_s) else "timed out"
+            # woken by each arrival here; another proxy's are looked at every 50 ms
+            while not self._arrived.wait_for(met, timeout=min(0.05, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    return "timed out"
+            return "met"
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:

@@ -187,6 +187,21 @@ def test_image_checks_fill_the_hosts_request_limit(source, front, tmp_path, batc
     assert [image["status"] for image in json.loads(report.read_text())["images"]] == ["up-to-date"] * 40
 
 
+def test_the_targets_are_reached_while_the_sources_are_listed(source, front, tmp_path, batchpush):
+    """A target registry is pinged (its scheme, its auth challenge) while the source
+    is being listed, not after: the first image's check waits for no ping."""
+    fill(source, tmp_path, ["v1"], "team/app")
+    target = FaultProxy(source.host)
+    try:
+        front.add(Rule("GET", r"/tags/list", "hold", until_proxy=target, until_method="GET", until_path=r"^/v2/$", stall_s=HOLD_S))
+        run = batchpush("push", f"docker://{front.host}/team/app", f"{target.host}/mirror/app", "--insecure", front.host, "--insecure", target.host)
+    finally:
+        target.stop()
+    assert run.code == 0, run.err
+    (listed,) = front.requests("GET", "/tags/list")
+    assert listed.held == "met", "the target was pinged only once the source was listed"
+
+
 class Finished(NoProgress):
     """Counts the images done."""
 
