@@ -163,12 +163,14 @@ class WanProxy:
 
 async def serve(proxy: WanProxy) -> None:
     server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
-    print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # before the port is printed: a SIGUSR1 sent as soon as it is read must not
+    # meet the default action (the end of the process)
     loop.add_signal_handler(signal.SIGUSR1, proxy.report_window)
+    print(server.sockets[0].getsockname()[1], flush=True)
     async with server:
         await stop.wait()
     print(json.dumps(proxy.stats()), flush=True)
