@@ -21,6 +21,7 @@ does I/O or runs foreign code (credential helpers, progress renderers).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import logging
 import os
@@ -725,6 +726,7 @@ class Engine:
         # a referrer goes by its digest, untagged
         tag = target.tag or (str(target.digest) if target.digest else "latest")
         progress = self.options.progress
+        place = contextlib.ExitStack()
         try:
             remote = work.entry.image.node if isinstance(work.entry.image.node, RemoteImage) else None
             client = self.client(target.api_host)
@@ -736,8 +738,27 @@ class Engine:
                     progress.pushed(str(target), tag, str(digest), size, up_to_date=True)
                     return ImageResult(work.source, str(target), "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
             # the check above runs beyond the pushes; what is prepared and sent takes a place
-            with self._push_slots.hold(self.cancelled):
-                return self._push(work, remote, pusher, tag, started)
+            place.enter_context(self._push_slots.hold(self.cancelled))
+            node = self.prepared(work.entry)
+            if remote is not None and remote.reference.registry == target.registry:
+                self._held_by_source(remote, node)  # a mount from the source repository sends nothing
+            progress.image_started(str(target), target.name)
+            if isinstance(node, PendingManifest) and not node.ready():
+                # layers still compressing: none is known to this store, so the tag
+                # cannot already hold what we would push; start sending now
+                pushed = pusher.push_streaming(node, tag)
+            else:
+                if isinstance(node, PendingManifest):
+                    node = node.wait(self.cancelled)
+                current = pusher.up_to_date(node, tag)
+                if current is not None:
+                    progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
+                    return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
+                pushed = pusher.push(node, tag)
+            if self.options.dry_run:  # (each layer's line was printed by the layer path)
+                return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=pushed.layers)
+            progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
+            source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
         except Cancelled:
             return self.failed(work.source, str(target), InterruptedError_("interrupted before every blob arrived; no manifest was written"), started, tell=tell)
         except BatchPushError as exc:
@@ -747,32 +768,7 @@ class Engine:
             return self.failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
         finally:
             self._release(work.entry)
-
-    def _push(self, work: Work, remote: RemoteImage | None, pusher: ImagePusher, tag: str, started: float) -> ImageResult:
-        """The image prepared and pushed to ``work``'s target, unless the target's tag
-        holds it already; raises on any failure before its manifest is written."""
-        assert work.entry is not None and work.reference is not None
-        target, progress = work.reference, self.options.progress
-        node = self.prepared(work.entry)
-        if remote is not None and remote.reference.registry == target.registry:
-            self._held_by_source(remote, node)  # a mount from the source repository sends nothing
-        progress.image_started(str(target), target.name)
-        if isinstance(node, PendingManifest) and not node.ready():
-            # layers still compressing: none is known to this store, so the tag
-            # cannot already hold what we would push; start sending now
-            pushed = pusher.push_streaming(node, tag)
-        else:
-            if isinstance(node, PendingManifest):
-                node = node.wait(self.cancelled)
-            current = pusher.up_to_date(node, tag)
-            if current is not None:
-                progress.pushed(str(target), tag, str(current.digest), current.size, up_to_date=True)
-                return ImageResult(work.source, str(target), "up-to-date", str(current.digest), current.size, seconds=time.monotonic() - started)
-            pushed = pusher.push(node, tag)
-        if self.options.dry_run:  # (each layer's line was printed by the layer path)
-            return ImageResult(work.source, str(target), "dry-run", None, None, seconds=time.monotonic() - started, layers=pushed.layers)
-        progress.pushed(str(target), tag, str(pushed.digest), pushed.size)
-        source_digest = str(self._source_digest(work.entry, remote)) if remote is not None else None
+            place.close()
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
 
 
