@@ -21,7 +21,6 @@ does I/O or runs foreign code (credential helpers, progress renderers).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -721,12 +721,13 @@ class Engine:
 
     def _push_work(self, work: Work, *, tell: bool = True) -> ImageResult:
         assert work.entry is not None and work.reference is not None
+        #: its place among the pushes, once it is known to need one
+        place = ExitStack()
         started = time.monotonic()
         target = work.reference
         # a referrer goes by its digest, untagged
         tag = target.tag or (str(target.digest) if target.digest else "latest")
         progress = self.options.progress
-        place = contextlib.ExitStack()
         try:
             remote = work.entry.image.node if isinstance(work.entry.image.node, RemoteImage) else None
             client = self.client(target.api_host)
