@@ -4,9 +4,9 @@ Jobs are expanded into (source image, target) pushes a bounded window ahead of
 them, many at once (expansion.py: a registry source's tag list is a round trip),
 and the pushes run on a thread pool, a bounded number queued (so memory stays flat
 for any plan size). A registry source's image is first checked (its tag's HEAD at
-the source and at the target, at once): those checks run beyond the pushes, as
-many as a registry takes requests at once, and only the images to copy take one of
-the ``max_concurrent_images`` places. Each
+the source and at the target, at once) on a pool of its own, as many at once as a
+registry takes requests: only the images to copy go on to the pushes, at most
+``max_concurrent_images`` at once, in the order they come. Each
 source image is prepared once — compressed in a process pool, verified — and that
 serves every target and every retry; its spooled files are released when its
 last target is done. Within an image, layers go up on the target registry's own
@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -214,8 +213,6 @@ class Engine:
         self.cancelled = threading.Event()
         #: image checks run beyond the pushes, and plan entries expanded at once
         self.checks_ahead = min(MAX_CHECKS_AHEAD, max(o.max_requests_in_flight for o in (self.options.registry_defaults, *self.options.registries.values())))
-        #: the ``max_concurrent_images`` places of the pushes (an image's attachments ride on its place)
-        self._push_slots = waits.Slots(self.options.max_concurrent_images)
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
         self.preparer = Preparer(self._spool, self.store, self._pool, cancel=self.cancelled)
@@ -307,11 +304,11 @@ class Engine:
         result = BatchResult()
         keyed: list[tuple[Key, ImageResult | tuple[Work, cf.Future[ImageResult]]]] = []
         interrupted = False
-        threads = self.options.max_concurrent_images + self.checks_ahead
-        images = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image")
+        images = cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image")
+        checks = cf.ThreadPoolExecutor(max_workers=self.checks_ahead, thread_name_prefix="check")
         try:
             try:
-                self._submit_all(jobs, images, threads * QUEUED_PER_THREAD, keyed)
+                self._submit_all(jobs, _Pools(images, checks), (self.options.max_concurrent_images + self.checks_ahead) * QUEUED_PER_THREAD, keyed)
             except KeyboardInterrupt:
                 interrupted = True
                 self.cancel()
@@ -326,6 +323,7 @@ class Engine:
                     interrupted = True
                     self.cancel()
         finally:
+            checks.shutdown(wait=not self.cancelled.is_set(), cancel_futures=True)
             images.shutdown(wait=not self.cancelled.is_set(), cancel_futures=True)
         if not self.cancelled.is_set():
             arrived = {id(item[0]) for item, image in zip(ordered, result.images, strict=True) if isinstance(item, tuple) and image.ok}
@@ -365,8 +363,8 @@ class Engine:
                     error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, str(target))
                     result.images.append(self.failed(prune.job.source, str(target), BatchPushError(f"prune: {error.message}"), time.monotonic()))
 
-    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, queued: int, keyed: list[tuple[Key, ImageResult | tuple[Work, cf.Future[ImageResult]]]]) -> None:
-        """Every job's works into ``images``, as the expansion hands them on, each
+    def _submit_all(self, jobs: Iterable[PushJob], pools: _Pools, queued: int, keyed: list[tuple[Key, ImageResult | tuple[Work, cf.Future[ImageResult]]]]) -> None:
+        """Every job's works into the pools, as the expansion hands them on, each
         with its key. At most ``queued`` wait there or run: a full queue stops the
         expansion too, so a plan of any size is expanded as it runs and memory
         stays flat."""
@@ -382,15 +380,41 @@ class Engine:
                 if self.cancelled.is_set():
                     self._abandon(work)
                     return
-            future = images.submit(self.run_work, work)
+            future = self._checked_first(work, pools) if _checks_first(work) else pools.images.submit(self.run_work, work)
             future.add_done_callback(lambda _: slots.release())
             keyed.append((key, (work, future)))
+
+    def _checked_first(self, work: Work, pools: _Pools) -> cf.Future[ImageResult]:
+        """A registry source's image, checked on the check pool (a HEAD at each end,
+        at once): up to date, its result is made there; else it goes on to the image
+        pool with what the check found. Its result's future."""
+        outcome: cf.Future[ImageResult] = cf.Future()
+
+        def check() -> None:
+            assert work.entry is not None and work.reference is not None
+            try:
+                pusher = self.pusher(self.client(work.reference.api_host), work.reference)
+                checked = Checked(self.mirror_up_to_date(work.entry, work.entry.image.node, pusher, _tag(work.reference)))  # type: ignore[arg-type]
+            except Exception:  # the push meets it again (a failed HEAD is remembered) and says it
+                checked = Checked(None)
+            if checked.current is not None:  # (its attachments, mostly up to date too, are checked here)
+                _settle(outcome, lambda: self.run_work(work, checked=checked))
+                return
+            pushed = pools.images.submit(self.run_work, work, checked=checked)
+            pushed.add_done_callback(lambda done: _settle(outcome, done.result))
+
+        try:
+            pools.checks.submit(_settle_on_error, outcome, check)
+        except RuntimeError as exc:  # the pool is shut down: the run is ending
+            outcome.set_exception(exc)
+        return outcome
 
     def _expanded(self, job: PushJob, key: Key) -> Expanded[PushJob, Work]:
         """``job`` expanded (on an expansion thread): its works, each failure one
         that carries its error. (Issue 22's catalog source would give the jobs of
         its repositories here, ``Expanded(jobs=...)``, each expanded in turn.)"""
-        self._connect_early(job)
+        if job.source.startswith(REGISTRY_TRANSPORT):  # (a local source is read in no time)
+            self._connect_early(job)
         try:
             return Expanded(list(self.expand(job, key)))
         except Exception as exc:  # a bug: this entry's images fail, the run goes on
@@ -634,8 +658,10 @@ class Engine:
             return self.client(blob.host).blob_reader(blob)
         return blob
 
-    def run_work(self, work: Work) -> ImageResult:
-        result = self._push_work(work)
+    def run_work(self, work: Work, *, checked: Checked | None = None) -> ImageResult:
+        """``work``'s image to its target, its attachments with it; ``checked``: what
+        the check of a registry source's image found already (None: ask now)."""
+        result = self._push_work(work, checked=checked)
         assert work.entry is not None and work.reference is not None
         remote = work.entry.image.node
         if result.ok and isinstance(remote, RemoteImage) and (remote.attachments or remote.referrers) and not work.entry.platforms and result.source_digest:
@@ -719,27 +745,22 @@ class Engine:
         client.with_retries(lambda: client.put_manifest(target.repository, tag, mt.OCI_INDEX, data), f"manifest {tag}")
         return True
 
-    def _push_work(self, work: Work, *, tell: bool = True) -> ImageResult:
+    def _push_work(self, work: Work, *, tell: bool = True, checked: Checked | None = None) -> ImageResult:
         assert work.entry is not None and work.reference is not None
-        #: its place among the pushes, once it is known to need one
-        place = ExitStack()
         started = time.monotonic()
         target = work.reference
-        # a referrer goes by its digest, untagged
-        tag = target.tag or (str(target.digest) if target.digest else "latest")
+        tag = _tag(target)
         progress = self.options.progress
         try:
             remote = work.entry.image.node if isinstance(work.entry.image.node, RemoteImage) else None
             client = self.client(target.api_host)
             pusher = self.pusher(client, target)
             if remote is not None:
-                current = self.mirror_up_to_date(work.entry, remote, pusher, tag)
+                current = self.mirror_up_to_date(work.entry, remote, pusher, tag) if checked is None else checked.current
                 if current is not None:
                     digest, size = current
                     progress.pushed(str(target), tag, str(digest), size, up_to_date=True)
                     return ImageResult(work.source, str(target), "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
-            # the check above runs beyond the pushes; what is prepared and sent takes a place
-            place.enter_context(self._push_slots.hold(self.cancelled))
             node = self.prepared(work.entry)
             if remote is not None and remote.reference.registry == target.registry:
                 self._held_by_source(remote, node)  # a mount from the source repository sends nothing
@@ -769,8 +790,43 @@ class Engine:
             return self.failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
         finally:
             self._release(work.entry)
-            place.close()
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What the check of a registry source's image found: the target tag's digest
+    and size when it names the source's digest already, else None."""
+
+    current: tuple[Digest, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pools:
+    #: the pushes, ``max_concurrent_images`` threads
+    images: cf.ThreadPoolExecutor
+    #: registry sources' checks, ``checks_ahead`` threads
+    checks: cf.ThreadPoolExecutor
+
+
+def _checks_first(work: Work) -> bool:
+    """Whether ``work``'s image is checked on the check pool first: a registry
+    source's whole image (a platform subset is compared through its manifests)."""
+    return work.entry is not None and isinstance(work.entry.image.node, RemoteImage) and not work.entry.platforms
+
+
+def _tag(target: Reference) -> str:
+    """The tag a target's image goes under: a referrer goes by its digest, untagged."""
+    return target.tag or (str(target.digest) if target.digest else "latest")
+
+
+def _settle_on_error(future: cf.Future[Any], step: Callable[[], None]) -> None:
+    """``step()``, which settles ``future`` itself; what it raises settles it instead."""
+    try:
+        step()
+    except BaseException as exc:
+        if not future.done():
+            future.set_exception(exc)
 
 
 def _ping(client: RegistryClient) -> None:
