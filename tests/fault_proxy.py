@@ -230,6 +230,7 @@ class FaultProxy:
     def _arrive(self, method: str, target: str) -> int:
         """Counts the request in flight; returns its arrival number."""
         with self.lock:
+            self.in_flight.pop(getattr(self._current, "number", -1), None)  # the previous one was answered
             number = len(self.arrivals)
             self.arrivals.append((method, target))
             self._current.concurrent = tuple(self.in_flight.values())
@@ -317,58 +318,54 @@ class FaultProxy:
                 request_line, *header_lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = request_line.split(" ", 2)
                 headers = [h.split(":", 1) for h in header_lines if ":" in h]
+                self._arrive(method, target)  # in flight until its answer starts (or the next request, or the connection's end)
+                if self.delay_s:
+                    time.sleep(self.delay_s)
                 length = int(next((v for k, v in headers if k.strip().lower() == "content-length"), "0"))
-                self._arrive(method, target)
-                try:
-                    if self.delay_s:
-                        time.sleep(self.delay_s)
-                    if not self._handle(client, reader, head, method, target, length, headers):
+                rule = self._pick(method, target)
+                request_headers = {k.strip().lower(): v.strip() for k, v in headers}
+                if rule is None or rule.action in FORWARDING:
+                    if not self._forward(client, reader, head, method, target, length, rule=rule, request_headers=request_headers):
                         return
-                finally:
-                    self._answering()  # (or it got none)
+                    continue
+                if rule.action == "status":
+                    got = self._read_body(reader, length)
+                    self._record(method, target, f"status {rule.status}", got, request_headers, rule.status)
+                    location = rule.headers.get("Location", "")
+                    if "{target}" in location:  # a redirect to the same path elsewhere
+                        rule_headers = {**rule.headers, "Location": location.replace("{target}", target)}
+                    else:
+                        rule_headers = rule.headers
+                    ours = "" if rule.raw_headers else f"Content-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n"
+                    extra = "".join(f"{k}: {v}\r\n" for k, v in rule_headers.items())
+                    self._answering()
+                    client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{ours}{extra}\r\n".encode("latin-1") + (b"" if method == "HEAD" else rule.body))
+                    if rule.close:
+                        return
+                    continue
+                if rule.action == "stream":
+                    self._read_body(reader, length)
+                    self._stream(client, method, target, rule, request_headers)
+                    return
+                if rule.action == "reset_buffered":
+                    got = self._read_body(reader, min(length, rule.after_body_bytes))
+                    self._record(method, target, "reset_buffered", got)
+                    self._reset(client)
+                    return
+                if rule.action == "reset":
+                    upstream = socket.create_connection((self.upstream_host, self.upstream_port))
+                    upstream.sendall(head)
+                    got = self._read_body(reader, min(length, rule.after_body_bytes), upstream.sendall)
+                    self._record(method, target, "reset", got)
+                    time.sleep(0.1)
+                    self._reset(upstream)
+                    self._reset(client)
+                    return
         except (OSError, ValueError):
             return
         finally:
+            self._answering()  # (the connection ends: what it was serving got no answer)
             reader.close()
-
-    def _handle(self, client: socket.socket, reader, head: bytes, method: str, target: str, length: int, headers: list[list[str]]) -> bool:  # type: ignore[no-untyped-def]
-        """One request answered; False when the connection is done with."""
-        rule = self._pick(method, target)
-        request_headers = {k.strip().lower(): v.strip() for k, v in headers}
-        if rule is None or rule.action in FORWARDING:
-            return self._forward(client, reader, head, method, target, length, rule=rule, request_headers=request_headers)
-        if rule.action == "status":
-            got = self._read_body(reader, length)
-            self._record(method, target, f"status {rule.status}", got, request_headers, rule.status)
-            location = rule.headers.get("Location", "")
-            if "{target}" in location:  # a redirect to the same path elsewhere
-                rule_headers = {**rule.headers, "Location": location.replace("{target}", target)}
-            else:
-                rule_headers = rule.headers
-            ours = "" if rule.raw_headers else f"Content-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n"
-            extra = "".join(f"{k}: {v}\r\n" for k, v in rule_headers.items())
-            self._answering()
-            client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{ours}{extra}\r\n".encode("latin-1") + (b"" if method == "HEAD" else rule.body))
-            return not rule.close
-        if rule.action == "stream":
-            self._read_body(reader, length)
-            self._stream(client, method, target, rule, request_headers)
-            return False
-        if rule.action == "reset_buffered":
-            got = self._read_body(reader, min(length, rule.after_body_bytes))
-            self._record(method, target, "reset_buffered", got)
-            self._reset(client)
-            return False
-        if rule.action == "reset":
-            upstream = socket.create_connection((self.upstream_host, self.upstream_port))
-            upstream.sendall(head)
-            got = self._read_body(reader, min(length, rule.after_body_bytes), upstream.sendall)
-            self._record(method, target, "reset", got)
-            time.sleep(0.1)
-            self._reset(upstream)
-            self._reset(client)
-            return False
-        raise ValueError(f"unknown action {rule.action!r}")
 
     def _stream(self, client: socket.socket, method: str, target: str, rule: Rule, request_headers: dict[str, str]) -> None:
         """A ``status`` answer whose body is ``stream_bytes`` of filler, made as it is
