@@ -37,7 +37,7 @@ from . import mediatypes as mt
 from . import waits
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
-from .expansion import Expanded, Expansion, Key
+from .expansion import Expansion, Key
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
 from .metadata import MetadataStore, OverlayStore
@@ -170,8 +170,8 @@ class _Prune:
     works: list[Work] = field(default_factory=list)
     #: an image of it could not even be planned
     failed: bool = False
-    #: where its entry sorts in the plan (its expansion's key): pruned in plan order
-    order: Key = ()
+    #: its entry's position in the plan: pruned in plan order
+    position: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +351,7 @@ class Engine:
         """Each pruning plan entry whose images all arrived (``arrived``: the ``id`` of
         each work that did) drops the targets' tags its source no longer has; one
         that cannot is a failure of its own, added to ``result``."""
-        for prune in sorted(self._prunes, key=lambda prune: prune.order):
+        for prune in sorted(self._prunes, key=lambda prune: prune.position):
             if prune.failed or not all(id(work) in arrived for work in prune.works):
                 log.warning("%s: not pruned: an image of it did not arrive", prune.job.source)
                 continue
@@ -409,17 +409,16 @@ class Engine:
             outcome.set_exception(exc)
         return outcome
 
-    def _expanded(self, job: PushJob, key: Key) -> Expanded[PushJob, Work]:
+    def _expanded(self, job: PushJob, position: int) -> list[Work]:
         """``job`` expanded (on an expansion thread): its works, each failure one
-        that carries its error. (Issue 22's catalog source would give the jobs of
-        its repositories here, ``Expanded(jobs=...)``, each expanded in turn.)"""
+        that carries its error."""
         if job.source.startswith(REGISTRY_TRANSPORT):  # (a local source is read in no time)
             self._connect_early(job)
         try:
-            return Expanded(list(self.expand(job, key)))
+            return list(self.expand(job, position))
         except Exception as exc:  # a bug: this entry's images fail, the run goes on
             log.debug("%s: unexpected error while expanding", job.source, exc_info=True)
-            return Expanded([Work(job.source, target, error=InternalError.of(exc, job.source)) for target in job.targets])
+            return [Work(job.source, target, error=InternalError.of(exc, job.source)) for target in job.targets]
 
     def _connect_early(self, job: PushJob) -> None:
         """The job's target registries not yet reached are pinged now, on their own
@@ -461,10 +460,10 @@ class Engine:
                 if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
                     return self.failed(work.source, work.target, InterruptedError_("interrupted while a request was waiting for its answer; no manifest was written"), cancelled_at)
 
-    def expand(self, job: PushJob, order: Key = ()) -> Iterator[Work]:
+    def expand(self, job: PushJob, position: int = 0) -> Iterator[Work]:
         """The job's (image, target) works; a job that cannot be expanded gives one
         work per target that carries its error. Lists a registry source's tags.
-        ``order``: where the job sorts in the plan (its pruning is done in that order)."""
+        ``position``: the job's in the plan (its pruning is done in that order)."""
         targets: list[Reference] = []
         for text in job.targets:
             try:
@@ -479,7 +478,7 @@ class Engine:
             for target in targets:
                 yield Work(job.source, str(target), error=error)
             return
-        prune = _Prune(job, opened.listed, targets, order=order) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
+        prune = _Prune(job, opened.listed, targets, position=position) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
         if prune is not None:
             self._prunes.append(prune)
         if job.tags is not None:

@@ -28,7 +28,7 @@ from images import LayoutWriter, layer_tar
 from registry import Registry, start_registry
 
 from batchpush.engine import QUEUED_PER_THREAD, Engine, PushJob, PushOptions
-from batchpush.expansion import Expanded, Expansion
+from batchpush.expansion import Expansion
 from batchpush.progress import NoProgress
 from batchpush.registry.client import RegistryOptions
 from batchpush.report import ImageResult
@@ -38,18 +38,15 @@ HOLD_S = 20.0
 
 
 # -- the expansion alone ------------------------------------------------------------
-def expand_letters(job: str, key: tuple[int, ...]) -> Expanded[str, str]:
-    """A job "a3" gives works a0 a1 a2; a job "*bc" stands for the jobs b1 and c1."""
-    if job.startswith("*"):
-        return Expanded(jobs=iter(f"{letter}1" for letter in job[1:]))
-    return Expanded([f"{job[0]}{i}" for i in range(int(job[1:]))])
+def expand_letters(job: str, position: int) -> list[str]:
+    """A job "a3" gives works a0 a1 a2."""
+    return [f"{job[0]}{i}" for i in range(int(job[1:]))]
 
 
-def test_works_come_with_keys_that_sort_in_plan_order_nested_jobs_included():
-    expansion = Expansion(["a2", "*bc", "d1"], expand_letters, width=3, cancel=threading.Event())
+def test_works_come_with_keys_that_sort_in_plan_order():
+    expansion = Expansion(["a2", "b3", "c1", "d2"], expand_letters, width=3, cancel=threading.Event())
     keyed = list(expansion)
-    assert sorted(work for _, work in keyed) == ["a0", "a1", "b0", "c0", "d0"]
-    assert [work for _, work in sorted(keyed)] == ["a0", "a1", "b0", "c0", "d0"]
+    assert [work for _, work in sorted(keyed)] == ["a0", "a1", "b0", "b1", "b2", "c0", "d0", "d1"]
     assert 1 <= expansion.peak <= 3
 
 
@@ -71,7 +68,7 @@ def test_no_more_jobs_are_taken_than_the_width_ahead_of_the_consumer():
 def test_a_cancel_ends_the_expansion():
     cancel = threading.Event()
     seen = []
-    for _, work in Expansion((f"j{i}" for i in range(1000)), lambda job, key: Expanded([job]), width=2, cancel=cancel):
+    for _, work in Expansion((f"j{i}" for i in range(1000)), lambda job, position: [job], width=2, cancel=cancel):
         seen.append(work)
         if len(seen) == 5:
             cancel.set()
