@@ -1,7 +1,12 @@
 """The batch: sources to targets, with shared state, pools and independent failures.
 
-Jobs are expanded lazily into (source image, target) pushes, which run on a thread
-pool, a bounded number in flight (so memory stays flat for any plan size). Each
+Jobs are expanded into (source image, target) pushes a bounded window ahead of
+them, many at once (expansion.py: a registry source's tag list is a round trip),
+and the pushes run on a thread pool, a bounded number queued (so memory stays flat
+for any plan size). A registry source's image is first checked (its tag's HEAD at
+the source and at the target, at once) on a pool of its own, as many at once as a
+registry takes requests: only the images to copy go on to the pushes, at most
+``max_concurrent_images`` at once, in the order they come. Each
 source image is prepared once — compressed in a process pool, verified — and that
 serves every target and every retry; its spooled files are released when its
 last target is done. Within an image, layers go up on the target registry's own
@@ -27,13 +32,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from . import mediatypes as mt
 from . import waits
 from .catalog import GoneRepositories, RepositoryMap, is_catalog_source, list_repositories, repository_jobs
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
+from .expansion import Expansion, Key
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
 from .metadata import MetadataStore, OverlayStore
@@ -59,6 +65,7 @@ from .state import PushState, RemoteBlob
 from .workers import WorkerPool, release_big_buffers
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: after a cancel, how long an image may take to stop before it is reported interrupted unwaited
 CANCEL_GRACE_S = 5.0
@@ -67,6 +74,13 @@ CANCEL_GRACE_S = 5.0
 DEFAULT_MAX_CONCURRENT_IMAGES = 16
 #: after a cancel, how long the spool's removal is tried again
 CANCEL_SPOOL_S = 2.0
+#: the most image checks (a registry source's two HEADs) run beyond the pushes, and
+#: the most plan entries expanded (tag lists) at once: as many as a registry takes
+#: requests at once (``max_requests_in_flight``), up to this many threads each
+MAX_CHECKS_AHEAD = 64
+#: pushes queued for the image pool, per thread of it: enough that a thread ending
+#: finds the next image expanded, few enough that memory stays flat
+QUEUED_PER_THREAD = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +200,8 @@ class _Prune:
     works: list[Work] = field(default_factory=list)
     #: an image of it could not even be planned
     failed: bool = False
+    #: its entry's position in the plan: pruned in plan order
+    position: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +243,8 @@ class Engine:
         self._gone: list[GoneRepositories] = []
         #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
         self.cancelled = threading.Event()
+        #: image checks run beyond the pushes, and plan entries expanded at once
+        self.checks_ahead = min(MAX_CHECKS_AHEAD, max(o.max_requests_in_flight for o in (self.options.registry_defaults, *self.options.registries.values())))
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
         release_big_buffers()  # the compressed blocks pass through this process too
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
@@ -299,7 +317,7 @@ class Engine:
             options,
             self.credentials(host, options),
             cancel=self.cancelled,
-            other_threads=self.options.max_concurrent_images + 2,
+            other_threads=self.options.max_concurrent_images + self.checks_ahead + 2,
             marked_insecure=lambda other: self.registry_options(other).insecure,
         )
         with self._clients_lock:
@@ -319,15 +337,19 @@ class Engine:
         KeyboardInterrupt (the Python API's Ctrl-C) cancels the run: the images in
         flight stop and fail as interrupted, then it is raised again."""
         result = BatchResult()
-        ordered: list[ImageResult | tuple[Work, cf.Future[ImageResult]]] = []
+        keyed: list[tuple[Key, ImageResult | tuple[Work, cf.Future[ImageResult]]]] = []
         interrupted = False
         images = cf.ThreadPoolExecutor(max_workers=self.options.max_concurrent_images, thread_name_prefix="image")
+        checks = cf.ThreadPoolExecutor(max_workers=self.checks_ahead, thread_name_prefix="check")
         try:
             try:
-                self._submit_all(jobs, images, ordered)
+                self._submit_all(jobs, _Pools(images, checks), (self.options.max_concurrent_images + self.checks_ahead) * QUEUED_PER_THREAD, keyed)
             except KeyboardInterrupt:
                 interrupted = True
                 self.cancel()
+            # the images were started as their entries were expanded: back into the plan's order
+            keyed.sort(key=lambda item: item[0])
+            ordered = [item for _, item in keyed]
             while True:
                 try:
                     result.images = [self._image_result(item) for item in ordered]
@@ -336,6 +358,7 @@ class Engine:
                     interrupted = True
                     self.cancel()
         finally:
+            checks.shutdown(wait=not self.cancelled.is_set(), cancel_futures=True)
             images.shutdown(wait=not self.cancelled.is_set(), cancel_futures=True)
         if not self.cancelled.is_set():
             arrived = {id(item[0]) for item, image in zip(ordered, result.images, strict=True) if isinstance(item, tuple) and image.ok}
@@ -367,7 +390,7 @@ class Engine:
         """Each pruning plan entry whose images all arrived (``arrived``: the ``id`` of
         each work that did) drops the targets' tags its source no longer has; one
         that cannot is a failure of its own, added to ``result``."""
-        for prune in self._prunes:
+        for prune in sorted(self._prunes, key=lambda prune: prune.position):
             if prune.failed or not all(id(work) in arrived for work in prune.works):
                 log.warning("%s: not pruned: an image of it did not arrive", prune.job.source)
                 continue
@@ -384,24 +407,78 @@ class Engine:
             except BatchPushError as exc:  # a report only: nothing would have been deleted
                 log.warning("%s: the target catalog could not be listed (%s): repositories no longer in the source catalog not reported", gone.job.source, exc)
 
-    def _submit_all(self, jobs: Iterable[PushJob], images: cf.Executor, ordered: list[ImageResult | tuple[Work, cf.Future[ImageResult]]]) -> None:
-        # a bounded number of pushes waits in the pool, so a plan of any size is
-        # expanded as it runs and memory stays flat
-        slots = threading.BoundedSemaphore(self.options.max_concurrent_images * 2)
-        for job in self.repository_jobs(jobs):
-            for work in self.expand(job):
+    def _submit_all(self, jobs: Iterable[PushJob], pools: _Pools, queued: int, keyed: list[tuple[Key, ImageResult | tuple[Work, cf.Future[ImageResult]]]]) -> None:
+        """Every job's works into the pools, as the expansion hands them on, each
+        with its key. At most ``queued`` wait there or run: a full queue stops the
+        expansion too, so a plan of any size is expanded as it runs and memory
+        stays flat."""
+        slots = threading.BoundedSemaphore(queued)
+        for key, work in Expansion(self.repository_jobs(jobs), self._expanded, width=self.checks_ahead, cancel=self.cancelled):
+            if self.cancelled.is_set():
+                self._abandon(work)
+                return
+            if work.error is not None:
+                keyed.append((key, self.failed(work.source, work.target, work.error, time.monotonic())))
+                continue
+            while not slots.acquire(timeout=waits.POLL_S):
                 if self.cancelled.is_set():
+                    self._abandon(work)
                     return
-                if work.error is not None:
-                    ordered.append(self.failed(work.source, work.target, work.error, time.monotonic()))
-                    continue
-                while not slots.acquire(timeout=waits.POLL_S):
-                    if self.cancelled.is_set():
-                        self._abandon(work)
-                        return
-                future = images.submit(self.run_work, work)
-                future.add_done_callback(lambda _: slots.release())
-                ordered.append((work, future))
+            future = self._checked_first(work, pools) if _checks_first(work) else pools.images.submit(self.run_work, work)
+            future.add_done_callback(lambda _: slots.release())
+            keyed.append((key, (work, future)))
+
+    def _checked_first(self, work: Work, pools: _Pools) -> cf.Future[ImageResult]:
+        """A registry source's image, checked on the check pool (a HEAD at each end,
+        at once): up to date, its result is made there; else it goes on to the image
+        pool with what the check found. Its result's future."""
+        outcome: cf.Future[ImageResult] = cf.Future()
+
+        def check() -> None:
+            assert work.entry is not None and work.reference is not None
+            try:
+                pusher = self.pusher(self.client(work.reference.api_host), work.reference)
+                checked = Checked(self.mirror_up_to_date(work.entry, work.entry.image.node, pusher, _tag(work.reference)))  # type: ignore[arg-type]
+            except Exception:  # the push meets it again (a failed HEAD is remembered) and says it
+                checked = Checked(None)
+            if checked.current is not None:  # (its attachments, mostly up to date too, are checked here)
+                _settle(outcome, lambda: self.run_work(work, checked=checked))
+                return
+            pushed = pools.images.submit(self.run_work, work, checked=checked)
+            pushed.add_done_callback(lambda done: _settle(outcome, done.result))
+
+        try:
+            pools.checks.submit(_settle_on_error, outcome, check)
+        except RuntimeError as exc:  # the pool is shut down: the run is ending
+            outcome.set_exception(exc)
+        return outcome
+
+    def _expanded(self, job: PushJob, position: int) -> list[Work]:
+        """``job`` expanded (on an expansion thread): its works, each failure one
+        that carries its error."""
+        if job.source.startswith(REGISTRY_TRANSPORT):  # (a local source is read in no time)
+            self._connect_early(job)
+        try:
+            return list(self.expand(job, position))
+        except Exception as exc:  # a bug: this entry's images fail, the run goes on
+            log.debug("%s: unexpected error while expanding", job.source, exc_info=True)
+            return [Work(job.source, target, error=InternalError.of(exc, job.source)) for target in job.targets]
+
+    def _connect_early(self, job: PushJob) -> None:
+        """The job's target registries not yet reached are pinged now, on their own
+        pools, while its source is listed: the ping (the scheme, the auth challenge)
+        that their first request would wait for. One that fails is said again by
+        that request, as its image's failure."""
+        for text in job.targets:
+            try:
+                host = parse_target(text).api_host
+                with self._clients_lock:
+                    if host in self._clients:
+                        continue
+                client = self.client(host)
+                self._executors[host].submit(_ping, client)
+            except Exception as exc:  # (a bad target or credentials: its works carry the error)
+                log.debug("%s: not reached early: %s", text, exc)
 
     def _abandon(self, work: Work) -> None:
         if work.entry is not None:
@@ -446,7 +523,10 @@ class Engine:
         ``catalog.list_repositories``."""
         return list_repositories(self.client(source.api_host), source, spec)
 
-    def expand(self, job: PushJob) -> Iterator[Work]:
+    def expand(self, job: PushJob, position: int = 0) -> Iterator[Work]:
+        """The job's (image, target) works; a job that cannot be expanded gives one
+        work per target that carries its error. Lists a registry source's tags.
+        ``position``: the job's in the plan (its pruning is done in that order)."""
         if job.error is not None:
             for text in job.targets:
                 yield Work(job.source, text, error=job.error)
@@ -465,7 +545,7 @@ class Engine:
             for target in targets:
                 yield Work(job.source, str(target), error=error)
             return
-        prune = _Prune(job, opened.listed, targets) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
+        prune = _Prune(job, opened.listed, targets, position=position) if job.prune and isinstance(opened, RegistrySource) and opened.listed and len(targets) == len(job.targets) else None
         if prune is not None:
             self._prunes.append(prune)
         selection = job.selection
@@ -525,17 +605,32 @@ class Engine:
         """``make()`` once for all the entry's targets: the first to ask runs it, the
         others wait for its result (with the cancel flag in view), never on a lock
         held meanwhile."""
-        with entry.lock:
-            future = entry.once.get(name)
-            mine = future is None
-            if future is None:
-                future = entry.once[name] = cf.Future()
+        future, mine = self._once_future(entry, name)
+        if mine:
+            _settle(future, make)
+        return waits.result(future, self.cancelled)
+
+    def _once_started(self, entry: Entry, name: str, make: Callable[[], T], executor: cf.Executor) -> cf.Future[T]:
+        """``make()`` once for all the entry's targets, started on ``executor`` by the
+        first to ask; everyone gets its future at once."""
+        future, mine = self._once_future(entry, name)
         if mine:
             try:
-                future.set_result(make())
-            except BaseException as exc:
+                executor.submit(_settle, future, make)
+            except RuntimeError as exc:  # the pool is shut down: the run is ending
                 future.set_exception(exc)
-        return waits.result(future, self.cancelled)
+        return future
+
+    @staticmethod
+    def _once_future(entry: Entry, name: str) -> tuple[cf.Future[Any], bool]:
+        """The entry's future named ``name``, and whether the caller made it (and so
+        must settle it)."""
+        with entry.lock:
+            future = entry.once.get(name)
+            if future is not None:
+                return future, False
+            future = entry.once[name] = cf.Future()
+            return future, True
 
     def prepared(self, entry: Entry) -> PreparedNode | PendingManifest:
         """The entry's image, prepared once for all its targets. A single manifest
@@ -573,8 +668,15 @@ class Engine:
         """The digest the source's tag names now, and the manifest's size the HEAD
         stated (None when pinned by digest, or stated as 0, which no manifest is):
         one HEAD, once for all targets."""
+        return waits.result(self._source_head_started(entry, image), self.cancelled)
+
+    def _source_head_started(self, entry: Entry, image: RemoteImage) -> cf.Future[tuple[Digest, int | None]]:
+        """``source_head``'s answer to come: its HEAD sent now, on the source host's
+        own pool (once for all targets), so that the caller asks the target meanwhile."""
         if image.reference.digest is not None:
-            return image.reference.digest, None
+            pinned: cf.Future[tuple[Digest, int | None]] = cf.Future()
+            pinned.set_result((image.reference.digest, None))
+            return pinned
         client = self.client(image.reference.api_host)
         repository, tag = image.reference.repository, image.selector
 
@@ -584,16 +686,17 @@ class Engine:
                 raise SourceError(image.spec, "the source has no such tag (any more)")
             return found[0], found[1] or None
 
-        return self._once(entry, "digest", head)  # type: ignore[no-any-return]
+        return self._once_started(entry, "digest", head, self._executors[client.host])
 
     def mirror_up_to_date(self, entry: Entry, image: RemoteImage, pusher: ImagePusher, tag: str) -> tuple[Digest, int] | None:
         """The mirror's cron fast path: the target's tag already names the source's
-        digest (a HEAD at each end, nothing read); its digest and size. A platform
-        subset is never "up to date" this way: its index is not the source's."""
+        digest (a HEAD at each end, both at once, nothing read); its digest and size.
+        A platform subset is never "up to date" this way: its index is not the source's."""
         if entry.platforms:
             return None
-        digest = self._source_digest(entry, image)
+        source = self._source_head_started(entry, image)
         current = pusher.tag_manifest(tag)
+        digest = waits.result(source, self.cancelled)[0]
         return current if current is not None and current[0] == digest else None
 
     def pusher(self, client: RegistryClient, target: Reference) -> ImagePusher:
@@ -656,8 +759,10 @@ class Engine:
             return self.client(blob.host).blob_reader(blob)
         return blob
 
-    def run_work(self, work: Work) -> ImageResult:
-        result = self._push_work(work)
+    def run_work(self, work: Work, *, checked: Checked | None = None) -> ImageResult:
+        """``work``'s image to its target, its attachments with it; ``checked``: what
+        the check of a registry source's image found already (None: ask now)."""
+        result = self._push_work(work, checked=checked)
         assert work.entry is not None and work.reference is not None
         remote = work.entry.image.node
         if result.ok and isinstance(remote, RemoteImage) and (remote.attachments or remote.referrers) and not work.entry.platforms and result.source_digest:
@@ -741,12 +846,11 @@ class Engine:
         client.with_retries(lambda: client.put_manifest(target.repository, tag, mt.OCI_INDEX, data), f"manifest {tag}")
         return True
 
-    def _push_work(self, work: Work, *, tell: bool = True) -> ImageResult:
+    def _push_work(self, work: Work, *, tell: bool = True, checked: Checked | None = None) -> ImageResult:
         assert work.entry is not None and work.reference is not None
         started = time.monotonic()
         target = work.reference
-        # a referrer goes by its digest, untagged
-        tag = target.tag or (str(target.digest) if target.digest else "latest")
+        tag = _tag(target)
         progress = self.options.progress
         node: PreparedNode | PendingManifest | None = None
         try:
@@ -754,7 +858,7 @@ class Engine:
             client = self.client(target.api_host)
             pusher = self.pusher(client, target)
             if remote is not None:
-                current = self.mirror_up_to_date(work.entry, remote, pusher, tag)
+                current = self.mirror_up_to_date(work.entry, remote, pusher, tag) if checked is None else checked.current
                 if current is not None:
                     digest, size = current
                     progress.pushed(str(target), tag, str(digest), size, up_to_date=True)
@@ -793,6 +897,57 @@ class Engine:
             self._drop_presends(node, target)
             self._release(work.entry)
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What the check of a registry source's image found: the target tag's digest
+    and size when it names the source's digest already, else None."""
+
+    current: tuple[Digest, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pools:
+    #: the pushes, ``max_concurrent_images`` threads
+    images: cf.ThreadPoolExecutor
+    #: registry sources' checks, ``checks_ahead`` threads
+    checks: cf.ThreadPoolExecutor
+
+
+def _checks_first(work: Work) -> bool:
+    """Whether ``work``'s image is checked on the check pool first: a registry
+    source's whole image (a platform subset is compared through its manifests)."""
+    return work.entry is not None and isinstance(work.entry.image.node, RemoteImage) and not work.entry.platforms
+
+
+def _tag(target: Reference) -> str:
+    """The tag a target's image goes under: a referrer goes by its digest, untagged."""
+    return target.tag or (str(target.digest) if target.digest else "latest")
+
+
+def _settle_on_error(future: cf.Future[Any], step: Callable[[], None]) -> None:
+    """``step()``, which settles ``future`` itself; what it raises settles it instead."""
+    try:
+        step()
+    except BaseException as exc:
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _ping(client: RegistryClient) -> None:
+    try:
+        client.ping()
+    except Exception as exc:  # the first request pings again and fails with it
+        log.debug("%s: the early ping failed: %s", client.host, exc)
+
+
+def _settle(future: cf.Future[T], make: Callable[[], T]) -> None:
+    """``future`` given ``make()``'s result, or what it raised."""
+    try:
+        future.set_result(make())
+    except BaseException as exc:
+        future.set_exception(exc)
 
 
 def _check_pull_budget(client: RegistryClient, image: RemoteImage) -> None:

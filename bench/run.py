@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import requests
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import registry_cost  # noqa: E402
 from fleet import Fleet, build, directory_tar, synthetic_tar  # noqa: E402
 from registry import Registry, start_registry  # noqa: E402
-from wan_proxy import behind_wan  # noqa: E402
+from wan_proxy import WanRegistry, behind_wan  # noqa: E402
 
 from batchpush.compress import compress_to_spool  # noqa: E402
 from batchpush.sources.base import FileRange  # noqa: E402
@@ -86,6 +86,10 @@ class Run:
     #: softirqs, disk writeback: not negligible when hundreds of MB move)
     machine_cpu_s: float = 0.0
     sampler_cpu_s: float = 0.0
+    #: behind the WAN: each registry's requests in flight during the run, as its
+    #: proxy counted them (``average_in_flight`` over the time any was in flight,
+    #: ``peak_in_flight``), in the order the scenario's registries were given
+    in_flight: list[dict] = field(default_factory=list)
 
 
 def scenario_registry(work: str, name: str) -> Registry:
@@ -133,6 +137,8 @@ def measure(tool: str, commands: list[list[str]], parallel: int, registries: lis
     """``source``: one of ``registries``, read by a mirror; its requests and the
     bytes it served are counted apart too."""
     since = [len(r.access_log()) for r in registries]
+    for registry in registries:  # a new in-flight window at each WAN proxy
+        in_flight_of(registry)
     cpu_before = registry_cpu_s(registries)
     machine_before = machine_busy_s()
     done = subprocess.run([*MEASURE, str(parallel)], input=json.dumps(commands), capture_output=True, text=True, check=True)
@@ -140,11 +146,23 @@ def measure(tool: str, commands: list[list[str]], parallel: int, registries: lis
     stats = json.loads(done.stdout)
     requests_count, uploaded = registry_traffic(registries, since)
     run = Run(tool, stats["wall_s"], stats["cpu_s"], stats["peak_rss_mb"], uploaded, requests_count, stats["failures"], registry_cpu_s(registries) - cpu_before, machine_cpu_s=machine, sampler_cpu_s=stats["sampler_cpu_s"])
+    run.in_flight = [figures for registry in registries if (figures := in_flight_of(registry))]
     if source is not None:
         lines = source.access_log()[since[registries.index(source)]:]
         run.source_requests = len(lines)
         run.bytes_read = sum(int(match.group(1)) for line in lines if (match := _GET_BODY.search(line)))
     return run
+
+
+def in_flight_of(registry: Registry) -> dict:
+    """The requests in flight at ``registry``'s WAN proxy since the last call (empty
+    on loopback): how many round trips a tool overlaps there."""
+    return registry.in_flight() if isinstance(registry, WanRegistry) else {}
+
+
+def in_flight_text(run: Run) -> str:
+    """Average/peak requests in flight per registry (source + target for a mirror)."""
+    return " + ".join(f"{figures['average_in_flight']:.1f}/{figures['peak_in_flight']}" for figures in run.in_flight)
 
 
 def batchpush_commands(work: str, fleet: Fleet, registries: list[Registry], name: str, run: str) -> list[list[str]]:
@@ -366,8 +384,8 @@ def mirror_scenario(work: str, fleet: Fleet, name: str, repeats: int = REPEATS) 
 
 MIRROR_HEADER = [
     "| scenario | batchpush s | skopeo sync s (best of x1, x4) | ratio | MB read from source ours / skopeo | MB uploaded ours / skopeo "
-    "| requests source + target, ours / skopeo | peak RSS MB ours / skopeo | CPU s ours / skopeo |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| requests source + target, ours / skopeo | peak RSS MB ours / skopeo | CPU s ours / skopeo | in flight avg/peak source + target, ours / skopeo |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 
 
@@ -380,7 +398,7 @@ def mirror_row(name: str, ours: Run, theirs: Run) -> str:
     return (
         f"| {name} | {ours.wall_s:,.1f} | {theirs.wall_s:,.1f} ({theirs.tool}) | **{ratio:.2f}** | {ours.bytes_read / 1e6:,.1f} / {theirs.bytes_read / 1e6:,.1f} "
         f"| {ours.bytes_uploaded / 1e6:,.1f} / {theirs.bytes_uploaded / 1e6:,.1f} | {split(ours)} / {split(theirs)} | {ours.peak_rss_mb:,.0f} / {theirs.peak_rss_mb:,.0f} "
-        f"| {ours.cpu_s:,.1f} / {theirs.cpu_s:,.1f} |" + (f" failures {ours.failures}/{theirs.failures}" if ours.failures or theirs.failures else "")
+        f"| {ours.cpu_s:,.1f} / {theirs.cpu_s:,.1f} | {in_flight_text(ours)} / {in_flight_text(theirs)} |" + (f" failures {ours.failures}/{theirs.failures}" if ours.failures or theirs.failures else "")
     )
 
 
@@ -409,6 +427,8 @@ def print_runs(results: dict) -> None:
                 # the machine's CPU not spent by the tool, the registries or the sampler: other work
                 # on the same cores (and the kernel's own, see Run.machine_cpu_s)
                 read += f" other cpu {max(0.0, value.machine_cpu_s - value.cpu_s - value.registry_cpu_s - value.sampler_cpu_s):5.2f}s"
+                if value.in_flight:
+                    read += f" in flight avg/peak {in_flight_text(value)}"
                 print(f"  {name:12} {key:15} {value.tool:15} wall {value.wall_s:7.2f}s cpu {value.cpu_s:7.2f}s registry cpu {value.registry_cpu_s:6.2f}s ({per_request:4.1f} ms/req) "
                       f"(cpu bound {bound:5.2f}s) rss {value.peak_rss_mb:6.0f}MB up {value.bytes_uploaded / 1e6:8.1f}MB req {value.requests:6} fail {value.failures}{read}")
 
@@ -511,7 +531,8 @@ def row(name: str, ours: Run, theirs: Run, layer_bytes: int | None = None) -> st
     throughput = f"{layer_bytes / ours.wall_s / 1e6:,.0f}" if layer_bytes else ""
     return (
         f"| {name} | {ours.wall_s:,.1f} | {theirs.wall_s:,.1f} ({theirs.tool}) | **{ratio:.2f}** | {ours.bytes_uploaded / 1e6:,.1f} / {theirs.bytes_uploaded / 1e6:,.1f} "
-        f"| {ours.requests:,} / {theirs.requests:,} | {ours.peak_rss_mb:,.0f} / {theirs.peak_rss_mb:,.0f} | {ours.cpu_s:,.1f} / {theirs.cpu_s:,.1f} | {throughput} |"
+        f"| {ours.requests:,} / {theirs.requests:,} | {ours.peak_rss_mb:,.0f} / {theirs.peak_rss_mb:,.0f} | {ours.cpu_s:,.1f} / {theirs.cpu_s:,.1f} | {throughput} "
+        f"| {in_flight_text(ours)} / {in_flight_text(theirs)} |"
         + (f" failures {ours.failures}/{theirs.failures}" if ours.failures or theirs.failures else "")
     )
 
@@ -578,8 +599,9 @@ def main() -> int:
             "mirror_wide": mirror_scenario(work, built["wide"], "mirror_wide"),
         }
         lines = [
-            "| scenario | batchpush s | skopeo s (best of x1, x4) | ratio | MB uploaded ours / skopeo | requests ours / skopeo | peak RSS MB ours / skopeo | CPU s ours / skopeo | batchpush MB/s of layers |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| scenario | batchpush s | skopeo s (best of x1, x4) | ratio | MB uploaded ours / skopeo | requests ours / skopeo | peak RSS MB ours / skopeo | CPU s ours / skopeo | batchpush MB/s of layers "
+            "| in flight avg/peak per registry, ours / skopeo |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             row("heavy cold", results["heavy"]["batchpush"], results["heavy"]["skopeo"], built["heavy"].layer_bytes),
             row("wide cold", results["wide"]["batchpush"], results["wide"]["skopeo"]),
             row("heavy cron re-run", results["heavy"]["cron_batchpush"], results["heavy"]["cron_skopeo"]),

@@ -40,10 +40,9 @@ def main() -> int:
                     registry.stop()
                     shutil.rmtree(registry.root, ignore_errors=True)
             best = run.median_run(runs)
-            seen = getattr(registry, "seen", None) or {}
             walls = "/".join(f"{r.wall_s:.2f}" for r in sorted(runs, key=lambda r: r.wall_s))
             print(f"{setting or '(defaults)':40} wall {best.wall_s:6.2f}s (all {walls}) cpu {best.cpu_s:5.2f}s registry cpu {best.registry_cpu_s:5.2f}s req {best.requests:6} "
-                  f"up {best.bytes_uploaded / 1e6:7.1f}MB rss {best.peak_rss_mb:5.0f}MB fail {best.failures} proxy peak in flight {seen.get('peak_in_flight', '?')}", flush=True)
+                  f"up {best.bytes_uploaded / 1e6:7.1f}MB rss {best.peak_rss_mb:5.0f}MB fail {best.failures} in flight avg/peak {run.in_flight_text(best) or '?'}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

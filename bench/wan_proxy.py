@@ -11,9 +11,13 @@ begins whenever the client sends after the server has answered, or first on a
 connection: those first bytes, and each new connection, wait ``--delay-ms`` (one
 round trip per request/response exchange; the rest of a body follows at once).
 ``--rate`` is a token bucket over the bytes of both directions of all connections
-(the link both tools share), with a burst of 20 ms' worth. It also counts the
-requests in flight (begun, answer not yet started) and keeps their peak, which the
-tests use to check batchpush's limit.
+(the link both tools share), with a burst of 20 ms' worth.
+
+It counts the requests in flight (begun, answer not yet started): their peak,
+which the tests use to check batchpush's limit, and their average over the time
+any was in flight (the area under the in-flight count over that time: how many
+round trips a tool overlaps). SIGUSR1 prints a JSON line of those figures for the
+window since the last SIGUSR1 (the bench's one run), then starts a new window.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -53,6 +58,40 @@ class Bucket:
             await asyncio.sleep(self.free_at - now)
 
 
+@dataclass
+class InFlight:
+    """Requests in flight over a window of time: their peak and their average over
+    the time any was in flight (request-seconds / busy seconds)."""
+
+    requests: int = 0
+    peak: int = 0
+    #: the integral of the in-flight count over time
+    request_s: float = 0.0
+    #: the time at least one request was in flight
+    busy_s: float = 0.0
+    now: int = 0
+    changed_at: float = field(default_factory=time.monotonic)
+
+    def change(self, by: int) -> None:
+        at = time.monotonic()
+        if self.now:
+            self.request_s += self.now * (at - self.changed_at)
+            self.busy_s += at - self.changed_at
+        self.changed_at = at
+        self.now += by
+        if by > 0:
+            self.requests += by
+            self.peak = max(self.peak, self.now)
+
+    def figures(self) -> dict[str, float]:
+        self.change(0)
+        return {"requests": self.requests, "peak_in_flight": self.peak, "average_in_flight": round(self.request_s / self.busy_s, 2) if self.busy_s else 0.0, "busy_s": round(self.busy_s, 3)}
+
+    def next_window(self) -> InFlight:
+        """A new window, with the requests in flight now still in it."""
+        return InFlight(peak=self.now, now=self.now)
+
+
 class WanProxy:
     def __init__(self, upstream: tuple[str, int], delay_s: float, rate: float | None) -> None:
         self.upstream = upstream
@@ -63,6 +102,8 @@ class WanProxy:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.bytes = 0
+        #: the in-flight figures since the last SIGUSR1
+        self.window = InFlight()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -87,11 +128,13 @@ class WanProxy:
                     state["waiting"] = True
                     self.requests += 1
                     self.in_flight += 1
+                    self.window.change(+1)
                     self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                     await asyncio.sleep(self.delay_s)
                 elif not request and state["waiting"]:
                     state["waiting"] = False
                     self.in_flight -= 1
+                    self.window.change(-1)
                 if not request:
                     state["answered"] = True
                 if self.bucket is not None:
@@ -105,20 +148,29 @@ class WanProxy:
             if state["waiting"] and not request:  # closed unanswered
                 state["waiting"] = False
                 self.in_flight -= 1
+                self.window.change(-1)
             with contextlib.suppress(ConnectionError, OSError):
                 writer.close()
 
     def stats(self) -> dict[str, int]:
         return {"requests": self.requests, "connections": self.connections, "peak_in_flight": self.peak_in_flight, "bytes": self.bytes}
 
+    def report_window(self) -> None:
+        """The in-flight figures since the last report, as a JSON line; a new window begins."""
+        print(json.dumps(self.window.figures()), flush=True)
+        self.window = self.window.next_window()
+
 
 async def serve(proxy: WanProxy) -> None:
     server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
-    print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # before the port is printed: a SIGUSR1 sent as soon as it is read must not
+    # meet the default action (the end of the process)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.report_window)
+    print(server.sockets[0].getsockname()[1], flush=True)
     async with server:
         await stop.wait()
     print(json.dumps(proxy.stats()), flush=True)
@@ -135,6 +187,16 @@ class WanRegistry(Registry):
     def stop(self) -> None:
         self.stop_proxy()
         super().stop()
+
+    def in_flight(self) -> dict[str, float]:
+        """The proxy's in-flight figures since the last call (requests, their peak and
+        average in flight, busy seconds); a new window begins. Empty without a proxy."""
+        if self.proxy is None or self.proxy.poll() is not None:
+            return {}
+        assert self.proxy.stdout is not None
+        self.proxy.send_signal(signal.SIGUSR1)
+        ready, _, _ = select.select([self.proxy.stdout], [], [], 10)
+        return json.loads(self.proxy.stdout.readline()) if ready else {}
 
     def stop_proxy(self) -> None:
         """Stop the proxy alone (the registry goes on) and keep what it saw."""

@@ -30,6 +30,18 @@ Content-Length then ends early). A forwarding rule counts its requests in flight
 comes once the peer has acknowledged the bytes sent before it. Request bodies can be
 throttled. Counters record every request, its body bytes and the status it was
 answered with.
+
+Concurrency is observed by order of arrival and counts, never by timings: every
+request is in flight from its arrival (its head read) until its answer starts (so
+the client cannot send the next one before this one is counted out), and each
+records the others in flight as it arrived (``concurrent``).
+``delay_s`` holds every request that long before it is handled (a WAN's round
+trip, so that a client's concurrent requests overlap here). ``hold`` forwards a
+request once ``until_count`` requests matching ``until_method`` and ``until_path``
+have arrived since the rule was added (itself included if it matches), or
+``stall_s`` has passed; the record says which (``held``): a client that sends the
+two at once meets the condition, one that waits for the first answer before the
+second cannot. ``until_proxy`` counts them at another proxy (another host).
 """
 
 from __future__ import annotations
@@ -63,7 +75,7 @@ def _upto(length: int, limit: int) -> int:
 class Rule:
     method: str | None
     path: str  # a regular expression searched in the request target
-    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream" | "hang"
+    action: str  # "status" | "reset" | "reset_buffered" | "reset_after_response" | "headers" | "reset_response" | "corrupt_body" | "stall" | "forward" | "stream" | "hang" | "hold"
     status: int = 503
     #: headers added to a ``status`` answer, or set on the registry's (``headers``)
     headers: dict[str, str] = field(default_factory=dict)
@@ -84,8 +96,16 @@ class Rule:
     body_filter: Callable[[bytes], bytes] | None = None
     #: the answer goes without Content-Length; closing the connection ends it
     close_delimited: bool = False
-    #: ``stall``, ``hang``: the longest the connection is held silent
+    #: ``stall``, ``hang``: the longest the connection is held silent; ``hold``: the longest a request is held
     stall_s: float = 90.0
+    #: ``hold``: the requests whose arrivals (since the rule was added) end the hold, and how many of them
+    until_method: str | None = None
+    until_path: str = ""
+    until_count: int = 1
+    #: ``hold``: count the arrivals at this proxy instead (another host of the client's)
+    until_proxy: FaultProxy | None = None
+    #: the proxy's arrivals before the rule was added
+    arrived_before: int = 0
     #: ``stream``: the filler bytes answered, and whether a Content-Length states them
     stream_bytes: int = 0
     stream_length: bool = True
@@ -120,10 +140,14 @@ class Seen:
     status: int | None = None
     #: answer-body bytes sent to the client (a forwarded answer's)
     response_bytes: int = 0
+    #: the requests ("METHOD target") in flight at the proxy as this one arrived
+    concurrent: tuple[str, ...] = ()
+    #: ``hold``: "met" (its condition was met) or "timed out"
+    held: str = ""
 
 
 #: actions that forward the request to the registry
-FORWARDING = ("reset_after_response", "headers", "reset_response", "corrupt_body", "stall", "forward")
+FORWARDING = ("reset_after_response", "headers", "reset_response", "corrupt_body", "stall", "forward", "hold")
 
 
 def _drop_headers(head: bytes, names: tuple[str, ...], added: dict[str, str] | None = None) -> bytes:
@@ -167,9 +191,20 @@ class FaultProxy:
         self.live_body_bytes = 0
         #: TCP connections accepted
         self.connections = 0
+        #: every request held this long before it is handled (a WAN's round trip)
+        self.delay_s = 0.0
+        #: requests arrived and not yet answered ("METHOD target" by arrival number), and their peak
+        self.in_flight: dict[int, str] = {}
+        self.peak_in_flight = 0
+        #: (method, target) of every request, in order of arrival
+        self.arrivals: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         #: notified when a rule's in_flight grows (a held answer waits on it)
         self._in_flight_grew = threading.Condition(self.lock)
+        #: notified at every arrival (``hold`` waits on it)
+        self._arrived = threading.Condition(self.lock)
+        #: the request this thread is serving: the others in flight as it arrived
+        self._current = threading.local()
         self._tls: ssl.SSLContext | None = None
         if tls is not None:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -183,6 +218,8 @@ class FaultProxy:
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
             allow_reuse_address = True
+            #: a client's connections opened at once (up to its request limit) wait for no SYN retry
+            request_queue_size = 128
 
         self.server = Server((bind, 0), Handler)
         self.host = f"{bind}:{self.server.server_address[1]}"
@@ -193,6 +230,9 @@ class FaultProxy:
     def add(self, rule: Rule) -> Rule:
         with self.lock:
             self.rules.append(rule)
+        counted = rule.until_proxy or self
+        with counted.lock:
+            rule.arrived_before = len(counted.arrivals)
         return rule
 
     def body_bytes(self, method: str, path: str = "") -> int:
@@ -220,10 +260,45 @@ class FaultProxy:
         return None
 
     def _record(self, method: str, target: str, action: str, body_bytes: int, headers: dict[str, str] | None = None, status: int | None = None) -> Seen:
-        seen = Seen(time.monotonic(), method, target, action, body_bytes, headers or {}, status)
+        seen = Seen(time.monotonic(), method, target, action, body_bytes, headers or {}, status, concurrent=getattr(self._current, "concurrent", ()))
         with self.lock:
             self.seen.append(seen)
         return seen
+
+    def _arrive(self, method: str, target: str) -> int:
+        """Counts the request in flight; returns its arrival number."""
+        with self.lock:
+            self.in_flight.pop(getattr(self._current, "number", -1), None)  # the previous one was answered
+            number = len(self.arrivals)
+            self.arrivals.append((method, target))
+            self._current.concurrent = tuple(self.in_flight.values())
+            self._current.number = number
+            self.in_flight[number] = f"{method} {target}"
+            self.peak_in_flight = max(self.peak_in_flight, len(self.in_flight))
+            self._arrived.notify_all()
+        return number
+
+    def _answering(self) -> None:
+        """The request this thread serves is no longer in flight: its answer starts."""
+        with self.lock:
+            self.in_flight.pop(getattr(self._current, "number", -1), None)
+
+    def _wait_until(self, rule: Rule) -> str:
+        """Until ``rule``'s requests have arrived ("met"), or its ``stall_s`` has passed."""
+
+        counted = rule.until_proxy or self
+
+        def met() -> bool:
+            arrivals = list(counted.arrivals)  # (another proxy's: a copy, its lock not taken under ours)
+            return sum(1 for method, target in arrivals[rule.arrived_before :] if (rule.until_method is None or method == rule.until_method) and re.search(rule.until_path, target)) >= rule.until_count
+
+        deadline = time.monotonic() + rule.stall_s
+        with self._arrived:
+            # woken by each arrival here; another proxy's are looked at every 50 ms
+            while not self._arrived.wait_for(met, timeout=min(0.05, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    return "timed out"
+            return "met"
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
@@ -325,6 +400,9 @@ class FaultProxy:
                 request_line, *header_lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = request_line.split(" ", 2)
                 headers = [h.split(":", 1) for h in header_lines if ":" in h]
+                self._arrive(method, target)  # in flight until its answer starts (or the next request, or the connection's end)
+                if self.delay_s:
+                    time.sleep(self.delay_s)
                 length = int(next((v for k, v in headers if k.strip().lower() == "content-length"), "0"))
                 if any(k.strip().lower() == "transfer-encoding" and "chunked" in v.lower() for k, v in headers):
                     length = CHUNKED
@@ -344,6 +422,7 @@ class FaultProxy:
                         rule_headers = rule.headers
                     ours = "" if rule.raw_headers else f"Content-Length: {len(rule.body)}\r\nContent-Type: application/json\r\n"
                     extra = "".join(f"{k}: {v}\r\n" for k, v in rule_headers.items())
+                    self._answering()
                     client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{ours}{extra}\r\n".encode("latin-1") + (b"" if method == "HEAD" else rule.body))
                     if rule.close:
                         return
@@ -373,12 +452,14 @@ class FaultProxy:
         except (OSError, ValueError):
             return
         finally:
+            self._answering()  # (the connection ends: what it was serving got no answer)
             reader.close()
 
     def _stream(self, client: socket.socket, method: str, target: str, rule: Rule, request_headers: dict[str, str]) -> None:
         """A ``status`` answer whose body is ``stream_bytes`` of filler, made as it is
         sent; the connection is closed after it (or when the client goes away)."""
         seen = self._record(method, target, "stream", 0, request_headers, rule.status)
+        self._answering()
         length = f"Content-Length: {rule.stream_bytes}\r\n" if rule.stream_length else ""
         extra = "".join(f"{k}: {v}\r\n" for k, v in rule.headers.items())
         client.sendall(f"HTTP/1.1 {rule.status} Injected\r\n{length}{extra}Connection: close\r\n\r\n".encode("latin-1"))
@@ -441,6 +522,7 @@ class FaultProxy:
         replaced = {k.lower(): (k, v.replace("{n}", str(rule.fired))) for k, v in rule.headers.items()} if rule is not None and rule.action == "headers" else {}
         if rule is not None and (rule.drop_request_headers or rule.add_request_headers):
             head = _drop_headers(head, rule.drop_request_headers, rule.add_request_headers)
+        held = self._wait_until(rule) if rule is not None and rule.action == "hold" else ""
         try:
             upstream = socket.create_connection((self.upstream_host, self.upstream_port), timeout=60)
         except OSError:
@@ -451,6 +533,7 @@ class FaultProxy:
             upstream.sendall(head)
             got = self._read_body(reader, length, upstream.sendall)
             seen = self._record(method, target, rule.action if rule is not None else "forward", got, request_headers)
+            seen.held = held
             response = http.client.HTTPResponse(upstream, method=method)
             response.begin()
             body = response.read()
@@ -482,6 +565,7 @@ class FaultProxy:
                 seen.response_bytes = len(sent)
             if hold and rule is not None:
                 self._hold_answer(rule)
+            self._answering()
             answer = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + sent
             if rule is None:
                 client.sendall(answer)
