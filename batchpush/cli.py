@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
-from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .engine import DEFAULT_MAX_CONCURRENT_IMAGES, Engine, PushJob, PushOptions
 from .errors import BatchPushError, UsageError
-from .logs import JsonFormatter, RedactingFormatter
-from .metrics import DEFAULT_JOB, MetricsOptions, RunTimes, export, parse_label
-from .outcome import LayerOutcome
-from .plan import load_plan
-from .progress import Fanout, JsonProgress, LineWriter, PlainProgress, Progress, RichProgress, WriterHandler
-from .reference import parse_target
-from .registry.auth import CredentialProvider, Credentials
-from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MAX_REQUESTS_IN_FLIGHT, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
-from .registry.credentials import ChainedCredentials, DockerConfigCredentials
-from .registry.retry import DEFAULT_MAX_ATTEMPTS
-from .report import BatchResult
-from .sources.registry import Platform
-from .summary import summary_lines
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Iterable, Iterator, Sequence
+    from types import FrameType
+
+    from .engine import Engine, PushJob, PushOptions
+    from .progress import LineWriter, Progress
+    from .registry.auth import CredentialProvider
+    from .report import BatchResult
+    from .sources.registry import Platform
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,6 +38,8 @@ def _size(text: str) -> int:
 
 
 def _platform(text: str) -> Platform:
+    from .sources.registry import Platform
+
     try:
         return Platform.parse(text)
     except BatchPushError as exc:
@@ -54,6 +47,10 @@ def _platform(text: str) -> Platform:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    from .engine import DEFAULT_MAX_CONCURRENT_IMAGES
+    from .registry.client import DEFAULT_MAX_REQUESTS_IN_FLIGHT
+    from .registry.retry import DEFAULT_MAX_ATTEMPTS
+
     parser.add_argument("--allow-nondistributable-artifacts", action="append", default=[], metavar="HOST[:PORT]", help="push foreign (non-distributable) layers to this host too (repeatable)")
     parser.add_argument("--max-attempts", type=int, metavar="N", help=f"attempts of each protocol step sequence, retries included (default {DEFAULT_MAX_ATTEMPTS}; overrides the plan)")
     parser.add_argument("--max-requests-in-flight", type=int, metavar="N", help=f"requests to each registry at once (default {DEFAULT_MAX_REQUESTS_IN_FLIGHT}; overrides the plan)")
@@ -70,6 +67,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _metrics_label(text: str) -> tuple[str, str]:
+    from .metrics import parse_label
+
     try:
         return parse_label(text)
     except BatchPushError as exc:
@@ -78,6 +77,8 @@ def _metrics_label(text: str) -> tuple[str, str]:
 
 def _operations(parser: argparse.ArgumentParser) -> None:
     """Flags for runs nobody watches (cron, CI): JSON logs and Prometheus metrics."""
+    from .metrics import DEFAULT_JOB
+
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: every event and log record as one JSON object per line on stderr (progress lines then all on stdout)")
     parser.add_argument("--metrics-file", metavar="PATH", help="write the run's Prometheus metrics to PATH (node_exporter textfile format, atomically)")
     parser.add_argument("--pushgateway", metavar="URL", help="push the run's Prometheus metrics to this Pushgateway (a failed push is a warning only)")
@@ -86,6 +87,10 @@ def _operations(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. It names the defaults of the engine and the registry
+    client, so building it imports them: ``main`` answers ``--version`` before."""
+    from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES
+
     parser = argparse.ArgumentParser(prog="batchpush", description="Push container images to OCI registries in bulk.")
     parser.add_argument("--version", action="version", version=f"batchpush {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress(args: argparse.Namespace, writer: LineWriter) -> Progress:
+    from .progress import Fanout, JsonProgress, PlainProgress, RichProgress
+
     if args.log_format == "json":  # stderr carries the JSON lines only: the human ones all go to stdout
         return Fanout(PlainProgress(err=sys.stdout, quiet=args.quiet, writer=writer), JsonProgress())
     if sys.stdout.isatty() and not args.debug and not args.quiet:
@@ -116,6 +123,8 @@ def _progress(args: argparse.Namespace, writer: LineWriter) -> Progress:
 
 
 def _dry_run_lines(result: BatchResult) -> Iterator[str]:
+    from .outcome import LayerOutcome
+
     total = 0
     for image in result.images:
         if image.status != "dry-run":
@@ -134,6 +143,8 @@ def _closing_lines(args: argparse.Namespace, result: BatchResult, seconds: float
     """What a run ends with, on stdout through the progress renderer (so never
     written by a thread that can block, and not at all with ``-q``): a dry run's
     plan, pruned tags, then the summary."""
+    from .summary import summary_lines
+
     if args.dry_run:
         yield from _dry_run_lines(result)
     for pruned in result.pruned:
@@ -151,6 +162,10 @@ def _exit_code(args: argparse.Namespace, result: BatchResult, started_at: float,
 
 def _push_credentials(args: argparse.Namespace) -> CredentialProvider:
     """``--username`` with ``--password-stdin`` for every target registry, else docker's config."""
+    from .reference import parse_target
+    from .registry.auth import Credentials
+    from .registry.credentials import ChainedCredentials, DockerConfigCredentials
+
     if args.password_stdin and not args.username:
         raise UsageError("--password-stdin needs --username")
     if not args.username:
@@ -171,11 +186,26 @@ def _export_metrics(args: argparse.Namespace, result: BatchResult, started_at: f
     """The run's metrics, if asked for; a dry run publishes none (it would be a success that sent nothing)."""
     if args.dry_run or not (args.metrics_file or args.pushgateway):
         return
+    import time
+
+    from .metrics import MetricsOptions, RunTimes, export  # prometheus-client: only a run that asks for metrics
+
     options = MetricsOptions(textfile=args.metrics_file, pushgateway=args.pushgateway, job=args.metrics_job, labels=dict(args.metrics_label))
     export(options, result, RunTimes(started_at, time.time(), time.monotonic() - started), success=success)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--version"]:
+        # what argparse's version action prints, before the run's modules are
+        # imported: a version probe costs the interpreter's start-up only
+        print(f"batchpush {__version__}")
+        return EXIT_OK
+    import logging
+
+    from .logs import JsonFormatter, RedactingFormatter
+    from .progress import LineWriter, WriterHandler
+
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
@@ -195,11 +225,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, writer: LineWriter) -> int:
+    import signal
+    import threading
+    import time
+    from dataclasses import replace
+
+    from .engine import Engine, PushJob, PushOptions
+    from .registry.client import RegistryOptions
+    from .registry.credentials import DockerConfigCredentials
+    from .report import BatchResult
+
     def say(text: str) -> None:  # an error line on stderr, never dropped
         writer.keep(sys.stderr, text)
 
     try:
         if args.command == "run":
+            from .plan import load_plan
+
             plan = load_plan(args.plan)
             defaults, registries, jobs = plan.defaults, plan.registries, plan.jobs()
             credentials: CredentialProvider = DockerConfigCredentials()
