@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import BatchPushError, UsageError
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     client, so building it imports them: ``main`` answers ``--version`` before."""
     from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES
 
-    parser = argparse.ArgumentParser(prog="batchpush", description="Push container images to OCI registries in bulk.")
+    parser = _Parser(prog="batchpush", description="Push container images to OCI registries in bulk.")
     parser.add_argument("--version", action="version", version=f"batchpush {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     push = commands.add_parser("push", help="push the images of one source to one or more repositories")
@@ -113,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress(args: argparse.Namespace, writer: LineWriter) -> Progress:
-    from .progress import Fanout, JsonProgress, PlainProgress, RichProgress
+    from .progress import JsonProgress, PlainProgress, RichProgress
 
-    if args.log_format == "json":  # stderr carries the JSON lines only: the human ones all go to stdout
-        return Fanout(PlainProgress(err=sys.stdout, quiet=args.quiet, writer=writer), JsonProgress())
+    if args.log_format == "json":  # the events, as JSON on stderr; no human line at all
+        return JsonProgress()
     if sys.stdout.isatty() and not args.debug and not args.quiet:
         return RichProgress()
     return PlainProgress(quiet=args.quiet, writer=writer)
@@ -139,18 +139,30 @@ def _dry_run_lines(result: BatchResult) -> Iterator[str]:
     yield f"would send {total} bytes of layers"
 
 
-def _closing_lines(args: argparse.Namespace, result: BatchResult, seconds: float) -> Iterator[str]:
-    """What a run ends with, on stdout through the progress renderer (so never
-    written by a thread that can block, and not at all with ``-q``): a dry run's
-    plan, pruned tags, then the summary."""
-    from .summary import summary_lines
-
+def _closing_lines(args: argparse.Namespace, result: BatchResult) -> Iterator[str]:
+    """What a run ends with before its summary: a dry run's plan, pruned tags."""
     if args.dry_run:
         yield from _dry_run_lines(result)
     for pruned in result.pruned:
         verb = ("would delete" if args.dry_run else "deleted") if pruned.deleted else "kept"
         yield f"{pruned.target}: {verb} ({pruned.digest}){': ' + pruned.reason if pruned.reason else ''}"
-    yield from summary_lines(result, seconds)
+
+
+def _close(args: argparse.Namespace, progress: Progress, result: BatchResult, seconds: float) -> None:
+    """The closing lines and the summary, through the progress renderer (so never
+    written by a thread that can block, and not at all with ``-q``): lines on
+    stdout, or ``note`` events and one ``summary`` event of the same figures."""
+    from .progress import JsonProgress
+    from .summary import summary_figures, summary_line, summary_lines
+
+    for line in _closing_lines(args, result):
+        progress.note(line)
+    if isinstance(progress, JsonProgress):  # each failure was an event of its own already
+        figures = summary_figures(result, seconds)
+        progress.summary(figures, summary_line(figures))
+        return
+    for line in summary_lines(result, seconds):
+        progress.note(line)
 
 
 def _exit_code(args: argparse.Namespace, result: BatchResult, started_at: float, started: float, *, interrupted: bool) -> int:
@@ -203,40 +215,79 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     import logging
 
-    from .logs import JsonFormatter, RedactingFormatter
+    from .logs import JsonFormatter, RedactingFormatter, json_line
     from .progress import LineWriter, WriterHandler
 
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:
+    except _CommandLineError as exc:
+        if _asks_json(argv):  # the command line asked for JSON: its own error is JSON too
+            sys.stderr.write(json_line(logging.ERROR, "usage-error", exc.message) + "\n")
+        else:
+            sys.stderr.write(exc.usage + exc.message + "\n")
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
         return EXIT_USAGE if exc.code else EXIT_OK
+    json_logs = args.log_format == "json"
     # every line of the run, log records included, goes through one writer thread:
     # no thread of ours waits on a stdout or stderr that nobody reads
-    writer = LineWriter()
+    writer = LineWriter(dropped_line=(lambda text: json_line(logging.WARNING, "lines-dropped", text)) if json_logs else None)
     handler = WriterHandler(writer, sys.stderr)
-    json_logs = args.log_format == "json"
     handler.setFormatter(JsonFormatter() if json_logs else RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
-    # a JSON log carries the events and retries, logged at INFO
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if json_logs else logging.WARNING, handlers=[handler], force=True)
+    # a JSON log carries the events and retries, logged at INFO (-q: failures only)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet or not json_logs else logging.INFO
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(json_logs)  # a Python warning is a record like any other
     try:
         return _main(args, writer)
     finally:
         writer.close()
 
 
+class _CommandLineError(Exception):
+    """argparse's usage error, left to ``main`` to write (as JSON with ``--log-format json``)."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose usage errors are raised, not printed."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _CommandLineError(self.format_usage(), f"{self.prog}: error: {message}")
+
+
+def _asks_json(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for JSON logs, read without parsing it (it did not parse)."""
+    import itertools
+
+    return "--log-format=json" in argv or ("--log-format", "json") in itertools.pairwise(argv)
+
+
 def _main(args: argparse.Namespace, writer: LineWriter) -> int:
+    import logging
     import signal
     import threading
     import time
     from dataclasses import replace
 
     from .engine import Engine, PushJob, PushOptions
+    from .logs import json_line
     from .registry.client import RegistryOptions
     from .registry.credentials import DockerConfigCredentials
     from .report import BatchResult
 
-    def say(text: str) -> None:  # an error line on stderr, never dropped
-        writer.keep(sys.stderr, text)
+    json_logs = args.log_format == "json"
+
+    def say(text: str, event: str = "error") -> None:
+        """An error line on stderr, never dropped: ``error: TEXT``, or a JSON ``event``."""
+        writer.keep(sys.stderr, json_line(logging.ERROR, event, text) if json_logs else f"error: {text}")
+
+    #: what a second signal writes from its handler, made ahead
+    stopped_at_once = ((json_line(logging.ERROR, "interrupted", "stopped at once by a second signal") if json_logs else "error: stopped at once by a second signal") + "\n").encode()
 
     try:
         if args.command == "run":
@@ -252,14 +303,14 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         if args.no_signatures:
             jobs = (replace(job, signatures=False) for job in jobs)
     except BatchPushError as exc:
-        say(f"error: {exc}")
+        say(str(exc), "usage-error")
         return EXIT_USAGE
     for option, field_name in (("--max-attempts", "max_attempts"), ("--max-requests-in-flight", "max_requests_in_flight")):
         value = getattr(args, field_name)
         if value is None:
             continue
         if value < 1:
-            say(f"error: {option} must be at least 1")
+            say(f"{option} must be at least 1", "usage-error")
             return EXIT_USAGE
         defaults = replace(defaults, **{field_name: value})
         registries = {host: replace(options, **{field_name: value}) for host, options in registries.items()}
@@ -283,7 +334,7 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if received:  # a second Ctrl-C: stop now, without waiting for anything
-            os.write(2, b"error: stopped at once by a second signal\n")
+            os.write(2, stopped_at_once)
             os._exit(128 + signum)
         received.append(signum)
         stopped.set()
@@ -308,10 +359,9 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
                 engine.close()
         if args.report:  # before any line: a line may wait for a slow reader
             result.write(args.report)
-        for line in _closing_lines(args, result, time.monotonic() - started):
-            progress.note(line)
+        _close(args, progress, result, time.monotonic() - started)
     except BatchPushError as exc:
-        say(f"error: {exc}")
+        say(str(exc), "usage-error" if isinstance(exc, UsageError) else "error")
         _export_metrics(args, BatchResult(), started_at, started, success=False)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     finally:
@@ -320,7 +370,7 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         progress.close()
     code = _exit_code(args, result, started_at, started, interrupted=bool(received))
     if received:
-        say(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report")
+        say(f"stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report", "interrupted")
         # the report is written and the spool gone; a request still waiting for its
         # answer must not hold the exit (the interpreter would join its thread)
         writer.close()
