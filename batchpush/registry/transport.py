@@ -15,11 +15,20 @@ connection of the session: left to itself, urllib3 makes a context for each new
 connection and loads the CA bundle into it (about 25 ms of CPU each time), and
 loads the system's CAs even for an unverified one (the https probe of an
 ``--insecure`` host that speaks plain HTTP).
+
+A body is handed to the socket in pieces of at most SEND_PIECE_BYTES, each with
+one ``send`` (as much as the socket takes now), never ``sendall``: since Python 3.5
+the socket's timeout bounds a whole ``sendall``, so once the buffers are full a
+piece that takes longer than the timeout to drain (1 MiB under 100 KB/s: a remote
+site, a satellite link) failed although bytes were moving. Each ``send`` waits at
+most the socket's timeout for room, so that timeout is now the longest the link may
+go without taking a byte: silence, not slowness, fails a body.
 """
 
 from __future__ import annotations
 
 import functools
+import http.client
 import os
 import ssl
 import threading
@@ -31,7 +40,50 @@ from requests import certs
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_environ_proxies
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager
 from urllib3.util.ssl_ import create_urllib3_context
+
+#: the most of a body one ``send`` offers the socket (a TLS record is 16 KiB)
+SEND_PIECE_BYTES = 64 << 10
+
+
+def _send_while_it_moves(connection: http.client.HTTPConnection, data: Any) -> None:
+    """``http.client.HTTPConnection.send`` for bytes-like ``data``, with ``send`` in
+    a loop instead of ``sendall``: each call waits at most the socket's timeout for
+    room and takes what fits, so a slow link never times out while it moves."""
+    sock = connection.sock
+    if sock is None or not isinstance(data, (bytes, bytearray, memoryview)):
+        http.client.HTTPConnection.send(connection, data)  # connects, or a file or iterable: as ever
+        return
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[sock.send(view[:SEND_PIECE_BYTES]) :]
+
+
+class _HTTPConnection(HTTPConnection):
+    send = _send_while_it_moves  # type: ignore[assignment]
+
+
+class _HTTPSConnection(HTTPSConnection):
+    send = _send_while_it_moves  # type: ignore[assignment]
+
+
+class _HTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _use_our_connections(manager: PoolManager) -> PoolManager:
+    """``manager`` making our connections, where it would make urllib3's plain ones
+    (a SOCKS proxy's keep their own)."""
+    ours = {HTTPConnectionPool: _HTTPConnectionPool, HTTPSConnectionPool: _HTTPSConnectionPool}
+    manager.pool_classes_by_scheme = {scheme: ours.get(pool, pool) for scheme, pool in manager.pool_classes_by_scheme.items()}
+    return manager
 
 
 def tls_context(verify: bool | str) -> ssl.SSLContext:
@@ -50,12 +102,20 @@ def tls_context(verify: bool | str) -> ssl.SSLContext:
 
 
 class _Adapter(HTTPAdapter):
-    """requests' adapter, with one TLS context per trust setting, made on first use."""
+    """requests' adapter, with one TLS context per trust setting, made on first use,
+    and connections that send a body while it moves."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._contexts: dict[bool | str, ssl.SSLContext] = {}
         self._contexts_lock = threading.Lock()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        _use_our_connections(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        return _use_our_connections(super().proxy_manager_for(proxy, **proxy_kwargs))
 
     def _context(self, verify: bool | str) -> ssl.SSLContext:
         with self._contexts_lock:  # made under the lock: two threads must not load the bundle twice
