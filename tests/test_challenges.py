@@ -17,16 +17,20 @@ import pytest
 import requests
 from conftest import REGISTRY_BINARY, _require, assert_no_secret, pull_and_verify
 from fault_proxy import FaultProxy, Rule
-from images import simple_layout
+from images import OCI_MANIFEST, layer_tar, simple_layout
 from registry import Registry, start_registry
+from test_mirror_faults import fill, image_layout
 from tls import make_htpasswd
 
 from batchpush.registry.auth import Authenticator, Credentials, scope_for
 from batchpush.registry.client import RegistryClient, RegistryOptions
+from batchpush.registry.errors import RegistryError
 
 PUSHER = ("pusher", "s3cret-Pa55word-xyz")
 ALICE = ("alice", "alice-secret-pw")
 HTPASSWD_REALM = "batchpush-test"
+#: another loopback address: another host for the client
+OTHER_LOOPBACK = "127.0.0.2"
 
 
 def open_ping(upstream: str) -> FaultProxy:
@@ -106,7 +110,7 @@ def test_refused_credentials_are_sent_once_per_request(htpasswd_registry, tmp_pa
         docker_config(tmp_path, monkeypatch, front.host, (PUSHER[0], "not-the-password-7f3a"))
         simple_layout(str(tmp_path / "layout"), {"1.0": [7, 8]})
         run = batchpush("push", f"oci:{tmp_path}/layout", f"{front.host}/late/refused", "--insecure", front.host)
-        assert run.code == 1
+        assert run.code == 1, run.err
         assert "401" in run.err
         challenged, carried = challenged_then_sent(front)
         assert challenged >= 1
@@ -155,3 +159,40 @@ def test_basic_credentials_refused_earn_no_retry(htpasswd_registry):
     sent = auth.authorization(scopes)
     assert sent is not None and sent.startswith("Basic ")
     assert not auth.challenge(answer, scopes, sent)
+
+
+def test_a_storage_hosts_challenge_is_not_the_registrys(token_registry, registry, tmp_path, monkeypatch, batchpush):
+    """A source's blob GET is redirected to a storage host (our proxy on another
+    loopback address) that answers 401 with a challenge naming a token realm of its
+    own. That challenge is not the registry's: it is not learned, nothing goes to
+    that realm (the registry's credentials would), and the image fails with one line."""
+    source, issuer = token_registry
+    front, storage, realm = FaultProxy(source.host), FaultProxy(source.host, bind=OTHER_LOOPBACK), FaultProxy(issuer.host, bind=OTHER_LOOPBACK)
+    try:
+        fill(source, image_layout(str(tmp_path / "app"), {"1.0": [layer_tar(51)]}), "1.0", "team/app", "--dest-tls-verify=false", "--dest-creds", ":".join(ALICE))
+        front.add(Rule("GET", "/blobs/sha256:", "status", status=307, headers={"Location": f"http://{storage.host}{{target}}"}, times=-1))
+        storage.add(Rule(None, "/blobs/", "status", status=401, headers={"WWW-Authenticate": f'Bearer realm="http://{realm.host}/token",service="storage"'}, times=-1))
+        docker_config(tmp_path, monkeypatch, front.host, ALICE)
+        hosts = (front.host, registry.host, realm.host)
+        run = batchpush("push", f"docker://{front.host}/team/app:1.0", f"{registry.host}/mirror/app:1.0", *(f"--insecure={host}" for host in hosts), "--no-signatures")
+        assert run.code == 1
+        (line,) = [line for line in run.err.splitlines() if line.startswith("error: ")]
+        assert "401" in line and storage.host in line
+        assert storage.requests() and all("authorization" not in s.headers for s in storage.requests())
+        assert realm.requests() == []
+        assert_no_secret([ALICE[1], *issuer.tokens], run.out, run.err)
+        # the registry's own challenge still rules: a request for scopes with no
+        # token yet, after the storage host's 401, gets its token from the issuer
+        client = RegistryClient(front.host, RegistryOptions(insecure=True), Credentials(*ALICE), marked_insecure=lambda host: host == realm.host)
+        try:
+            layer = next(s.target for s in storage.requests()).rsplit("/", 1)[1]
+            with pytest.raises(RegistryError) as refused:
+                client.request("GET", f"{client.base_url}/v2/team/app/blobs/{layer}", scopes=(scope_for("team/app", "pull"),), expected={200})
+            assert refused.value.status == 401
+            assert client.head_manifest("team/app", "1.0", OCI_MANIFEST) is not None  # scopes pull,push: a new token
+        finally:
+            client.close()
+        assert realm.requests() == []
+    finally:
+        for proxy in (front, storage, realm):
+            proxy.stop()
