@@ -64,21 +64,27 @@ def challenged_then_sent(front: FaultProxy) -> tuple[int, int]:
     return sum(s.status == 401 and "authorization" not in s.headers for s in after_ping), sum("authorization" in s.headers for s in after_ping)
 
 
+def pushes_behind_the_open_ping(registry: Registry, front: FaultProxy, user: tuple[str, str], repository: str, seeds: list[int], tmp_path, monkeypatch, batchpush) -> None:
+    """With ``user``'s credentials in docker's config.json, an image pushed through
+    ``front`` arrives (skopeo reads it back with them), the writes having been
+    challenged after an open ping, and nothing prints the password."""
+    docker_config(tmp_path, monkeypatch, front.host, user)
+    built = simple_layout(str(tmp_path / "layout"), {"1.0": seeds})
+    run = batchpush("push", f"oci:{tmp_path}/layout", f"{front.host}/{repository}", "--insecure", front.host)
+    assert run.code == 0, run.err
+    assert front.requests()[0].status == 200  # the ping was open...
+    challenged, _ = challenged_then_sent(front)
+    assert challenged >= 1  # ...the writes were challenged
+    pulled = pull_and_verify(registry, f"{repository}:1.0", str(tmp_path / "pulled"), ("--src-tls-verify=false", "--src-creds", ":".join(user)))
+    assert pulled[0].diff_ids == built["1.0"].diff_ids
+    assert_no_secret([user[1]], run.out, run.err)
+
+
 def test_token_registry_challenging_only_writes(token_registry, tmp_path, monkeypatch, batchpush):
     registry, _ = token_registry
     front = open_ping(registry.host)
     try:
-        docker_config(tmp_path, monkeypatch, front.host, ALICE)
-        built = simple_layout(str(tmp_path / "layout"), {"1.0": [1, 2, 3]})
-        run = batchpush("push", f"oci:{tmp_path}/layout", f"{front.host}/late/app", "--insecure", front.host)
-        assert run.code == 0, run.err
-        statuses = [s.status for s in front.requests()]
-        assert statuses[0] == 200 and 401 in statuses  # the ping was open; the writes were challenged
-        challenged, _ = challenged_then_sent(front)
-        assert challenged >= 1
-        pulled = pull_and_verify(registry, "late/app:1.0", str(tmp_path / "pulled"), ("--src-tls-verify=false", "--src-creds", ":".join(ALICE)))
-        assert pulled[0].diff_ids == built["1.0"].diff_ids
-        assert_no_secret([ALICE[1]], run.out, run.err)
+        pushes_behind_the_open_ping(registry, front, ALICE, "late/app", [1, 2, 3], tmp_path, monkeypatch, batchpush)
     finally:
         front.stop()
 
@@ -89,15 +95,7 @@ def test_htpasswd_registry_challenging_only_writes(htpasswd_registry, tmp_path, 
     if scheme != "Basic":  # the scheme's name is case-insensitive (RFC 9110 11.1)
         front.add(Rule(None, "^/v2/.", "headers", headers={"WWW-Authenticate": f'{scheme} realm="{HTPASSWD_REALM}"'}, times=-1))
     try:
-        docker_config(tmp_path, monkeypatch, front.host, PUSHER)
-        built = simple_layout(str(tmp_path / "layout"), {"1.0": [4, 5, 6]})
-        run = batchpush("push", f"oci:{tmp_path}/layout", f"{front.host}/late/basic", "--insecure", front.host)
-        assert run.code == 0, run.err
-        challenged, _ = challenged_then_sent(front)
-        assert challenged >= 1
-        pulled = pull_and_verify(htpasswd_registry, "late/basic:1.0", str(tmp_path / "pulled"), ("--src-tls-verify=false", "--src-creds", ":".join(PUSHER)))
-        assert pulled[0].diff_ids == built["1.0"].diff_ids
-        assert_no_secret([PUSHER[1]], run.out, run.err)
+        pushes_behind_the_open_ping(htpasswd_registry, front, PUSHER, "late/basic", [4, 5, 6], tmp_path, monkeypatch, batchpush)
     finally:
         front.stop()
 
