@@ -20,9 +20,10 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -31,11 +32,10 @@ from ..digest import CHUNK_BYTES, Digest
 from ..errors import Cancelled, DigestMismatchError
 from .auth import scope_for
 from .errors import BODY_ERRORS, MalformedResponseError, RegistryError, parse_decimal, release, transport_error
-from .retry import retry_fields
+from .retry import HostGate, RetryPolicy, retry_fields
 
 if TYPE_CHECKING:
     from ..sources.base import RegistryBlob
-    from .client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,34 @@ class BlobStream(Protocol):
     def views(self) -> Iterator[memoryview]: ...
 
 
+class ReadingClient(Protocol):
+    """What a BlobReader asks of its registry's client (``client.RegistryClient``,
+    which makes it): declared here, so that this module, below the client, does not
+    import it."""
+
+    cancel: threading.Event
+    policy: RetryPolicy
+    gate: HostGate
+
+    @property
+    def base_url(self) -> str: ...
+
+    def read_slot(self) -> AbstractContextManager[None]: ...
+
+    def count_read(self, n: int) -> None: ...
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        scopes: tuple[str, ...],
+        expected: frozenset[int] | set[int],
+        headers: dict[str, str] | None = None,
+        body: Callable[[], Any] | None = None,
+    ) -> requests.Response: ...
+
+
 class BlobReader:
     """A blob of a registry as a BlobStream: ``GET /v2/<repo>/blobs/<digest>``.
 
@@ -216,7 +244,7 @@ class BlobReader:
     bytes are the blob's, never decoded. Bytes that were on the way when a
     connection broke are read again: at most READ_BYTES per break."""
 
-    def __init__(self, client: RegistryClient, blob: RegistryBlob) -> None:
+    def __init__(self, client: ReadingClient, blob: RegistryBlob) -> None:
         self.client = client
         self.blob = blob
         self._lock = threading.Lock()
