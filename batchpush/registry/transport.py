@@ -21,8 +21,10 @@ one ``send`` (as much as the socket takes now), never ``sendall``: since Python 
 the socket's timeout bounds a whole ``sendall``, so once the buffers are full a
 piece that takes longer than the timeout to drain (1 MiB under 100 KB/s: a remote
 site, a satellite link) failed although bytes were moving. Each ``send`` waits at
-most the socket's timeout for room, so that timeout is now the longest the link may
-go without taking a byte: silence, not slowness, fails a body.
+most the socket's timeout for room and takes what fits, so that timeout is now the
+longest the link may go without taking a byte: silence, not slowness, fails a body.
+Over TLS a ``send`` writes its whole piece, so there it is one piece per timeout
+(64 KiB in 10 s: 6.5 KB/s) that the link must keep up.
 """
 
 from __future__ import annotations
