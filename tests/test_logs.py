@@ -8,13 +8,14 @@ import base64
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 from conftest import assert_no_secret, remote_digest
-from fault_proxy import FaultProxy, Rule
-from images import simple_layout
+from fault_proxy import FaultProxy, Rule, signal_mid_upload
+from images import LayoutWriter, random_layer, simple_layout
 from registry import start_registry
 from token_issuer import TokenIssuer
 
@@ -129,3 +130,24 @@ def test_json_formatter_redacts_every_string_and_stays_json():
     line = json.loads(JsonFormatter().format(record))
     assert "SECRET" not in json.dumps(line)
     assert line["event"] == "retry" and line["attempt"] == 2 and line["level"] == "info" and line["time"].endswith("Z")
+
+
+def test_json_log_of_a_run_stopped_by_a_signal(registry, tmp_path):
+    """SIGTERM mid-upload with --log-format json: the failure, the summary and the
+    line that says the run was stopped are JSON objects like the rest."""
+    writer = LayoutWriter(str(tmp_path / "layout"))
+    descriptor, _ = writer.image([random_layer(35, 8 << 20)])  # more than the socket buffers hold
+    writer.tag(descriptor, "1.0")
+    proxy = FaultProxy(registry.host)
+    proxy.throttle_bytes_per_s = 1_000_000
+    try:
+        args = [sys.executable, "-m", "batchpush", "push", f"oci:{tmp_path}/layout", f"{proxy.host}/j/stopped", "--insecure", proxy.host, "--metadata-dir", str(tmp_path / "md"), "--jobs", "1", "--log-format", "json"]
+        code, err = signal_mid_upload(args, proxy, 500_000, signal.SIGTERM)
+    finally:
+        proxy.stop()
+    assert code == 143, err
+    events = json_lines(err)
+    kinds = [e["event"] for e in events]
+    assert "failure" in kinds and "summary" in kinds
+    (stopped,) = [e for e in events if e["event"] == "interrupted"]
+    assert stopped["level"] == "error" and stopped["message"].startswith("stopped by signal 15")
