@@ -79,7 +79,7 @@ def _operations(parser: argparse.ArgumentParser) -> None:
     """Flags for runs nobody watches (cron, CI): JSON logs and Prometheus metrics."""
     from .metrics import DEFAULT_JOB
 
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: every event and log record as one JSON object per line on stderr (progress lines then all on stdout)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: every line written is one JSON object (an event or a log record), on stderr; no human line at all")
     parser.add_argument("--metrics-file", metavar="PATH", help="write the run's Prometheus metrics to PATH (node_exporter textfile format, atomically)")
     parser.add_argument("--pushgateway", metavar="URL", help="push the run's Prometheus metrics to this Pushgateway (a failed push is a warning only)")
     parser.add_argument("--metrics-job", default=DEFAULT_JOB, metavar="NAME", help=f"the job label of the push (default {DEFAULT_JOB})")
