@@ -55,7 +55,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-attempts", type=int, metavar="N", help=f"attempts of each protocol step sequence, retries included (default {DEFAULT_MAX_ATTEMPTS}; overrides the plan)")
     parser.add_argument("--max-requests-in-flight", type=int, metavar="N", help=f"requests to each registry at once (default {DEFAULT_MAX_REQUESTS_IN_FLIGHT}; overrides the plan)")
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
-    parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
+    parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush; kept in memory, with a warning, when that cannot be written); one that cannot be written is a usage error")
     parser.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
     parser.add_argument("--max-concurrent-images", type=int, default=DEFAULT_MAX_CONCURRENT_IMAGES, metavar="N", help="images pushed at once")
     parser.add_argument("--dry-run", action="store_true", help="print what would happen, with read requests only")
