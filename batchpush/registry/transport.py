@@ -120,11 +120,15 @@ class _Adapter(HTTPAdapter):
         return _use_our_connections(super().proxy_manager_for(proxy, **proxy_kwargs))
 
     def _context(self, verify: bool | str) -> ssl.SSLContext:
-        with self._contexts_lock:  # made under the lock: two threads must not load the bundle twice
+        with self._contexts_lock:
             context = self._contexts.get(verify)
-            if context is None:
-                context = self._contexts[verify] = tls_context(verify)
-            return context
+        if context is None:
+            # made outside the lock (it reads the CA files); two threads connecting
+            # first at once may both make one: the first stored is the one used
+            made = tls_context(verify)
+            with self._contexts_lock:
+                context = self._contexts.setdefault(verify, made)
+        return context
 
     def build_connection_pool_key_attributes(self, request: requests.PreparedRequest, verify: bool | str, cert: str | tuple[str, str] | None = None) -> Any:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
