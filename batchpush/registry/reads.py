@@ -20,10 +20,10 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -211,16 +211,9 @@ class ReadingClient(Protocol):
 
     def count_read(self, n: int) -> None: ...
 
-    def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        scopes: tuple[str, ...],
-        expected: frozenset[int] | set[int],
-        headers: dict[str, str] | None = None,
-        body: Callable[[], Any] | None = None,
-    ) -> requests.Response: ...
+    def request(self, method: str, url: str, *, scopes: tuple[str, ...], expected: frozenset[int] | set[int], headers: dict[str, str] | None = None) -> requests.Response:
+        """A GET of the blob (``RegistryClient.request``: no body here)."""
+        ...
 
 
 class BlobReader:
