@@ -3,38 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
-from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
-from .engine import DEFAULT_MAX_CONCURRENT_IMAGES, Engine, PushJob, PushOptions
 from .errors import BatchPushError, UsageError
-from .logs import JsonFormatter, RedactingFormatter
-from .metrics import DEFAULT_JOB, MetricsOptions, RunTimes, export, parse_label
-from .outcome import LayerOutcome
-from .plan import load_plan, parse_size
-from .progress import Fanout, JsonProgress, LineWriter, PlainProgress, Progress, RichProgress, WriterHandler
-from .reference import target_host
-from .registry.auth import CredentialProvider, Credentials
-from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MAX_REQUESTS_IN_FLIGHT, DEFAULT_MONOLITHIC_LIMIT_BYTES, RegistryOptions
-from .registry.credentials import ChainedCredentials, DockerConfigCredentials
-from .registry.retry import DEFAULT_MAX_ATTEMPTS
-from .report import BatchResult
-from .sources.registry import Platform
-from .summary import summary_lines
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Iterable, Iterator, Sequence
+    from types import FrameType
+
+    from .engine import Engine, PushJob, PushOptions
+    from .progress import LineWriter, Progress
+    from .registry.auth import CredentialProvider
+    from .report import BatchResult
+    from .sources.registry import Platform
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 def _size(text: str) -> int:
+    from .plan import parse_size
+
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -42,6 +35,8 @@ def _size(text: str) -> int:
 
 
 def _platform(text: str) -> Platform:
+    from .sources.registry import Platform
+
     try:
         return Platform.parse(text)
     except BatchPushError as exc:
@@ -49,11 +44,15 @@ def _platform(text: str) -> Platform:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    from .engine import DEFAULT_MAX_CONCURRENT_IMAGES
+    from .registry.client import DEFAULT_MAX_REQUESTS_IN_FLIGHT
+    from .registry.retry import DEFAULT_MAX_ATTEMPTS
+
     parser.add_argument("--allow-nondistributable-artifacts", action="append", default=[], metavar="HOST[:PORT]", help="push foreign (non-distributable) layers to this host too (repeatable)")
     parser.add_argument("--max-attempts", type=int, metavar="N", help=f"attempts of each protocol step sequence, retries included (default {DEFAULT_MAX_ATTEMPTS}; overrides the plan)")
     parser.add_argument("--max-requests-in-flight", type=int, metavar="N", help=f"requests to each registry at once (default {DEFAULT_MAX_REQUESTS_IN_FLIGHT}; overrides the plan)")
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
-    parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush)")
+    parser.add_argument("--metadata-dir", metavar="DIR", help="where the DiffID/digest store lives (default: $XDG_CACHE_HOME/batchpush; kept in memory, with a warning, when that cannot be written); one that cannot be written is a usage error")
     parser.add_argument("--jobs", type=int, metavar="N", help="compression worker processes (default: from cores and memory)")
     parser.add_argument("--spool-dir", metavar="DIR", help="where compressed layers are kept for a second reading (default: the system temp directory; overrides the plan)")
     parser.add_argument("--spool-limit", type=_size, metavar="SIZE", help="the most the spool may hold, e.g. 2G (default: half the free space of its filesystem; overrides the plan)")
@@ -67,6 +66,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _metrics_label(text: str) -> tuple[str, str]:
+    from .metrics import parse_label
+
     try:
         return parse_label(text)
     except BatchPushError as exc:
@@ -75,7 +76,9 @@ def _metrics_label(text: str) -> tuple[str, str]:
 
 def _operations(parser: argparse.ArgumentParser) -> None:
     """Flags for runs nobody watches (cron, CI): JSON logs and Prometheus metrics."""
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: every event and log record as one JSON object per line on stderr (progress lines then all on stdout)")
+    from .metrics import DEFAULT_JOB
+
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: every line written is one JSON object (an event or a log record), on stderr; no human line at all")
     parser.add_argument("--metrics-file", metavar="PATH", help="write the run's Prometheus metrics to PATH (node_exporter textfile format, atomically)")
     parser.add_argument("--pushgateway", metavar="URL", help="push the run's Prometheus metrics to this Pushgateway (a failed push is a warning only)")
     parser.add_argument("--metrics-job", default=DEFAULT_JOB, metavar="NAME", help=f"the job label of the push (default {DEFAULT_JOB})")
@@ -83,7 +86,11 @@ def _operations(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchpush", description="Push container images to OCI registries in bulk.")
+    """The whole command line. It names the defaults of the engine and the registry
+    client, so building it imports them: ``main`` answers ``--version`` before."""
+    from .registry.client import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_MONOLITHIC_LIMIT_BYTES
+
+    parser = _Parser(prog="batchpush", description="Push container images to OCI registries in bulk.")
     parser.add_argument("--version", action="version", version=f"batchpush {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     push = commands.add_parser("push", help="push the images of one source to one or more repositories")
@@ -105,14 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress(args: argparse.Namespace, writer: LineWriter) -> Progress:
-    if args.log_format == "json":  # stderr carries the JSON lines only: the human ones all go to stdout
-        return Fanout(PlainProgress(err=sys.stdout, quiet=args.quiet, writer=writer), JsonProgress())
+    from .progress import JsonProgress, PlainProgress, RichProgress
+
+    if args.log_format == "json":  # the events, as JSON on stderr; no human line at all
+        return JsonProgress()
     if sys.stdout.isatty() and not args.debug and not args.quiet:
         return RichProgress()
     return PlainProgress(quiet=args.quiet, writer=writer)
 
 
 def _dry_run_lines(result: BatchResult) -> Iterator[str]:
+    from .outcome import LayerOutcome
+
     total = 0
     for image in result.images:
         if image.status != "dry-run":
@@ -127,16 +138,30 @@ def _dry_run_lines(result: BatchResult) -> Iterator[str]:
     yield f"would send {total} bytes of layers"
 
 
-def _closing_lines(args: argparse.Namespace, result: BatchResult, seconds: float) -> Iterator[str]:
-    """What a run ends with, on stdout through the progress renderer (so never
-    written by a thread that can block, and not at all with ``-q``): a dry run's
-    plan, pruned tags, then the summary."""
+def _closing_lines(args: argparse.Namespace, result: BatchResult) -> Iterator[str]:
+    """What a run ends with before its summary: a dry run's plan, pruned tags."""
     if args.dry_run:
         yield from _dry_run_lines(result)
     for pruned in result.pruned:
         verb = ("would delete" if args.dry_run else "deleted") if pruned.deleted else "kept"
         yield f"{pruned.target}: {verb}{f' ({pruned.digest})' if pruned.digest else ''}{': ' + pruned.reason if pruned.reason else ''}"
-    yield from summary_lines(result, seconds)
+
+
+def _close(args: argparse.Namespace, progress: Progress, result: BatchResult, seconds: float) -> None:
+    """The closing lines and the summary, through the progress renderer (so never
+    written by a thread that can block, and not at all with ``-q``): lines on
+    stdout, or ``note`` events and one ``summary`` event of the same figures."""
+    from .progress import JsonProgress
+    from .summary import summary_figures, summary_line, summary_lines
+
+    for line in _closing_lines(args, result):
+        progress.note(line)
+    if isinstance(progress, JsonProgress):  # each failure was an event of its own already
+        figures = summary_figures(result, seconds)
+        progress.summary(figures, summary_line(figures))
+        return
+    for line in summary_lines(result, seconds):
+        progress.note(line)
 
 
 def _exit_code(args: argparse.Namespace, result: BatchResult, started_at: float, started: float, *, interrupted: bool) -> int:
@@ -148,6 +173,10 @@ def _exit_code(args: argparse.Namespace, result: BatchResult, started_at: float,
 
 def _push_credentials(args: argparse.Namespace) -> CredentialProvider:
     """``--username`` with ``--password-stdin`` for every target registry, else docker's config."""
+    from .reference import target_host
+    from .registry.auth import Credentials
+    from .registry.credentials import ChainedCredentials, DockerConfigCredentials
+
     if args.password_stdin and not args.username:
         raise UsageError("--password-stdin needs --username")
     if not args.username:
@@ -168,35 +197,101 @@ def _export_metrics(args: argparse.Namespace, result: BatchResult, started_at: f
     """The run's metrics, if asked for; a dry run publishes none (it would be a success that sent nothing)."""
     if args.dry_run or not (args.metrics_file or args.pushgateway):
         return
+    import time
+
+    from .metrics import MetricsOptions, RunTimes, export  # prometheus-client: only a run that asks for metrics
+
     options = MetricsOptions(textfile=args.metrics_file, pushgateway=args.pushgateway, job=args.metrics_job, labels=dict(args.metrics_label))
     export(options, result, RunTimes(started_at, time.time(), time.monotonic() - started), success=success)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--version"]:
+        # what argparse's version action prints, before the run's modules are
+        # imported: a version probe costs the interpreter's start-up only
+        print(f"batchpush {__version__}")
+        return EXIT_OK
+    import logging
+
+    from .logs import JsonFormatter, RedactingFormatter, json_line
+    from .progress import LineWriter, WriterHandler
+
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:
+    except _CommandLineError as exc:
+        if _asks_json(argv):  # the command line asked for JSON: its own error is JSON too
+            sys.stderr.write(json_line(logging.ERROR, "usage-error", exc.message) + "\n")
+        else:
+            sys.stderr.write(exc.usage + exc.message + "\n")
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
         return EXIT_USAGE if exc.code else EXIT_OK
+    json_logs = args.log_format == "json"
     # every line of the run, log records included, goes through one writer thread:
     # no thread of ours waits on a stdout or stderr that nobody reads
-    writer = LineWriter()
+    writer = LineWriter(dropped_line=(lambda text: json_line(logging.WARNING, "lines-dropped", text)) if json_logs else None)
     handler = WriterHandler(writer, sys.stderr)
-    json_logs = args.log_format == "json"
     handler.setFormatter(JsonFormatter() if json_logs else RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
-    # a JSON log carries the events and retries, logged at INFO
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if json_logs else logging.WARNING, handlers=[handler], force=True)
+    # a JSON log carries the events and retries, logged at INFO (-q: failures only)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet or not json_logs else logging.INFO
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(json_logs)  # a Python warning is a record like any other
     try:
         return _main(args, writer)
     finally:
         writer.close()
 
 
+class _CommandLineError(Exception):
+    """argparse's usage error, left to ``main`` to write (as JSON with ``--log-format json``)."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose usage errors are raised, not printed."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _CommandLineError(self.format_usage(), f"{self.prog}: error: {message}")
+
+
+def _asks_json(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for JSON logs, read without parsing it (it did not parse)."""
+    import itertools
+
+    return "--log-format=json" in argv or ("--log-format", "json") in itertools.pairwise(argv)
+
+
 def _main(args: argparse.Namespace, writer: LineWriter) -> int:
-    def say(text: str) -> None:  # an error line on stderr, never dropped
-        writer.keep(sys.stderr, text)
+    import logging
+    import signal
+    import threading
+    import time
+    from dataclasses import replace
+
+    from .engine import Engine, PushJob, PushOptions
+    from .logs import json_line
+    from .registry.client import RegistryOptions
+    from .registry.credentials import DockerConfigCredentials
+    from .report import BatchResult
+
+    json_logs = args.log_format == "json"
+
+    def say(text: str, event: str = "error") -> None:
+        """An error line on stderr, never dropped: ``error: TEXT``, or a JSON ``event``."""
+        writer.keep(sys.stderr, json_line(logging.ERROR, event, text) if json_logs else f"error: {text}")
+
+    #: what a second signal writes from its handler, made ahead
+    stopped_at_once = ((json_line(logging.ERROR, "interrupted", "stopped at once by a second signal") if json_logs else "error: stopped at once by a second signal") + "\n").encode()
 
     try:
         if args.command == "run":
+            from .plan import load_plan
+
             plan = load_plan(args.plan)
             defaults, registries, jobs = plan.defaults, plan.registries, plan.jobs()
             spool_dir, spool_limit = args.spool_dir or plan.spool_dir, args.spool_limit or plan.spool_limit
@@ -209,17 +304,17 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         if args.no_signatures:
             jobs = (replace(job, signatures=False) for job in jobs)
     except BatchPushError as exc:
-        say(f"error: {exc}")
+        say(str(exc), "usage-error")
         return EXIT_USAGE
     if spool_dir is not None and not (os.path.isdir(spool_dir) and os.access(spool_dir, os.W_OK | os.X_OK)):
-        say(f"error: spool directory {spool_dir}: not a directory this user can write")
+        say(f"spool directory {spool_dir}: not a directory this user can write", "usage-error")
         return EXIT_USAGE
     for option, field_name in (("--max-attempts", "max_attempts"), ("--max-requests-in-flight", "max_requests_in_flight")):
         value = getattr(args, field_name)
         if value is None:
             continue
         if value < 1:
-            say(f"error: {option} must be at least 1")
+            say(f"{option} must be at least 1", "usage-error")
             return EXIT_USAGE
         defaults = replace(defaults, **{field_name: value})
         registries = {host: replace(options, **{field_name: value}) for host, options in registries.items()}
@@ -245,7 +340,7 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if received:  # a second Ctrl-C: stop now, without waiting for anything
-            os.write(2, b"error: stopped at once by a second signal\n")
+            os.write(2, stopped_at_once)
             os._exit(128 + signum)
         received.append(signum)
         stopped.set()
@@ -270,10 +365,9 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
                 engine.close()
         if args.report:  # before any line: a line may wait for a slow reader
             result.write(args.report)
-        for line in _closing_lines(args, result, time.monotonic() - started):
-            progress.note(line)
+        _close(args, progress, result, time.monotonic() - started)
     except BatchPushError as exc:
-        say(f"error: {exc}")
+        say(str(exc), "usage-error" if isinstance(exc, UsageError) else "error")
         _export_metrics(args, BatchResult(), started_at, started, success=False)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     finally:
@@ -282,7 +376,7 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         progress.close()
     code = _exit_code(args, result, started_at, started, interrupted=bool(received))
     if received:
-        say(f"error: stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report")
+        say(f"stopped by signal {received[0]}; {sum(i.ok for i in result.images)} image(s) finished, see the report", "interrupted")
         # the report is written and the spool gone; a request still waiting for its
         # answer must not hold the exit (the interpreter would join its thread)
         writer.close()

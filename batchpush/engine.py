@@ -42,7 +42,7 @@ from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_,
 from .expansion import Expansion, Key
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
-from .metadata import MetadataStore, OverlayStore
+from .metadata import OverlayStore, open_store
 from .policy import hmac_key
 from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer, prepared_remote
 from .presend import UploadSink
@@ -231,7 +231,7 @@ class Engine:
     def __init__(self, options: PushOptions | None = None) -> None:
         self.options = options or PushOptions()
         self.state = PushState()
-        self.store = MetadataStore(self.options.metadata_dir)
+        self.store = open_store(self.options.metadata_dir)
         #: where the layer path records what it learns of registries (a dry run's stays in memory)
         self._remote_store = OverlayStore(self.store) if self.options.dry_run else self.store
         self._clients: dict[str, RegistryClient] = {}

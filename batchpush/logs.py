@@ -50,3 +50,13 @@ class JsonFormatter(logging.Formatter):
             line["exception"] = self.formatException(record.exc_info)
         # each string redacted on its own: a pattern run over the JSON text could eat an escape
         return json.dumps({key: redact(value) if isinstance(value, str) else value for key, value in line.items()}, default=lambda value: redact(str(value)))
+
+
+def json_line(level: int, event: str, message: str, **fields: object) -> str:
+    """One line as ``JsonFormatter`` writes a record of logger ``batchpush``: for
+    what is written before logging is set up (a usage error) or outside it (a
+    signal handler, the notice of dropped lines)."""
+    record = logging.LogRecord("batchpush", level, __file__, 0, message, None, None)
+    record.event = event
+    record.fields = fields
+    return JsonFormatter().format(record)

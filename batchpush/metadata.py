@@ -3,10 +3,17 @@
 WAL mode with a busy timeout, so overlapping cron runs can share one file; every
 change is one transaction. The file is created with mode 0600. It holds digests,
 repository names, HMACs and fingerprints — never a credential.
+
+A service user (``nobody``, a systemd ``DynamicUser``, a pod with a read-only root
+file system) may have no writable home: ``open_store`` then keeps the default
+store in memory for the run, with one warning, as skopeo keeps its blob-info
+cache; a directory the user named and cannot write is a usage error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -16,7 +23,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .digest import Digest
+from .errors import UsageError
 from .policy import V2Metadata
+
+log = logging.getLogger(__name__)
 
 #: entries kept per DiffID; the oldest go first (seed: maxMetadata)
 MAX_ENTRIES_PER_DIFF_ID = 50
@@ -83,29 +93,73 @@ def _use_wal(db: sqlite3.Connection) -> None:
             time.sleep(WAL_RETRY_S)
 
 
-class MetadataStore:
-    """DiffID -> [V2Metadata] (oldest first) and digest -> DiffID, plus fingerprints."""
+def _reason(exc: Exception) -> str:
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
-    def __init__(self, directory: str | None = None) -> None:
-        directory = directory or default_metadata_dir()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self.path = os.path.join(directory, "metadata.db")
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+def open_store(directory: str | None = None) -> MetadataStore:
+    """The store in ``directory``, else in the default directory. A default
+    directory that cannot be created or written gives an in-memory store and one
+    warning (the run goes on; the next one will not know what this one learned);
+    a ``directory`` named that cannot be raises UsageError, before any request."""
+    if directory:
+        try:
+            return MetadataStore(directory)
+        except (OSError, sqlite3.Error) as exc:
+            raise UsageError(f"--metadata-dir {directory}: cannot write the metadata store there: {_reason(exc)}") from exc
+    default = default_metadata_dir()
+    try:
+        return MetadataStore(default)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning(
+            "the metadata store cannot be written in %s (%s): it is kept in memory for this run, so the next run will not know "
+            "what this one pushed (no one-HEAD re-run); give --metadata-dir a writable directory",
+            default,
+            _reason(exc),
+        )
+        return MetadataStore(in_memory=True)
+
+
+class MetadataStore:
+    """DiffID -> [V2Metadata] (oldest first) and digest -> DiffID, plus fingerprints.
+
+    ``in_memory``: the store lives in this process only (``path`` is ``:memory:``),
+    one connection shared by every thread, its transactions one at a time."""
+
+    def __init__(self, directory: str | None = None, *, in_memory: bool = False) -> None:
+        #: the in-memory store's one connection (check_same_thread off: SQLite
+        #: serialises its use), and the lock that keeps its transactions apart
+        self._memory: sqlite3.Connection | None = None
+        self._memory_lock = threading.Lock()
+        if in_memory:
+            self.path = ":memory:"
+            self._memory = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        else:
+            directory = directory or default_metadata_dir()
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self.path = os.path.join(directory, "metadata.db")
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         #: one connection per thread: SQLite (WAL, busy timeout) orders the writers,
         #: so no lock of ours is held while a statement waits or does I/O
         self._local = threading.local()
         self._lock = threading.Lock()  # guards the list below only
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
-        with self._transaction() as db:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        try:
+            with self._transaction() as db:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            self.close()  # a store that cannot be written: its connections go with it
+            raise
 
     @property
     def _db(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
+        """This thread's connection, opened on first use (the in-memory store's one)."""
+        if self._memory is not None:
+            return self._memory
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
@@ -123,19 +177,24 @@ class MetadataStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        # the in-memory store's threads share one connection: one transaction at a
+        # time (memory only, no I/O under the lock); a file's are ordered by SQLite
+        with self._memory_lock if self._memory is not None else contextlib.nullcontext():
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
+        if self._memory is not None:
+            connections.append(self._memory)
         for db in connections:
             db.close()
 

@@ -20,18 +20,19 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import basic_auth_handler, default_handler, pushadd_to_gateway, write_to_textfile
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
 
 from .errors import UsageError
 from .logs import redact
 from .outcome import LayerOutcome
 from .registry.errors import redact_url
 from .report import BatchResult
+
+if TYPE_CHECKING:
+    # prometheus-client is imported where metrics are made: a run without them never loads it
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def parse_label(text: str) -> tuple[str, str]:
 def families(result: BatchResult, times: RunTimes, *, success: bool, last_success_at: float | None, labels: Mapping[str, str] | None = None) -> list[Metric]:
     """The run's metrics; ``labels`` added to every sample. ``last_success_at``:
     this run's end if it succeeded, else the last successful run's (None: unknown)."""
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
     const = dict(labels or {})
     out: list[Metric] = []
 
@@ -120,6 +123,8 @@ class _Fixed:
 
 
 def _registry(made: list[Metric]) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry()
     registry.register(_Fixed(made))
     return registry
@@ -127,6 +132,8 @@ def _registry(made: list[Metric]) -> CollectorRegistry:
 
 def previous_success(path: str) -> float | None:
     """The last success time written in the textfile ``path``, if any."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         with open(path, encoding="utf-8") as existing:
             text = existing.read()
@@ -142,6 +149,8 @@ def previous_success(path: str) -> float | None:
 def write_textfile(path: str, made: list[Metric]) -> None:
     """The node_exporter textfile format, atomically: written to a temporary file
     beside ``path`` (same directory, so the same file system) and renamed over it."""
+    from prometheus_client.exposition import write_to_textfile
+
     write_to_textfile(os.path.abspath(path), _registry(made))
 
 
@@ -149,6 +158,8 @@ def push(url: str, job: str, grouping: Mapping[str, str], made: list[Metric]) ->
     """POST (pushadd) to the Pushgateway: it replaces the group's metrics of the names
     pushed and keeps the others, so a failed run, which leaves out the last success
     time, keeps the last successful run's. Userinfo in ``url`` is sent as basic auth."""
+    from prometheus_client.exposition import basic_auth_handler, default_handler, pushadd_to_gateway
+
     address, userinfo = split_userinfo(url)
     handler: Callable[..., Callable[[], None]] = default_handler
     if userinfo is not None:

@@ -42,8 +42,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
-import yaml
-
 from .catalog import Rename, RepositoryMap, check_targets, is_catalog_source
 from .engine import PushJob, select_tags
 from .errors import BatchPushError, PlanError
@@ -304,6 +302,8 @@ def load_plan(path: str) -> Plan:
         raise PlanError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise PlanError(f"{path}: not UTF-8 text") from exc
+    import yaml  # here: a run without a plan never loads PyYAML
+
     try:
         document = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:

@@ -14,6 +14,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from .outcome import LayerOutcome, LayerResult
@@ -99,8 +100,10 @@ class LineWriter:
     progress too; both give up after ``CLOSE_STALL_S`` without any, leaving the
     (daemon) thread behind, so a run whose output nobody reads still ends."""
 
-    def __init__(self, queue_lines: int = QUEUE_LINES) -> None:
+    def __init__(self, queue_lines: int = QUEUE_LINES, *, dropped_line: Callable[[str], str] | None = None) -> None:
         self._queue: queue.Queue[tuple[TextIO, str]] = queue.Queue(queue_lines)
+        #: how the notice of dropped lines is written (a JSON log makes it a JSON object)
+        self._dropped_line = dropped_line or (lambda text: text)
         self._lock = threading.Lock()
         self._dropped = 0
         #: lines never dropped, written before the queue's (deque: appends are atomic)
@@ -151,7 +154,7 @@ class LineWriter:
         with self._lock:
             dropped, self._dropped = self._dropped, 0
         if dropped:
-            self._emit(stream, f"({dropped} output line(s) dropped: the output was not read fast enough; the report has every result)")
+            self._emit(stream, self._dropped_line(f"({dropped} output line(s) dropped: the output was not read fast enough; the report has every result)"))
 
     def _run(self) -> None:
         stream: TextIO | None = None
@@ -338,9 +341,10 @@ class RichProgress(NoProgress):
 
 class JsonProgress(NoProgress):
     """Each event as a log record of ``batchpush.events`` for ``logs.JsonFormatter``:
-    ``image-started``, ``layer`` (its outcome), ``failure`` and ``image-finished``.
-    Through logging, so that these and every other log line (the retries among
-    them) share one stream, one lock and one redaction."""
+    ``image-started``, ``layer`` (its outcome), ``failure``, ``image-finished``,
+    ``note`` (a closing line: a dry run's plan, a pruned tag) and ``summary`` (the
+    run's figures). Through logging, so that these and every other log line (the
+    retries among them) share one stream, one lock and one redaction."""
 
     log = logging.getLogger("batchpush.events")
 
@@ -361,6 +365,13 @@ class JsonProgress(NoProgress):
             bytes_sent=layer.bytes_sent,
             mounted_from=layer.mounted_from,
         )
+
+    def note(self, text: str) -> None:
+        self._emit("note", text)
+
+    def summary(self, figures: dict[str, int | float], line: str) -> None:
+        """The run's summary: its ``line`` and its figures (summary.summary_figures)."""
+        self.log.info(line, extra={"event": "summary", "fields": figures})
 
     def image_done(self, result: ImageResult) -> None:
         if not result.ok:

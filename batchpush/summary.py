@@ -24,16 +24,38 @@ def human_bytes(size: int) -> str:
     return f"{size} B"
 
 
+def summary_figures(result: BatchResult, seconds: float) -> dict[str, int | float]:
+    """The summary's figures, as the ``summary`` event of ``--log-format json`` carries them."""
+    statuses = Counter(image.status for image in result.images)
+    return {
+        "images": len(result.images),
+        "pushed": statuses["pushed"],
+        "up_to_date": statuses["up-to-date"],
+        "dry_run": statuses["dry-run"],
+        "failed": statuses["failed"],
+        "bytes_read": result.bytes_read,
+        "bytes_compressed": result.bytes_compressed,
+        "bytes_sent": result.bytes_uploaded,
+        "blobs_mounted": result.blobs_mounted,
+        "requests": sum(result.requests_by_method.values()),
+        "seconds": round(seconds, 3),
+    }
+
+
+def summary_line(figures: dict[str, int | float]) -> str:
+    """The summary line of ``summary_figures``."""
+    counts = [f"{figures['pushed']} pushed", f"{figures['up_to_date']} up to date"]
+    if figures["dry_run"]:
+        counts.append(f"{figures['dry_run']} dry-run")
+    counts.append(f"{figures['failed']} failed")
+    return (
+        f"summary: {figures['images']} images: {', '.join(counts)}; "
+        f"read {human_bytes(int(figures['bytes_read']))}, compressed {human_bytes(int(figures['bytes_compressed']))}, sent {human_bytes(int(figures['bytes_sent']))}; "
+        f"{figures['blobs_mounted']} blobs mounted; {figures['requests']} requests; {figures['seconds']:.1f} s"
+    )
+
+
 def summary_lines(result: BatchResult, seconds: float) -> list[str]:
     """The summary line, then one ``failed: TARGET: REASON`` line per failed image."""
-    statuses = Counter(image.status for image in result.images)
-    counts = [f"{statuses['pushed']} pushed", f"{statuses['up-to-date']} up to date"]
-    if statuses["dry-run"]:
-        counts.append(f"{statuses['dry-run']} dry-run")
-    counts.append(f"{statuses['failed']} failed")
-    line = (
-        f"summary: {len(result.images)} images: {', '.join(counts)}; "
-        f"read {human_bytes(result.bytes_read)}, compressed {human_bytes(result.bytes_compressed)}, sent {human_bytes(result.bytes_uploaded)}; "
-        f"{result.blobs_mounted} blobs mounted; {sum(result.requests_by_method.values())} requests; {seconds:.1f} s"
-    )
+    line = summary_line(summary_figures(result, seconds))
     return [line, *(f"failed: {image.target}: {one_line(image.error or image.status)}" for image in result.images if not image.ok)]

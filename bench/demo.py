@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from fleet import Fleet, build, directory_tar  # noqa: E402
 from registry import Registry, start_registry  # noqa: E402
 
+from batchpush.engine import DEFAULT_MAX_CONCURRENT_IMAGES  # noqa: E402
+
 BATCHPUSH = [sys.executable, "-m", "batchpush"]
 SERVICES, TAGS, TEAMS = 10, 4, 3
 #: the shared base layer: a tar of this machine's Python standard library, up to this size
@@ -111,7 +113,7 @@ def main() -> int:
         code, lines = run_logged(work, ["run", "nightly.yaml", *args], "push.log")
         expect(code == 0, f"exit code {code}")
         one = f"{registry.host}/{repository(layouts[2], 2)}:v1"
-        print(f"push.log has {len(lines)} lines, each naming its target (images are pushed 8 at once); those of {one}:")
+        print(f"push.log has {len(lines)} lines, each naming its target (images are pushed {DEFAULT_MAX_CONCURRENT_IMAGES} at once); those of {one}:")
         show([line for line in lines if line.startswith(one + ": ")])
         first = totals(report)
         print("the shared base layer in push.log (uploaded once, mounted into every other repository):")

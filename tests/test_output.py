@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -150,6 +151,23 @@ def test_a_line_never_waits_for_a_blocked_stream_and_the_drops_are_counted(monke
         "line 2",
         "line 3",
     ]
+
+
+def test_the_notice_of_dropped_lines_is_json_in_a_json_log(monkeypatch):
+    from batchpush.logs import json_line
+
+    stream = BlockingStream()
+    writer = LineWriter(queue_lines=1, dropped_line=lambda text: json_line(logging.WARNING, "lines-dropped", text))
+    writer.write(stream, "{}")
+    assert stream.entered.wait(60)
+    for _ in range(3):
+        writer.write(stream, "{}")  # 1 queued, 2 dropped
+    monkeypatch.setattr(progress, "CLOSE_STALL_S", 0.3)
+    writer.close()
+    stream.release.set()
+    writer._thread.join(60)
+    notice = json.loads(stream.getvalue().splitlines()[1])
+    assert notice["event"] == "lines-dropped" and notice["level"] == "warning" and notice["message"].startswith("(2 output line(s) dropped")
 
 
 class SlowStream(io.StringIO):

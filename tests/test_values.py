@@ -147,7 +147,7 @@ def test_source_spec_parsing():
 def test_log_lines_lose_query_strings_and_tokens():
     import logging
 
-    from batchpush.cli import RedactingFormatter
+    from batchpush.logs import RedactingFormatter
 
     formatter = RedactingFormatter("%(message)s")
     for message in (

@@ -115,8 +115,10 @@ class Authenticator:
     """Holds one registry host's auth state; thread-safe.
 
     ``authorization(scopes)`` returns the header to send (None: anonymous).
-    ``challenge(response, scopes)`` learns from a 401 and fetches a token; it returns
-    False when a retry would not help (no new credentials to offer).
+    ``challenge(response, scopes, sent)`` learns from a 401, whichever request it
+    answers (a registry may answer the ping 200 and challenge only a write); it
+    returns False when sending that request again would not help: no challenge
+    it can answer, or the credentials it would send are the ones just refused.
     """
 
     def __init__(self, host: str, session: requests.Session, credentials: Credentials | None, *, verify_realm: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> None:
@@ -161,21 +163,31 @@ class Authenticator:
                     return f"Bearer {token.value}"
             return f"Bearer {self._fetch_token(challenge, scopes)}"
 
-    def challenge(self, response: requests.Response, scopes: tuple[str, ...]) -> bool:
-        """Learn from a 401; True if retrying the request may now succeed."""
+    def challenge(self, response: requests.Response, scopes: tuple[str, ...], sent: str | None = None) -> bool:
+        """Learn from a 401 to a request for ``scopes`` that carried the Authorization
+        ``sent`` (None: none); True if sending it again may now succeed. The caller
+        sends a request again once at most, so a second 401 after fresh credentials
+        is final. Each request is judged by what it carried, not by what the
+        authenticator knew before: requests sent at once, before any challenge was
+        known, each earn their retry."""
         header = response.headers.get("WWW-Authenticate", "")
         known = [c for c in parse_challenges(header) if c.scheme in ("bearer", "basic")]
         if not known:
             return False
         chosen = next((c for c in known if c.scheme == "bearer"), known[0])
         with self._lock:
-            first_time = self._challenge is None or self._challenge.scheme != chosen.scheme
             self._challenge = chosen
-            had_token = self._tokens.pop(scopes, None) is not None
+            token = self._tokens.get(scopes)
+            if token is not None and sent == f"Bearer {token.value}":
+                # the token this request carried expired or does not cover it: the
+                # next authorization() fetches another (one sent by a request that
+                # fetched it since is kept)
+                del self._tokens[scopes]
         if chosen.scheme == "basic":
-            return first_time and self._basic() is not None
-        # bearer: a first challenge, or an expired/insufficient token, earns one fresh token
-        return first_time or had_token
+            basic = self._basic()
+            return basic is not None and sent != basic
+        # bearer: a token for these scopes, fresh or fetched since the request went
+        return True
 
     def _fetch_token(self, challenge: Challenge, scopes: tuple[str, ...]) -> str:
         """A token for ``scopes`` from the challenge's realm, cached with its expiry.

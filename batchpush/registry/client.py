@@ -543,7 +543,9 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         body: Callable[[], Any] | None = None,
     ) -> requests.Response:
-        """Send one request; a 401 earns one fresh token and one resend. Redirects
+        """Send one request; a 401 with a challenge (on any request: a registry may
+        answer the ping 200 and challenge a write) earns fresh credentials for
+        ``scopes`` and one resend. Redirects
         are followed (at most MAX_REDIRECTS): never from https to http, and the
         Authorization header goes to the registry's own host only."""
         challenged = False
@@ -568,7 +570,10 @@ class RegistryClient:
             except RegistryError:
                 self._count_error()
                 raise
-            if response.status_code == 401 and not challenged and self.auth.challenge(response, scopes):
+            # a 401 of the registry's own origin, whichever request it answers (not
+            # of a storage host a redirect led to: its challenge is not this registry's)
+            own = same_origin(url, self.base_url if self._base_url else url)
+            if response.status_code == 401 and not challenged and own and self.auth.challenge(response, scopes, sent.get("Authorization")):
                 challenged = True
                 release(response)
                 continue

@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeGuard
 from urllib.parse import urljoin, urlsplit
@@ -34,11 +35,10 @@ from ..errors import Cancelled, DigestMismatchError
 from ..reference import is_repository_path
 from .auth import scope_for
 from .errors import BODY_ERRORS, MalformedResponseError, RegistryError, parse_decimal, release, transport_error
-from .retry import retry_fields
+from .retry import HostGate, RetryPolicy, retry_fields
 
 if TYPE_CHECKING:
     from ..sources.base import RegistryBlob
-    from .client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,27 @@ class BlobStream(Protocol):
     def views(self) -> Iterator[memoryview]: ...
 
 
+class ReadingClient(Protocol):
+    """What a BlobReader asks of its registry's client (``client.RegistryClient``,
+    which makes it): declared here, so that this module, below the client, does not
+    import it."""
+
+    cancel: threading.Event
+    policy: RetryPolicy
+    gate: HostGate
+
+    @property
+    def base_url(self) -> str: ...
+
+    def read_slot(self) -> AbstractContextManager[None]: ...
+
+    def count_read(self, n: int) -> None: ...
+
+    def request(self, method: str, url: str, *, scopes: tuple[str, ...], expected: frozenset[int] | set[int], headers: dict[str, str] | None = None) -> requests.Response:
+        """A GET of the blob (``RegistryClient.request``: no body here)."""
+        ...
+
+
 class BlobReader:
     """A blob of a registry as a BlobStream: ``GET /v2/<repo>/blobs/<digest>``.
 
@@ -244,7 +265,7 @@ class BlobReader:
     bytes are the blob's, never decoded. Bytes that were on the way when a
     connection broke are read again: at most READ_BYTES per break."""
 
-    def __init__(self, client: RegistryClient, blob: RegistryBlob) -> None:
+    def __init__(self, client: ReadingClient, blob: RegistryBlob) -> None:
         self.client = client
         self.blob = blob
         self._lock = threading.Lock()
