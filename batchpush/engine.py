@@ -36,13 +36,14 @@ from .digest import Digest
 from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, SourceError, UsageError
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
+from .layout import MAX_CONCURRENT_WRITES, BaseLayout, LayoutWriter, is_layout
 from .metadata import MetadataStore, OverlayStore
 from .policy import hmac_key
 from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer, prepared_remote
 from .presend import UploadSink
 from .progress import NoProgress, Progress
 from .prune import prune as prune_target
-from .reference import Reference, RepositoryPrefix, parse_target
+from .reference import LAYOUT_TRANSPORT, Reference, RepositoryPrefix, parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
 from .registry.credentials import DockerConfigCredentials, password_from
@@ -94,6 +95,9 @@ class PushOptions:
     spool_limit: int | None = None
     #: say what would happen, with read requests only
     dry_run: bool = False
+    #: OCI layouts (earlier exports) whose layers an ``oci:DIR`` target leaves out
+    #: (the next disk carries only what they lack; layout.py)
+    incremental_from: tuple[str, ...] = ()
     progress: Progress = field(default_factory=NoProgress)
 
 
@@ -218,6 +222,7 @@ class Engine:
         self.store = MetadataStore(self.options.metadata_dir)
         #: where the layer path records what it learns of registries (a dry run's stays in memory)
         self._remote_store = OverlayStore(self.store) if self.options.dry_run else self.store
+        self._layout_store = OverlayStore(self.store)
         self._clients: dict[str, RegistryClient] = {}
         self._executors: dict[str, cf.ThreadPoolExecutor] = {}
         self._clients_lock = threading.Lock()
@@ -292,6 +297,8 @@ class Engine:
             client = self._clients.get(host)
         if client is not None:
             return client
+        if is_layout(host):
+            return self._layout(host)  # type: ignore[return-value]
         options = self.registry_options(host)
         kind = DryRunClient if self.options.dry_run else RegistryClient
         made = kind(
@@ -311,6 +318,21 @@ class Engine:
         if client is not made:  # another thread made it first
             made.close()
         return client
+
+    def _layout(self, host: str) -> LayoutWriter:
+        """The writer of the OCI layout target ``host`` (``oci:DIR``), as a client:
+        the layer and image paths write to it as to a registry (layout.py)."""
+        with self._clients_lock:
+            writer = self._clients.get(host)
+        if writer is not None:
+            return writer  # type: ignore[return-value]
+        bases = tuple(BaseLayout.read(path) for path in self.options.incremental_from)
+        made = LayoutWriter(host[len(LAYOUT_TRANSPORT) :], bases=bases, cancel=self.cancelled, dry_run=self.options.dry_run)
+        with self._clients_lock:
+            writer = self._clients.setdefault(host, made)  # type: ignore[arg-type]
+            if writer is made:  # type: ignore[comparison-overlap]
+                self._executors[host] = cf.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_WRITES, thread_name_prefix="layout")
+        return writer  # type: ignore[return-value]
 
     # -- the batch -----------------------------------------------------------
     def run(self, jobs: Iterable[PushJob]) -> BatchResult:
@@ -597,7 +619,9 @@ class Engine:
         return current if current is not None and current[0] == digest else None
 
     def pusher(self, client: RegistryClient, target: Reference) -> ImagePusher:
-        layers = LayerPusher(client, target, self.state, self._remote_store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=self.options.progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
+        # what a layout holds is not remembered across runs (a disk goes away): an overlay
+        store = self._layout_store if is_layout(target.registry) else self._remote_store
+        layers = LayerPusher(client, target, self.state, store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=self.options.progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
         return ImagePusher(layers, self._executors[target.api_host])
 
     def _held_by_source(self, image: RemoteImage, node: PreparedNode | PendingManifest) -> None:
@@ -617,7 +641,8 @@ class Engine:
             return []
         firsts: dict[str, Reference] = {}
         for target in entry.targets:
-            firsts.setdefault(target.registry, target)
+            if not is_layout(target.registry):  # a layout is written from the spool, never streamed to
+                firsts.setdefault(target.registry, target)
         sinks = []
         for target in firsts.values():
             try:
