@@ -379,6 +379,9 @@ class Engine:
         with self._clients_lock:
             clients = list(self._clients.values())
         for client in clients:
+            if isinstance(client, LayoutWriter):
+                result.layout_bytes[client.path] += client.bytes_sent
+                continue
             result.requests_by_method.update(client.requests_by_method)
             result.requests_by_registry[client.host] += sum(client.requests_by_method.values())
             result.errors_by_registry[client.host] += client.errors

@@ -70,6 +70,18 @@ PARTIAL_DIR = ".partial"
 MAX_CONCURRENT_WRITES = 4
 #: the session location a writer's upload carries (nothing is sent anywhere)
 _SESSION = "layout:"
+#: the mode of the files written, less the umask
+FILE_MODE = 0o666
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: read once, at import (``os.umask`` sets it to read it: not while threads write files)
+_UMASK = _current_umask()
 
 
 class LayoutError(BatchPushError):
@@ -217,6 +229,9 @@ class LayoutWriter:
         self._planned: dict[Digest, int] = {}
         #: upload session -> a checked temporary file whose rename waits (``before_commit``)
         self._staged: dict[str, str] = {}
+        #: temporary files being written now (a closing writer removes them: after a
+        #: cancel, a write still waiting for its source's bytes is not waited for)
+        self._writing: set[str] = set()
         self._sessions = 0
         if not dry_run:
             self._create()
@@ -282,9 +297,21 @@ class LayoutWriter:
         size = self._size_here(digest)
         return size if size is not None else self._size_in_bases(digest)
 
+    def _temporary(self, directory: str, prefix: str) -> tuple[int, str]:
+        """A new file of ``directory``, readable as the umask allows (mkstemp makes it
+        0600: a layout carried to another machine is read by another user)."""
+        fd, path = tempfile.mkstemp(dir=directory, prefix=prefix)
+        try:
+            os.fchmod(fd, FILE_MODE & ~_UMASK)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return fd, path
+
     def _replace(self, path: str, data: bytes) -> None:
         """``data`` into ``path`` atomically: a temporary file beside it, synced, renamed."""
-        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        fd, temporary = self._temporary(os.path.dirname(path), ".tmp-")
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
@@ -370,7 +397,11 @@ class LayoutWriter:
         ``PARTIAL_DIR``, checked against ``digest`` and ``expected_size``; its path."""
         if digest.algorithm != "sha256":
             raise LayoutError(self.path, f"blob {digest}: only sha256 blobs are written to a layout")
-        fd, temporary = tempfile.mkstemp(dir=os.path.join(self.path, PARTIAL_DIR), prefix=f"{digest.hex[:16]}-")
+        partial = os.path.join(self.path, PARTIAL_DIR)
+        os.makedirs(partial, exist_ok=True)  # another run that ended may have removed it
+        fd, temporary = self._temporary(partial, f"{digest.hex[:16]}-")
+        with self._lock:
+            self._writing.add(temporary)
         try:
             hasher = hashlib.sha256()
             size = 0
@@ -400,6 +431,9 @@ class LayoutWriter:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+        finally:
+            with self._lock:
+                self._writing.discard(temporary)
         return temporary
 
     def _commit(self, temporary: str, digest: Digest, size: int) -> None:
@@ -501,8 +535,9 @@ class LayoutWriter:
             written = list(self._written.values())
         if self.dry_run or (not written and not self.bases):
             return
-        lock_path = os.path.join(self.path, PARTIAL_DIR, "index.lock")
-        with open(lock_path, "a") as lock:
+        # the layout's directory is the lock: nothing is left behind for it
+        lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 index = self._read_index()
@@ -521,6 +556,8 @@ class LayoutWriter:
                 self._replace(os.path.join(self.path, "index.json"), self._index_bytes(index))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            os.close(lock)
 
     def close(self) -> None:
         """Writes the index (``flush``) and removes this run's temporary files."""
@@ -529,8 +566,10 @@ class LayoutWriter:
         except (OSError, BatchPushError) as exc:
             log.error("%s: the index was not written: %s", self.path, exc)
         with self._lock:
-            leftovers = list(self._staged.values())
+            leftovers = [*self._staged.values(), *self._writing]
             self._staged.clear()
         for path in leftovers:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        with contextlib.suppress(OSError):  # not empty: another run writes, or a killed one left files
+            os.rmdir(os.path.join(self.path, PARTIAL_DIR))

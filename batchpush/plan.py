@@ -129,7 +129,7 @@ def _field_rules(options_type: type) -> dict[str, _FieldRule]:
 
 
 _FIELD_RULES = _field_rules(RegistryOptions)
-_TOP_KEYS = {"version", "defaults", "registries", "images", "spool_dir", "spool_limit"}
+_TOP_KEYS = {"version", "defaults", "registries", "images", "spool_dir", "spool_limit", "incremental_from"}
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -161,6 +161,8 @@ class Plan:
     #: where compressed layers are kept, and at most how many bytes (spool.py)
     spool_dir: str | None = None
     spool_limit: int | None = None
+    #: earlier exports whose layers the run's ``oci:DIR`` targets leave out (layout.py)
+    incremental_from: tuple[str, ...] = ()
 
     def jobs(self) -> Iterator[PushJob]:
         """The entries as push jobs. First, each layout and archive without a tag in
@@ -387,6 +389,12 @@ def validate_plan(path: str, document: Any) -> Plan:
             spool_limit = parse_size(document["spool_limit"])
         except ValueError as exc:
             raise _error(path, "spool_limit", str(exc)) from None
-    plan = Plan(path, defaults, registries, tuple(images), spool_dir, spool_limit)
+    incremental = document.get("incremental_from") or []
+    if isinstance(incremental, str):
+        incremental = [incremental]
+    if not isinstance(incremental, list) or not all(isinstance(p, str) and p for p in incremental):
+        raise _error(path, "incremental_from", "must be an OCI layout's path, or a list of them")
+    base = os.path.dirname(os.path.abspath(path))
+    plan = Plan(path, defaults, registries, tuple(images), spool_dir, spool_limit, tuple(os.path.join(base, p) for p in incremental))
     _refuse_shared_tags(plan, [plan._job(entry) for entry in plan.entries], open_sources=False)
     return plan

@@ -1,0 +1,278 @@
+"""Air-gapped migrations against real registries: a registry exported into one OCI
+layout (``oci:DIR`` target), that layout imported into another registry under a
+prefix (``oci:DIR`` source), incremental exports (``--incremental-from``).
+
+The source registry is filled by skopeo from layouts our test code writes; what a
+layout holds is read out by skopeo (``oci:DIR:REPOSITORY:TAG``), and what arrives
+at a registry is read back by skopeo and compared, digest for digest, with the
+source. An interruption is a real SIGINT to the CLI in a subprocess while our proxy
+holds one blob read of the source silent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import pull_and_verify, remote_digest, skopeo
+from fault_proxy import Rule
+from images import LayoutWriter, layer_tar, sha256
+from registry import Registry, start_registry
+from test_migrate import tags_of
+from test_mirror import attach_signature
+
+#: how long a subprocess may take to do what a test waits for (a bound, never a timing assertion)
+BOUND_S = 90.0
+REF_NAME = "org.opencontainers.image.ref.name"
+#: the layer every image of the source shares (stored once in a layout)
+BASE_SEED = 1000
+
+
+@pytest.fixture
+def source(tmp_path):
+    started = start_registry(str(tmp_path / "source"))
+    yield started
+    started.stop()
+
+
+def put_image(registry: Registry, layout: Path, repository: str, tag: str, seed: int) -> str:
+    """An image of two layers (the shared base, one of its own from ``seed``) copied
+    into ``registry`` by skopeo; its digest there."""
+    writer = LayoutWriter(str(layout / f"{seed}"))
+    descriptor, _ = writer.image([layer_tar(BASE_SEED, files=2, file_size=2048), layer_tar(seed, files=1, file_size=1024)])
+    writer.tag(descriptor, "x")
+    done = skopeo("copy", "--dest-tls-verify=false", f"oci:{layout / str(seed)}:x", f"docker://{registry.host}/{repository}:{tag}")
+    assert done.returncode == 0, done.stderr
+    return remote_digest(registry, f"{repository}:{tag}")
+
+
+def fill_team0(registry: Registry, tmp_path: Path) -> dict[str, str]:
+    """team0/svc0:v1, team0/svc1:v1 and :v2, and other/x:v1 (outside the namespace);
+    their digests by ``repository:tag`` below team0/."""
+    layouts = tmp_path / "fill"
+    digests = {
+        "svc0:v1": put_image(registry, layouts, "team0/svc0", "v1", 1),
+        "svc1:v1": put_image(registry, layouts, "team0/svc1", "v1", 2),
+        "svc1:v2": put_image(registry, layouts, "team0/svc1", "v2", 3),
+    }
+    put_image(registry, layouts, "other/x", "v1", 4)
+    return digests
+
+
+def index_of(layout: Path) -> dict:
+    return json.loads((layout / "index.json").read_text())
+
+
+def ref_names(layout: Path) -> dict[str, str]:
+    """The layout's ``REPOSITORY:TAG`` ref names and the digests they name."""
+    return {entry["annotations"][REF_NAME]: entry["digest"] for entry in index_of(layout)["manifests"] if REF_NAME in entry.get("annotations", {})}
+
+
+def blob_files(layout: Path) -> dict[str, tuple[int, int]]:
+    """Every blob file of the layout, checked against its name: digest -> (inode, mtime_ns)."""
+    files = {}
+    for path in (layout / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, f"{path} does not hash to its name"
+        stat = path.stat()
+        files[f"sha256:{path.name}"] = (stat.st_ino, stat.st_mtime_ns)
+    return files
+
+
+def layout_digest(layout: Path, ref: str) -> str:
+    """The manifest digest of ``oci:LAYOUT:REF`` as skopeo reads it out of the layout."""
+    done = skopeo("inspect", "--raw", f"oci:{layout}:{ref}")
+    assert done.returncode == 0, done.stderr
+    return sha256(done.stdout.encode())
+
+
+def layers_of(layout: Path, digest: str) -> list[str]:
+    manifest = json.loads((layout / "blobs" / "sha256" / digest.split(":")[1]).read_bytes())
+    return [layer["digest"] for layer in manifest["layers"]]
+
+
+def report_images(path: Path) -> dict[str, dict]:
+    return {image["target"]: image for image in json.loads(path.read_text())["images"]}
+
+
+def test_a_namespace_goes_to_one_layout_and_from_it_to_another_registry(source, registry, tmp_path, batchpush):
+    digests = fill_team0(source, tmp_path)
+    sig_tag, fallback_tag = attach_signature(source, "team0/svc0", digests["svc0:v1"], tmp_path)
+    mirror = tmp_path / "usb" / "mirror"
+    run = batchpush("push", f"docker://{source.host}/team0/", f"oci:{mirror}", "--insecure", source.host, "--report", str(tmp_path / "export.json"))
+    assert run.code == 0, run.out + run.err
+    names = ref_names(mirror)
+    # one ref name per REPOSITORY:TAG below the prefix, signatures with their image, byte for byte
+    assert set(names) == {*digests, f"svc0:{sig_tag}", f"svc0:{fallback_tag}"}
+    for name, digest in digests.items():
+        assert names[name] == digest
+        assert layout_digest(mirror, name) == digest  # skopeo reads it out, digest unchanged
+    assert names[f"svc0:{sig_tag}"] == remote_digest(source, f"team0/svc0:{sig_tag}")
+    # one blob store: the layer all three images share is one file; nothing else is there
+    files = blob_files(mirror)
+    shared = set(layers_of(mirror, digests["svc0:v1"])) & set(layers_of(mirror, digests["svc1:v2"]))
+    assert len(shared) == 1 and shared <= set(files)
+    assert sorted(os.listdir(mirror)) == ["blobs", "index.json", "oci-layout"]
+    # the report lists what each image wrote
+    exported = report_images(tmp_path / "export.json")
+    assert {layer["outcome"] for layer in exported[f"oci:{mirror}:svc0:v1"]["layers"]} <= {"uploaded", "exists", "known"}
+    # skopeo copies an image out of the layout whole
+    out = tmp_path / "out"
+    done = skopeo("copy", f"oci:{mirror}:svc1:v2", f"oci:{out}:copied")
+    assert done.returncode == 0, done.stderr
+
+    # the disconnected side: everything on the disk under a prefix, digests unchanged
+    run = batchpush("push", f"oci:{mirror}", f"{registry.host}/imported/", "--insecure", registry.host)
+    assert run.code == 0, run.out + run.err
+    assert tags_of(registry, "imported/svc1") == ["v1", "v2"]
+    for name, digest in digests.items():
+        repository, tag = name.split(":")
+        assert remote_digest(registry, f"imported/{repository}:{tag}") == digest
+    assert remote_digest(registry, f"imported/svc0:{sig_tag}") == names[f"svc0:{sig_tag}"]
+    pull_and_verify(registry, "imported/svc1:v2", str(tmp_path / "pulled"))
+
+
+def test_a_second_export_writes_only_the_blobs_the_layout_lacks(source, tmp_path, batchpush):
+    digests = fill_team0(source, tmp_path)
+    mirror = tmp_path / "mirror"
+    assert batchpush("push", f"docker://{source.host}/team0/", f"oci:{mirror}", "--insecure", source.host).code == 0
+    before = blob_files(mirror)
+    new = put_image(source, tmp_path / "fill", "team0/svc1", "v3", 5)
+    run = batchpush("push", f"docker://{source.host}/team0/", f"oci:{mirror}", "--insecure", source.host, "--report", str(tmp_path / "again.json"))
+    assert run.code == 0, run.out + run.err
+    after = blob_files(mirror)
+    # existing files are not written again (inode and mtime unchanged); the new image's are added
+    assert {digest: after[digest] for digest in before} == before
+    added = set(after) - set(before)
+    assert new.split(":")[1] in {d.split(":")[1] for d in added}
+    assert len(added) == 3  # its manifest, config and own layer; the shared base layer was there
+    assert ref_names(mirror) == {**digests, "svc1:v3": new}
+    statuses = {target.rsplit(":", 2)[-2] + ":" + target.rsplit(":", 1)[-1]: image["status"] for target, image in report_images(tmp_path / "again.json").items()}
+    assert statuses == {"svc0:v1": "up-to-date", "svc1:v1": "up-to-date", "svc1:v2": "up-to-date", "svc1:v3": "pushed"}
+
+
+def test_an_incremental_export_carries_only_what_the_last_disk_lacked(source, registry, tmp_path, batchpush):
+    digests = fill_team0(source, tmp_path)
+    full, delta = tmp_path / "full", tmp_path / "delta"
+    assert batchpush("push", f"docker://{source.host}/team0/", f"oci:{full}", "--insecure", source.host).code == 0
+    assert batchpush("push", f"oci:{full}", f"{registry.host}/imported/", "--insecure", registry.host).code == 0
+    new = put_image(source, tmp_path / "fill", "team0/svc2", "v1", 6)
+
+    # the disk needed, said before anything is written
+    run = batchpush("push", "--incremental-from", str(full), f"docker://{source.host}/team0/", f"oci:{delta}", "--insecure", source.host, "--dry-run")
+    assert run.code == 0, run.out + run.err
+    assert not delta.exists()
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{source.host}/team0/svc2:v1").stdout.encode()
+    manifest = json.loads(raw)
+    own_layer = manifest["layers"][1]
+    line = next(line for line in run.out.splitlines() if line.startswith(f"oci:{delta} needs"))
+    assert int(line.split()[2]) == len(raw) + manifest["config"]["size"] + own_layer["size"]  # the shared layer is on the last disk
+
+    run = batchpush("push", "--incremental-from", str(full), f"docker://{source.host}/team0/", f"oci:{delta}", "--insecure", source.host)
+    assert run.code == 0, run.out + run.err
+    # only the new image is listed, and only its new blobs are on the disk
+    assert ref_names(delta) == {"svc2:v1": new}
+    assert set(blob_files(delta)) == {new, manifest["config"]["digest"], own_layer["digest"]}
+    full_index = sha256((full / "index.json").read_bytes())
+    assert index_of(delta)["annotations"]["io.batchpush.incremental-from"] == full_index
+
+    # into an empty registry it fails clearly: the base layer is on neither side
+    empty = start_registry(str(tmp_path / "empty"))
+    try:
+        run = batchpush("push", f"oci:{delta}", f"{empty.host}/imported/", "--insecure", empty.host)
+        assert run.code == 1
+        shared = manifest["layers"][0]["digest"]
+        assert shared in run.err and "incremental layout" in run.err
+        assert empty.count("PUT", "/manifests/") == 0
+    finally:
+        empty.stop()
+    # into the registry the last disk filled, it arrives whole, digest unchanged
+    run = batchpush("push", f"oci:{delta}", f"{registry.host}/imported/", "--insecure", registry.host)
+    assert run.code == 0, run.out + run.err
+    assert remote_digest(registry, "imported/svc2:v1") == new
+    pull_and_verify(registry, "imported/svc2:v1", str(tmp_path / "pulled"))
+    assert remote_digest(registry, "imported/svc0:v1") == digests["svc0:v1"]
+
+
+def test_an_interrupted_export_leaves_a_valid_layout_that_a_rerun_completes(source, front, tmp_path):
+    digests = fill_team0(source, tmp_path)
+    mirror = tmp_path / "mirror"
+    # the own layer of svc1:v2 is held silent: that image cannot finish
+    manifest = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{source.host}/team0/svc1:v2").stdout)
+    held = manifest["layers"][1]["digest"]
+    front.add(Rule("GET", f"/blobs/{held}", "stall", stall_s=BOUND_S))
+    command = [sys.executable, "-m", "batchpush", "push", f"docker://{front.host}/team0/", f"oci:{mirror}", "--insecure", front.host, "--metadata-dir", str(tmp_path / "md")]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        finished = [digests["svc0:v1"], digests["svc1:v1"]]
+        # the other images are written (their manifests are in the store) and the held read has begun
+        while not (all((mirror / "blobs" / "sha256" / d.split(":")[1]).exists() for d in finished) and front.requests("GET", f"/blobs/{held}")):
+            assert run.poll() is None and time.monotonic() < deadline, "the export never got that far"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=BOUND_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, err
+    # a valid layout of what finished: skopeo reads those images out of it
+    assert ref_names(mirror) == {"svc0:v1": digests["svc0:v1"], "svc1:v1": digests["svc1:v1"]}
+    for name in ("svc0:v1", "svc1:v1"):
+        assert layout_digest(mirror, name) == digests[name]
+    blob_files(mirror)  # every file there hashes to its name: no partial blob under a digest
+    assert not (mirror / ".partial").exists() or not os.listdir(mirror / ".partial")
+    before = blob_files(mirror)
+
+    rerun = subprocess.run([*command[:4], f"docker://{source.host}/team0/", f"oci:{mirror}", "--insecure", source.host, *command[8:]], capture_output=True, text=True, timeout=BOUND_S)
+    assert rerun.returncode == 0, rerun.stderr
+    assert ref_names(mirror) == digests
+    assert layout_digest(mirror, "svc1:v2") == digests["svc1:v2"]
+    after = blob_files(mirror)
+    assert {digest: after[digest] for digest in before} == before
+
+
+def test_a_corrupted_blob_on_the_medium_fails_the_images_that_use_it(source, registry, tmp_path, batchpush):
+    digests = fill_team0(source, tmp_path)
+    mirror = tmp_path / "mirror"
+    assert batchpush("push", f"docker://{source.host}/team0/", f"oci:{mirror}", "--insecure", source.host).code == 0
+    own = layers_of(mirror, digests["svc1:v1"])[1]
+    path = mirror / "blobs" / "sha256" / own.split(":")[1]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    path.write_bytes(bytes(data))
+    run = batchpush("push", f"oci:{mirror}", f"{registry.host}/imported/", "--insecure", registry.host)
+    assert run.code == 1
+    assert own in run.err
+    assert tags_of(registry, "imported/svc1") == ["v2"]  # no manifest for the image whose blob lies
+    assert remote_digest(registry, "imported/svc0:v1") == digests["svc0:v1"]
+
+
+def test_a_local_source_is_compressed_once_into_the_layout(tmp_path, batchpush):
+    """An OCI layout with uncompressed layers (what ``docker save`` style tools write)
+    goes into an export under a repository name: its layers gzip-compressed once."""
+    local = tmp_path / "local"
+    writer = LayoutWriter(str(local))
+    descriptor, built = writer.image([layer_tar(BASE_SEED, files=2, file_size=2048), layer_tar(7)])
+    writer.tag(descriptor, "1.0")
+    mirror = tmp_path / "mirror"
+    run = batchpush("push", f"oci:{local}:1.0", f"oci:{mirror}:apps/web")
+    assert run.code == 0, run.out + run.err
+    names = ref_names(mirror)
+    assert list(names) == ["apps/web:1.0"]
+    manifest = json.loads((mirror / "blobs" / "sha256" / names["apps/web:1.0"].split(":")[1]).read_bytes())
+    assert all(layer["mediaType"].endswith("+gzip") for layer in manifest["layers"])
+    out = tmp_path / "out"
+    done = skopeo("copy", f"oci:{mirror}:apps/web:1.0", f"oci:{out}:copied")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((mirror / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1]).read_bytes())
+    assert config["rootfs"]["diff_ids"] == built.diff_ids
+    # a layout target naming no repository needs a source that has repository paths
+    run = batchpush("push", f"oci:{local}:1.0", f"oci:{mirror}")
+    assert run.code != 0 and f"oci:{mirror}:REPOSITORY" in run.err
