@@ -33,7 +33,9 @@ def summary_lines(result: BatchResult, seconds: float) -> list[str]:
     counts.append(f"{statuses['failed']} failed")
     line = (
         f"summary: {len(result.images)} images: {', '.join(counts)}; "
-        f"read {human_bytes(result.bytes_read)}, compressed {human_bytes(result.bytes_compressed)}, sent {human_bytes(result.bytes_uploaded)}; "
+        f"read {human_bytes(result.bytes_read)}, compressed {human_bytes(result.bytes_compressed)}, sent {human_bytes(result.bytes_uploaded)}"
+        + (f", written to layouts {human_bytes(sum(result.layout_bytes.values()))}" if result.layout_bytes else "")
+        + "; "
         f"{result.blobs_mounted} blobs mounted; {sum(result.requests_by_method.values())} requests; {seconds:.1f} s"
     )
     return [line, *(f"failed: {image.target}: {one_line(image.error or image.status)}" for image in result.images if not image.ok)]

@@ -276,3 +276,27 @@ def test_a_local_source_is_compressed_once_into_the_layout(tmp_path, batchpush):
     # a layout target naming no repository needs a source that has repository paths
     run = batchpush("push", f"oci:{local}:1.0", f"oci:{mirror}")
     assert run.code != 0 and f"oci:{mirror}:REPOSITORY" in run.err
+
+
+def test_two_runs_writing_one_layout_at_once_lose_nothing(source, tmp_path):
+    """Two exports into one layout at the same time (two processes, one shared base
+    layer): every image of both is listed, every blob file hashes to its name."""
+    digests = fill_team0(source, tmp_path)
+    other = remote_digest(source, "other/x:v1")
+    mirror = tmp_path / "mirror"
+    commands = [
+        [sys.executable, "-m", "batchpush", "push", f"docker://{source.host}/{namespace}/", f"oci:{mirror}", "--insecure", source.host, "--metadata-dir", str(tmp_path / f"md-{namespace}")]
+        for namespace in ("team0", "other")
+    ]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    try:
+        outputs = [run.communicate(timeout=BOUND_S) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert ref_names(mirror) == {**digests, "x:v1": other}
+    blob_files(mirror)
+    for name in [*digests, "x:v1"]:
+        assert layout_digest(mirror, name) == ref_names(mirror)[name]
