@@ -249,7 +249,7 @@ def test_a_corrupted_blob_on_the_medium_fails_the_images_that_use_it(source, reg
     path.write_bytes(bytes(data))
     run = batchpush("push", f"oci:{mirror}", f"{registry.host}/imported/", "--insecure", registry.host)
     assert run.code == 1
-    assert own in run.err
+    assert own in run.err and str(path) in run.err  # found as it was read, the file named
     assert tags_of(registry, "imported/svc1") == ["v2"]  # no manifest for the image whose blob lies
     assert remote_digest(registry, "imported/svc0:v1") == digests["svc0:v1"]
 
@@ -300,3 +300,21 @@ def test_two_runs_writing_one_layout_at_once_lose_nothing(source, tmp_path):
     blob_files(mirror)
     for name in [*digests, "x:v1"]:
         assert layout_digest(mirror, name) == ref_names(mirror)[name]
+
+
+def test_each_flush_merges_with_the_index_as_it_is_then(tmp_path):
+    """Two writers of one layout, the second opened before the first wrote its index:
+    the second's index keeps the first's entries (re-read under the lock), and its
+    own entry of the same name replaces the older one."""
+    from batchpush.layout import LayoutWriter as Writer
+
+    first, second = Writer(str(tmp_path / "l")), Writer(str(tmp_path / "l"))
+    a = first.put_manifest("svc0", "v1", "application/vnd.oci.image.manifest.v1+json", b'{"a":1}')
+    d = first.put_manifest("svc2", "v1", "application/vnd.oci.image.manifest.v1+json", b'{"d":1}')
+    b = second.put_manifest("svc1", "v1", "application/vnd.oci.image.manifest.v1+json", b'{"b":1}')
+    c = second.put_manifest("svc0", "v1", "application/vnd.oci.image.manifest.v1+json", b'{"c":1}')
+    first.close()
+    assert ref_names(tmp_path / "l") == {"svc0:v1": str(a), "svc2:v1": str(d)}
+    second.close()
+    assert ref_names(tmp_path / "l") == {"svc0:v1": str(c), "svc1:v1": str(b), "svc2:v1": str(d)}
+    assert sorted(os.listdir(tmp_path / "l")) == ["blobs", "index.json", "oci-layout"]
