@@ -95,6 +95,15 @@ class LayoutError(BatchPushError):
         self.problem = problem
 
 
+def _sync_directory(path: str) -> None:
+    """``fsync`` a directory: the renames into it are on the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def is_layout(text: str) -> bool:
     """A target (or a reference's registry) naming an OCI layout: ``oci:...``."""
     return text.startswith(TRANSPORT)
@@ -553,7 +562,11 @@ class LayoutWriter:
                     known = [d for d in str(annotations.get(INCREMENTAL_FROM, "")).split(",") if d]
                     annotations[INCREMENTAL_FROM] = ",".join(dict.fromkeys(known + [str(base.index_digest) for base in self.bases]))
                     index["annotations"] = annotations
+                # the renames of the blobs it names reach the disk first (a medium pulled out
+                # right after the run holds an index whose blobs are all there)
+                _sync_directory(os.path.join(self.path, "blobs", "sha256"))
                 self._replace(os.path.join(self.path, "index.json"), self._index_bytes(index))
+                _sync_directory(self.path)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         finally:
