@@ -44,7 +44,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .catalog import Rename, RepositoryMap, check_targets, is_catalog_source
+from .catalog import Rename, RepositoryMap, check_targets, is_catalog_source, is_layout_source
 from .engine import PushJob, select_tags
 from .errors import BatchPushError, PlanError
 from .reference import is_prefix, parse_target
@@ -243,7 +243,7 @@ def _check_selection(path: str, where: str, entry: Mapping[str, Any], *, catalog
             raise _error(path, f"{where}.{key}", f"invalid regular expression: {exc}") from exc
     for key in ("repositories", "exclude_repositories"):
         if key in entry and not catalog:
-            raise _error(path, f"{where}.{key}", "needs a catalog source (docker://REGISTRY/ or docker://REGISTRY/PREFIX/)")
+            raise _error(path, f"{where}.{key}", "needs a catalog source (docker://REGISTRY/ or docker://REGISTRY/PREFIX/), or an oci:DIR with no tag")
     if entry.get("semver") is not None:
         if not isinstance(entry["semver"], str):
             raise _error(path, f"{where}.semver", "must be a version constraint string, e.g. '>=1.2, <2'")
@@ -377,7 +377,8 @@ def validate_plan(path: str, document: Any) -> Plan:
                 raise _error(path, f"{where}.prune", "needs a docker://REGISTRY/REPOSITORY source without a tag: the whole repository is mirrored")
             if any(not is_prefix(t) and parse_target(t).tag for t in targets):
                 raise _error(path, f"{where}.prune", "needs targets without a tag")
-        _check_selection(path, where, entry, catalog=catalog, prefixed=any(is_prefix(t) for t in targets))
+        # an oci:DIR without a tag holds many repositories too (an export's REPOSITORY:TAG names)
+        _check_selection(path, where, entry, catalog=catalog or is_layout_source(source), prefixed=any(is_prefix(t) for t in targets))
     spool_dir = document.get("spool_dir")
     if spool_dir is not None and not isinstance(spool_dir, str):
         raise _error(path, "spool_dir", "must be a directory's path")

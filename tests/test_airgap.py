@@ -318,3 +318,34 @@ def test_each_flush_merges_with_the_index_as_it_is_then(tmp_path):
     second.close()
     assert ref_names(tmp_path / "l") == {"svc0:v1": str(c), "svc1:v1": str(b), "svc2:v1": str(d)}
     assert sorted(os.listdir(tmp_path / "l")) == ["blobs", "index.json", "oci-layout"]
+
+
+def test_a_plan_exports_incrementally_and_imports_with_renames_and_tag_selection(source, registry, tmp_path, batchpush):
+    """The plan's ``incremental_from`` (a path relative to the plan), and an import
+    entry whose ``repositories``, ``rename`` and ``tags`` apply to the layout's
+    repositories as to a catalog's."""
+    import yaml
+
+    digests = fill_team0(source, tmp_path)
+    full = tmp_path / "full"
+    assert batchpush("push", f"docker://{source.host}/team0/", f"oci:{full}", "--insecure", source.host).code == 0
+    new = put_image(source, tmp_path / "fill", "team0/svc1", "v3", 8)
+    plan = tmp_path / "export.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "incremental_from": "full", "registries": {source.host: {"insecure": True}}, "images": [{"source": f"docker://{source.host}/team0/", "targets": ["oci:delta"]}]}))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the target's relative DIR is the working directory's; incremental_from the plan's
+    try:
+        run = batchpush("run", str(plan))
+    finally:
+        os.chdir(cwd)
+    assert run.code == 0, run.out + run.err
+    assert ref_names(tmp_path / "delta") == {"svc1:v3": new}
+
+    plan = tmp_path / "import.yaml"
+    entry = {"source": f"oci:{full}", "targets": [f"{registry.host}/imported/"], "repositories": "^svc1$", "rename": [{"from": "^svc(\\d)$", "to": "service-\\1"}], "tags": "^v2$"}
+    plan.write_text(yaml.safe_dump({"version": 1, "registries": {registry.host: {"insecure": True}}, "images": [entry]}))
+    run = batchpush("run", str(plan))
+    assert run.code == 0, run.out + run.err
+    assert tags_of(registry, "imported/service-1") == ["v2"]
+    assert remote_digest(registry, "imported/service-1:v2") == digests["svc1:v2"]
+    assert tags_of(registry, "imported/svc0") == []
