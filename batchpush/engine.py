@@ -332,6 +332,8 @@ class Engine:
             writer = self._clients.setdefault(host, made)  # type: ignore[arg-type]
             if writer is made:  # type: ignore[comparison-overlap]
                 self._executors[host] = cf.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_WRITES, thread_name_prefix="layout")
+        if writer is not made:  # type: ignore[comparison-overlap]
+            made.discard()  # another thread made it first
         return writer  # type: ignore[return-value]
 
     # -- the batch -----------------------------------------------------------

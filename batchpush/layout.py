@@ -16,7 +16,9 @@ written, what an attachment is) stay in one place.
 
 Written safely:
 
-- a blob is written under a temporary name in ``DIR/.partial/``, hashed as it is
+- a blob is written under a temporary name in ``DIR/.partial/run-*/`` (one
+  directory per run, locked while it lives: the next run removes those of runs
+  that were killed), hashed as it is
   written, checked (sha256 and size) and renamed into ``blobs/sha256/`` (an
   ``fsync`` first); a blob file already there with the right size is never
   written again (its inode and mtime stay);
@@ -42,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections import Counter
@@ -242,6 +245,9 @@ class LayoutWriter:
         #: cancel, a write still waiting for its source's bytes is not waited for)
         self._writing: set[str] = set()
         self._sessions = 0
+        #: this run's directory of temporary files, and the lock it holds on it
+        self._partial = ""
+        self._partial_lock: int | None = None
         if not dry_run:
             self._create()
         self._found = self._read_refs()
@@ -250,14 +256,46 @@ class LayoutWriter:
     def _create(self) -> None:
         try:
             os.makedirs(os.path.join(self.path, "blobs", "sha256"), exist_ok=True)
-            os.makedirs(os.path.join(self.path, PARTIAL_DIR), exist_ok=True)
             marker = os.path.join(self.path, "oci-layout")
             if not os.path.exists(marker):
                 self._replace(marker, json.dumps(LAYOUT_VERSION).encode())
             if not os.path.exists(os.path.join(self.path, "index.json")):
                 self._replace(os.path.join(self.path, "index.json"), self._index_bytes({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []}))
+            for attempt in range(3):  # another run that ends removes an empty .partial
+                os.makedirs(os.path.join(self.path, PARTIAL_DIR), exist_ok=True)
+                try:
+                    self._partial = tempfile.mkdtemp(dir=os.path.join(self.path, PARTIAL_DIR), prefix="run-")
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+            self._partial_lock = os.open(self._partial, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self._partial_lock, fcntl.LOCK_EX)
         except OSError as exc:
             raise LayoutError(self.path, f"cannot create the layout: {exc.strerror or exc}") from exc
+        self._remove_left_behind()
+
+    def _remove_left_behind(self) -> None:
+        """The temporary files of runs that were killed: each run's directory is
+        locked while it lives, so one that can be locked belongs to nobody."""
+        partial = os.path.join(self.path, PARTIAL_DIR)
+        for name in os.listdir(partial):
+            path = os.path.join(partial, name)
+            if path == self._partial or not name.startswith("run-"):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a run writing now
+            else:
+                log.info("%s: removing what a killed run left (%s)", self.path, name)
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(fd)
 
     def _read_index(self) -> dict[str, Any]:
         index_path = os.path.join(self.path, "index.json")
@@ -406,9 +444,7 @@ class LayoutWriter:
         ``PARTIAL_DIR``, checked against ``digest`` and ``expected_size``; its path."""
         if digest.algorithm != "sha256":
             raise LayoutError(self.path, f"blob {digest}: only sha256 blobs are written to a layout")
-        partial = os.path.join(self.path, PARTIAL_DIR)
-        os.makedirs(partial, exist_ok=True)  # another run that ended may have removed it
-        fd, temporary = self._temporary(partial, f"{digest.hex[:16]}-")
+        fd, temporary = self._temporary(self._partial, f"{digest.hex[:16]}-")
         with self._lock:
             self._writing.add(temporary)
         try:
@@ -578,11 +614,20 @@ class LayoutWriter:
             self.flush()
         except (OSError, BatchPushError) as exc:
             log.error("%s: the index was not written: %s", self.path, exc)
+        self.discard()
+
+    def discard(self) -> None:
+        """Removes this writer's temporary files; the index is left as it is."""
         with self._lock:
             leftovers = [*self._staged.values(), *self._writing]
             self._staged.clear()
         for path in leftovers:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        with contextlib.suppress(OSError):  # not empty: another run writes, or a killed one left files
+        if self._partial:
+            shutil.rmtree(self._partial, ignore_errors=True)
+        if self._partial_lock is not None:
+            os.close(self._partial_lock)
+            self._partial_lock = None
+        with contextlib.suppress(OSError):  # not empty: another run writes
             os.rmdir(os.path.join(self.path, PARTIAL_DIR))

@@ -349,3 +349,35 @@ def test_a_plan_exports_incrementally_and_imports_with_renames_and_tag_selection
     assert tags_of(registry, "imported/service-1") == ["v2"]
     assert remote_digest(registry, "imported/service-1:v2") == digests["svc1:v2"]
     assert tags_of(registry, "imported/svc0") == []
+
+
+def test_a_killed_export_leaves_the_index_it_found_and_the_next_run_cleans_up(source, front, tmp_path):
+    """SIGKILL mid-export: index.json is the one the run found (nothing it names is
+    missing), the killed run's temporary files stay until the next run, which
+    removes them and completes the layout."""
+    digests = fill_team0(source, tmp_path)
+    mirror = tmp_path / "mirror"
+    manifest = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{source.host}/team0/svc1:v2").stdout)
+    held = manifest["layers"][1]["digest"]
+    front.add(Rule("GET", f"/blobs/{held}", "stall", stall_s=BOUND_S))
+    md = str(tmp_path / "md")
+    command = [sys.executable, "-m", "batchpush", "push", f"docker://{front.host}/team0/", f"oci:{mirror}", "--insecure", front.host, "--metadata-dir", md]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        # the held blob's temporary file is open, waiting for its bytes
+        while not any(name.startswith(held.split(":")[1][:16]) for _, _, files in os.walk(mirror / ".partial") for name in files):
+            assert run.poll() is None and time.monotonic() < deadline, "the export never got that far"
+            time.sleep(0.05)
+        run.kill()
+        run.communicate(timeout=BOUND_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert ref_names(mirror) == {}  # the index it found: a new layout's, empty
+    assert os.listdir(mirror / ".partial")
+    blob_files(mirror)
+    rerun = subprocess.run([sys.executable, "-m", "batchpush", "push", f"docker://{source.host}/team0/", f"oci:{mirror}", "--insecure", source.host, "--metadata-dir", md], capture_output=True, text=True, timeout=BOUND_S)
+    assert rerun.returncode == 0, rerun.stderr
+    assert ref_names(mirror) == digests
+    assert sorted(os.listdir(mirror)) == ["blobs", "index.json", "oci-layout"]
