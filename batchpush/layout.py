@@ -18,15 +18,16 @@ Written safely:
 
 - a blob is written under a temporary name in ``DIR/.partial/run-*/`` (one
   directory per run, locked while it lives: the next run removes those of runs
-  that were killed), hashed as it is
-  written, checked (sha256 and size) and renamed into ``blobs/sha256/`` (an
-  ``fsync`` first); a blob file already there with the right size is never
-  written again (its inode and mtime stay);
+  that were killed), hashed as it is written, checked (sha256 and size), synced
+  and renamed into ``blobs/sha256/``: a file named by a digest is always that
+  blob whole. A blob file already there with the right size is never written
+  again (its inode and mtime stay);
 - ``index.json`` is replaced atomically (a temporary file renamed over it) when
   the writer is closed — after a cancel too — with every image whose manifest was
   written, merged with what the file listed (re-read under a ``flock``, so two
-  runs writing one layout lose nothing). A run killed outright leaves the index it
-  found: still a valid layout, its new blobs unreferenced until a re-run.
+  runs writing one layout lose nothing), after the blob directory is synced. A
+  run killed outright leaves the index it found: still a valid layout, its new
+  blobs unreferenced until a re-run.
 
 Incremental: a writer made with ``bases`` (``--incremental-from``) treats the
 layers those layouts hold as present (never written here) and their tags naming

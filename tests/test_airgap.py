@@ -381,3 +381,18 @@ def test_a_killed_export_leaves_the_index_it_found_and_the_next_run_cleans_up(so
     assert rerun.returncode == 0, rerun.stderr
     assert ref_names(mirror) == digests
     assert sorted(os.listdir(mirror)) == ["blobs", "index.json", "oci-layout"]
+
+
+def test_layout_targets_parse_as_skopeo_names_them(tmp_path):
+    from batchpush.errors import ReferenceError_
+    from batchpush.reference import is_prefix, parse_prefix, parse_target
+
+    target = parse_target(f"oci:{tmp_path}/m:team0/svc0:v1")
+    assert (target.registry, target.repository, target.tag) == (f"oci:{tmp_path}/m", "team0/svc0", "v1")
+    assert str(target) == f"oci:{tmp_path}/m:team0/svc0:v1"  # what skopeo copy reads
+    assert parse_target("oci:rel:svc0").registry == f"oci:{os.path.abspath('rel')}"
+    assert is_prefix(f"oci:{tmp_path}/m") and not is_prefix(f"oci:{tmp_path}/m:svc0")
+    assert str(parse_prefix(f"oci:{tmp_path}/m/").join("team0/svc0").with_tag("v1")) == f"oci:{tmp_path}/m:team0/svc0:v1"
+    for bad in ("oci::svc0", f"oci:{tmp_path}:Svc0", f"oci:{tmp_path}:svc0:-v1"):
+        with pytest.raises(ReferenceError_):
+            parse_target(bad)
