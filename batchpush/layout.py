@@ -49,7 +49,7 @@ import shutil
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -262,19 +262,28 @@ class LayoutWriter:
                 self._replace(marker, json.dumps(LAYOUT_VERSION).encode())
             if not os.path.exists(os.path.join(self.path, "index.json")):
                 self._replace(os.path.join(self.path, "index.json"), self._index_bytes({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []}))
-            for attempt in range(3):  # another run that ends removes an empty .partial
+            # under the layout's lock: a run's directory is locked by the time another
+            # run looks for those left behind, and no run removes .partial meanwhile
+            with self._layout_locked():
                 os.makedirs(os.path.join(self.path, PARTIAL_DIR), exist_ok=True)
-                try:
-                    self._partial = tempfile.mkdtemp(dir=os.path.join(self.path, PARTIAL_DIR), prefix="run-")
-                    break
-                except FileNotFoundError:
-                    if attempt == 2:
-                        raise
-            self._partial_lock = os.open(self._partial, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(self._partial_lock, fcntl.LOCK_EX)
+                self._partial = tempfile.mkdtemp(dir=os.path.join(self.path, PARTIAL_DIR), prefix="run-")
+                self._partial_lock = os.open(self._partial, os.O_RDONLY | os.O_DIRECTORY)
+                fcntl.flock(self._partial_lock, fcntl.LOCK_EX)
+                self._remove_left_behind()
         except OSError as exc:
             raise LayoutError(self.path, f"cannot create the layout: {exc.strerror or exc}") from exc
-        self._remove_left_behind()
+
+    @contextlib.contextmanager
+    def _layout_locked(self) -> Iterator[None]:
+        """An exclusive ``flock`` of the layout's directory (shared by every run and
+        writer that writes it): held while the index is merged and replaced, and
+        while runs' temporary directories are made or removed."""
+        lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock)  # the lock goes with its descriptor
 
     def _remove_left_behind(self) -> None:
         """The temporary files of runs that were killed: each run's directory is
@@ -581,33 +590,25 @@ class LayoutWriter:
             written = list(self._written.values())
         if self.dry_run or (not written and not self.bases):
             return
-        # the layout's directory is the lock: nothing is left behind for it
-        lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                index = self._read_index()
-                names = {entry.ref_name for entry in written if entry.ref_name}
-                digests = {str(entry.digest) for entry in written if entry.ref_name is None}
-                kept = [e for e in _entries(index) if ref_name_of(e) not in names and not (ref_name_of(e) is None and e.get("digest") in digests)]
-                index["manifests"] = kept + [entry.to_json() for entry in written]
-                index.setdefault("schemaVersion", 2)
-                index.setdefault("mediaType", mt.OCI_INDEX)
-                if self.bases:
-                    found = index.get("annotations")
-                    annotations: dict[str, Any] = found if isinstance(found, dict) else {}
-                    known = [d for d in str(annotations.get(INCREMENTAL_FROM, "")).split(",") if d]
-                    annotations[INCREMENTAL_FROM] = ",".join(dict.fromkeys(known + [str(base.index_digest) for base in self.bases]))
-                    index["annotations"] = annotations
-                # the renames of the blobs it names reach the disk first (a medium pulled out
-                # right after the run holds an index whose blobs are all there)
-                _sync_directory(os.path.join(self.path, "blobs", "sha256"))
-                self._replace(os.path.join(self.path, "index.json"), self._index_bytes(index))
-                _sync_directory(self.path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-        finally:
-            os.close(lock)
+        with self._layout_locked():
+            index = self._read_index()
+            names = {entry.ref_name for entry in written if entry.ref_name}
+            digests = {str(entry.digest) for entry in written if entry.ref_name is None}
+            kept = [e for e in _entries(index) if ref_name_of(e) not in names and not (ref_name_of(e) is None and e.get("digest") in digests)]
+            index["manifests"] = kept + [entry.to_json() for entry in written]
+            index.setdefault("schemaVersion", 2)
+            index.setdefault("mediaType", mt.OCI_INDEX)
+            if self.bases:
+                found = index.get("annotations")
+                annotations: dict[str, Any] = found if isinstance(found, dict) else {}
+                known = [d for d in str(annotations.get(INCREMENTAL_FROM, "")).split(",") if d]
+                annotations[INCREMENTAL_FROM] = ",".join(dict.fromkeys(known + [str(base.index_digest) for base in self.bases]))
+                index["annotations"] = annotations
+            # the renames of the blobs it names reach the disk first (a medium pulled out
+            # right after the run holds an index whose blobs are all there)
+            _sync_directory(os.path.join(self.path, "blobs", "sha256"))
+            self._replace(os.path.join(self.path, "index.json"), self._index_bytes(index))
+            _sync_directory(self.path)
 
     def close(self) -> None:
         """Writes the index (``flush``) and removes this run's temporary files."""
@@ -630,5 +631,7 @@ class LayoutWriter:
         if self._partial_lock is not None:
             os.close(self._partial_lock)
             self._partial_lock = None
-        with contextlib.suppress(OSError):  # not empty: another run writes
-            os.rmdir(os.path.join(self.path, PARTIAL_DIR))
+        if self._partial:
+            with self._layout_locked(), contextlib.suppress(OSError):  # not empty: another run writes
+                os.rmdir(os.path.join(self.path, PARTIAL_DIR))
+            self._partial = ""

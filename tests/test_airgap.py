@@ -396,3 +396,37 @@ def test_layout_targets_parse_as_skopeo_names_them(tmp_path):
     for bad in ("oci::svc0", f"oci:{tmp_path}:Svc0", f"oci:{tmp_path}:svc0:-v1"):
         with pytest.raises(ReferenceError_):
             parse_target(bad)
+
+
+def test_writers_made_at_once_keep_their_directories(tmp_path):
+    """Writers of one layout made by racing threads (the engine's first images ask
+    for it at once): none removes another's temporary directory as left behind by a
+    killed run, each can write; one left by a dead run (unlocked) is removed."""
+    import threading
+
+    from batchpush.layout import LayoutWriter as Writer
+
+    layout = tmp_path / "l"
+    (layout / ".partial" / "run-dead").mkdir(parents=True)
+    (layout / ".partial" / "run-dead" / "half-a-blob").write_bytes(b"x")
+    writers: list[Writer] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            writers.append(Writer(str(layout)))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(BOUND_S)
+    assert errors == [] and len(writers) == 8
+    assert not (layout / ".partial" / "run-dead").exists()
+    for i, writer in enumerate(writers):
+        writer.put_manifest(f"svc{i}", "v1", "application/vnd.oci.image.manifest.v1+json", b'{"n":%d}' % i)
+        writer.close()
+    assert len(ref_names(layout)) == 8
+    assert sorted(os.listdir(layout)) == ["blobs", "index.json", "oci-layout"]
