@@ -430,3 +430,16 @@ def test_writers_made_at_once_keep_their_directories(tmp_path):
         writer.close()
     assert len(ref_names(layout)) == 8
     assert sorted(os.listdir(layout)) == ["blobs", "index.json", "oci-layout"]
+
+
+def test_a_target_layout_whose_index_is_not_json_is_left_as_it_is(source, tmp_path, batchpush):
+    fill_team0(source, tmp_path)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (mirror / "index.json").write_text("{not json")
+    run = batchpush("push", f"docker://{source.host}/team0/", f"oci:{mirror}", "--insecure", source.host)
+    assert run.code == 1
+    assert f"{mirror}/index.json" in run.err and "left as it is" in run.err
+    assert (mirror / "index.json").read_text() == "{not json"
+    assert not list((mirror / "blobs" / "sha256").iterdir())
