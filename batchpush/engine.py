@@ -224,6 +224,8 @@ class Engine:
         self._remote_store = OverlayStore(self.store) if self.options.dry_run else self.store
         self._layout_store = OverlayStore(self.store)
         self._clients: dict[str, RegistryClient] = {}
+        #: the OCI layout targets' writers (in ``_clients`` too, by their ``oci:DIR``)
+        self._layouts: dict[str, LayoutWriter] = {}
         self._executors: dict[str, cf.ThreadPoolExecutor] = {}
         self._clients_lock = threading.Lock()
         #: pruning plan entries of this run, pruned once every image is done
@@ -331,6 +333,7 @@ class Engine:
         with self._clients_lock:
             writer = self._clients.setdefault(host, made)  # type: ignore[arg-type]
             if writer is made:  # type: ignore[comparison-overlap]
+                self._layouts[host] = made
                 self._executors[host] = cf.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_WRITES, thread_name_prefix="layout")
         if writer is not made:  # type: ignore[comparison-overlap]
             made.discard()  # another thread made it first
@@ -364,10 +367,26 @@ class Engine:
         if not self.cancelled.is_set():
             arrived = {id(item[0]) for item, image in zip(ordered, result.images, strict=True) if isinstance(item, tuple) and image.ok}
             self.run_prunes(arrived, result)
+        self.flush_layouts(result)
         self.add_totals(result)
         if interrupted:
             raise KeyboardInterrupt
         return result
+
+    def flush_layouts(self, result: BatchResult) -> None:
+        """Each OCI layout target's ``index.json`` written (layout.py); when it cannot
+        be, the images that went there fail: nothing names them on the disk."""
+        with self._clients_lock:
+            writers = list(self._layouts.values())
+        for writer in writers:
+            try:
+                writer.flush()
+            except (OSError, BatchPushError) as exc:
+                error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, writer.path)
+                prefix = f"{writer.host}:"
+                for i, image in enumerate(result.images):
+                    if image.ok and image.target.startswith(prefix):
+                        result.images[i] = replace(image, status="failed", error=f"the layout's index was not written: {error.message}", error_kind=error.kind)
 
     def add_totals(self, result: BatchResult) -> None:
         """What this engine read, compressed and sent, added to ``result`` (a cluster
@@ -379,11 +398,11 @@ class Engine:
         result.spool_limit_bytes = max(result.spool_limit_bytes, spool.limit)
         result.layers_not_kept += spool.not_kept
         with self._clients_lock:
-            clients = list(self._clients.values())
+            clients = [client for host, client in self._clients.items() if host not in self._layouts]
+            layouts = list(self._layouts.values())
+        for writer in layouts:
+            result.layout_bytes[writer.path] += writer.bytes_sent
         for client in clients:
-            if isinstance(client, LayoutWriter):
-                result.layout_bytes[client.path] += client.bytes_sent
-                continue
             result.requests_by_method.update(client.requests_by_method)
             result.requests_by_registry[client.host] += sum(client.requests_by_method.values())
             result.errors_by_registry[client.host] += client.errors

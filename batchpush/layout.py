@@ -246,6 +246,8 @@ class LayoutWriter:
         #: cancel, a write still waiting for its source's bytes is not waited for)
         self._writing: set[str] = set()
         self._sessions = 0
+        #: entries not yet in index.json (an incremental layout's annotation too)
+        self._dirty = bool(bases)
         #: this run's directory of temporary files, and the lock it holds on it
         self._partial = ""
         self._partial_lock: int | None = None
@@ -522,6 +524,7 @@ class LayoutWriter:
         entry = IndexEntry(media_type, digest, len(data), f"{repository}:{reference}" if tagged else None)
         with self._lock:
             self._written[entry.ref_name or f"@{digest}"] = entry
+            self._dirty = True
         return digest
 
     def _entry(self, repository: str, reference: str) -> IndexEntry | None:
@@ -588,8 +591,17 @@ class LayoutWriter:
         those of the same name, and the base layouts this one depends on."""
         with self._lock:
             written = list(self._written.values())
-        if self.dry_run or (not written and not self.bases):
+            dirty, self._dirty = self._dirty, False
+        if self.dry_run or not dirty:
             return
+        try:
+            self._write_index(written)
+        except BaseException:
+            with self._lock:
+                self._dirty = True
+            raise
+
+    def _write_index(self, written: list[IndexEntry]) -> None:
         with self._layout_locked():
             index = self._read_index()
             names = {entry.ref_name for entry in written if entry.ref_name}

@@ -443,3 +443,24 @@ def test_a_target_layout_whose_index_is_not_json_is_left_as_it_is(source, tmp_pa
     assert f"{mirror}/index.json" in run.err and "left as it is" in run.err
     assert (mirror / "index.json").read_text() == "{not json"
     assert not list((mirror / "blobs" / "sha256").iterdir())
+
+
+def test_an_index_that_cannot_be_written_at_the_end_fails_the_images_that_went_there(source, tmp_path, metadata_dir):
+    """The index is spoilt by someone else while the export runs: it cannot be
+    merged, so it is left as it is and every image written to that layout fails
+    (nothing on the disk names it); the run does not end well."""
+    import batchpush
+    from batchpush.engine import PushJob, PushOptions
+    from batchpush.registry.client import RegistryOptions
+
+    fill_team0(source, tmp_path)
+    mirror = tmp_path / "mirror"
+
+    def spoil(_result: object) -> None:
+        (mirror / "index.json").write_text("{spoilt")
+
+    options = PushOptions(registries={source.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir)
+    result = batchpush.run([PushJob(f"docker://{source.host}/team0/", (f"oci:{mirror}",))], options, on_image=spoil)
+    assert result.exit_code == 1
+    assert len(result.images) == 3 and all(image.status == "failed" and "index was not written" in (image.error or "") for image in result.images)
+    assert (mirror / "index.json").read_text() == "{spoilt"
