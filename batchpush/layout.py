@@ -22,8 +22,10 @@ Written safely:
   and renamed into ``blobs/sha256/``: a file named by a digest is always that
   blob whole. A blob file already there with the right size is never written
   again (its inode and mtime stay);
-- ``index.json`` is replaced atomically (a temporary file renamed over it) when
-  the writer is closed — after a cancel too — with every image whose manifest was
+- ``index.json`` is replaced atomically (a temporary file renamed over it) at the
+  end of the run (``Engine.flush_layouts``: an index that cannot be written fails
+  the images that went there) and when the writer is closed — after a cancel
+  too — with every image whose manifest was
   written, merged with what the file listed (re-read under a ``flock``, so two
   runs writing one layout lose nothing), after the blob directory is synced. A
   run killed outright leaves the index it found: still a valid layout, its new
