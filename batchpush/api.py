@@ -97,6 +97,8 @@ def run(
     if isinstance(plan, Plan):
         if not options.registries:
             options = replace(options, registry_defaults=plan.defaults, registries=plan.registries)
+        if plan.incremental_from and not options.incremental_from:
+            options = replace(options, incremental_from=plan.incremental_from)
         jobs = plan.jobs() if jobs is None else jobs
     elif jobs is None:
         jobs = plan

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 
 from .errors import BatchPushError, ReferenceError_, SourceError, UsageError
 from .prune import Pruned
-from .reference import RepositoryPrefix, is_prefix, parse_prefix, parse_target
+from .reference import LAYOUT_TRANSPORT, RepositoryPrefix, is_layout_prefix, is_prefix, parse_prefix, parse_target
 from .registry.errors import RegistryError
+from .sources.oci_layout import ALL_TAGS, OCILayout
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
 from .sources.registry import parse_registry_source
 
@@ -125,18 +126,27 @@ class RepositoryMap:
         return None
 
 
+def is_layout_source(spec: str) -> bool:
+    """``oci:DIR`` with no tag: a layout holding many repositories (``REPOSITORY:TAG``
+    ref names, as an export writes them)."""
+    return is_layout_prefix(spec)
+
+
 def check_targets(source: str, targets: Sequence[str]) -> None:
     """What a source and its targets must be, known without a request; raises
     UsageError. A catalog source needs prefix targets (a tag, or one repository,
-    cannot take many repositories); a prefix target needs a ``docker://`` source
-    (only a registry's repositories have paths to append)."""
+    cannot take many repositories); a prefix target (or a layout target naming no
+    repository) needs a ``docker://`` source or an ``oci:DIR`` with no tag (only
+    a registry's or an export's repositories have paths to append)."""
     catalog = is_catalog_source(source)
     if catalog:
         parse_catalog_source(source)
     for target in targets:
         if is_prefix(target):
-            if not source.startswith(REGISTRY_TRANSPORT):
-                raise UsageError(f"{target}: a target ending in / is a repository prefix; it needs a docker:// source, whose repository path is appended to it")
+            if not source.startswith(REGISTRY_TRANSPORT) and not is_layout_source(source):
+                if is_layout_prefix(target):
+                    raise UsageError(f"{target}: name the repository the image goes to in the layout: {target}:REPOSITORY[:TAG] (only a docker:// source, or an oci:DIR holding REPOSITORY:TAG names, has repository paths to append)")
+                raise UsageError(f"{target}: a target ending in / is a repository prefix; it needs a docker:// source, or an oci:DIR with no tag, whose repository paths are appended to it")
             parse_prefix(target)
         elif catalog:
             kind = "with a tag" if parse_target(target).tag else "of one repository"
@@ -177,7 +187,9 @@ def repository_jobs(job: PushJob, list_catalog: Lister) -> Iterator[PushJob]:
         return
     try:
         check_targets(job.source, job.targets)
-        if is_catalog_source(job.source):
+        if is_layout_source(job.source):
+            planned = _layout_jobs(job)
+        elif is_catalog_source(job.source):
             source = parse_catalog_source(job.source)
             listed = [name for name in list_catalog(source, job.source) if job.repositories.selects(name)]
             if not listed:
@@ -192,14 +204,26 @@ def repository_jobs(job: PushJob, list_catalog: Lister) -> Iterator[PushJob]:
     yield from planned
 
 
-def _planned(job: PushJob, registry: str, repositories: Iterable[tuple[str, str]], *, keep: str | None = None) -> list[PushJob]:
+def _layout_jobs(job: PushJob) -> list[PushJob]:
+    """An ``oci:DIR`` source as one job per repository of its ref names, each
+    reading ``oci:DIR:REPOSITORY:*`` (every tag of it); raises SourceError when
+    the layout names none."""
+    path = job.source[len(LAYOUT_TRANSPORT) :]
+    listed = [name for name in OCILayout(path).repositories() if job.repositories.selects(name)]
+    if not listed:
+        raise SourceError(job.source, f"the layout's index names no REPOSITORY:TAG that the entry selects (as an export writes them); name one image instead, {job.source}:TAG")
+    return _planned(job, job.source, [(name, name) for name in listed], source_of=lambda name: f"{job.source}:{name}{ALL_TAGS}")
+
+
+def _planned(job: PushJob, registry: str, repositories: Iterable[tuple[str, str]], *, keep: str | None = None, source_of: Callable[[str], str] | None = None) -> list[PushJob]:
     """One job per (repository, path below the source prefix); ``keep``: the source
-    as written (a tag or digest it names). Raises UsageError when two
+    as written (a tag or digest it names); ``source_of``: a repository's source
+    (else ``docker://REGISTRY/REPOSITORY``). Raises UsageError when two
     repositories land in one target repository."""
     jobs: list[PushJob] = []
     writers: dict[str, str] = {}
     for repository, path in repositories:
-        source = keep or f"{REGISTRY_TRANSPORT}{registry}/{repository}"
+        source = keep or (source_of(repository) if source_of else f"{REGISTRY_TRANSPORT}{registry}/{repository}")
         try:
             targets = tuple(_resolve(target, job.repositories.renamed(path)) for target in job.targets)
         except ReferenceError_ as exc:

@@ -58,6 +58,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spool-limit", type=_size, metavar="SIZE", help="the most the spool may hold, e.g. 2G (default: half the free space of its filesystem; overrides the plan)")
     parser.add_argument("--max-concurrent-images", type=int, default=DEFAULT_MAX_CONCURRENT_IMAGES, metavar="N", help="images pushed at once")
     parser.add_argument("--dry-run", action="store_true", help="print what would happen, with read requests only")
+    parser.add_argument("--incremental-from", action="append", default=[], metavar="DIR", help="oci:DIR targets leave out the layers this earlier export (an OCI layout) holds, and its images unchanged (repeatable; adds to the plan's)")
     parser.add_argument("--no-signatures", action="store_true", help="from a registry source, do not copy each image's signatures, attestations and SBOMs (sha256-<digest>.sig tags; overrides the plan)")
     parser.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on this Dask cluster's workers (needs batchpush[cluster] here and on every worker)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -94,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchpush {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     push = commands.add_parser("push", help="push the images of one source to one or more repositories")
-    push.add_argument("source", help="oci:PATH[:TAG], docker-archive:PATH[:REF], docker://REGISTRY/REPOSITORY[:TAG|@DIGEST], or docker://REGISTRY/[PREFIX/] (every repository its catalog lists)")
-    push.add_argument("targets", nargs="+", metavar="TARGET", help="REGISTRY/REPOSITORY[:TAG]; without a tag, the source's tags; REGISTRY/[PREFIX/] (ending in /): each source repository's path appended")
+    push.add_argument("source", help="oci:PATH[:TAG], docker-archive:PATH[:REF], docker://REGISTRY/REPOSITORY[:TAG|@DIGEST], or docker://REGISTRY/[PREFIX/] (every repository its catalog lists); oci:PATH with a prefix target: every REPOSITORY:TAG of an export")
+    push.add_argument("targets", nargs="+", metavar="TARGET", help="REGISTRY/REPOSITORY[:TAG]; without a tag, the source's tags; REGISTRY/[PREFIX/] (ending in /): each source repository's path appended; oci:DIR[:REPOSITORY[:TAG]]: into one OCI layout (an air-gapped export)")
     push.add_argument("--insecure", action="append", default=[], metavar="HOST[:PORT]", help="plain HTTP or unverified TLS for this host (repeatable)")
     push.add_argument("--platform", action="append", default=[], type=_platform, metavar="OS/ARCH[/VARIANT]", help="of a registry source's index, copy only this platform (repeatable; default all)")
     push.add_argument("--username", metavar="NAME", help="log in to the target registries as NAME (password from --password-stdin)")
@@ -136,6 +137,8 @@ def _dry_run_lines(result: BatchResult) -> Iterator[str]:
             yield f"  {layer.digest}: {'upload' if layer.outcome is LayerOutcome.UPLOADED else layer.outcome.value}{where}{sent}"
             total += layer.bytes_sent
     yield f"would send {total} bytes of layers"
+    for path, size in sorted(result.layout_bytes.items()):
+        yield f"oci:{path} needs {size} bytes more (the blobs, configs and manifests it lacks)"
 
 
 def _closing_lines(args: argparse.Namespace, result: BatchResult) -> Iterator[str]:
@@ -295,6 +298,7 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
             plan = load_plan(args.plan)
             defaults, registries, jobs = plan.defaults, plan.registries, plan.jobs()
             spool_dir, spool_limit = args.spool_dir or plan.spool_dir, args.spool_limit or plan.spool_limit
+            args.incremental_from = [*plan.incremental_from, *args.incremental_from]
             credentials: CredentialProvider = DockerConfigCredentials()
         else:
             defaults = RegistryOptions(chunk_size_bytes=args.chunk_size, monolithic_limit_bytes=args.monolithic_limit, ca_file=args.ca_file)
@@ -331,6 +335,7 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
         spool_dir=spool_dir,
         spool_limit=spool_limit,
         dry_run=args.dry_run,
+        incremental_from=tuple(args.incremental_from),
         progress=progress,
     )
     received: list[int] = []

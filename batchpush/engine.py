@@ -42,13 +42,14 @@ from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_,
 from .expansion import Expansion, Key
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
+from .layout import MAX_CONCURRENT_WRITES, BaseLayout, LayoutWriter, is_layout
 from .metadata import OverlayStore, open_store
 from .policy import hmac_key
 from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer, prepared_remote
 from .presend import UploadSink
 from .progress import NoProgress, Progress
 from .prune import prune as prune_target
-from .reference import Reference, RepositoryPrefix, parse_target
+from .reference import LAYOUT_TRANSPORT, Reference, RepositoryPrefix, parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
 from .registry.credentials import DockerConfigCredentials, password_from
@@ -108,6 +109,9 @@ class PushOptions:
     spool_limit: int | None = None
     #: say what would happen, with read requests only
     dry_run: bool = False
+    #: OCI layouts (earlier exports) whose layers an ``oci:DIR`` target leaves out
+    #: (the next disk carries only what they lack; layout.py)
+    incremental_from: tuple[str, ...] = ()
     progress: Progress = field(default_factory=NoProgress)
 
 
@@ -234,7 +238,10 @@ class Engine:
         self.store = open_store(self.options.metadata_dir)
         #: where the layer path records what it learns of registries (a dry run's stays in memory)
         self._remote_store = OverlayStore(self.store) if self.options.dry_run else self.store
+        self._layout_store = OverlayStore(self.store)
         self._clients: dict[str, RegistryClient] = {}
+        #: the OCI layout targets' writers (in ``_clients`` too, by their ``oci:DIR``)
+        self._layouts: dict[str, LayoutWriter] = {}
         self._executors: dict[str, cf.ThreadPoolExecutor] = {}
         self._clients_lock = threading.Lock()
         #: pruning plan entries of this run, pruned once every image is done
@@ -310,6 +317,8 @@ class Engine:
             client = self._clients.get(host)
         if client is not None:
             return client
+        if is_layout(host):
+            return self._layout(host)  # type: ignore[return-value]
         options = self.registry_options(host)
         kind = DryRunClient if self.options.dry_run else RegistryClient
         made = kind(
@@ -329,6 +338,24 @@ class Engine:
         if client is not made:  # another thread made it first
             made.close()
         return client
+
+    def _layout(self, host: str) -> LayoutWriter:
+        """The writer of the OCI layout target ``host`` (``oci:DIR``), as a client:
+        the layer and image paths write to it as to a registry (layout.py)."""
+        with self._clients_lock:
+            writer = self._clients.get(host)
+        if writer is not None:
+            return writer  # type: ignore[return-value]
+        bases = tuple(BaseLayout.read(path) for path in self.options.incremental_from)
+        made = LayoutWriter(host[len(LAYOUT_TRANSPORT) :], bases=bases, cancel=self.cancelled, dry_run=self.options.dry_run)
+        with self._clients_lock:
+            writer = self._clients.setdefault(host, made)  # type: ignore[arg-type]
+            if writer is made:  # type: ignore[comparison-overlap]
+                self._layouts[host] = made
+                self._executors[host] = cf.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_WRITES, thread_name_prefix="layout")
+        if writer is not made:  # type: ignore[comparison-overlap]
+            made.discard()  # another thread made it first
+        return writer  # type: ignore[return-value]
 
     # -- the batch -----------------------------------------------------------
     def run(self, jobs: Iterable[PushJob]) -> BatchResult:
@@ -363,10 +390,26 @@ class Engine:
         if not self.cancelled.is_set():
             arrived = {id(item[0]) for item, image in zip(ordered, result.images, strict=True) if isinstance(item, tuple) and image.ok}
             self.run_prunes(arrived, result)
+        self.flush_layouts(result)
         self.add_totals(result)
         if interrupted:
             raise KeyboardInterrupt
         return result
+
+    def flush_layouts(self, result: BatchResult) -> None:
+        """Each OCI layout target's ``index.json`` written (layout.py); when it cannot
+        be, the images that went there fail: nothing names them on the disk."""
+        with self._clients_lock:
+            writers = list(self._layouts.values())
+        for writer in writers:
+            try:
+                writer.flush()
+            except (OSError, BatchPushError) as exc:
+                error = exc if isinstance(exc, BatchPushError) else InternalError.of(exc, writer.path)
+                prefix = f"{writer.host}:"
+                for i, image in enumerate(result.images):
+                    if image.ok and image.target.startswith(prefix):
+                        result.images[i] = replace(image, status="failed", error=f"the layout's index was not written: {error.message}", error_kind=error.kind)
 
     def add_totals(self, result: BatchResult) -> None:
         """What this engine read, compressed and sent, added to ``result`` (a cluster
@@ -378,7 +421,10 @@ class Engine:
         result.spool_limit_bytes = max(result.spool_limit_bytes, spool.limit)
         result.layers_not_kept += spool.not_kept
         with self._clients_lock:
-            clients = list(self._clients.values())
+            clients = [client for host, client in self._clients.items() if host not in self._layouts]
+            layouts = list(self._layouts.values())
+        for writer in layouts:
+            result.layout_bytes[writer.path] += writer.bytes_sent
         for client in clients:
             result.requests_by_method.update(client.requests_by_method)
             result.requests_by_registry[client.host] += sum(client.requests_by_method.values())
@@ -700,7 +746,9 @@ class Engine:
         return current if current is not None and current[0] == digest else None
 
     def pusher(self, client: RegistryClient, target: Reference) -> ImagePusher:
-        layers = LayerPusher(client, target, self.state, self._remote_store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=self.options.progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
+        # what a layout holds is not remembered across runs (a disk goes away): an overlay
+        store = self._layout_store if is_layout(target.registry) else self._remote_store
+        layers = LayerPusher(client, target, self.state, store, hmac_key(client.auth.credentials), materialize=self._materialize, progress=self.options.progress, allow_nondistributable=client.options.allow_nondistributable_artifacts)
         return ImagePusher(layers, self._executors[target.api_host])
 
     def _held_by_source(self, image: RemoteImage, node: PreparedNode | PendingManifest) -> None:
@@ -720,7 +768,8 @@ class Engine:
             return []
         firsts: dict[str, Reference] = {}
         for target in entry.targets:
-            firsts.setdefault(target.registry, target)
+            if not is_layout(target.registry):  # a layout is written from the spool, never streamed to
+                firsts.setdefault(target.registry, target)
         sinks = []
         for target in firsts.values():
             try:

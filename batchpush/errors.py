@@ -13,6 +13,7 @@
     ├── Cancelled             the run is being interrupted: stop, do not retry
     ├── ImageAbandoned        another layer of the image failed: stop this one (layer_push.py)
     ├── WorkerPoolError       the compression workers keep dying (workers.py)
+    ├── LayoutError           an OCI layout target that cannot be written (layout.py)
     ├── InternalError         an exception nobody mapped: it fails its image, not the run
     └── RegistryError         a registry answered with an error (registry/errors.py)
         ├── AuthError             401/403, or no usable credentials

@@ -281,6 +281,11 @@ class LayerPusher:
         """Steps 3-7 for a layer not known in the target repository. None: a write is
         due but the image's gate is not open (the caller waits for it outside the
         flight, then comes back)."""
+        if self.client.checks_are_free:
+            # an OCI layout target (layout.py): a stat says whether the blob is there
+            found = self._exists_here(layer)
+            if found is not None:
+                return found
         tier, entries, holders = self._candidates(layer)
         # A repository of this registry that this batch saw receive the blob is the
         # first mount candidate (it is there for sure), then the store's candidates.
@@ -334,6 +339,15 @@ class LayerPusher:
                 return found
         return self._upload(layer, carry)
 
+    def _exists_here(self, layer: PreparedLayer) -> LayerResult | None:
+        """The layer if the target repository holds its digest at its size (one HEAD)."""
+        size = self.client.head_blob(self.repository, layer.digest)
+        if size is None or size != layer.size:
+            return None
+        blob = RemoteBlob(layer.digest, layer.size, layer.media_type)
+        self.remember(layer, blob, layer.recipe)
+        return self._result(layer, blob, LayerOutcome.EXISTS)
+
     def _mounted_blob(self, layer: PreparedLayer, digest: Digest) -> RemoteBlob | None:
         """What a mount of ``digest`` put in the repository. Our own digest has the
         size we hashed; another recipe's blob has the size a HEAD answers, and one
@@ -382,7 +396,12 @@ class LayerPusher:
         too when another push's data of the blob is sent and not yet committed
         (``carry.other``)."""
         if layer.source.blob is None and layer.blob is None:
-            raise RegistryError("PUT", f"{self.target.name}/blobs/{layer.digest}", None, (), "the source does not hold this layer's bytes", permanent=True)
+            # an incremental layout leaves the layers of the layouts before it out:
+            # the target must hold them already (one HEAD says)
+            found = self._exists_here(layer)
+            if found is not None:
+                return found
+            raise SourceError(f"{self.target}", f"the source does not hold the bytes of layer {layer.digest} and the target repository lacks it (an incremental layout: import the layouts it depends on first)")
         gate = carry.gate
         staging = gate is not None and not gate.open
         other: threading.Event | None = None

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
-from .catalog import Rename, RepositoryMap, check_targets, is_catalog_source
+from .catalog import Rename, RepositoryMap, check_targets, is_catalog_source, is_layout_source
 from .engine import PushJob, select_tags
 from .errors import BatchPushError, PlanError
 from .reference import is_prefix, parse_target
@@ -127,7 +127,7 @@ def _field_rules(options_type: type) -> dict[str, _FieldRule]:
 
 
 _FIELD_RULES = _field_rules(RegistryOptions)
-_TOP_KEYS = {"version", "defaults", "registries", "images", "spool_dir", "spool_limit"}
+_TOP_KEYS = {"version", "defaults", "registries", "images", "spool_dir", "spool_limit", "incremental_from"}
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -159,6 +159,8 @@ class Plan:
     #: where compressed layers are kept, and at most how many bytes (spool.py)
     spool_dir: str | None = None
     spool_limit: int | None = None
+    #: earlier exports whose layers the run's ``oci:DIR`` targets leave out (layout.py)
+    incremental_from: tuple[str, ...] = ()
 
     def jobs(self) -> Iterator[PushJob]:
         """The entries as push jobs. First, each layout and archive without a tag in
@@ -239,7 +241,7 @@ def _check_selection(path: str, where: str, entry: Mapping[str, Any], *, catalog
             raise _error(path, f"{where}.{key}", f"invalid regular expression: {exc}") from exc
     for key in ("repositories", "exclude_repositories"):
         if key in entry and not catalog:
-            raise _error(path, f"{where}.{key}", "needs a catalog source (docker://REGISTRY/ or docker://REGISTRY/PREFIX/)")
+            raise _error(path, f"{where}.{key}", "needs a catalog source (docker://REGISTRY/ or docker://REGISTRY/PREFIX/), or an oci:DIR with no tag")
     if entry.get("semver") is not None:
         if not isinstance(entry["semver"], str):
             raise _error(path, f"{where}.semver", "must be a version constraint string, e.g. '>=1.2, <2'")
@@ -375,7 +377,8 @@ def validate_plan(path: str, document: Any) -> Plan:
                 raise _error(path, f"{where}.prune", "needs a docker://REGISTRY/REPOSITORY source without a tag: the whole repository is mirrored")
             if any(not is_prefix(t) and parse_target(t).tag for t in targets):
                 raise _error(path, f"{where}.prune", "needs targets without a tag")
-        _check_selection(path, where, entry, catalog=catalog, prefixed=any(is_prefix(t) for t in targets))
+        # an oci:DIR without a tag holds many repositories too (an export's REPOSITORY:TAG names)
+        _check_selection(path, where, entry, catalog=catalog or is_layout_source(source), prefixed=any(is_prefix(t) for t in targets))
     spool_dir = document.get("spool_dir")
     if spool_dir is not None and not isinstance(spool_dir, str):
         raise _error(path, "spool_dir", "must be a directory's path")
@@ -387,6 +390,12 @@ def validate_plan(path: str, document: Any) -> Plan:
             spool_limit = parse_size(document["spool_limit"])
         except ValueError as exc:
             raise _error(path, "spool_limit", str(exc)) from None
-    plan = Plan(path, defaults, registries, tuple(images), spool_dir, spool_limit)
+    incremental = document.get("incremental_from") or []
+    if isinstance(incremental, str):
+        incremental = [incremental]
+    if not isinstance(incremental, list) or not all(isinstance(p, str) and p for p in incremental):
+        raise _error(path, "incremental_from", "must be an OCI layout's path, or a list of them")
+    base = os.path.dirname(os.path.abspath(path))
+    plan = Plan(path, defaults, registries, tuple(images), spool_dir, spool_limit, tuple(os.path.join(base, p) for p in incremental))
     _refuse_shared_tags(plan, [plan._job(entry) for entry in plan.entries], open_sources=False)
     return plan

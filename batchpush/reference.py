@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -21,6 +22,10 @@ _PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*", re.ASCII)
 _TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _DOMAIN = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?", re.ASCII)
 MAX_NAME_LENGTH = 255
+#: an OCI layout target: ``oci:DIR`` (a prefix: each repository's path is
+#: appended) or ``oci:DIR:REPOSITORY[:TAG]``; its Reference's registry is
+#: ``oci:`` and the directory's absolute path (layout.py writes it)
+LAYOUT_TRANSPORT = "oci:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +39,9 @@ class Reference:
 
     @property
     def name(self) -> str:
-        """``registry/repository``: the seed's ``repoInfo.Name()``."""
-        return f"{self.registry}/{self.repository}"
+        """``registry/repository``: the seed's ``repoInfo.Name()``; of a layout,
+        ``oci:DIR:repository`` (so ``str`` is what skopeo reads: ``oci:DIR:REPO:TAG``)."""
+        return f"{self.registry}{':' if self.registry.startswith(LAYOUT_TRANSPORT) else '/'}{self.repository}"
 
     @property
     def api_host(self) -> str:
@@ -126,18 +132,34 @@ class RepositoryPrefix:
         return Reference(self.registry, name)
 
     def __str__(self) -> str:
+        if self.registry.startswith(LAYOUT_TRANSPORT):
+            return self.registry
         return f"{self.registry}/{self.prefix}"
 
 
+def is_layout_prefix(text: str) -> bool:
+    """``oci:DIR`` with no repository: a layout that takes each repository under its path."""
+    return text.startswith(LAYOUT_TRANSPORT) and ":" not in text[len(LAYOUT_TRANSPORT) :]
+
+
 def is_prefix(text: str) -> bool:
-    """A target or source text ending in ``/``: a repository prefix."""
-    return text.endswith("/")
+    """A target or source text ending in ``/`` (a repository prefix), or a layout
+    target naming no repository."""
+    return text.endswith("/") or is_layout_prefix(text)
+
+
+def _layout_path(text: str, path: str) -> str:
+    if not path:
+        raise ReferenceError_(text, "an OCI layout target is oci:DIR[:REPOSITORY[:TAG]]")
+    return f"{LAYOUT_TRANSPORT}{os.path.abspath(path)}"
 
 
 def parse_prefix(text: str) -> RepositoryPrefix:
     """``REGISTRY/[PATH/]`` (``new.example/``, ``new.example/migrated/``). As in a
     reference, a first component without ``.`` or ``:`` (and not ``localhost``) is
     a path on Docker Hub. Raises ReferenceError_."""
+    if is_layout_prefix(text):
+        return RepositoryPrefix(_layout_path(text, text[len(LAYOUT_TRANSPORT) :]), "")
     if not is_prefix(text) or text.startswith("/") or text.endswith("//"):
         raise ReferenceError_(text, "a repository prefix is REGISTRY/[PATH/], ending in /")
     first, _, rest = text[:-1].partition("/")
@@ -159,8 +181,22 @@ def parse_target(text: str) -> Reference:
 
     A target names where an image goes; its digest is whatever the pushed manifest
     hashes to, so a target naming one (``...@sha256:...``) is refused rather than
-    silently ignored."""
+    silently ignored. ``oci:DIR:REPOSITORY[:TAG]`` names a repository of a layout."""
+    if text.startswith(LAYOUT_TRANSPORT):
+        return parse_layout_target(text)
     reference = parse_reference(text)
     if reference.digest is not None:
         raise ReferenceError_(text, "a target cannot name a digest; give a tag or none")
     return reference
+
+
+def parse_layout_target(text: str) -> Reference:
+    """``oci:DIR:REPOSITORY[:TAG]`` (the directory made absolute); raises ReferenceError_."""
+    path, _, name = text[len(LAYOUT_TRANSPORT) :].partition(":")
+    registry = _layout_path(text, path)
+    repository, colon, tag = name.rpartition(":") if ":" in name else (name, "", "")
+    if not is_repository_path(repository):
+        raise ReferenceError_(text, "name the repository in the layout: oci:DIR:REPOSITORY[:TAG], lower-case path components of [a-z0-9._-]")
+    if colon and not _TAG.fullmatch(tag):
+        raise ReferenceError_(text, f"invalid tag {tag!r}")
+    return Reference(registry, repository, tag or None)

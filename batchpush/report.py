@@ -88,6 +88,9 @@ class BatchResult:
     spool_peak_bytes: int = 0
     spool_limit_bytes: int = 0
     layers_not_kept: int = 0
+    #: bytes written to each OCI layout target, by its path (a dry run: that it
+    #: would need); not in ``bytes_uploaded``
+    layout_bytes: Counter[str] = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -116,6 +119,7 @@ class BatchResult:
                 "spool_peak_bytes": self.spool_peak_bytes,
                 "spool_limit_bytes": self.spool_limit_bytes,
                 "layers_not_kept": self.layers_not_kept,
+                "layout_bytes": dict(sorted(self.layout_bytes.items())),
             },
             "pruned": [{"target": p.target, "digest": str(p.digest) if p.digest else None, "deleted": p.deleted, "reason": p.reason or None} for p in self.pruned],
         }

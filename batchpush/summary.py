@@ -42,20 +42,22 @@ def summary_figures(result: BatchResult, seconds: float) -> dict[str, int | floa
     }
 
 
-def summary_line(figures: dict[str, int | float]) -> str:
-    """The summary line of ``summary_figures``."""
+def summary_line(figures: dict[str, int | float], layout_bytes: dict[str, int] | None = None) -> str:
+    """The summary line of ``summary_figures`` (and the bytes written to layouts)."""
     counts = [f"{figures['pushed']} pushed", f"{figures['up_to_date']} up to date"]
     if figures["dry_run"]:
         counts.append(f"{figures['dry_run']} dry-run")
     counts.append(f"{figures['failed']} failed")
     return (
         f"summary: {figures['images']} images: {', '.join(counts)}; "
-        f"read {human_bytes(int(figures['bytes_read']))}, compressed {human_bytes(int(figures['bytes_compressed']))}, sent {human_bytes(int(figures['bytes_sent']))}; "
+        f"read {human_bytes(int(figures['bytes_read']))}, compressed {human_bytes(int(figures['bytes_compressed']))}, sent {human_bytes(int(figures['bytes_sent']))}"
+        + (f", written to layouts {human_bytes(sum(layout_bytes.values()))}" if layout_bytes else "")
+        + "; "
         f"{figures['blobs_mounted']} blobs mounted; {figures['requests']} requests; {figures['seconds']:.1f} s"
     )
 
 
 def summary_lines(result: BatchResult, seconds: float) -> list[str]:
     """The summary line, then one ``failed: TARGET: REASON`` line per failed image."""
-    line = summary_line(summary_figures(result, seconds))
+    line = summary_line(summary_figures(result, seconds), result.layout_bytes)
     return [line, *(f"failed: {image.target}: {one_line(image.error or image.status)}" for image in result.images if not image.ok)]

@@ -77,7 +77,7 @@ def test_what_cannot_be_planned_is_the_jobs_error():
 def test_check_targets():
     check_targets("docker://old.example/", ["new.example/x/"])
     check_targets("docker://old.example/a", ["new.example/x/", "new.example/b:1"])
-    for source, target in [("docker://old.example/", "new.example/x"), ("oci:/tmp/layout", "new.example/x/")]:
+    for source, target in [("docker://old.example/", "new.example/x"), ("oci:/tmp/layout:1.0", "new.example/x/"), ("docker-archive:/tmp/a.tar", "oci:/tmp/mirror")]:
         with pytest.raises(UsageError):
             check_targets(source, [target])
 
@@ -117,7 +117,7 @@ BASE = {"source": "docker://old.example/team1/", "targets": ["new.example/t1/"]}
         ({"source": "docker://old.example/a", "targets": ["new.example/b"], "rename": [{"from": "a", "to": "b"}]}, "images[0].rename: needs a target ending in /"),
         ({"rename": [{"from": "a"}]}, "images[0].rename: must be a list of {from: REGEX, to: REPLACEMENT}"),
         ({"rename": [{"from": "^a$", "to": "x"}, {"from": "^b$", "to": "x"}]}, "images[0].rename[0] and rename[1]: both rename to 'x'"),
-        ({"source": "oci:./layout", "targets": ["new.example/t/"]}, "images[0].targets[0]: new.example/t/: a target ending in / is a repository prefix; it needs a docker:// source"),
+        ({"source": "oci:./layout:1.0", "targets": ["new.example/t/"]}, "images[0].targets[0]: new.example/t/: a target ending in / is a repository prefix; it needs a docker:// source"),
         ({"source": "docker://old.example/Bad/"}, "images[0].source: bad source"),
     ],
 )

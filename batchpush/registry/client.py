@@ -380,6 +380,10 @@ def _with_query(url: str, key: str, value: str) -> str:
 class RegistryClient:
     """One registry host: a pooled session, its auth state and request counters."""
 
+    #: a blob check costs a request here: the layer path follows the seed's order
+    #: (an OCI layout target, layout.py, checks first: a stat)
+    checks_are_free = False
+
     def __init__(
         self,
         host: str,

@@ -23,6 +23,13 @@ from .base import (
 )
 
 REF_NAME = "org.opencontainers.image.ref.name"
+#: index annotation of an incremental export (``--incremental-from``): the index
+#: digests of the layouts it depends on, comma-separated. A layer blob such a
+#: layout lacks is expected at the target (the layer path checks it there).
+INCREMENTAL_FROM = "io.batchpush.incremental-from"
+#: a source reference ``REPOSITORY:*``: every tag of that repository in the layout
+#: (what a prefix target's import of ``oci:DIR`` makes of each repository)
+ALL_TAGS = ":*"
 #: the largest manifest or index we read
 MAX_MANIFEST_BYTES = 4 << 20
 #: the largest image config we read
@@ -60,13 +67,26 @@ def layer_compression(media_type: str) -> Compression:
     return Compression.GZIP if media_type.endswith("gzip") else Compression.ZSTD
 
 
+def split_ref_name(ref_name: str) -> tuple[str | None, str]:
+    """``REPOSITORY:TAG`` (an export's ref name) as (repository, tag); a bare tag, or
+    any other text, as (None, what follows its last colon)."""
+    repository, colon, tag = ref_name.rpartition(":")
+    if colon and "/" not in tag and repository:
+        return repository, tag
+    return None, ref_name.rsplit(":", 1)[-1]
+
+
 class OCILayout:
-    """An OCI image layout; ``tag`` None selects every tagged entry of index.json."""
+    """An OCI image layout; ``tag`` None selects every tagged entry of index.json,
+    ``REPOSITORY:*`` every ``REPOSITORY:TAG`` entry, anything else the entries
+    whose ref name, or tag, it is."""
 
     def __init__(self, path: str, tag: str | None = None) -> None:
         self.path = path
         self.tag = tag
         self.spec = f"oci:{path}" + (f":{tag}" if tag else "")
+        #: the index digests of the layouts this one depends on (INCREMENTAL_FROM)
+        self.depends_on: tuple[str, ...] = ()
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, digest: Digest) -> str:
@@ -103,22 +123,39 @@ class OCILayout:
             raise SourceError(index_path, "index.json has no manifests list")
         return index
 
-    def images(self) -> list[SourceImage]:
+    def ref_names(self) -> list[tuple[str, Any]]:
+        """Every (ref name, index entry) of index.json; reads the index's annotations."""
         index = self.read_index()
+        annotations = index.get("annotations")
+        depends = annotations.get(INCREMENTAL_FROM) if isinstance(annotations, dict) else None
+        self.depends_on = tuple(d for d in depends.split(",") if d) if isinstance(depends, str) else ()
+        named = []
+        for entry in index["manifests"]:
+            entry_annotations = entry.get("annotations") if isinstance(entry, dict) else None
+            ref_name = entry_annotations.get(REF_NAME) if isinstance(entry_annotations, dict) else None
+            if isinstance(ref_name, str) and ref_name:
+                named.append((ref_name, entry))
+        return named
+
+    def repositories(self) -> list[str]:
+        """The repositories of the layout's ``REPOSITORY:TAG`` ref names, each once."""
+        return list(dict.fromkeys(repository for name, _ in self.ref_names() if (repository := split_ref_name(name)[0]) is not None))
+
+    def images(self) -> list[SourceImage]:
         index_path = os.path.join(self.path, "index.json")
         found: list[SourceImage] = []
-        for entry in index["manifests"]:
-            annotations = entry.get("annotations") if isinstance(entry, dict) else None
-            ref_name = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
-            if not isinstance(ref_name, str) or not ref_name:
-                continue
+        every_tag_of = self.tag[: -len(ALL_TAGS)] if self.tag and self.tag.endswith(ALL_TAGS) else None
+        for ref_name, entry in self.ref_names():
             # A ref name may be a full reference; the tag is what follows the last colon.
-            tag = ref_name.rsplit(":", 1)[-1] if ("/" in ref_name or ":" in ref_name) else ref_name
-            if self.tag is not None and tag != self.tag and ref_name != self.tag:
+            repository, tag = split_ref_name(ref_name)
+            if every_tag_of is not None:
+                if repository != every_tag_of:
+                    continue
+            elif self.tag is not None and tag != self.tag and ref_name != self.tag:
                 continue
             descriptor = parse_descriptor(entry, index_path)
             node = self.read_node(descriptor, depth=0)
-            found.append(SourceImage(f"oci:{self.path}:{tag}", (tag,), node))
+            found.append(SourceImage(f"oci:{self.path}:{ref_name if repository else tag}", (tag,), node))
         if not found:
             wanted = f"tag {self.tag!r}" if self.tag else "any tagged image"
             raise SourceError(index_path, f"no {wanted} in the layout's index")
@@ -162,6 +199,8 @@ class OCILayout:
         layers = []
         for i, entry in enumerate(document["layers"]):
             layer = parse_descriptor(entry, where)
-            blob = None if layer.urls and not os.path.exists(self.blob_path(layer.digest)) else self.blob_range(layer)  # type: ignore[arg-type]
+            # a foreign layer, or one an incremental layout leaves to the layouts it
+            # depends on (the target must hold it), need not be here
+            blob = None if (layer.urls or self.depends_on) and not os.path.exists(self.blob_path(layer.digest)) else self.blob_range(layer)  # type: ignore[arg-type]
             layers.append(SourceLayer(layer, diff_ids[i] if diff_ids else None, blob, layer_compression(layer.media_type)))
         return SourceManifest(descriptor.media_type, raw, document, config_descriptor, config, self.blob_range(config_descriptor), tuple(layers))
