@@ -305,6 +305,12 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
             registries, jobs = {}, iter([PushJob(args.source, tuple(args.targets), platforms=tuple(args.platform))])
             spool_dir, spool_limit = args.spool_dir, args.spool_limit
             credentials = _push_credentials(args)
+        if args.scheduler and not args.dry_run:
+            # each worker would write its own disk's layout, and none the whole index
+            targets = [t for entry in plan.entries for t in entry["targets"]] if args.command == "run" else list(args.targets)
+            layouts = [t for t in targets if t.startswith("oci:")]
+            if layouts:
+                raise UsageError(f"--scheduler cannot write an OCI layout ({layouts[0]}): run the export on one machine")
         if args.no_signatures:
             jobs = (replace(job, signatures=False) for job in jobs)
     except BatchPushError as exc:

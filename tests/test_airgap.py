@@ -464,3 +464,16 @@ def test_an_index_that_cannot_be_written_at_the_end_fails_the_images_that_went_t
     assert result.exit_code == 1
     assert len(result.images) == 3 and all(image.status == "failed" and "index was not written" in (image.error or "") for image in result.images)
     assert (mirror / "index.json").read_text() == "{spoilt"
+
+
+def test_a_layout_target_on_a_cluster_is_a_usage_error(tmp_path):
+    """Each worker would write a layout on its own disk and none the whole index:
+    refused before any connection, naming the target."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "disk"
+    done = subprocess.run([sys.executable, "-m", "batchpush", "push", "docker://127.0.0.1:9/team0/", f"oci:{out}", "--scheduler", "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"oci:{out}" in done.stderr and "--scheduler" in done.stderr
+    assert not out.exists()
