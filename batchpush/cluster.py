@@ -37,8 +37,8 @@ its metadata store, and submits:
   goes only once every blob it names is in the repository (the engine's rule).
 
 Dask may run a task twice (its worker died after finishing it): every task is
-idempotent. A blob task run again (each attempt notes its start in the
-scheduler's event log) asks the registry before writing each blob, so it uploads
+idempotent. A blob task run again (each attempt notes its start in a Dask Event
+named after the task) asks the registry before writing each blob, so it uploads
 nothing the lost attempt committed; a mount of a present blob is a 201; a manifest
 PUT of the same bytes changes nothing. Workers are stateless: each task has a
 temporary store, seeded by the client with what its own store knows of the
@@ -49,7 +49,7 @@ first checked by the client itself, as a local run does (one tag HEAD, nothing
 compressed); only images not up to date get blob tasks.
 
 Per-registry concurrency is cluster-wide: a blob task holds a
-``distributed.Semaphore`` named after the registry (``max_concurrent_uploads``
+``distributed.Semaphore`` named after the run and the registry (``max_concurrent_uploads``
 leases) while it writes a blob of SMALL_BODY_BYTES or more there (a smaller
 one takes no upload slot in a local run either). Credentials are read on the client and travel
 inside the tasks' arguments in an object whose repr hides them; task keys are a
@@ -66,6 +66,20 @@ source is not asked again, and copies them with their attachments as a local run
 does. Pruning entries run on the client at the end (a tag list, a DELETE per tag).
 A dry run writes nothing: the CLI runs it on the client alone.
 
+Every wait of the client on the cluster has a bound and looks at the run's stop.
+The client polls the workers every RELAY_INTERVAL_S (``_Watch``, ``_poll``): which
+of its tasks they run, and their progress events. A task not heard of for
+TASK_SILENCE_S (no worker running it while the run is otherwise silent, or its
+result not handed over once Dask says it is done) is given up: a blob task's blobs
+are tried once more by a task of their own, then its images fail with a line that
+names the task and the cluster; the run ends with its report.
+
+Nothing a run makes outlives it on a long-lived cluster, a stopped or failed run's
+included (``_ClusterRun.close``): its progress never passes through the scheduler
+(whose event log keeps every topic it is given), its attempt notes (Dask Events)
+and upload leases (Semaphores) are deleted, the workers forget it, the client's
+close releases its futures.
+
 A stop (SIGINT, SIGTERM: ``Interrupted``) reaches every worker (``_stop_run``):
 the run's task engines cancel as a local engine does, and the client reports each
 image it has no result for as interrupted.
@@ -73,20 +87,20 @@ image it has no result for as interrupted.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 import hashlib
 import logging
 import os
-import queue
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__, waits
 from .digest import Digest
@@ -110,12 +124,27 @@ if TYPE_CHECKING:  # imported where used: a re-run with nothing to push never im
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: how long the client tries to reach the scheduler, and waits for a first worker
 CONNECT_TIMEOUT_S = 10.0
-#: how often a layer's byte count is relayed, and how long the display waits for an event
+#: how often the client polls the workers for its run (its tasks running, their
+#: progress events), and a layer's byte count is relayed at most
 RELAY_INTERVAL_S = 0.5
-#: at the end, how long the display still shows events in flight
-DRAIN_S = 2.0
+#: the longest the client goes without word of a task: a worker running it (or,
+#: for a task not started yet, any task of the run), then its result once Dask says
+#: it is done; a blob task silent that long is tried once more, then its images fail
+#: (BATCHPUSH_CLUSTER_SILENCE_S sets it; a task that runs for hours is not silent)
+TASK_SILENCE_S = 300.0
+#: the longest any other call to the cluster is waited for (a version check, a
+#: poll, the end of the run's cleanup)
+CALL_WAIT_S = 30.0
+#: a task's events kept on its worker until the client's next poll, at most
+OUTBOX_EVENTS = 10_000
+#: a run whose client went away unheard (killed) is forgotten by the workers after this
+RUN_EXPIRY_S = 3600.0
+#: the longest a blob task waits for the scheduler to say whether it ran before
+NOTE_WAIT_S = 30.0
 #: images of one repository task pushed at once
 IMAGES_PER_TASK = 4
 #: tasks of each kind per worker thread of the cluster: enough to share the work
@@ -184,7 +213,7 @@ class _Setup:
     #: the client's batchpush version: a worker that joined later with another one refuses the task
     version: str = __version__
 
-    def engine(self, metadata_dir: str) -> Engine:
+    def engine(self, metadata_dir: str, progress: Progress) -> Engine:
         options = PushOptions(
             registry_defaults=self.defaults,
             registries=self.registries,
@@ -192,7 +221,7 @@ class _Setup:
             metadata_dir=metadata_dir,
             jobs=1,
             max_concurrent_images=IMAGES_PER_TASK,
-            progress=_Relay(f"batchpush-progress-{self.run_id}"),
+            progress=progress,
         )
         return Engine(options)
 
@@ -208,63 +237,59 @@ class _Setup:
 _RELAYED = frozenset({"image_started", "layer_bytes", "layer_done", "note"})
 
 
+class _Outbox:
+    """A task's progress events not yet taken by the client: kept in its worker's
+    memory, at most OUTBOX_EVENTS (the oldest go first, as a display lags)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _events only
+        self._events: collections.deque[list[Any]] = collections.deque(maxlen=OUTBOX_EVENTS)
+
+    def put(self, event: list[Any]) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def take(self) -> list[list[Any]]:
+        """Every event not taken yet, once."""
+        with self._lock:
+            taken = list(self._events)
+            self._events.clear()
+        return taken
+
+
 class _Relay(NoProgress):
-    """A worker's progress, sent as events to the client's display (``_Display``)
-    through the scheduler's event log: plain values only (msgpack). A task's events
-    go in batches, one message per RELAY_INTERVAL_S (and its last at the task's
-    end, ``flush``): one message per event made the scheduler and the worker's
-    event loop handle thousands of messages in a run of small images."""
+    """A worker's progress for the client's display, plain values only (msgpack):
+    put in the task's outbox, where the client's next poll takes it (``_poll``,
+    every RELAY_INTERVAL_S); what is left when the task ends goes back with its
+    result. Nothing passes through the scheduler and nothing is kept once the
+    client has it: the scheduler's event log, used before, keeps every topic it is
+    given (a thousand events each) for as long as it runs, a topic per run."""
 
-    def __init__(self, topic: str) -> None:
-        import distributed
-
-        self._topic = topic
-        self._worker = distributed.get_worker()
-        self._lock = threading.Lock()  # guards _sent, _pending and _flushed only
+    def __init__(self, outbox: _Outbox) -> None:
+        self._outbox = outbox
+        self._lock = threading.Lock()  # guards _sent only
         self._sent: dict[tuple[str, str], float] = {}
-        self._pending: list[list[Any]] = []
-        self._flushed = time.monotonic()
-
-    def _send(self, *event: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._pending.append(list(event))
-            if now - self._flushed < RELAY_INTERVAL_S:
-                return
-            batch, self._pending, self._flushed = self._pending, [], now
-        self._log(batch)
-
-    def flush(self) -> None:
-        """The events not sent yet, now."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if batch:
-            self._log(batch)
-
-    def _log(self, batch: list[list[Any]]) -> None:
-        try:
-            self._worker.log_event(self._topic, batch)
-        except Exception as exc:  # the display is not worth a push
-            log.debug("progress not relayed: %s", exc)
 
     def image_started(self, target: str, repository: str) -> None:
-        self._send("image_started", target, repository)
+        self._outbox.put(["image_started", target, repository])
 
     def layer_bytes(self, target: str, digest: str, sent_bytes: int, size_bytes: int) -> None:
         now = time.monotonic()
-        with self._lock:  # a layer's byte count crosses the network a few times a second at most
+        with self._lock:  # a layer's byte count is shown a few times a second at most
             due = sent_bytes >= size_bytes or now - self._sent.get((target, digest), 0.0) >= RELAY_INTERVAL_S
             if due:
                 self._sent[(target, digest)] = now
         if due:
-            self._send("layer_bytes", target, digest, sent_bytes, size_bytes)
+            self._outbox.put(["layer_bytes", target, digest, sent_bytes, size_bytes])
 
     def layer_done(self, target: str, layer: LayerResult) -> None:
         fields = [str(layer.diff_id) if layer.diff_id else None, str(layer.digest), layer.size, layer.media_type, layer.outcome.value, layer.bytes_sent, layer.mounted_from]
-        self._send("layer_done", target, fields)
+        with self._lock:
+            self._sent.pop((target, str(layer.digest)), None)
+        self._outbox.put(["layer_done", target, fields])
 
     def note(self, text: str) -> None:
-        self._send("note", text)
+        self._outbox.put(["note", text])
 
 
 def _layer_result(fields: list[Any]) -> LayerResult:
@@ -272,65 +297,19 @@ def _layer_result(fields: list[Any]) -> LayerResult:
     return LayerResult(Digest.parse(diff_id) if diff_id else None, Digest.parse(digest), size, media_type, LayerOutcome(outcome), sent, mounted_from)
 
 
-#: the end of the display's queue: the scheduler forwards a worker's events before
-#: the results of its task (one stream, in order), so the client has them all
-#: once it has every result; the display need not wait for more
-_END = object()
-
-
-class _Display:
-    """The client's live display, fed by the workers' relays: the scheduler hands
-    their events to a queue (on the client's event loop), and a thread of ours
-    hands them to the renderer (foreign code: no lock is held, the loop never waits)."""
-
-    def __init__(self, client: distributed.Client, topic: str, progress: Progress) -> None:
-        self._client = client
-        self._topic = topic
-        self._progress = progress
-        self._events: queue.Queue[Any] = queue.Queue()
-        self._stop = threading.Event()
-        client.subscribe_topic(topic, self._events.put)
-        self._thread = threading.Thread(target=self._run, name="cluster-progress", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self._events.get(timeout=RELAY_INTERVAL_S)
-            except queue.Empty:
-                if self._stop.is_set():
-                    return  # nothing more in flight
-                continue
-            if item is _END:
-                return  # every event received before the results was shown
-            _, event = item
-            if self._stop.is_set() and time.monotonic() > self._stopped_at + DRAIN_S:
-                return
-            for one in event if isinstance(event, list | tuple) else ():  # a batch (_Relay)
-                self._show(one)
-
-    def _show(self, event: Any) -> None:
+def _show_events(progress: Progress, events: Iterable[Any]) -> None:
+    """The workers' events, handed to the client's renderer (foreign code: the
+    caller holds no lock; a renderer's fault does not stop the run)."""
+    for event in events:
         if not (isinstance(event, list | tuple) and event and event[0] in _RELAYED):
-            return
+            continue
         name, *args = event
-        if name == "layer_done":
-            args[1] = _layer_result(args[1])
         try:
-            getattr(self._progress, name)(*args)
-        except Exception:  # a renderer's fault must not stop the run
+            if name == "layer_done":
+                args[1] = _layer_result(args[1])
+            getattr(progress, name)(*args)
+        except Exception:
             log.exception("progress renderer failed")
-
-    def close(self) -> None:
-        """The events received are shown (for DRAIN_S at most): a task's events
-        came before its result, so none is still in flight."""
-        self._stopped_at = time.monotonic()
-        self._stop.set()
-        self._events.put(_END)
-        self._thread.join(DRAIN_S + RELAY_INTERVAL_S * 2)
-        try:
-            self._client.unsubscribe_topic(self._topic)
-        except Exception as exc:
-            log.debug("progress topic: %s", exc)
 
 
 @dataclass(slots=True)
@@ -386,6 +365,8 @@ class _BlobsDone:
     #: what the task learned of its blobs (DiffID -> digest, fingerprints, where each is)
     learned: Knowledge
     totals: BatchResult
+    #: its progress events no poll took (``_Relay``)
+    events: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +399,8 @@ class _RepositoryDone:
     results: dict[int, ImageResult]
     learned: Knowledge
     totals: BatchResult
+    #: its progress events no poll took (``_Relay``)
+    events: list[list[Any]] = field(default_factory=list)
 
 
 # -- tasks (run on workers) -----------------------------------------------------
@@ -440,26 +423,88 @@ def _worker() -> str:
 _SHM = "/dev/shm"  # noqa: S108 - only mkdtemp's own directory is made in it
 
 
-#: in a worker process: the engines of the tasks running now, by run id, and the
-#: runs stopped by their client (``_stop_run``); guarded by _RUNNING_LOCK
-_RUNNING: dict[str, set[Engine]] = {}
-_STOPPED: set[str] = set()
-_RUNNING_LOCK = threading.Lock()
+@dataclass(eq=False, slots=True)
+class _RunHere:
+    """A run as one worker process knows it: its tasks running here (by key: their
+    engine and outbox), whether its client stopped it or ended it, and when its
+    client was last heard of."""
+
+    tasks: dict[str, tuple[Engine, _Outbox]] = field(default_factory=dict)
+    stopped: bool = False
+    #: the client is gone (``_end_run``): forgotten here once its last task ends
+    ended: bool = False
+    touched: float = field(default_factory=time.monotonic)
+
+
+#: in a worker process: the runs with a task here, by run id; guarded by _RUNS_LOCK
+_RUNS: dict[str, _RunHere] = {}
+_RUNS_LOCK = threading.Lock()
+
+
+def _forget_expired(now: float) -> None:
+    """Runs whose client went away without ending them (killed) and that have no
+    task here any more. The caller holds _RUNS_LOCK."""
+    for run_id in [run_id for run_id, run in _RUNS.items() if not run.tasks and now - run.touched > RUN_EXPIRY_S]:
+        del _RUNS[run_id]
+
+
+def _poll(run_id: str) -> tuple[list[str], list[list[Any]]]:
+    """Sent to every worker by the client every RELAY_INTERVAL_S: the keys of the
+    run's tasks running here (the client's word that they live) and their events
+    not taken yet. Makes nothing for a run it does not know."""
+    now = time.monotonic()
+    with _RUNS_LOCK:
+        _forget_expired(now)
+        run = _RUNS.get(run_id)
+        if run is None:
+            return [], []
+        run.touched = now
+        running = list(run.tasks.items())
+    return [key for key, _ in running], [event for _, (_, outbox) in running for event in outbox.take()]
 
 
 def _stop_run(run_id: str) -> None:
     """Sent to every worker when the client is stopped: the run's engines cancel
     (uploads stop, their sessions are cancelled, no manifest goes), and a task of
     the run that starts later cancels at once."""
-    with _RUNNING_LOCK:
-        _STOPPED.add(run_id)
-        engines = list(_RUNNING.get(run_id, ()))
+    with _RUNS_LOCK:
+        run = _RUNS.setdefault(run_id, _RunHere())
+        run.stopped = True
+        run.touched = time.monotonic()
+        engines = [engine for engine, _ in run.tasks.values()]
     for engine in engines:
         engine.cancel()
 
 
+def _end_run(run_id: str) -> list[list[Any]]:
+    """Sent to every worker when the client ends the run (stopped or not): the
+    events not taken yet; the run is forgotten here, at once or when its last task
+    (a stopped run's) ends."""
+    with _RUNS_LOCK:
+        run = _RUNS.get(run_id)
+        if run is None:
+            return []
+        if run.tasks:
+            run.ended = run.stopped = True
+        else:
+            del _RUNS[run_id]
+        outboxes = [outbox for _, outbox in run.tasks.values()]
+    return [event for outbox in outboxes for event in outbox.take()]
+
+
+def _current_task() -> str:
+    import distributed
+
+    try:
+        return str(distributed.get_worker().get_current_task())
+    except ValueError:  # not in a worker (a test calling a task directly)
+        return f"local-{uuid.uuid4().hex[:8]}"
+
+
 class _TaskEngine:
-    """A worker's engine for one task, with a temporary store seeded by the client."""
+    """A worker's engine for one task, with a temporary store seeded by the client;
+    the task is listed in its run (``_RUNS``) while it runs, and nothing of it is
+    left in the worker once it ends."""
 
     def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
         if _version() != setup.version:  # connect() saw every worker then; this one came later
@@ -468,10 +513,16 @@ class _TaskEngine:
         # holds a few KB), and made on disk it cost more than many a task's work
         self._dir = tempfile.mkdtemp(prefix="batchpush-task-", dir=_SHM if os.access(_SHM, os.W_OK) else None)
         self._run_id = setup.run_id
-        self.engine = setup.engine(self._dir)
-        with _RUNNING_LOCK:
-            _RUNNING.setdefault(self._run_id, set()).add(self.engine)
-            stopped = self._run_id in _STOPPED
+        self.key = _current_task()
+        self._outbox = _Outbox()
+        self.engine = setup.engine(self._dir, _Relay(self._outbox))
+        now = time.monotonic()
+        with _RUNS_LOCK:
+            _forget_expired(now)
+            run = _RUNS.setdefault(self._run_id, _RunHere())
+            run.tasks[self.key] = (self.engine, self._outbox)
+            run.touched = now
+            stopped = run.stopped
         if stopped:
             self.engine.cancel()
         for host, scheme in setup.schemes.items():
@@ -483,16 +534,18 @@ class _TaskEngine:
         return self.engine
 
     def __exit__(self, *exc: object) -> None:
-        with _RUNNING_LOCK:
-            engines = _RUNNING.get(self._run_id, set())
-            engines.discard(self.engine)
-            if not engines:
-                _RUNNING.pop(self._run_id, None)
+        with _RUNS_LOCK:
+            run = _RUNS.get(self._run_id)
+            if run is not None:
+                run.tasks.pop(self.key, None)
+                if run.ended and not run.tasks:
+                    del _RUNS[self._run_id]
         self.engine.close()
         shutil.rmtree(self._dir, ignore_errors=True)
-        relay = self.engine.options.progress
-        if isinstance(relay, _Relay):
-            relay.flush()
+
+    def events(self) -> list[list[Any]]:
+        """The task's events no poll took: they go back with its result."""
+        return self._outbox.take()
 
     def totals(self) -> BatchResult:
         totals = BatchResult()
@@ -500,19 +553,17 @@ class _TaskEngine:
         return totals
 
 
-def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) -> _BlobsDone:
+def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge, ask_first: bool = False) -> _BlobsDone:
     """The blobs a group of repositories needs first: each prepared once, then put
-    in the first repository of each registry that needs it. Never raises: a failure is a blob's
-    result, per registry."""
-    import distributed
-
+    in the first repository of each registry that needs it. ``ask_first``: the
+    client tries these blobs again (an earlier task gave no result), so each is
+    asked for first. Never raises: a failure is a blob's result, per registry."""
     worker = _worker()
     task = _TaskEngine(setup, (knowledge,))
     hosts = {target.api_host for blob in blobs.values() for target in blob.targets.values()}
-    # made in the task's own thread: a Semaphore needs the worker's context
-    leases = {host: distributed.Semaphore(max_leases=setup.uploads(host), name=f"batchpush-uploads-{host}-{setup.uploads(host)}") for host in hosts}
-    ask_first = not _first_attempt()
-    with task as engine:
+    # a stopped run's task (it cancels at once) notes nothing the client cleared already
+    ask_first = ask_first or task.engine.cancelled.is_set() or not _first_attempt(task.key)
+    with task as engine, _Leases(setup, hosts) as leases:
 
         def place(blob: _Blob) -> _BlobDone:
             try:
@@ -535,30 +586,61 @@ def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge) ->
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="blob") as pool:
             placed = dict(zip(blobs, pool.map(place, blobs.values()), strict=True))
-        return _BlobsDone(placed, engine.store.export(done.key for done in placed.values()), task.totals())
+        return _BlobsDone(placed, engine.store.export(done.key for done in placed.values()), task.totals(), task.events())
 
 
-def _first_attempt() -> bool:
+def _note_name(key: str) -> str:
+    """The Dask Event an attempt of the task ``key`` sets when it starts."""
+    return f"batchpush-started-{key}"
+
+
+def _lease_name(run_id: str, host: str) -> str:
+    """The run's upload leases for a registry (a Dask Semaphore)."""
+    return f"batchpush-uploads-{run_id}-{host}"
+
+
+def _first_attempt(key: str) -> bool:
     """Whether this is the task's first attempt. Dask runs a task again when its
     worker is lost, and the lost attempt may have written blobs already: each
-    attempt notes its start in the scheduler's event log, under its run's topic,
-    after reading it (the note is answered before any blob is written). False
-    when it cannot say: also once the topic is as long as the scheduler keeps
-    (``distributed.admin.low-level-log-length``), as an early note may be gone."""
-    import dask.config
+    attempt asks whether the task's Dask Event (``_note_name``) is set, then sets
+    it, before it writes any blob. An Event keeps no history, and the client
+    clears (deletes) its run's at the end of the run. False when it cannot say."""
     import distributed
+    from distributed.utils import sync
 
     try:
-        key = str(distributed.get_worker().get_current_task())
-        client = distributed.get_client()
-        topic = key.rpartition("-")[0]  # the task's kind and run
-        notes = client.get_events(topic)
-        started = any(event == key for _, event in notes) or len(notes) >= int(dask.config.get("distributed.admin.low-level-log-length", 1000))
-        client.log_event(topic, key)
+        worker = distributed.get_worker()
+        name = _note_name(key)
+        started = sync(worker.loop, worker.scheduler.event_is_set, name=name, callback_timeout=NOTE_WAIT_S)
+        sync(worker.loop, worker.scheduler.event_set, name=name, callback_timeout=NOTE_WAIT_S)
     except Exception as exc:
         log.debug("attempt not known: %s", exc)
         return False
     return not started
+
+
+class _Leases:
+    """The run's upload leases per registry a blob task writes to: a
+    ``distributed.Semaphore`` each (``max_concurrent_uploads`` leases), named after
+    the run (the client closes them when the run ends: a name per registry and
+    limit, as before, was a semaphore for ever in the scheduler per registry ever
+    used). Made in the task's own thread (a Semaphore needs the worker's context);
+    at the task's end each stops refreshing (its timer on the worker's event loop
+    otherwise kept it, and ran, for as long as the worker)."""
+
+    def __init__(self, setup: _Setup, hosts: Iterable[str]) -> None:
+        import distributed
+
+        self._made = {host: distributed.Semaphore(max_leases=setup.uploads(host), name=_lease_name(setup.run_id, host)) for host in hosts}
+
+    def __enter__(self) -> dict[str, distributed.Semaphore]:
+        return self._made
+
+    def __exit__(self, *exc: object) -> None:
+        for lease in self._made.values():
+            refresh = getattr(lease, "refresh_callback", None)  # none with an infinite lease timeout
+            if refresh is not None:
+                lease.loop.add_callback(refresh.stop)
 
 
 def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool, ask_first: bool) -> None:
@@ -587,9 +669,11 @@ def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer:
 @contextlib.contextmanager
 def _leased(lease: distributed.Semaphore, host: str, cancelled: threading.Event) -> Iterator[None]:
     deadline = time.monotonic() + LEASE_WAIT_S
-    while not lease.acquire(timeout=LEASE_POLL_S):  # the run's stop in view
+    while True:  # the run's stop in view, looked at first: a stopped run's task makes no lease again
         if cancelled.is_set():
             raise Cancelled(f"stopped while waiting for an upload lease for {host}")
+        if lease.acquire(timeout=LEASE_POLL_S):
+            break
         if time.monotonic() > deadline:
             raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
     try:
@@ -639,7 +723,7 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, b
             for push, result in zip(runnable, pool.map(run, runnable), strict=True):
                 results[push.index] = result
         engine.store.absorb(later)
-        return _RepositoryDone(results, engine.store.export(), task.totals())
+        return _RepositoryDone(results, engine.store.export(), task.totals(), task.events())
 
 
 def _held_back(parts: Iterable[Knowledge], pushes: list[_Push]) -> tuple[list[Knowledge], Knowledge]:
@@ -706,7 +790,7 @@ def _lost(kind: str, exc: BaseException, address: str) -> str:
     """Why a task gave no result: a worker's refusal as it said it, the scheduler's
     loss (this client cancels no task: a cancel is the scheduler dropping it), else
     what the cluster said."""
-    if isinstance(exc, ClusterError):
+    if isinstance(exc, ClusterError | ClusterTimeout):
         return exc.message
     if isinstance(exc, cf.CancelledError):
         return f"the cluster dropped the {kind}'s task: is the Dask scheduler at {address} still running?"
@@ -718,6 +802,44 @@ def _error(exc: BaseException, where: str) -> BatchPushError:
 
 
 # -- the client -------------------------------------------------------------------
+class ClusterTimeout(BatchPushError):
+    """The cluster gave no word of a task, or no answer to a call, within its bound."""
+
+    kind = "cluster"
+
+
+def _started(call: Callable[[], T], name: str) -> cf.Future[T]:
+    """``call()`` under way in a daemon thread of its own: a Dask call waits without
+    a bound of its own, so the caller waits for this future with one. A call left
+    behind ends with the client, which the run closes at its end."""
+    future: cf.Future[T] = cf.Future()
+
+    def target() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # handed to whoever waits for it
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=f"cluster-{name}", daemon=True).start()
+    return future
+
+
+def _bounded(call: Callable[[], T], what: str, bound_s: float = CALL_WAIT_S, stop: threading.Event | None = None) -> T:
+    """``call()``'s result within ``bound_s``, else ClusterTimeout naming ``what``;
+    with ``stop`` in view (Cancelled once it is set)."""
+    future = _started(call, "call")
+    deadline = time.monotonic() + bound_s
+    while True:
+        left = deadline - time.monotonic()
+        done, _ = cf.wait((future,), timeout=max(0.0, min(waits.POLL_S, left)))
+        if done:
+            return future.result()
+        if stop is not None and stop.is_set():
+            raise Cancelled()
+        if left <= 0:
+            raise ClusterTimeout(f"{what}: no answer within {bound_s:.0f} s")
+
+
 def connect(address: str) -> distributed.Client:
     """A client of the scheduler with at least one worker, every worker running this
     batchpush version; else ClusterError (nothing was sent to any worker)."""
@@ -732,25 +854,52 @@ def connect(address: str) -> distributed.Client:
             client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
         except Exception:
             raise ClusterError(f"the Dask scheduler at {address} has no worker") from None
-        versions = client.run(_version)
+        try:
+            versions = _bounded(lambda: client.run(_version), f"the workers of the Dask scheduler at {address}, asked their version", CONNECT_TIMEOUT_S)
+        except ClusterTimeout as exc:
+            raise ClusterError(exc.message) from None
         other = sorted(f"{worker} runs batchpush {version}" for worker, version in versions.items() if version != __version__)
         if other:
             raise ClusterError(f"refused: {'; '.join(other)}, this client {__version__} (install the same batchpush[cluster] on every worker)")
     except BaseException:
-        client.close()
+        _close(client)
         raise
     return client
+
+
+def _close(client: distributed.Client) -> None:
+    """The client closed (its futures released), within CALL_WAIT_S."""
+    try:
+        client.close(timeout=CALL_WAIT_S)
+    except Exception as exc:
+        log.debug("the Dask client did not close cleanly: %s", exc)
+
+
+def _silence_s() -> float:
+    """TASK_SILENCE_S, or BATCHPUSH_CLUSTER_SILENCE_S when set."""
+    text = os.environ.get("BATCHPUSH_CLUSTER_SILENCE_S", "").strip()
+    if not text:
+        return TASK_SILENCE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise UsageError(f"BATCHPUSH_CLUSTER_SILENCE_S={text!r}: a number of seconds above 0 is expected")
+    return value
 
 
 def run(address: str, jobs: Iterable[PushJob], options: PushOptions, stop: threading.Event | None = None) -> BatchResult:
     """Every job's images to their targets on the cluster at ``address``; the same
     result as ``Engine.run``, each image naming the worker that pushed it. Once
     ``stop`` is set (a signal handler may set it) or on KeyboardInterrupt, raises
-    Interrupted, with the result so far."""
+    Interrupted, with the result so far. Whatever the run made on the cluster is
+    gone when it returns or raises."""
     if options.dry_run:
         raise ClusterError("a dry run writes nothing and runs on this machine: use Engine.run")
+    silence_s = _silence_s()
     with Engine(replace(options, jobs=1)) as engine:
-        cluster = _ClusterRun(address, engine, stop or threading.Event())
+        cluster = _ClusterRun(address, engine, stop or threading.Event(), silence_s)
         try:
             return cluster._run(jobs)
         except (KeyboardInterrupt, Cancelled):
@@ -771,19 +920,96 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:24]
 
 
+class _Watch:
+    """The client's poll of the workers, from a thread of its own every
+    RELAY_INTERVAL_S (``_poll``): which of the run's tasks each worker is running
+    (the client's word that a task lives), and their progress events, shown as
+    they come. Nothing of it is kept on the cluster: it asks, the workers answer."""
+
+    def __init__(self, client: distributed.Client, run_id: str, progress: Progress) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._progress = progress
+        self._lock = threading.Lock()  # guards _running_at only
+        #: task key -> when a poll last found a worker running it
+        self._running_at: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cluster-watch", daemon=True)
+        self._thread.start()
+
+    def running_at(self, key: str) -> float:
+        with self._lock:
+            return self._running_at.get(key, 0.0)
+
+    def last_running(self) -> float:
+        """When a poll last found any task of the run running."""
+        with self._lock:
+            return max(self._running_at.values(), default=0.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(RELAY_INTERVAL_S):
+            asked = time.monotonic()
+            try:
+                replies = self._client.run(_poll, self._run_id, on_error="return")
+            except Exception as exc:  # the run's bounds judge a cluster that does not answer
+                log.debug("workers not polled: %s", exc)
+                continue
+            answers = [reply for reply in replies.values() if isinstance(reply, tuple | list) and len(reply) == 2]
+            with self._lock:
+                for running, _ in answers:
+                    self._running_at.update(dict.fromkeys(running, asked))
+            _show_events(self._progress, (event for _, events in answers for event in events))
+
+    def close(self) -> None:
+        """No poll after this returns (one under way is left to end with the client)."""
+        self._stop.set()
+        self._thread.join(RELAY_INTERVAL_S * 4)
+
+
+@dataclass(eq=False, slots=True)
+class _Task:
+    """A task of the run, as the client follows it."""
+
+    kind: str  # "blob" or "repository"
+    #: its group of repositories
+    number: int
+    future: distributed.Future
+    #: when the client last had word of it: submitted, a worker running it, Dask saying it is done
+    heard_at: float
+    #: the second attempt at a blob task's blobs
+    retry: bool = False
+    #: its result on its way to the client, once Dask says it is done
+    fetch: cf.Future[Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return str(self.future.key)
+
+
 class _ClusterRun:
-    def __init__(self, address: str, engine: Engine, stop: threading.Event) -> None:
+    def __init__(self, address: str, engine: Engine, stop: threading.Event, silence_s: float = TASK_SILENCE_S) -> None:
         self.address = address
         self.engine = engine
         #: set by the caller (a signal): the run stops where it waits
         self.stop = stop
+        self.silence_s = silence_s
         self.progress = engine.options.progress
-        #: every key of this run starts with it: two runs on one scheduler never share a task
-        self.run_id = uuid.uuid4().hex[:12]
+        #: every key of this run holds it: two runs on one scheduler never share a task.
+        #: It ends with a digit, so Dask's task prefix (its words before the first
+        #: that is not all letters) is the kind alone, never one per run
+        self.run_id = uuid.uuid4().hex[:11] + str(uuid.uuid4().int % 10)
         self.result = BatchResult()
         #: set by _connect, once there is something to push
         self.client: distributed.Client
-        self._display: _Display | None = None
+        self._watch: _Watch | None = None
+        #: the tasks submitted and not done with, by key
+        self.tasks: dict[str, _Task] = {}
+        #: when the client last had word of any task of the run
+        self._heard_at = time.monotonic()
+        #: what the run made in the scheduler, cleared at its end: its blob tasks'
+        #: attempt notes (Dask Events), the registries of its upload leases (Semaphores)
+        self._notes: list[str] = []
+        self._lease_hosts: set[str] = set()
         #: each image's result as it comes, and its work
         self.slots: list[ImageResult | None] = []
         self.expanded: list[Work] = []
@@ -795,27 +1021,53 @@ class _ClusterRun:
         whole re-run of a hundred images)."""
         self.client = connect(self.address)
         try:
-            self._display = _Display(self.client, f"batchpush-progress-{self.run_id}", self.progress)
+            threads = _bounded(self.client.nthreads, f"the Dask scheduler at {self.address}, asked its workers' threads", stop=self.stop)
+            self._watch = _Watch(self.client, self.run_id, self.progress)
         except BaseException:
-            self.client.close()
+            _close(self.client)
             raise
         #: repository tasks (and blob tasks) to make of the batch: a few per worker thread
-        self.tasks = TASKS_PER_THREAD * max(1, sum(self.client.nthreads().values()))
+        self.tasks_wanted = TASKS_PER_THREAD * max(1, sum(threads.values()))
 
     def close(self) -> None:
-        if self._display is not None:
-            self._display.close()
-            self.client.close()
+        """Whatever the run made on the cluster is gone, a stopped or failed run's
+        too: its state in the workers (their last events shown), its attempt notes
+        and upload leases in the scheduler, its futures (the client closed). Each
+        call is bounded: a cluster that does not answer is left as it is."""
+        if self._watch is None:
+            return
+        self._watch.close()
+        try:
+            _bounded(self._clean, f"the Dask cluster at {self.address}, cleaned after the run")
+        except Exception as exc:
+            log.warning("%s", exc)
+        _close(self.client)
+
+    def _clean(self) -> None:
+        replies = self.client.run(_end_run, self.run_id, on_error="return")
+        _show_events(self.progress, (event for reply in replies.values() if isinstance(reply, list) for event in reply))
+        scheduler = self.client.scheduler
+        names = list(self._notes)
+        leases = [_lease_name(self.run_id, host) for host in sorted(self._lease_hosts)]
+
+        async def forget() -> None:
+            for name in names:  # an Event neither set nor waited for is deleted
+                await scheduler.event_clear(name=name)
+            for name in leases:  # one never used is not known: nothing to do
+                await scheduler.semaphore_close(name=name)
+
+        self.client.sync(forget)
 
     def _interrupted(self) -> BatchResult:
         """Every worker told to stop the run's tasks; each image the cluster did not
         give a result for fails as interrupted (its manifest goes only after all its
         blobs: a task that was writing it may still finish it)."""
         self.engine.cancel()  # its own requests (checks, manifests read) end now
-        if self._display is not None:  # connected: some tasks may be running
-            told = threading.Thread(target=self._stop_tasks, name="cluster-stop", daemon=True)
-            told.start()
-            told.join(STOP_WAIT_S)  # a scheduler gone silent must not hold the stop
+        if self._watch is not None:  # connected: some tasks may be running
+            try:  # a scheduler gone silent must not hold the stop
+                _bounded(lambda: self.client.run(_stop_run, self.run_id), "the workers, told to stop", STOP_WAIT_S)
+            except Exception as exc:  # each task still ends, on its own timeouts
+                log.warning("the workers could not be told to stop: %s", exc)
         error = InterruptedError_("stopped before the cluster gave its result; no manifest was written after the stop")
         now = time.monotonic()
         self.result.images = [slot or self.engine.failed(work.source, work.target, error, now) for slot, work in zip(self.slots, self.expanded, strict=True)]
@@ -838,12 +1090,6 @@ class _ClusterRun:
         """Raises Cancelled once the run is stopped."""
         if self.stop.is_set():
             raise Cancelled()
-
-    def _stop_tasks(self) -> None:
-        try:
-            self.client.run(_stop_run, self.run_id)
-        except Exception as exc:  # each task still ends, on its own timeouts
-            log.warning("the workers could not be told to stop: %s", exc)
 
     def _run(self, jobs: Iterable[PushJob]) -> BatchResult:
         self.slots = slots = []
@@ -884,7 +1130,7 @@ class _ClusterRun:
         arrived = {id(work) for work, image in zip(expanded, slots, strict=True) if image is not None and image.ok}
         self.engine.run_prunes(arrived, self.result)  # here: a tag list and a DELETE per tag gone
         self.engine.add_totals(self.result)  # the client's own requests: pings, checks, manifests read, prunes
-        if self._display is None:  # said, so that a scheduler that is down does not go unnoticed for long
+        if self._watch is None:  # said, so that a scheduler that is down does not go unnoticed for long
             self.progress.note(f"nothing was left to push: the Dask scheduler at {self.address} was not contacted")
         return self.result
 
@@ -954,10 +1200,73 @@ class _ClusterRun:
     def _knowledge(self, keys: Iterable[Any]) -> Knowledge:
         return self.engine.store.export(key for key in keys if key is not None)
 
-    def _submit_repository(self, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone]) -> distributed.Future:
+    def _submit_blobs(self, number: int, blobs: dict[str, _Blob], setup: _Setup, *, retry: bool = False) -> None:
+        """The blob task of group ``number``; ``retry``: its second attempt, under a
+        key of its own, asking the registry first for each blob."""
+        key = f"batchpush-blobs-{self.run_id}-{number}" + ("-retry" if retry else "")
+        hosts = {host for blob in blobs.values() for host in blob.hosts()}
+        self._notes.append(_note_name(key))
+        self._lease_hosts.update(target.api_host for blob in blobs.values() for target in blob.targets.values())
+        future = self.client.submit(_blobs_task, blobs, setup.only(hosts), self._knowledge(b.key for b in blobs.values()), retry, key=key, pure=False)
+        self._follow(_Task("blob", number, future, time.monotonic(), retry))
+
+    def _submit_repository(self, number: int, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone]) -> None:
         keys = [b.key for push in pushes for b in _blobs(push)]
         hosts = {host for push in pushes for host in _hosts(push.target, push.image)}
-        return self.client.submit(_repository_task, pushes, setup.only(hosts), self._knowledge(keys), blobs, key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
+        future = self.client.submit(_repository_task, pushes, setup.only(hosts), self._knowledge(keys), blobs, key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
+        self._follow(_Task("repository", number, future, time.monotonic()))
+
+    def _follow(self, task: _Task) -> None:
+        self.tasks[task.key] = task
+        self._heard_at = task.heard_at
+
+    def _next_done(self) -> tuple[_Task, Any]:
+        """The next task of the run with its result, or with why there is none: its
+        exception, Dask's, or ClusterTimeout once the client has had no word of it
+        for ``silence_s`` (its future released: the scheduler forgets it). A task not
+        done and not running waits its turn while any other task of the run is heard
+        from: it fails once the whole run has been silent that long (a worker
+        paused, or gone with a task the scheduler does not give to another). A task
+        Dask says is done must hand over its result within ``silence_s`` too: the
+        scheduler, asked for a result its worker no longer holds, asks that worker
+        again and again without a word in its log (a done-callback fired, then
+        ``Future.result()`` waited for ever: issue 27)."""
+        while True:
+            self._check_stop()
+            now = time.monotonic()
+            assert self._watch is not None
+            run_heard = max(self._heard_at, self._watch.last_running())
+            fetching = []
+            for task in list(self.tasks.values()):
+                if task.fetch is None and task.future.done():  # finished, erred or cancelled (a result lost is not done)
+                    task.fetch = _started(task.future.result, "result")
+                    task.heard_at = now
+                if task.fetch is None:
+                    task.heard_at = max(task.heard_at, self._watch.running_at(task.key))
+                    if now - max(task.heard_at, run_heard) > self.silence_s:
+                        return self._forget(task), ClusterTimeout(f"task {task.key}: no word of it from the Dask cluster at {self.address} for {self.silence_s:.0f} s (no worker ran it)")
+                elif task.fetch.done():
+                    del self.tasks[task.key]
+                    self._heard_at = now
+                    try:
+                        return task, task.fetch.result()
+                    except Exception as exc:
+                        return task, exc
+                elif now - task.heard_at > self.silence_s:
+                    return self._forget(task), ClusterTimeout(f"task {task.key}: done, said the Dask cluster at {self.address}, but its result did not come within {self.silence_s:.0f} s")
+                else:
+                    fetching.append(task.fetch)
+            if fetching:
+                cf.wait(fetching, timeout=waits.POLL_S, return_when=cf.FIRST_COMPLETED)
+            else:
+                self.stop.wait(waits.POLL_S)
+
+    def _forget(self, task: _Task) -> _Task:
+        """The task given up: its future released, so the scheduler forgets it (and
+        stops asking a worker for its result); a fetch under way ends with that."""
+        del self.tasks[task.key]
+        task.future.release()
+        return task
 
     def _checked(self, works: list[tuple[int, Work]]) -> Iterator[tuple[int, ImageResult | None]]:
         """The cron fast path, run here as a local run does: one tag HEAD per image
@@ -985,7 +1294,7 @@ class _ClusterRun:
         blobs: dict[str, _Blob] = {}
         #: each group's own blobs: those no earlier group needs
         owned: list[dict[str, _Blob]] = []
-        groups = _by_repository(pending, self.tasks, resolved)
+        groups = _by_repository(pending, self.tasks_wanted, resolved)
         needs: list[set[str]] = []
         users: dict[str, list[int]] = {}
         for number, group in enumerate(groups):
@@ -1004,70 +1313,70 @@ class _ClusterRun:
             needs.append(names)
             for name in names:
                 users.setdefault(name, []).append(number)
-        running: dict[distributed.Future, tuple[str, int]] = {}
-        #: each task's future once it is done (Dask calls back from a thread of its own)
-        finished: queue.Queue[distributed.Future] = queue.Queue()
-
-        def watch(future: distributed.Future, kind: str, number: int) -> None:
-            running[future] = (kind, number)
-            future.add_done_callback(finished.put)
-
         for number, own in enumerate(owned):
             if own:
-                key = f"batchpush-blobs-{self.run_id}-{number}"
-                hosts = {host for blob in own.values() for host in blob.hosts()}
-                watch(self.client.submit(_blobs_task, own, setup.only(hosts), self._knowledge(b.key for b in own.values()), key=key, pure=False), "blobs", number)
+                self._submit_blobs(number, own, setup)
         done: dict[str, _BlobDone] = {}
         left = [len(names) for names in needs]
-        while running:
-            self._check_stop()
-            try:
-                future = finished.get(timeout=waits.POLL_S)
-            except queue.Empty:
+        while self.tasks:
+            task, outcome = self._next_done()
+            if task.kind == "repository":
+                yield from self._repository_done(task, outcome, groups[task.number])
                 continue
-            kind, number = running.pop(future)
-            if kind == "repository":
-                yield from self._repository_done(future, groups[number])
+            placed = self._blobs_done(task, outcome, owned[task.number])
+            if placed is None:
+                self._submit_blobs(task.number, owned[task.number], setup, retry=True)
                 continue
-            placed = self._blobs_done(future, owned[number])
-            future.release()
             done.update(placed)
             for name in placed:
                 for user in users[name]:
                     left[user] -= 1
                     if left[user] == 0:
-                        watch(self._submit_repository(groups[user], setup, {name: done[name] for name in needs[user]}), "repository", user)
+                        self._submit_repository(user, groups[user], setup, {name: done[name] for name in needs[user]})
 
-    def _blobs_done(self, future: distributed.Future, blobs: dict[str, _Blob]) -> dict[str, _BlobDone]:
+    def _blobs_done(self, task: _Task, outcome: Any, blobs: dict[str, _Blob]) -> dict[str, _BlobDone] | None:
         """A blob task's results, its work counted; a task the cluster lost fails
-        its blobs in every registry."""
-        try:
-            result: _BlobsDone = future.result()
-        except Exception as exc:
-            failure = (_lost("blob", exc, self.address), "error")
+        its blobs in every registry; None for a task the cluster had no word of,
+        the first time: its blobs are tried once more."""
+        if isinstance(outcome, ClusterTimeout) and not task.retry:
+            self._note(f"{outcome.message}; its blobs are tried once more")
+            return None
+        if isinstance(outcome, BaseException):
+            failure = (_lost("blob", outcome, self.address) + ("; the first attempt at these blobs gave none either" if task.retry else ""), "cluster")
             return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure)) for name, blob in blobs.items()}
+        result: _BlobsDone = outcome
+        _show_events(self.progress, result.events)
         _add(self.result, result.totals)
         # into the client's store now: kept even if no repository task comes back, and
         # what the repository tasks are seeded with (_submit_repository)
         self.engine.store.absorb(result.learned)
         return result.blobs
 
-    def _repository_done(self, future: distributed.Future, pushes: list[_Push]) -> Iterator[tuple[int, ImageResult | None]]:
-        """A repository task's results: its store knowledge absorbed, its totals
-        added, each image's line shown. A task the cluster lost fails its images."""
-        try:
-            done: _RepositoryDone = future.result()
-        except Exception as exc:
-            error = BatchPushError(_lost("repository", exc, self.address))
+    def _repository_done(self, task: _Task, outcome: Any, pushes: list[_Push]) -> Iterator[tuple[int, ImageResult | None]]:
+        """A repository task's results: its events shown, its store knowledge
+        absorbed, its totals added, each image's line shown. A task the cluster
+        lost, or had no word of, fails its images."""
+        if isinstance(outcome, BaseException):
+            error = BatchPushError(_lost("repository", outcome, self.address))
+            error.kind = "cluster"
             for push in pushes:
                 work = self.works[push.index]
                 yield push.index, self.engine.failed(work.source, work.target, error, time.monotonic())
             return
+        done: _RepositoryDone = outcome
+        _show_events(self.progress, done.events)
         self.engine.store.absorb(done.learned)
         _add(self.result, done.totals)
         for index, result in done.results.items():
             self._show(result, self.works[index])
             yield index, result
+
+    def _note(self, text: str) -> None:
+        log.warning("%s", text)
+        try:
+            self.progress.note(text)
+        except Exception:  # a renderer's fault must not stop the run
+            log.exception("progress renderer failed")
 
     def _show(self, image: ImageResult, work: Work) -> None:
         assert work.reference is not None
@@ -1156,4 +1465,4 @@ def _add(result: BatchResult, totals: BatchResult) -> None:
     result.errors_by_registry.update(totals.errors_by_registry)
 
 
-__all__ = ["CONNECT_TIMEOUT_S", "ClusterError", "Interrupted", "connect", "run"]
+__all__ = ["CONNECT_TIMEOUT_S", "TASK_SILENCE_S", "ClusterError", "ClusterTimeout", "Interrupted", "connect", "run"]
