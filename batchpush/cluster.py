@@ -93,11 +93,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -403,7 +405,39 @@ class _RepositoryDone:
     events: list[list[Any]] = field(default_factory=list)
 
 
+class _Packed:
+    """A task's arguments, pickled and compressed by the client. The scheduler
+    unpickles what a task is given, keeps it while the task lives, and its log of
+    the recent messages to each worker (``distributed.admin.low-level-log-length``,
+    a thousand) keeps it longer: given as objects (images, manifests, store
+    knowledge), the arguments made the scheduler grow by megabytes a run until
+    those logs were full; as these bytes, by a fraction of that. Its repr hides
+    its content (the credentials travel in it)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @classmethod
+    def of(cls, *args: Any) -> _Packed:
+        return cls(zlib.compress(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL), 1))
+
+    def unpack(self) -> tuple[Any, ...]:
+        return tuple(pickle.loads(zlib.decompress(self.data)))  # noqa: S301 - made by this run's client
+
+    def __repr__(self) -> str:
+        return f"<batchpush task arguments, {len(self.data)} bytes>"
+
+    __str__ = __repr__
+
+
 # -- tasks (run on workers) -----------------------------------------------------
+def _unpacked(task: Callable[..., T], packed: _Packed) -> T:
+    """The task called with its arguments (``_Packed``)."""
+    return task(*packed.unpack())
+
+
 def _version() -> str:
     import batchpush  # the worker's own, read at call time
 
@@ -1207,13 +1241,13 @@ class _ClusterRun:
         hosts = {host for blob in blobs.values() for host in blob.hosts()}
         self._notes.append(_note_name(key))
         self._lease_hosts.update(target.api_host for blob in blobs.values() for target in blob.targets.values())
-        future = self.client.submit(_blobs_task, blobs, setup.only(hosts), self._knowledge(b.key for b in blobs.values()), retry, key=key, pure=False)
+        future = self.client.submit(_unpacked, _blobs_task, _Packed.of(blobs, setup.only(hosts), self._knowledge(b.key for b in blobs.values()), retry), key=key, pure=False)
         self._follow(_Task("blob", number, future, time.monotonic(), retry))
 
     def _submit_repository(self, number: int, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone]) -> None:
         keys = [b.key for push in pushes for b in _blobs(push)]
         hosts = {host for push in pushes for host in _hosts(push.target, push.image)}
-        future = self.client.submit(_repository_task, pushes, setup.only(hosts), self._knowledge(keys), blobs, key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
+        future = self.client.submit(_unpacked, _repository_task, _Packed.of(pushes, setup.only(hosts), self._knowledge(keys), blobs), key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
         self._follow(_Task("repository", number, future, time.monotonic()))
 
     def _follow(self, task: _Task) -> None:

@@ -107,7 +107,39 @@ def _held(dask_scheduler: Any) -> dict[str, int]:
         "spans": len(getattr(spans, "spans", {})),
         "computations": len(dask_scheduler.computations),
         "clients": len(dask_scheduler.clients),
+        "transition_log": len(dask_scheduler.transition_log),
+        "messages_to_workers": sum(len(getattr(stream, "recent_message_log", ())) for stream in dask_scheduler.stream_comms.values()),
     }
+
+
+def _worker_held(dask_worker: Any) -> dict[str, int]:
+    """Dask's own bounded logs in a worker (``distributed.admin.low-level-log-length``
+    entries each): they fill with every task, whoever runs it, then stay full."""
+    import sys
+
+    stream = getattr(dask_worker, "batched_stream", None)
+    module = sys.modules.get("batchpush.cluster")
+    return {
+        "profile_history": len(dask_worker.profile_history),
+        "messages_to_scheduler": len(getattr(stream, "recent_message_log", ())),
+        "state_log": len(dask_worker.state.log),
+        "stimulus_log": len(dask_worker.state.stimulus_log),
+        "transfer_outgoing_log": len(dask_worker.transfer_outgoing_log),
+        "batchpush_runs": len(getattr(module, "_RUNS", {})),
+    }
+
+
+def _census() -> dict[str, int]:
+    """Live objects by type in this process (run on the scheduler or a worker)."""
+    import collections
+    import gc
+
+    gc.collect()
+    return dict(collections.Counter(type(o).__qualname__ for o in gc.get_objects()).most_common(400))
+
+
+def _grown(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(((name, after.get(name, 0) - before.get(name, 0)) for name in after), key=lambda item: -item[1])[:15])
 
 
 def plan_for(work: str, fleet: Fleet, hosts: list[str], run: int) -> str:
@@ -137,6 +169,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds a run may take before it is killed (and counted as without end)")
     parser.add_argument("--code", default=ROOT, help="the batchpush tree to import (client and workers)")
     parser.add_argument("--out", default=os.path.join(HERE, "results-soak.json"))
+    parser.add_argument("--census", action="store_true", help="also record which object types grow in the scheduler and a worker between the third run and the last")
     args = parser.parse_args()
     code = os.path.abspath(args.code)
     env = dict(os.environ, PYTHONPATH=code)
@@ -202,10 +235,22 @@ def main() -> int:
                         "nanny_rss_mb": [round(_rss_mb(n.pid), 1) for n in nannies],
                         "worker_pids": workers,
                         "held": watcher.run_on_scheduler(_held),
+                        "worker_held": list(watcher.run(_worker_held, on_error="return").values()),
                         "load": [round(x, 2) for x in os.getloadavg()],
                     }
                     if client.returncode != 0:
                         entry["stderr_tail"] = err.decode(errors="replace")[-600:]
+                    if args.census and run in (3, args.runs):
+                        census = {"scheduler": watcher.run_on_scheduler(_census)}
+                        for counts in watcher.run(_census, on_error="return").values():
+                            if isinstance(counts, dict):  # the first worker that answers
+                                census["worker"] = counts
+                                break
+                        if run == 3:
+                            record["census_after_3"] = census
+                        else:
+                            record["census_growth"] = {side: _grown(record["census_after_3"][side], census[side]) for side in census if side in record["census_after_3"]}
+                            del record["census_after_3"]
                     record["runs"].append(entry)
                     print(json.dumps(entry), flush=True)
         finally:
