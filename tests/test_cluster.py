@@ -628,7 +628,8 @@ def silent_env() -> dict[str, str]:
 def leftovers(address: str) -> dict[str, list[str]]:
     """What batchpush keeps in the scheduler and the workers, listed through a client:
     its event-log topics (any with events), published datasets, Dask events,
-    semaphores, variables, tasks, and the runs each worker process knows."""
+    semaphores, variables, tasks, and in each worker process the runs it knows and
+    the Semaphore objects alive (one that refreshes its leases lives for ever)."""
     from distributed import Client
 
     def in_scheduler(dask_scheduler) -> dict[str, list[str]]:
@@ -641,17 +642,22 @@ def leftovers(address: str) -> dict[str, list[str]]:
         }
 
     def in_worker() -> list[str]:
+        import gc
         import sys
 
+        from distributed import Semaphore
+
         module = sys.modules.get("batchpush.cluster")
-        return sorted(getattr(module, "_RUNS", {}))
+        gc.collect()
+        semaphores = [f"semaphore {s.name}" for s in gc.get_objects() if isinstance(s, Semaphore)]
+        return sorted([*getattr(module, "_RUNS", {}), *semaphores])
 
     with Client(address, timeout=30, set_as_default=False) as client:
         held = client.run_on_scheduler(in_scheduler)
         held["topics"] = sorted(client.get_events())
         held["datasets"] = sorted(map(str, client.list_datasets()))
-        held["runs on workers"] = sorted(run for runs in client.run(in_worker).values() for run in runs)
-    return {what: [name for name in names if "batchpush" in name or what == "runs on workers"] for what, names in held.items()}
+        held["in workers"] = sorted(run for runs in client.run(in_worker).values() for run in runs)
+    return {what: [name for name in names if "batchpush" in name or what == "in workers"] for what, names in held.items()}
 
 
 def test_a_run_leaves_nothing_behind_in_the_scheduler_or_the_workers(cluster, registry, tmp_path):
