@@ -70,9 +70,10 @@ Every wait of the client on the cluster has a bound and looks at the run's stop.
 The client polls the workers every RELAY_INTERVAL_S (``_Watch``, ``_poll``): which
 of its tasks they run, and their progress events. A task not heard of for
 TASK_SILENCE_S (no worker running it while the run is otherwise silent, or its
-result not handed over once Dask says it is done) is given up: a blob task's blobs
-are tried once more by a task of their own, then its images fail with a line that
-names the task and the cluster; the run ends with its report.
+result not handed over once Dask says it is done) is given up and tried once more
+by a task of its own (on the workers that answer the client's polls, if one does
+not), then its images fail with a line that names the task and the cluster; the
+run ends with its report.
 
 Nothing a run makes outlives it on a long-lived cluster, a stopped or failed run's
 included (``_ClusterRun.close``): its progress never passes through the scheduler
@@ -90,6 +91,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -135,12 +137,16 @@ CONNECT_TIMEOUT_S = 10.0
 RELAY_INTERVAL_S = 0.5
 #: the longest the client goes without word of a task: a worker running it (or,
 #: for a task not started yet, any task of the run), then its result once Dask says
-#: it is done; a blob task silent that long is tried once more, then its images fail
+#: it is done; a task silent that long is tried once more, then its images fail
 #: (BATCHPUSH_CLUSTER_SILENCE_S sets it; a task that runs for hours is not silent)
-TASK_SILENCE_S = 300.0
+TASK_SILENCE_S = 120.0
 #: the longest any other call to the cluster is waited for (a version check, a
 #: poll, the end of the run's cleanup)
 CALL_WAIT_S = 30.0
+#: at the end of the run, how long the workers have to forget it (and hand over their last events)
+END_WAIT_S = 10.0
+#: the client's polls between two listings of the workers
+WORKERS_EVERY = 10
 #: a task's events kept on its worker until the client's next poll, at most
 OUTBOX_EVENTS = 10_000
 #: a run whose client went away unheard (killed) is forgotten by the workers after this
@@ -438,10 +444,13 @@ def _unpacked(task: Callable[..., T], packed: _Packed) -> T:
     return task(*packed.unpack())
 
 
-def _version() -> str:
-    import batchpush  # the worker's own, read at call time
+def _version() -> tuple[str, str]:
+    """The worker's batchpush (its own, read at call time) and its Python."""
+    import platform
 
-    return batchpush.__version__
+    import batchpush
+
+    return batchpush.__version__, platform.python_version()
 
 
 def _worker() -> str:
@@ -541,8 +550,8 @@ class _TaskEngine:
     left in the worker once it ends."""
 
     def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
-        if _version() != setup.version:  # connect() saw every worker then; this one came later
-            raise ClusterError(f"refused: worker {_worker()} runs batchpush {_version()}, this client {setup.version} (install the same batchpush[cluster] on every worker)")
+        if _version()[0] != setup.version:  # connect() saw every worker then; this one came later
+            raise ClusterError(f"refused: worker {_worker()} runs batchpush {_version()[0]}, this client {setup.version} (install the same batchpush[cluster] on every worker)")
         # in memory where the system offers it: the store lives for one task (and
         # holds a few KB), and made on disk it cost more than many a task's work
         self._dir = tempfile.mkdtemp(prefix="batchpush-task-", dir=_SHM if os.access(_SHM, os.W_OK) else None)
@@ -877,6 +886,13 @@ def _bounded(call: Callable[[], T], what: str, bound_s: float = CALL_WAIT_S, sto
 def connect(address: str) -> distributed.Client:
     """A client of the scheduler with at least one worker, every worker running this
     batchpush version; else ClusterError (nothing was sent to any worker)."""
+    return _connect(address)[0]
+
+
+def _connect(address: str) -> tuple[distributed.Client, dict[str, str]]:
+    """``connect``, and the workers that answered, with their Python: each is asked
+    apart (a worker whose event loop is stuck does not hold the others); one that
+    gives no answer within CONNECT_TIMEOUT_S gets no task of the run."""
     import distributed
 
     try:
@@ -888,17 +904,19 @@ def connect(address: str) -> distributed.Client:
             client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
         except Exception:
             raise ClusterError(f"the Dask scheduler at {address} has no worker") from None
-        try:
-            versions = _bounded(lambda: client.run(_version), f"the workers of the Dask scheduler at {address}, asked their version", CONNECT_TIMEOUT_S)
-        except ClusterTimeout as exc:
-            raise ClusterError(exc.message) from None
-        other = sorted(f"{worker} runs batchpush {version}" for worker, version in versions.items() if version != __version__)
+        workers = _bounded(client.nthreads, f"the Dask scheduler at {address}, asked its workers", CONNECT_TIMEOUT_S)
+        versions, silent = _ask_each(client, workers, _version, bound_s=CONNECT_TIMEOUT_S)
+        if not versions:
+            raise ClusterError(f"no worker of the Dask scheduler at {address} answered within {CONNECT_TIMEOUT_S:.0f} s")
+        other = sorted(f"{worker} runs batchpush {version[0]}" for worker, version in versions.items() if version[0] != __version__)
         if other:
             raise ClusterError(f"refused: {'; '.join(other)}, this client {__version__} (install the same batchpush[cluster] on every worker)")
+        for worker in silent:
+            log.warning("worker %s of the Dask scheduler at %s did not answer within %.0f s: no task goes to it", worker, address, CONNECT_TIMEOUT_S)
     except BaseException:
         _close(client)
         raise
-    return client
+    return client, {worker: version[1] for worker, version in versions.items()}
 
 
 def _close(client: distributed.Client) -> None:
@@ -907,6 +925,22 @@ def _close(client: distributed.Client) -> None:
         client.close(timeout=CALL_WAIT_S)
     except Exception as exc:
         log.debug("the Dask client did not close cleanly: %s", exc)
+
+
+def _deadlocks(python: str) -> bool:
+    """A Python whose ``sys._current_frames()``, which Dask's profiler calls on a
+    worker's event loop every 10 ms, can deadlock the process: a garbage collection
+    inside it runs a finalizer that lets go of the GIL while it holds the runtime's
+    lock, and a thread that starts (a task's pool) takes the GIL and waits for that
+    lock (CPython gh-106883; fixed in 3.11.9 and 3.12). Every thread of the worker
+    waits, its event loop too: its results are never handed over (issue 27's hang,
+    seen again in a soak: the worker's main thread in ``_PyThread_CurrentFrames``
+    then ``take_gil``, another in ``new_threadstate`` waiting for HEAD_LOCK)."""
+    try:
+        version = tuple(int(part) for part in python.split(".")[:3])
+    except ValueError:
+        return False
+    return version[:2] == (3, 11) and version < (3, 11, 9)
 
 
 def _silence_s() -> float:
@@ -954,19 +988,46 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:24]
 
 
+def _ask_each(client: distributed.Client, workers: Iterable[str], function: Callable[..., Any], *args: Any, bound_s: float) -> tuple[dict[str, Any], list[str]]:
+    """``function(*args)`` run on each worker, each asked apart (a worker that does
+    not answer, its event loop stuck, holds nobody else's answer): the answers by
+    worker, and the workers that gave none within ``bound_s`` or could not run it."""
+    asked = {worker: _started(functools.partial(client.run, function, *args, workers=[worker], on_error="return"), "ask") for worker in workers}
+    cf.wait(asked.values(), timeout=bound_s)
+    answers: dict[str, Any] = {}
+    for worker, future in asked.items():
+        if future.done() and future.exception() is None:
+            reply = future.result().get(worker, _NO_ANSWER)
+            if not isinstance(reply, BaseException) and reply is not _NO_ANSWER:
+                answers[worker] = reply
+    return answers, [worker for worker in asked if worker not in answers]
+
+
+#: what a worker that gave no answer answered (``_ask_each``)
+_NO_ANSWER = object()
+
+
 class _Watch:
     """The client's poll of the workers, from a thread of its own every
     RELAY_INTERVAL_S (``_poll``): which of the run's tasks each worker is running
     (the client's word that a task lives), and their progress events, shown as
-    they come. Nothing of it is kept on the cluster: it asks, the workers answer."""
+    they come. Each worker is asked apart, and not again until it has answered: a
+    worker whose event loop is stuck (a deadlocked process) blinds the client to
+    none of the others. Nothing of it is kept on the cluster: it asks, the workers
+    answer."""
 
-    def __init__(self, client: distributed.Client, run_id: str, progress: Progress) -> None:
+    def __init__(self, client: distributed.Client, run_id: str, progress: Progress, workers: Iterable[str], silent_after_s: float = CALL_WAIT_S) -> None:
         self._client = client
+        self._silent_after_s = silent_after_s
         self._run_id = run_id
         self._progress = progress
-        self._lock = threading.Lock()  # guards _running_at only
+        self._lock = threading.Lock()  # guards the three dicts only
         #: task key -> when a poll last found a worker running it
         self._running_at: dict[str, float] = {}
+        #: worker -> when it last answered a poll (or the version check)
+        self._answered_at: dict[str, float] = dict.fromkeys(workers, time.monotonic())
+        #: worker -> when its poll under way was sent
+        self._asked_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cluster-watch", daemon=True)
         self._thread.start()
@@ -980,19 +1041,50 @@ class _Watch:
         with self._lock:
             return max(self._running_at.values(), default=0.0)
 
+    def silent(self) -> list[str]:
+        """The workers that have not answered for ``silent_after_s``: no task goes to them."""
+        now = time.monotonic()
+        with self._lock:
+            return sorted(worker for worker, answered in self._answered_at.items() if now - answered > self._silent_after_s)
+
+    def answering(self) -> list[str]:
+        silent = set(self.silent())
+        with self._lock:
+            return sorted(worker for worker in self._answered_at if worker not in silent)
+
     def _run(self) -> None:
+        cycle = 0
         while not self._stop.wait(RELAY_INTERVAL_S):
-            asked = time.monotonic()
-            try:
-                replies = self._client.run(_poll, self._run_id, on_error="return")
-            except Exception as exc:  # the run's bounds judge a cluster that does not answer
-                log.debug("workers not polled: %s", exc)
-                continue
-            answers = [reply for reply in replies.values() if isinstance(reply, tuple | list) and len(reply) == 2]
+            if cycle % WORKERS_EVERY == 0:  # workers come and go
+                try:
+                    workers = list(self._client.nthreads())
+                except Exception as exc:  # the run's bounds judge a scheduler that does not answer
+                    log.debug("workers not listed: %s", exc)
+                    continue
+                with self._lock:
+                    for worker in workers:
+                        self._answered_at.setdefault(worker, time.monotonic())
+                    for gone in set(self._answered_at) - set(workers):
+                        del self._answered_at[gone]
+            cycle += 1
             with self._lock:
-                for running, _ in answers:
-                    self._running_at.update(dict.fromkeys(running, asked))
-            _show_events(self._progress, (event for _, events in answers for event in events))
+                due = [worker for worker in self._answered_at if worker not in self._asked_at]
+                asked = time.monotonic()
+                self._asked_at.update(dict.fromkeys(due, asked))
+            for worker in due:
+                poll = _started(functools.partial(self._client.run, _poll, self._run_id, workers=[worker], on_error="return"), "poll")
+                poll.add_done_callback(functools.partial(self._answered, worker, asked))
+
+    def _answered(self, worker: str, asked: float, poll: cf.Future[Any]) -> None:
+        reply = poll.result().get(worker) if poll.exception() is None else None
+        ok = isinstance(reply, tuple | list) and len(reply) == 2
+        with self._lock:
+            self._asked_at.pop(worker, None)
+            if ok and worker in self._answered_at:
+                self._answered_at[worker] = asked
+                self._running_at.update(dict.fromkeys(reply[0], asked))  # type: ignore[index]
+        if ok:
+            _show_events(self._progress, reply[1])  # type: ignore[index]
 
     def close(self) -> None:
         """No poll after this returns (one under way is left to end with the client)."""
@@ -1053,15 +1145,19 @@ class _ClusterRun:
         images are all up to date (checked here) is over without it, as quick as
         a local one (dask's import and a client's start cost about as much as the
         whole re-run of a hundred images)."""
-        self.client = connect(self.address)
+        self.client, pythons = _connect(self.address)
         try:
             threads = _bounded(self.client.nthreads, f"the Dask scheduler at {self.address}, asked its workers' threads", stop=self.stop)
-            self._watch = _Watch(self.client, self.run_id, self.progress)
+            self._watch = _Watch(self.client, self.run_id, self.progress, pythons, min(CALL_WAIT_S, self.silence_s))
         except BaseException:
             _close(self.client)
             raise
+        for worker, python in sorted(pythons.items()):
+            if _deadlocks(python):
+                self._note(f"worker {worker} runs Python {python}: its Dask profiler can deadlock it (CPython gh-106883, fixed in 3.11.9), and its tasks then never end; "
+                           "run the workers on a later Python, or with DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False")
         #: repository tasks (and blob tasks) to make of the batch: a few per worker thread
-        self.tasks_wanted = TASKS_PER_THREAD * max(1, sum(threads.values()))
+        self.tasks_wanted = TASKS_PER_THREAD * max(1, sum(threads[worker] for worker in pythons if worker in threads))
 
     def close(self) -> None:
         """Whatever the run made on the cluster is gone, a stopped or failed run's
@@ -1072,14 +1168,17 @@ class _ClusterRun:
             return
         self._watch.close()
         try:
-            _bounded(self._clean, f"the Dask cluster at {self.address}, cleaned after the run")
+            _bounded(self._clean, f"the Dask scheduler at {self.address}, cleaned after the run")
         except Exception as exc:
             log.warning("%s", exc)
+        # the workers that answer (one whose event loop is stuck forgets the run in RUN_EXPIRY_S)
+        ended, silent = _ask_each(self.client, self._watch.answering(), _end_run, self.run_id, bound_s=END_WAIT_S)
+        _show_events(self.progress, (event for events in ended.values() for event in events))
+        if silent:
+            log.warning("worker %s did not hear that the run ended", ", ".join(silent))
         _close(self.client)
 
     def _clean(self) -> None:
-        replies = self.client.run(_end_run, self.run_id, on_error="return")
-        _show_events(self.progress, (event for reply in replies.values() if isinstance(reply, list) for event in reply))
         scheduler = self.client.scheduler
         names = list(self._notes)
         leases = [_lease_name(self.run_id, host) for host in sorted(self._lease_hosts)]
@@ -1241,14 +1340,30 @@ class _ClusterRun:
         hosts = {host for blob in blobs.values() for host in blob.hosts()}
         self._notes.append(_note_name(key))
         self._lease_hosts.update(target.api_host for blob in blobs.values() for target in blob.targets.values())
-        future = self.client.submit(_unpacked, _blobs_task, _Packed.of(blobs, setup.only(hosts), self._knowledge(b.key for b in blobs.values()), retry), key=key, pure=False)
+        future = self.client.submit(_unpacked, _blobs_task, _Packed.of(blobs, setup.only(hosts), self._knowledge(b.key for b in blobs.values()), retry), key=key, pure=False, workers=self._workers())
         self._follow(_Task("blob", number, future, time.monotonic(), retry))
 
-    def _submit_repository(self, number: int, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone]) -> None:
+    def _submit_repository(self, number: int, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone], *, retry: bool = False) -> None:
+        """The repository task of group ``number``; ``retry``: its second attempt."""
         keys = [b.key for push in pushes for b in _blobs(push)]
         hosts = {host for push in pushes for host in _hosts(push.target, push.image)}
-        future = self.client.submit(_unpacked, _repository_task, _Packed.of(pushes, setup.only(hosts), self._knowledge(keys), blobs), key=f"batchpush-repository-{self.run_id}-{pushes[0].index}", pure=False)
-        self._follow(_Task("repository", number, future, time.monotonic()))
+        key = f"batchpush-repository-{self.run_id}-{pushes[0].index}" + ("-retry" if retry else "")
+        future = self.client.submit(_unpacked, _repository_task, _Packed.of(pushes, setup.only(hosts), self._knowledge(keys), blobs), key=key, pure=False, workers=self._workers())
+        self._follow(_Task("repository", number, future, time.monotonic(), retry))
+
+    def _workers(self) -> list[str] | None:
+        """Where a task may go: anywhere, unless some worker has not answered the
+        client's polls for a while (its event loop stuck): then only to those that do."""
+        assert self._watch is not None
+        return (self._watch.answering() or None) if self._watch.silent() else None
+
+    def _tried_again(self, task: _Task, outcome: Any) -> bool:
+        """Whether the task is to be tried once more: the cluster had no word of it
+        (a task that failed, or that Dask says it lost, is not)."""
+        if not isinstance(outcome, ClusterTimeout) or task.retry:
+            return False
+        self._note(f"{outcome.message}; tried once more")
+        return True
 
     def _follow(self, task: _Task) -> None:
         self.tasks[task.key] = task
@@ -1278,7 +1393,7 @@ class _ClusterRun:
                 if task.fetch is None:
                     task.heard_at = max(task.heard_at, self._watch.running_at(task.key))
                     if now - max(task.heard_at, run_heard) > self.silence_s:
-                        return self._forget(task), ClusterTimeout(f"task {task.key}: no word of it from the Dask cluster at {self.address} for {self.silence_s:.0f} s (no worker ran it)")
+                        return self._forget(task), ClusterTimeout(f"task {task.key}: no word of it from the Dask cluster at {self.address} for {self.silence_s:.0f} s (no worker ran it){self._unheard()}")
                 elif task.fetch.done():
                     del self.tasks[task.key]
                     self._heard_at = now
@@ -1287,13 +1402,17 @@ class _ClusterRun:
                     except Exception as exc:
                         return task, exc
                 elif now - task.heard_at > self.silence_s:
-                    return self._forget(task), ClusterTimeout(f"task {task.key}: done, said the Dask cluster at {self.address}, but its result did not come within {self.silence_s:.0f} s")
+                    return self._forget(task), ClusterTimeout(f"task {task.key}: done, said the Dask cluster at {self.address}, but its result did not come within {self.silence_s:.0f} s{self._unheard()}")
                 else:
                     fetching.append(task.fetch)
             if fetching:
                 cf.wait(fetching, timeout=waits.POLL_S, return_when=cf.FIRST_COMPLETED)
             else:
                 self.stop.wait(waits.POLL_S)
+
+    def _unheard(self) -> str:
+        silent = self._watch.silent() if self._watch is not None else []
+        return f"; worker {', '.join(silent)} has not answered the client for over {min(CALL_WAIT_S, self.silence_s):.0f} s" if silent else ""
 
     def _forget(self, task: _Task) -> _Task:
         """The task given up: its future released, so the scheduler forgets it (and
@@ -1355,12 +1474,15 @@ class _ClusterRun:
         while self.tasks:
             task, outcome = self._next_done()
             if task.kind == "repository":
-                yield from self._repository_done(task, outcome, groups[task.number])
+                if self._tried_again(task, outcome):
+                    self._submit_repository(task.number, groups[task.number], setup, {name: done[name] for name in needs[task.number]}, retry=True)
+                else:
+                    yield from self._repository_done(task, outcome, groups[task.number])
                 continue
-            placed = self._blobs_done(task, outcome, owned[task.number])
-            if placed is None:
+            if self._tried_again(task, outcome):
                 self._submit_blobs(task.number, owned[task.number], setup, retry=True)
                 continue
+            placed = self._blobs_done(task, outcome, owned[task.number])
             done.update(placed)
             for name in placed:
                 for user in users[name]:
@@ -1368,15 +1490,11 @@ class _ClusterRun:
                     if left[user] == 0:
                         self._submit_repository(user, groups[user], setup, {name: done[name] for name in needs[user]})
 
-    def _blobs_done(self, task: _Task, outcome: Any, blobs: dict[str, _Blob]) -> dict[str, _BlobDone] | None:
-        """A blob task's results, its work counted; a task the cluster lost fails
-        its blobs in every registry; None for a task the cluster had no word of,
-        the first time: its blobs are tried once more."""
-        if isinstance(outcome, ClusterTimeout) and not task.retry:
-            self._note(f"{outcome.message}; its blobs are tried once more")
-            return None
+    def _blobs_done(self, task: _Task, outcome: Any, blobs: dict[str, _Blob]) -> dict[str, _BlobDone]:
+        """A blob task's results, its work counted; a task the cluster lost (or had
+        no word of, twice) fails its blobs in every registry."""
         if isinstance(outcome, BaseException):
-            failure = (_lost("blob", outcome, self.address) + ("; the first attempt at these blobs gave none either" if task.retry else ""), "cluster")
+            failure = (_lost("blob", outcome, self.address) + _AGAIN * (task.retry and isinstance(outcome, ClusterTimeout)), "cluster")
             return {name: _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, failure)) for name, blob in blobs.items()}
         result: _BlobsDone = outcome
         _show_events(self.progress, result.events)
@@ -1391,7 +1509,7 @@ class _ClusterRun:
         absorbed, its totals added, each image's line shown. A task the cluster
         lost, or had no word of, fails its images."""
         if isinstance(outcome, BaseException):
-            error = BatchPushError(_lost("repository", outcome, self.address))
+            error = BatchPushError(_lost("repository", outcome, self.address) + _AGAIN * (task.retry and isinstance(outcome, ClusterTimeout)))
             error.kind = "cluster"
             for push in pushes:
                 work = self.works[push.index]
@@ -1421,6 +1539,10 @@ class _ClusterRun:
                 self.progress.failed(image.target, image.error or "failed")
         except Exception:  # a renderer's fault must not lose the image's result
             log.exception("progress renderer failed")
+
+
+#: said of a task given up the second time
+_AGAIN = "; its first attempt gave none either"
 
 
 def _by_repository(works: list[tuple[int, Work]], tasks: int, resolved: dict[int, _Resolved]) -> list[list[_Push]]:
