@@ -94,6 +94,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -889,10 +890,10 @@ def connect(address: str) -> distributed.Client:
     return _connect(address)[0]
 
 
-def _connect(address: str) -> tuple[distributed.Client, dict[str, str]]:
-    """``connect``, and the workers that answered, with their Python: each is asked
-    apart (a worker whose event loop is stuck does not hold the others); one that
-    gives no answer within CONNECT_TIMEOUT_S gets no task of the run."""
+def _connect(address: str) -> tuple[distributed.Client, dict[str, str], list[str]]:
+    """``connect``, the workers that answered, with their Python, and those that did
+    not: each is asked apart (a worker whose event loop is stuck does not hold the
+    others); one that gives no answer within CONNECT_TIMEOUT_S gets no task of the run."""
     import distributed
 
     try:
@@ -916,7 +917,7 @@ def _connect(address: str) -> tuple[distributed.Client, dict[str, str]]:
     except BaseException:
         _close(client)
         raise
-    return client, {worker: version[1] for worker, version in versions.items()}
+    return client, {worker: version[1] for worker, version in versions.items()}, silent
 
 
 def _close(client: distributed.Client) -> None:
@@ -1016,7 +1017,7 @@ class _Watch:
     none of the others. Nothing of it is kept on the cluster: it asks, the workers
     answer."""
 
-    def __init__(self, client: distributed.Client, run_id: str, progress: Progress, workers: Iterable[str], silent_after_s: float = CALL_WAIT_S) -> None:
+    def __init__(self, client: distributed.Client, run_id: str, progress: Progress, workers: Iterable[str], silent: Iterable[str] = (), silent_after_s: float = CALL_WAIT_S) -> None:
         self._client = client
         self._silent_after_s = silent_after_s
         self._run_id = run_id
@@ -1026,6 +1027,7 @@ class _Watch:
         self._running_at: dict[str, float] = {}
         #: worker -> when it last answered a poll (or the version check)
         self._answered_at: dict[str, float] = dict.fromkeys(workers, time.monotonic())
+        self._answered_at.update(dict.fromkeys(silent, -math.inf))  # silent from the start
         #: worker -> when its poll under way was sent
         self._asked_at: dict[str, float] = {}
         self._stop = threading.Event()
@@ -1145,10 +1147,10 @@ class _ClusterRun:
         images are all up to date (checked here) is over without it, as quick as
         a local one (dask's import and a client's start cost about as much as the
         whole re-run of a hundred images)."""
-        self.client, pythons = _connect(self.address)
+        self.client, pythons, silent = _connect(self.address)
         try:
             threads = _bounded(self.client.nthreads, f"the Dask scheduler at {self.address}, asked its workers' threads", stop=self.stop)
-            self._watch = _Watch(self.client, self.run_id, self.progress, pythons, min(CALL_WAIT_S, self.silence_s))
+            self._watch = _Watch(self.client, self.run_id, self.progress, pythons, silent, min(CALL_WAIT_S, self.silence_s))
         except BaseException:
             _close(self.client)
             raise

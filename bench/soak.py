@@ -129,6 +129,31 @@ def _worker_held(dask_worker: Any) -> dict[str, int]:
     }
 
 
+def _ask_workers(watcher: Any, function: Any) -> list[Any]:
+    """``function`` on each worker, asked apart for 10 s at most (a worker whose event
+    loop is stuck answers nothing): the answers, or what went wrong."""
+    import concurrent.futures as cf
+
+    workers = list(watcher.nthreads())
+    with cf.ThreadPoolExecutor(len(workers) or 1) as pool:
+        asked = [pool.submit(watcher.run, function, workers=[worker], on_error="return") for worker in workers]
+        done, _ = cf.wait(asked, timeout=10)
+        pool.shutdown(wait=False)
+    return [next(iter(f.result().values()), None) if f in done and f.exception() is None else "no answer within 10 s" for f in asked]
+
+
+def _stacks(path: str, nannies: list[int]) -> None:
+    """The native stacks of every worker process (gdb), for a run past its deadline."""
+    with open(path, "w") as out:
+        for nanny in nannies:
+            worker = _worker_pid(nanny)
+            if worker is None:
+                continue
+            out.write(f"== worker pid {worker}\n")
+            out.flush()
+            subprocess.run(["gdb", "-p", str(worker), "-batch", "-ex", "thread apply all bt 30"], stdout=out, stderr=subprocess.STDOUT, timeout=120, check=False)
+
+
 def _census() -> dict[str, int]:
     """Live objects by type in this process (run on the scheduler or a worker)."""
     import collections
@@ -172,7 +197,7 @@ def main() -> int:
     parser.add_argument("--census", action="store_true", help="also record which object types grow in the scheduler and a worker between the third run and the last")
     args = parser.parse_args()
     code = os.path.abspath(args.code)
-    env = dict(os.environ, PYTHONPATH=code)
+    env = dict(os.environ, PYTHONPATH=code, PYTHONFAULTHANDLER="1")
     fleet = wide(os.path.join(HERE, ".cache"))
     from distributed import Client
 
@@ -209,8 +234,13 @@ def main() -> int:
                             _, err = client.communicate(timeout=args.deadline)
                             ended = True
                         except subprocess.TimeoutExpired:
-                            os.killpg(client.pid, signal.SIGKILL)
-                            _, err = client.communicate()
+                            _stacks(os.path.join(os.path.dirname(args.out), f"soak-run{run}-stacks.txt"), [n.pid for n in nannies])
+                            os.killpg(client.pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: its threads' stacks on stderr
+                            try:
+                                _, err = client.communicate(timeout=10)
+                            except subprocess.TimeoutExpired:
+                                os.killpg(client.pid, signal.SIGKILL)
+                                _, err = client.communicate()
                             ended = False
                         wall = time.monotonic() - started
                     finally:
@@ -235,14 +265,14 @@ def main() -> int:
                         "nanny_rss_mb": [round(_rss_mb(n.pid), 1) for n in nannies],
                         "worker_pids": workers,
                         "held": watcher.run_on_scheduler(_held),
-                        "worker_held": list(watcher.run(_worker_held, on_error="return").values()),
+                        "worker_held": [held if isinstance(held, dict) else repr(held) for held in _ask_workers(watcher, _worker_held)],
                         "load": [round(x, 2) for x in os.getloadavg()],
                     }
                     if client.returncode != 0:
-                        entry["stderr_tail"] = err.decode(errors="replace")[-600:]
+                        entry["stderr_tail"] = err.decode(errors="replace")[-6000 if not ended else -600:]
                     if args.census and run in (3, args.runs):
                         census = {"scheduler": watcher.run_on_scheduler(_census)}
-                        for counts in watcher.run(_census, on_error="return").values():
+                        for counts in _ask_workers(watcher, _census):
                             if isinstance(counts, dict):  # the first worker that answers
                                 census["worker"] = counts
                                 break
