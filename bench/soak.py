@@ -194,6 +194,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds a run may take before it is killed (and counted as without end)")
     parser.add_argument("--code", default=ROOT, help="the batchpush tree to import (client and workers)")
     parser.add_argument("--out", default=os.path.join(HERE, "results-soak.json"))
+    parser.add_argument("--no-profiler", action="store_true", help="workers without Dask's profiler (DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False): on Python 3.11 before 3.11.9 it can deadlock a worker (CPython gh-106883)")
     parser.add_argument("--census", action="store_true", help="also record which object types grow in the scheduler and a worker between the third run and the last")
     args = parser.parse_args()
     code = os.path.abspath(args.code)
@@ -201,7 +202,7 @@ def main() -> int:
     fleet = wide(os.path.join(HERE, ".cache"))
     from distributed import Client
 
-    record: dict[str, Any] = {"code": code, "load_at_start": os.getloadavg(), "runs": []}
+    record: dict[str, Any] = {"code": code, "python": sys.version.split()[0], "worker_profiler": not args.no_profiler, "load_at_start": os.getloadavg(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="batchpush-soak-") as work:
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
@@ -217,8 +218,9 @@ def main() -> int:
                     if scheduler.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit("the scheduler did not start") from None
                     time.sleep(0.2)
+            worker_env = dict(env, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False") if args.no_profiler else env
             for n in range(2):
-                nannies.append(_spawn(["worker", address, "--name", f"w{n}", "--host", "127.0.0.1", "--no-dashboard"], os.path.join(work, f"worker-{n}.log"), env))
+                nannies.append(_spawn(["worker", address, "--name", f"w{n}", "--host", "127.0.0.1", "--no-dashboard"], os.path.join(work, f"worker-{n}.log"), worker_env))
             with Client(address, timeout=START_TIMEOUT_S, set_as_default=False) as watcher:
                 watcher.wait_for_workers(2, timeout=START_TIMEOUT_S)
                 record["held_at_start"] = watcher.run_on_scheduler(_held)
