@@ -741,11 +741,9 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, b
         runnable = []
         for push in pushes:
             registry = push.target.registry
-            failure = next((blobs[name].failures[registry] for name in push.blobs if registry in blobs[name].failures), None)
+            failure = _blob_failure(push, blobs)
             if failure is not None:
-                error = BatchPushError(failure[0])
-                error.kind = failure[1]
-                results[push.index] = engine.failed(push.image.name, str(push.target), error, time.monotonic())
+                results[push.index] = engine.failed(push.image.name, str(push.target), failure, time.monotonic())
                 continue
             for name in push.blobs:
                 blob = blobs[name]
@@ -768,6 +766,17 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, b
                 results[push.index] = result
         engine.store.absorb(later)
         return _RepositoryDone(results, engine.store.export(), task.totals(), task.events())
+
+
+def _blob_failure(push: _Push, blobs: dict[str, _BlobDone]) -> BatchPushError | None:
+    """Why a blob of the push's image is not in its target's registry, if one is not."""
+    registry = push.target.registry
+    failure = next((blobs[name].failures[registry] for name in push.blobs if registry in blobs[name].failures), None)
+    if failure is None:
+        return None
+    error = BatchPushError(failure[0])
+    error.kind = failure[1]
+    return error
 
 
 def _held_back(parts: Iterable[Knowledge], pushes: list[_Push]) -> tuple[list[Knowledge], Knowledge]:
@@ -1364,6 +1373,9 @@ class _ClusterRun:
         (a task that failed, or that Dask says it lost, is not)."""
         if not isinstance(outcome, ClusterTimeout) or task.retry:
             return False
+        assert self._watch is not None
+        if not self._watch.answering():  # nowhere to try it
+            return False
         self._note(f"{outcome.message}; tried once more")
         return True
 
@@ -1490,7 +1502,22 @@ class _ClusterRun:
                 for user in users[name]:
                     left[user] -= 1
                     if left[user] == 0:
-                        self._submit_repository(user, groups[user], setup, {name: done[name] for name in needs[user]})
+                        yield from self._repository(user, groups[user], setup, {name: done[name] for name in needs[user]})
+
+    def _repository(self, number: int, pushes: list[_Push], setup: _Setup, blobs: dict[str, _BlobDone]) -> Iterator[tuple[int, ImageResult | None]]:
+        """The repository task of group ``number``, once its blobs are placed; not
+        sent when none of its images can go (a blob of each is missing): the
+        client fails them itself, as the task would have."""
+        failures = [_blob_failure(push, blobs) for push in pushes]
+        if any(failure is None for failure in failures):
+            self._submit_repository(number, pushes, setup, blobs)
+            return
+        for push, failure in zip(pushes, failures, strict=True):
+            assert failure is not None
+            work = self.works[push.index]
+            failed = self.engine.failed(work.source, work.target, failure, time.monotonic())
+            self._show(failed, work)
+            yield push.index, failed
 
     def _blobs_done(self, task: _Task, outcome: Any, blobs: dict[str, _Blob]) -> dict[str, _BlobDone]:
         """A blob task's results, its work counted; a task the cluster lost (or had
