@@ -133,12 +133,20 @@ def _ask_workers(watcher: Any, function: Any) -> list[Any]:
     """``function`` on each worker, asked apart for 10 s at most (a worker whose event
     loop is stuck answers nothing): the answers, or what went wrong."""
     import concurrent.futures as cf
+    import threading
 
-    workers = list(watcher.nthreads())
-    with cf.ThreadPoolExecutor(len(workers) or 1) as pool:
-        asked = [pool.submit(watcher.run, function, workers=[worker], on_error="return") for worker in workers]
-        done, _ = cf.wait(asked, timeout=10)
-        pool.shutdown(wait=False)
+    def ask(worker: str, future: cf.Future[Any]) -> None:
+        try:
+            future.set_result(watcher.run(function, workers=[worker], on_error="return"))
+        except Exception as exc:
+            future.set_exception(exc)
+
+    asked = []
+    for worker in watcher.nthreads():
+        future: cf.Future[Any] = cf.Future()
+        threading.Thread(target=ask, args=(worker, future), daemon=True).start()  # a daemon: one stuck does not hold the soak's exit
+        asked.append(future)
+    done, _ = cf.wait(asked, timeout=10)
     return [next(iter(f.result().values()), None) if f in done and f.exception() is None else "no answer within 10 s" for f in asked]
 
 
