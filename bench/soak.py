@@ -159,7 +159,7 @@ def _stacks(path: str, nannies: list[int]) -> None:
                 continue
             out.write(f"== worker pid {worker}\n")
             out.flush()
-            subprocess.run(["gdb", "-p", str(worker), "-batch", "-ex", "thread apply all bt 30"], stdout=out, stderr=subprocess.STDOUT, timeout=120, check=False)
+            subprocess.run(["gdb", "-p", str(worker), "-batch", "-ex", "thread apply all bt 60"], stdout=out, stderr=subprocess.STDOUT, timeout=120, check=False)
 
 
 def _census() -> dict[str, int]:
