@@ -643,6 +643,18 @@ def silent_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=ROOT, BATCHPUSH_CLUSTER_SILENCE_S=SILENCE_S)
 
 
+def push_silently(started: Cluster, registry, tmp_path, layouts: list[tuple[str, list[str]]]) -> tuple[list[tuple[str, list[str]]], subprocess.CompletedProcess[str]]:
+    """The layouts pushed on ``started`` with the small silence bound (report r.json)."""
+    plan = plan_for(tmp_path, [registry], layouts)
+    return layouts, batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"), env=silent_env())
+
+
+def assert_fleet_arrived(registry, layouts: list[tuple[str, list[str]]], tmp_path) -> None:
+    for i, (_, tags) in enumerate(layouts):
+        for tag in tags:
+            pull_and_verify(registry, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{i}-{tag}"))
+
+
 def leftovers(address: str) -> dict[str, list[str]]:
     """What batchpush keeps in the scheduler and the workers, listed through a client:
     its event-log topics (any with events), published datasets, Dask events,
@@ -715,9 +727,7 @@ def test_a_blob_result_that_never_comes_is_tried_once_more(tmp_path, registry):
     attempt asks first), and the run leaves nothing behind."""
     started = cluster_with(tmp_path, DROP_RESULTS.format(pattern=r"batchpush-blobs-\w+-\d+"))
     try:
-        layouts = fleet(tmp_path)[:4]
-        plan = plan_for(tmp_path, [registry], layouts)
-        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"), env=silent_env())
+        layouts, done = push_silently(started, registry, tmp_path, fleet(tmp_path)[:4])
         assert done.returncode == 0, done.stderr
         images = report_of(tmp_path / "r.json")["images"]
         assert len(images) == 12 and all(i["status"] == "pushed" for i in images), images
@@ -725,9 +735,7 @@ def test_a_blob_result_that_never_comes_is_tried_once_more(tmp_path, registry):
         assert said and all("task batchpush-blobs-" in line and f"the Dask cluster at {started.address}" in line and f"within {SILENCE_S} s" in line for line in said), done.stdout
         assert max(uploads_by_digest(registry).values()) == 1
         assert registry.count("HEAD", "/blobs/") > 0
-        for i, (_, tags) in enumerate(layouts):
-            for tag in tags:
-                pull_and_verify(registry, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{i}-{tag}"))
+        assert_fleet_arrived(registry, layouts, tmp_path)
         assert not any(leftovers(started.address).values())
     finally:
         stop_cluster(started)
@@ -739,8 +747,7 @@ def test_a_blob_result_that_never_comes_twice_fails_its_images(tmp_path, registr
     the cluster, and no manifest was written."""
     started = cluster_with(tmp_path, DROP_RESULTS.format(pattern=r"batchpush-blobs-.*"))
     try:
-        plan = plan_for(tmp_path, [registry], fleet(tmp_path)[:2])
-        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"), env=silent_env())
+        _, done = push_silently(started, registry, tmp_path, fleet(tmp_path)[:2])
         assert done.returncode == 1, done.stderr
         images = report_of(tmp_path / "r.json")["images"]
         assert len(images) == 6 and all(i["status"] == "failed" for i in images), images
@@ -760,8 +767,7 @@ def test_a_worker_paused_with_the_tasks_fails_their_images(tmp_path, registry):
     naming its task and the cluster, and the run ends with its report."""
     started = cluster_with(tmp_path, PAUSE_ON_FIRST_TASK, workers=1)
     try:
-        plan = plan_for(tmp_path, [registry], fleet(tmp_path)[:2])
-        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"), env=silent_env())
+        _, done = push_silently(started, registry, tmp_path, fleet(tmp_path)[:2])
         assert done.returncode == 1, done.stderr
         images = report_of(tmp_path / "r.json")["images"]
         assert len(images) == 6 and all(i["status"] == "failed" for i in images), images
@@ -781,16 +787,12 @@ def test_a_worker_whose_event_loop_is_stuck_loses_nothing(tmp_path, registry):
     once, and the run ends."""
     started = cluster_with(tmp_path, STUCK_ON_FIRST_TASK)
     try:
-        layouts = fleet(tmp_path)[:4]
-        plan = plan_for(tmp_path, [registry], layouts)
-        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"), env=silent_env())
+        layouts, done = push_silently(started, registry, tmp_path, fleet(tmp_path)[:4])
         assert done.returncode == 0, done.stderr
         images = report_of(tmp_path / "r.json")["images"]
         assert len(images) == 12 and all(i["status"] == "pushed" for i in images), images
         assert "; tried once more" in done.stdout and "has not answered the client" in done.stdout, done.stdout
         assert max(uploads_by_digest(registry).values()) == 1
-        for i, (_, tags) in enumerate(layouts):
-            for tag in tags:
-                pull_and_verify(registry, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{i}-{tag}"))
+        assert_fleet_arrived(registry, layouts, tmp_path)
     finally:
         stop_cluster(started)
