@@ -118,7 +118,7 @@ def _worker_held(dask_worker: Any) -> dict[str, int]:
     import sys
 
     stream = getattr(dask_worker, "batched_stream", None)
-    module = sys.modules.get("batchpush.cluster")
+    module = sys.modules.get("batchpush.cluster.tasks")
     return {
         "profile_history": len(dask_worker.profile_history),
         "messages_to_scheduler": len(getattr(stream, "recent_message_log", ())),

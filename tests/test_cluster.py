@@ -677,7 +677,7 @@ def leftovers(address: str) -> dict[str, list[str]]:
 
         from distributed import Semaphore
 
-        module = sys.modules.get("batchpush.cluster")
+        module = sys.modules.get("batchpush.cluster.tasks")
         gc.collect()
         semaphores = [f"semaphore {s.name}" for s in gc.get_objects() if isinstance(s, Semaphore)]
         return sorted([*getattr(module, "_RUNS", {}), *semaphores])

@@ -1,94 +1,7 @@
-"""One plan on a Dask cluster (``batchpush run PLAN --scheduler tcp://HOST:PORT``).
-
-Imported only with ``--scheduler``: a local run never imports dask.
-
-The design: each blob of the batch belongs to one Dask task, so that Dask's own
-rule — a task runs once (again elsewhere only if its worker dies first) — is the
-cluster's single-flight, rather than a coordinator actor of ours that every
-upload would ask (one more round trip per blob, and one more thing to lose with
-a worker). The client (the machine that
-runs ``batchpush run``) expands the plan as the local engine does (it reads the
-sources' manifests and configs, never their layers), reads the credentials and
-its metadata store, and submits:
-
-- *blob tasks*: each distinct blob of the batch (a layer or an image config,
-  known by the digest its source declares) belongs to exactly one, that of the
-  first group of repositories in plan order that needs it (one task per blob
-  would pay a task's overhead for a 30 KB layer). On a worker it prepares each blob — an
-  uncompressed layer is compressed there, the only compression of it in the
-  cluster — then, for each target registry that needs it, puts it in the first
-  repository of that registry the plan names: it mounts from a repository the
-  store knows, or uploads (a task run again asks the registry first, HEAD). One task
-  serves every registry rather than a compress task plus an upload task per
-  registry: the compressed bytes stay on that worker's spool, never moved
-  between workers and never compressed again.
-- a *repository task* per group of whole target repositories (a few groups
-  per worker thread: a task's fixed cost, its engine, store, connections and
-  round trips, is paid for many small images), submitted once the blob tasks
-  of its images ended, their (small) results handed over by the client: a
-  worker never fetches a result from another, so a worker that dies is never
-  waited for and its finished tasks are not run again (Dask would, for a
-  result still wanted). A worker's Engine pushes the repositories' images
-  exactly as a local run does, its store seeded with what the blob tasks
-  learned, by way of the client's store (their fingerprints: nothing is read or
-  compressed again; their DiffID → digest entries) and its push state with where each blob now is: the
-  blob's first repository needs no request, every other one mounts it from
-  there, once (the repository's images share that push state). The manifest
-  goes only once every blob it names is in the repository (the engine's rule).
-
-Dask may run a task twice (its worker died after finishing it): every task is
-idempotent. A blob task run again (each attempt notes its start in a Dask Event
-named after the task) asks the registry before writing each blob, so it uploads
-nothing the lost attempt committed; a mount of a present blob is a 201; a manifest
-PUT of the same bytes changes nothing. Workers are stateless: each task has a
-temporary store, seeded by the client with what its own store knows of the
-task's blobs, and returns what it learned, which the client adds to its store:
-the next run, local or clustered, mounts and takes the cron fast path. In a
-re-run, an image whose target the client's store says it pushed to before is
-first checked by the client itself, as a local run does (one tag HEAD, nothing
-compressed); only images not up to date get blob tasks.
-
-Per-registry concurrency is cluster-wide: a blob task holds a
-``distributed.Semaphore`` named after the run and the registry (``max_concurrent_uploads``
-leases) while it writes a blob of SMALL_BODY_BYTES or more there (a smaller
-one takes no upload slot in a local run either). Credentials are read on the client and travel
-inside the tasks' arguments in an object whose repr hides them; task keys are a
-run id and hashes, never a name or a secret.
-
-Registry sources (``docker://``): their images are first checked by the client
-(the source's and the target's tag HEADs, the mirror's cron fast path, as a local
-run does); for those to copy, the client reads the manifests (the sources'
-manifests are what the client reads of local sources too), so their blobs join
-the blob tasks like any other: streamed from the source by the worker, or mounted
-from the source repository on its own registry. The repository task's engine gets
-the manifests and the tag's digest the client read (``_Push.resolved``), so the
-source is not asked again, and copies them with their attachments as a local run
-does. Pruning entries run on the client at the end (a tag list, a DELETE per tag).
-A dry run writes nothing: the CLI runs it on the client alone.
-
-Every wait of the client on the cluster has a bound and looks at the run's stop.
-The client polls the workers every RELAY_INTERVAL_S (``_Watch``, ``_poll``): which
-of its tasks they run, and their progress events. A task not heard of for
-TASK_SILENCE_S (no worker running it while the run is otherwise silent, or its
-result not handed over once Dask says it is done) is given up and tried once more
-by a task of its own (on the workers that answer the client's polls, if one does
-not), then its images fail with a line that names the task and the cluster; the
-run ends with its report.
-
-Nothing a run makes outlives it on a long-lived cluster, a stopped or failed run's
-included (``_ClusterRun.close``): its progress never passes through the scheduler
-(whose event log keeps every topic it is given), its attempt notes (Dask Events)
-and upload leases (Semaphores) are deleted, the workers forget it, the client's
-close releases its futures.
-
-A stop (SIGINT, SIGTERM: ``Interrupted``) reaches every worker (``_stop_run``):
-the run's task engines cancel as a local engine does, and the client reports each
-image it has no result for as interrupted.
-"""
+"""What runs on the client (the machine that runs ``batchpush run --scheduler``): the run, its tasks followed, the workers polled, the cleanup."""
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import contextlib
 import functools
@@ -96,84 +9,58 @@ import hashlib
 import logging
 import math
 import os
-import pickle
-import shutil
-import tempfile
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, waits
-from .digest import Digest
-from .engine import Engine, Entry, PushJob, PushOptions, Work
-from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_, UsageError
-from .layer_push import Staged
-from .metadata import Knowledge
-from .outcome import LayerOutcome, LayerResult
-from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer
-from .progress import NoProgress, Progress
-from .reference import Reference
-from .registry.auth import Credentials
-from .registry.client import SMALL_BODY_BYTES, RegistryOptions
-from .report import BatchResult, ImageResult
-from .sources.base import SourceImage, SourceIndex, SourceLayer, SourceManifest, SourceNode
-from .sources.registry import Platform, RemoteImage
-from .state import RemoteBlob
+from .. import __version__, waits
+from ..engine import Engine, PushJob, PushOptions, Work
+from ..errors import BatchPushError, Cancelled, InterruptedError_, UsageError
+from ..metadata import Knowledge
+from ..prepare import PendingManifest
+from ..progress import Progress
+from ..report import BatchResult, ImageResult
+from ..sources.registry import RemoteImage
+from .common import (
+    CALL_WAIT_S,
+    CONNECT_TIMEOUT_S,
+    END_WAIT_S,
+    RELAY_INTERVAL_S,
+    STOP_WAIT_S,
+    TASK_SILENCE_S,
+    TASKS_PER_THREAD,
+    WORKERS_EVERY,
+    ClusterError,
+    ClusterTimeout,
+    T,
+    _Blob,
+    _blob_failure,
+    _BlobDone,
+    _blobs,
+    _BlobsDone,
+    _error,
+    _hosts,
+    _lease_name,
+    _lost,
+    _manifests,
+    _note_name,
+    _Packed,
+    _Push,
+    _RepositoryDone,
+    _Resolved,
+    _Secrets,
+    _Setup,
+)
+from .relay import _show_events
+from .tasks import _blobs_task, _end_run, _poll, _repository_task, _stop_run, _unpacked, _version
 
 if TYPE_CHECKING:  # imported where used: a re-run with nothing to push never imports dask
     import distributed
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-#: how long the client tries to reach the scheduler, and waits for a first worker
-CONNECT_TIMEOUT_S = 10.0
-#: how often the client polls the workers for its run (its tasks running, their
-#: progress events), and a layer's byte count is relayed at most
-RELAY_INTERVAL_S = 0.5
-#: the longest the client goes without word of a task: a worker running it (or,
-#: for a task not started yet, any task of the run), then its result once Dask says
-#: it is done; a task silent that long is tried once more, then its images fail
-#: (BATCHPUSH_CLUSTER_SILENCE_S sets it; a task that runs for hours is not silent)
-TASK_SILENCE_S = 120.0
-#: the longest any other call to the cluster is waited for (a version check, a
-#: poll, the end of the run's cleanup)
-CALL_WAIT_S = 30.0
-#: at the end of the run, how long the workers have to forget it (and hand over their last events)
-END_WAIT_S = 10.0
-#: the client's polls between two listings of the workers
-WORKERS_EVERY = 10
-#: a task's events kept on its worker until the client's next poll, at most
-OUTBOX_EVENTS = 10_000
-#: a run whose client went away unheard (killed) is forgotten by the workers after this
-RUN_EXPIRY_S = 3600.0
-#: the longest a blob task waits for the scheduler to say whether it ran before
-NOTE_WAIT_S = 30.0
-#: images of one repository task pushed at once
-IMAGES_PER_TASK = 4
-#: tasks of each kind per worker thread of the cluster: enough to share the work
-#: out and to keep every thread busy to the end, few enough that a task's fixed cost
-#: is paid for many images
-TASKS_PER_THREAD = 4
-#: the longest a blob task waits for its registry's upload lease
-LEASE_WAIT_S = 600.0
-#: how often a blob task waiting for its lease looks at the run's stop
-LEASE_POLL_S = 1.0
-#: after a stop, how long the client waits for the workers to hear it
-STOP_WAIT_S = 5.0
-
-
-#: a registry source's image as the client read it: its manifests, its tag's digest and size
-_Resolved = tuple[PreparedNode, tuple[Digest, int | None]]
-
-
-class ClusterError(UsageError):
-    """The cluster cannot run this batch (unreachable, no worker, another version)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -183,613 +70,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, result: BatchResult) -> None:
         super().__init__()
         self.result = result
-
-
-
-# -- what travels to the workers ---------------------------------------------
-class _Secrets:
-    """Credentials read on the client, per registry host: a CredentialProvider whose
-    repr and str hide them (a task's arguments may be shown or logged)."""
-
-    def __init__(self, by_host: dict[str, Credentials | None]) -> None:
-        self._by_host = by_host
-
-    def __call__(self, host: str) -> Credentials | None:
-        return self._by_host.get(host)
-
-    def only(self, hosts: Iterable[str]) -> _Secrets:
-        wanted = set(hosts)
-        return _Secrets({host: found for host, found in self._by_host.items() if host in wanted})
-
-    def __repr__(self) -> str:
-        return f"<credentials for {len(self._by_host)} host(s), redacted>"
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True, slots=True)
-class _Setup:
-    """Everything a worker's engine needs, resolved on the client (no file or
-    environment variable of the client is read on a worker)."""
-
-    defaults: RegistryOptions
-    registries: dict[str, RegistryOptions]
-    secrets: _Secrets
-    #: every task of the run knows it: a stop of the run reaches the task's engine
-    run_id: str
-    #: host -> the scheme the client's ping chose: a task's engine tries only that one
-    schemes: dict[str, str]
-    #: the client's batchpush version: a worker that joined later with another one refuses the task
-    version: str = __version__
-
-    def engine(self, metadata_dir: str, progress: Progress) -> Engine:
-        options = PushOptions(
-            registry_defaults=self.defaults,
-            registries=self.registries,
-            credentials=self.secrets,
-            metadata_dir=metadata_dir,
-            jobs=1,
-            max_concurrent_images=IMAGES_PER_TASK,
-            progress=progress,
-        )
-        return Engine(options)
-
-    def uploads(self, host: str) -> int:
-        return self.registries.get(host, self.defaults).max_concurrent_uploads
-
-    def only(self, hosts: Iterable[str]) -> _Setup:
-        """For a task that talks to ``hosts`` only: the other hosts' credentials stay here."""
-        return replace(self, secrets=self.secrets.only(hosts))
-
-
-#: what a worker's engine shows that the client does not print from the results
-_RELAYED = frozenset({"image_started", "layer_bytes", "layer_done", "note"})
-
-
-class _Outbox:
-    """A task's progress events not yet taken by the client: kept in its worker's
-    memory, at most OUTBOX_EVENTS (the oldest go first, as a display lags)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards _events only
-        self._events: collections.deque[list[Any]] = collections.deque(maxlen=OUTBOX_EVENTS)
-
-    def put(self, event: list[Any]) -> None:
-        with self._lock:
-            self._events.append(event)
-
-    def take(self) -> list[list[Any]]:
-        """Every event not taken yet, once."""
-        with self._lock:
-            taken = list(self._events)
-            self._events.clear()
-        return taken
-
-
-class _Relay(NoProgress):
-    """A worker's progress for the client's display, plain values only (msgpack):
-    put in the task's outbox, where the client's next poll takes it (``_poll``,
-    every RELAY_INTERVAL_S); what is left when the task ends goes back with its
-    result. Nothing passes through the scheduler and nothing is kept once the
-    client has it: the scheduler's event log, used before, keeps every topic it is
-    given (a thousand events each) for as long as it runs, a topic per run."""
-
-    def __init__(self, outbox: _Outbox) -> None:
-        self._outbox = outbox
-        self._lock = threading.Lock()  # guards _sent only
-        self._sent: dict[tuple[str, str], float] = {}
-
-    def image_started(self, target: str, repository: str) -> None:
-        self._outbox.put(["image_started", target, repository])
-
-    def layer_bytes(self, target: str, digest: str, sent_bytes: int, size_bytes: int) -> None:
-        now = time.monotonic()
-        with self._lock:  # a layer's byte count is shown a few times a second at most
-            due = sent_bytes >= size_bytes or now - self._sent.get((target, digest), 0.0) >= RELAY_INTERVAL_S
-            if due:
-                self._sent[(target, digest)] = now
-        if due:
-            self._outbox.put(["layer_bytes", target, digest, sent_bytes, size_bytes])
-
-    def layer_done(self, target: str, layer: LayerResult) -> None:
-        fields = [str(layer.diff_id) if layer.diff_id else None, str(layer.digest), layer.size, layer.media_type, layer.outcome.value, layer.bytes_sent, layer.mounted_from]
-        with self._lock:
-            self._sent.pop((target, str(layer.digest)), None)
-        self._outbox.put(["layer_done", target, fields])
-
-    def note(self, text: str) -> None:
-        self._outbox.put(["note", text])
-
-
-def _layer_result(fields: list[Any]) -> LayerResult:
-    diff_id, digest, size, media_type, outcome, sent, mounted_from = fields
-    return LayerResult(Digest.parse(diff_id) if diff_id else None, Digest.parse(digest), size, media_type, LayerOutcome(outcome), sent, mounted_from)
-
-
-def _show_events(progress: Progress, events: Iterable[Any]) -> None:
-    """The workers' events, handed to the client's renderer (foreign code: the
-    caller holds no lock; a renderer's fault does not stop the run)."""
-    for event in events:
-        if not (isinstance(event, list | tuple) and event and event[0] in _RELAYED):
-            continue
-        name, *args = event
-        try:
-            if name == "layer_done":
-                args[1] = _layer_result(args[1])
-            getattr(progress, name)(*args)
-        except Exception:
-            log.exception("progress renderer failed")
-
-
-@dataclass(slots=True)
-class _Blob:
-    """A blob of the batch: a local layer to prepare, or a blob prepared already (a
-    config, a registry source's blob), and the first target repository of each
-    registry that needs it."""
-
-    layer: SourceLayer | None
-    prepared: PreparedLayer | None
-    is_config: bool = False
-    #: the registry source's repository that holds it (a mount from there, on its registry)
-    held_by: Reference | None = None
-    targets: dict[str, Reference] = field(default_factory=dict)
-
-    @property
-    def key(self) -> Digest | None:
-        """Its identity in the push state and the stores (``PreparedLayer.key``)."""
-        if self.prepared is not None:
-            return self.prepared.key
-        assert self.layer is not None
-        return self.layer.diff_id or self.layer.descriptor.digest
-
-    def hosts(self) -> set[str]:
-        """The registries its task talks to for it: its targets', its source's."""
-        return {target.api_host for target in self.targets.values()} | ({self.held_by.api_host} if self.held_by is not None else set())
-
-    @property
-    def declared(self) -> Digest | str:
-        """The digest its source declares (its name in the batch)."""
-        if self.prepared is not None:
-            return self.prepared.digest
-        assert self.layer is not None
-        return self.layer.descriptor.digest or self.layer.diff_id or str(self.layer.blob)
-
-
-@dataclass(frozen=True, slots=True)
-class _BlobDone:
-    """Where a blob is now, per registry, or why it is not."""
-
-    key: Any
-    remote: RemoteBlob | None
-    #: registry -> repository that holds the blob
-    repositories: dict[str, str]
-    #: registry -> why the blob is not there: (message, error kind)
-    failures: dict[str, tuple[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class _BlobsDone:
-    #: by the blob task's name
-    blobs: dict[str, _BlobDone]
-    #: what the task learned of its blobs (DiffID -> digest, fingerprints, where each is)
-    learned: Knowledge
-    totals: BatchResult
-    #: its progress events no poll took (``_Relay``)
-    events: list[list[Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class _Push:
-    """One (image, target) of a repository task, and the names of its blobs' tasks."""
-
-    index: int
-    image: SourceImage
-    target: Reference
-    blobs: tuple[str, ...] = ()
-    platforms: tuple[Platform, ...] = ()
-    #: a registry source's image as the client resolved it: its manifests, and its
-    #: tag's digest (and size) then, so the worker reads neither again
-    resolved: _Resolved | None = None
-
-    def entry(self) -> Entry:
-        """The engine's entry for the image, holding what the client resolved."""
-        entry = Entry(self.image, 0, self.platforms)
-        if self.resolved is not None:
-            for name, value in zip(("node", "digest"), self.resolved, strict=True):
-                future: cf.Future[Any] = cf.Future()
-                future.set_result(value)
-                entry.once[name] = future
-        return entry
-
-
-@dataclass(frozen=True, slots=True)
-class _RepositoryDone:
-    #: by the push's index
-    results: dict[int, ImageResult]
-    learned: Knowledge
-    totals: BatchResult
-    #: its progress events no poll took (``_Relay``)
-    events: list[list[Any]] = field(default_factory=list)
-
-
-class _Packed:
-    """A task's arguments, pickled and compressed by the client. The scheduler
-    unpickles what a task is given, keeps it while the task lives, and its log of
-    the recent messages to each worker (``distributed.admin.low-level-log-length``,
-    a thousand) keeps it longer: given as objects (images, manifests, store
-    knowledge), the arguments made the scheduler grow by megabytes a run until
-    those logs were full; as these bytes, by a fraction of that. Its repr hides
-    its content (the credentials travel in it)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    @classmethod
-    def of(cls, *args: Any) -> _Packed:
-        return cls(zlib.compress(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL), 1))
-
-    def unpack(self) -> tuple[Any, ...]:
-        return tuple(pickle.loads(zlib.decompress(self.data)))  # noqa: S301 - made by this run's client
-
-    def __repr__(self) -> str:
-        return f"<batchpush task arguments, {len(self.data)} bytes>"
-
-    __str__ = __repr__
-
-
-# -- tasks (run on workers) -----------------------------------------------------
-def _unpacked(task: Callable[..., T], packed: _Packed) -> T:
-    """The task called with its arguments (``_Packed``)."""
-    return task(*packed.unpack())
-
-
-def _version() -> tuple[str, str]:
-    """The worker's batchpush (its own, read at call time) and its Python."""
-    import platform
-
-    import batchpush
-
-    return batchpush.__version__, platform.python_version()
-
-
-def _worker() -> str:
-    import distributed
-
-    try:
-        return str(distributed.get_worker().address)
-    except ValueError:  # not in a worker (a test calling a task directly)
-        return "local"
-
-
-#: a file system in memory (Linux)
-_SHM = "/dev/shm"  # noqa: S108 - only mkdtemp's own directory is made in it
-
-
-@dataclass(eq=False, slots=True)
-class _RunHere:
-    """A run as one worker process knows it: its tasks running here (by key: their
-    engine and outbox), whether its client stopped it or ended it, and when its
-    client was last heard of."""
-
-    tasks: dict[str, tuple[Engine, _Outbox]] = field(default_factory=dict)
-    stopped: bool = False
-    #: the client is gone (``_end_run``): forgotten here once its last task ends
-    ended: bool = False
-    touched: float = field(default_factory=time.monotonic)
-
-
-#: in a worker process: the runs with a task here, by run id; guarded by _RUNS_LOCK
-_RUNS: dict[str, _RunHere] = {}
-_RUNS_LOCK = threading.Lock()
-
-
-def _forget_expired(now: float) -> None:
-    """Runs whose client went away without ending them (killed) and that have no
-    task here any more. The caller holds _RUNS_LOCK."""
-    for run_id in [run_id for run_id, run in _RUNS.items() if not run.tasks and now - run.touched > RUN_EXPIRY_S]:
-        del _RUNS[run_id]
-
-
-def _poll(run_id: str) -> tuple[list[str], list[list[Any]]]:
-    """Sent to every worker by the client every RELAY_INTERVAL_S: the keys of the
-    run's tasks running here (the client's word that they live) and their events
-    not taken yet. Makes nothing for a run it does not know."""
-    now = time.monotonic()
-    with _RUNS_LOCK:
-        _forget_expired(now)
-        run = _RUNS.get(run_id)
-        if run is None:
-            return [], []
-        run.touched = now
-        running = list(run.tasks.items())
-    return [key for key, _ in running], [event for _, (_, outbox) in running for event in outbox.take()]
-
-
-def _stop_run(run_id: str) -> None:
-    """Sent to every worker when the client is stopped: the run's engines cancel
-    (uploads stop, their sessions are cancelled, no manifest goes), and a task of
-    the run that starts later cancels at once."""
-    with _RUNS_LOCK:
-        run = _RUNS.setdefault(run_id, _RunHere())
-        run.stopped = True
-        run.touched = time.monotonic()
-        engines = [engine for engine, _ in run.tasks.values()]
-    for engine in engines:
-        engine.cancel()
-
-
-def _end_run(run_id: str) -> list[list[Any]]:
-    """Sent to every worker when the client ends the run (stopped or not): the
-    events not taken yet; the run is forgotten here, at once or when its last task
-    (a stopped run's) ends."""
-    with _RUNS_LOCK:
-        run = _RUNS.get(run_id)
-        if run is None:
-            return []
-        if run.tasks:
-            run.ended = run.stopped = True
-        else:
-            del _RUNS[run_id]
-        outboxes = [outbox for _, outbox in run.tasks.values()]
-    return [event for outbox in outboxes for event in outbox.take()]
-
-
-def _current_task() -> str:
-    import distributed
-
-    try:
-        return str(distributed.get_worker().get_current_task())
-    except ValueError:  # not in a worker (a test calling a task directly)
-        return f"local-{uuid.uuid4().hex[:8]}"
-
-
-class _TaskEngine:
-    """A worker's engine for one task, with a temporary store seeded by the client;
-    the task is listed in its run (``_RUNS``) while it runs, and nothing of it is
-    left in the worker once it ends."""
-
-    def __init__(self, setup: _Setup, knowledge: Iterable[Knowledge]) -> None:
-        if _version()[0] != setup.version:  # connect() saw every worker then; this one came later
-            raise ClusterError(f"refused: worker {_worker()} runs batchpush {_version()[0]}, this client {setup.version} (install the same batchpush[cluster] on every worker)")
-        # in memory where the system offers it: the store lives for one task (and
-        # holds a few KB), and made on disk it cost more than many a task's work
-        self._dir = tempfile.mkdtemp(prefix="batchpush-task-", dir=_SHM if os.access(_SHM, os.W_OK) else None)
-        self._run_id = setup.run_id
-        self.key = _current_task()
-        self._outbox = _Outbox()
-        self.engine = setup.engine(self._dir, _Relay(self._outbox))
-        now = time.monotonic()
-        with _RUNS_LOCK:
-            _forget_expired(now)
-            run = _RUNS.setdefault(self._run_id, _RunHere())
-            run.tasks[self.key] = (self.engine, self._outbox)
-            run.touched = now
-            stopped = run.stopped
-        if stopped:
-            self.engine.cancel()
-        for host, scheme in setup.schemes.items():
-            self.engine.client(host).use_scheme(scheme)
-        for part in knowledge:
-            self.engine.store.absorb(part)
-
-    def __enter__(self) -> Engine:
-        return self.engine
-
-    def __exit__(self, *exc: object) -> None:
-        with _RUNS_LOCK:
-            run = _RUNS.get(self._run_id)
-            if run is not None:
-                run.tasks.pop(self.key, None)
-                if run.ended and not run.tasks:
-                    del _RUNS[self._run_id]
-        self.engine.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def events(self) -> list[list[Any]]:
-        """The task's events no poll took: they go back with its result."""
-        return self._outbox.take()
-
-    def totals(self) -> BatchResult:
-        totals = BatchResult()
-        self.engine.add_totals(totals)
-        return totals
-
-
-def _blobs_task(blobs: dict[str, _Blob], setup: _Setup, knowledge: Knowledge, ask_first: bool = False) -> _BlobsDone:
-    """The blobs a group of repositories needs first: each prepared once, then put
-    in the first repository of each registry that needs it. ``ask_first``: the
-    client tries these blobs again (an earlier task gave no result), so each is
-    asked for first. Never raises: a failure is a blob's result, per registry."""
-    worker = _worker()
-    task = _TaskEngine(setup, (knowledge,))
-    hosts = {target.api_host for blob in blobs.values() for target in blob.targets.values()}
-    # a stopped run's task (it cancels at once) notes nothing the client cleared already
-    ask_first = ask_first or task.engine.cancelled.is_set() or not _first_attempt(task.key)
-    with task as engine, _Leases(setup, hosts) as leases:
-
-        def place(blob: _Blob) -> _BlobDone:
-            try:
-                prepared = blob.prepared or engine.preparer.prepare_layer(blob.layer)  # type: ignore[arg-type]
-            except Exception as exc:
-                error = _error(exc, "blob")
-                return _BlobDone(blob.key, None, {}, dict.fromkeys(blob.targets, (f"on worker {worker}: {error.message}", error.kind)))
-            repositories, failures = {}, {}
-            remote = RemoteBlob(prepared.digest, prepared.size, prepared.media_type)
-            if blob.held_by is not None:  # on the source's registry, a mount sends nothing
-                engine.state.add_layer(blob.held_by.registry, blob.held_by.repository, prepared.key, remote)
-            for registry, target in blob.targets.items():
-                try:
-                    _put(engine, leases[target.api_host], target, prepared, is_config=blob.is_config, ask_first=ask_first)
-                    repositories[registry] = target.repository
-                except Exception as exc:
-                    error = _error(exc, str(target))
-                    failures[registry] = (f"blob {prepared.digest} on worker {worker}: {error.message}", error.kind)
-            return _BlobDone(prepared.key, remote, repositories, failures)
-
-        with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="blob") as pool:
-            placed = dict(zip(blobs, pool.map(place, blobs.values()), strict=True))
-        return _BlobsDone(placed, engine.store.export(done.key for done in placed.values()), task.totals(), task.events())
-
-
-def _note_name(key: str) -> str:
-    """The Dask Event an attempt of the task ``key`` sets when it starts."""
-    return f"batchpush-started-{key}"
-
-
-def _lease_name(run_id: str, host: str) -> str:
-    """The run's upload leases for a registry (a Dask Semaphore)."""
-    return f"batchpush-uploads-{run_id}-{host}"
-
-
-def _first_attempt(key: str) -> bool:
-    """Whether this is the task's first attempt. Dask runs a task again when its
-    worker is lost, and the lost attempt may have written blobs already: each
-    attempt asks whether the task's Dask Event (``_note_name``) is set, then sets
-    it, before it writes any blob. An Event keeps no history, and the client
-    clears (deletes) its run's at the end of the run. False when it cannot say."""
-    import distributed
-    from distributed.utils import sync
-
-    try:
-        worker = distributed.get_worker()
-        name = _note_name(key)
-        started = sync(worker.loop, worker.scheduler.event_is_set, name=name, callback_timeout=NOTE_WAIT_S)
-        sync(worker.loop, worker.scheduler.event_set, name=name, callback_timeout=NOTE_WAIT_S)
-    except Exception as exc:
-        log.debug("attempt not known: %s", exc)
-        return False
-    return not started
-
-
-class _Leases:
-    """The run's upload leases per registry a blob task writes to: a
-    ``distributed.Semaphore`` each (``max_concurrent_uploads`` leases), named after
-    the run (the client closes them when the run ends: a name per registry and
-    limit, as before, was a semaphore for ever in the scheduler per registry ever
-    used). Made in the task's own thread (a Semaphore needs the worker's context);
-    at the task's end each stops refreshing (its timer on the worker's event loop
-    otherwise kept it, and ran, for as long as the worker)."""
-
-    def __init__(self, setup: _Setup, hosts: Iterable[str]) -> None:
-        import distributed
-
-        self._made = {host: distributed.Semaphore(max_leases=setup.uploads(host), name=_lease_name(setup.run_id, host)) for host in hosts}
-
-    def __enter__(self) -> dict[str, distributed.Semaphore]:
-        return self._made
-
-    def __exit__(self, *exc: object) -> None:
-        for lease in self._made.values():
-            refresh = getattr(lease, "refresh_callback", None)  # none with an infinite lease timeout
-            if refresh is not None:
-                lease.loop.add_callback(refresh.stop)
-
-
-def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer: PreparedLayer, *, is_config: bool, ask_first: bool) -> None:
-    """The blob in ``target``'s repository: already there, mounted, or uploaded. With
-    ``ask_first`` (the task ran before: some blobs may be there already) a HEAD
-    comes first, so a rerun writes nothing the lost attempt committed; otherwise
-    the engine asks only where its store says the blob may be, as a local run
-    does (a HEAD per blob was a third of a small blob's requests). A blob of
-    SMALL_BODY_BYTES or more is written under the registry's cluster-wide lease;
-    a smaller one (a config, a small layer) costs a round trip, not bandwidth,
-    and takes no upload slot in a local run either: a lease each made the
-    scheduler pace a batch of small images."""
-    client = engine.client(target.api_host)
-    layers = engine.pusher(client, target).layers
-    if ask_first and client.with_retries(lambda: client.head_blob(target.repository, layer.digest), f"blob {layer.digest}") is not None:
-        layers.remember(layer, RemoteBlob(layer.digest, layer.size, layer.media_type), layer.recipe)
-        return
-    with _leased(lease, target.api_host, engine.cancelled) if layer.size >= SMALL_BODY_BYTES else contextlib.nullcontext():
-        pushed = layers.push(layer, is_config=is_config)
-    if isinstance(pushed, Staged):
-        # only a push that waits for a gate, or for another push's staged data,
-        # comes back Staged; no push of this task's engine has either
-        raise BatchPushError(f"blob {layer.digest}: left uncommitted in {target.name}")
-
-
-@contextlib.contextmanager
-def _leased(lease: distributed.Semaphore, host: str, cancelled: threading.Event) -> Iterator[None]:
-    deadline = time.monotonic() + LEASE_WAIT_S
-    while True:  # the run's stop in view, looked at first: a stopped run's task makes no lease again
-        if cancelled.is_set():
-            raise Cancelled(f"stopped while waiting for an upload lease for {host}")
-        if lease.acquire(timeout=LEASE_POLL_S):
-            break
-        if time.monotonic() > deadline:
-            raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
-    try:
-        yield
-    finally:
-        lease.release()
-
-
-def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, blobs: dict[str, _BlobDone]) -> _RepositoryDone:
-    """Every image of the batch to some target repositories, pushed by one
-    worker's engine as a local run would, their blobs already in the registry.
-    A repository's images are all in one task, so they share one push state: a
-    blob is mounted into it once (two mounts of one blob into one repository at
-    once can make the registry lose a manifest's blob while it writes the link).
-    Never raises: a failure is its image's result."""
-    worker = _worker()
-    seeds, later = _held_back((knowledge,), pushes)
-    task = _TaskEngine(setup, seeds)
-    results: dict[int, ImageResult] = {}
-    with task as engine:
-        runnable = []
-        for push in pushes:
-            registry = push.target.registry
-            failure = _blob_failure(push, blobs)
-            if failure is not None:
-                results[push.index] = engine.failed(push.image.name, str(push.target), failure, time.monotonic())
-                continue
-            for name in push.blobs:
-                blob = blobs[name]
-                assert blob.remote is not None
-                engine.state.add_layer(registry, blob.repositories[registry], blob.key, blob.remote)
-            runnable.append(push)
-        entries: dict[int, Entry] = {}
-        for push in runnable:  # an image to several tags is prepared once
-            if id(push.image) not in entries:
-                entries[id(push.image)] = push.entry()
-            entries[id(push.image)].uses += 1
-
-        def run(push: _Push) -> ImageResult:
-            work = Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
-            result = engine.run_work(work)
-            return replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
-
-        with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
-            for push, result in zip(runnable, pool.map(run, runnable), strict=True):
-                results[push.index] = result
-        engine.store.absorb(later)
-        return _RepositoryDone(results, engine.store.export(), task.totals(), task.events())
-
-
-def _blob_failure(push: _Push, blobs: dict[str, _BlobDone]) -> BatchPushError | None:
-    """Why a blob of the push's image is not in its target's registry, if one is not."""
-    registry = push.target.registry
-    failure = next((blobs[name].failures[registry] for name in push.blobs if registry in blobs[name].failures), None)
-    if failure is None:
-        return None
-    error = BatchPushError(failure[0])
-    error.kind = failure[1]
-    return error
-
-
-def _held_back(parts: Iterable[Knowledge], pushes: list[_Push]) -> tuple[list[Knowledge], Knowledge]:
-    """A repository task's seed knowledge, less the entries that say a blob is in
-    one of its own target repositories, and those entries: they are absorbed once
-    the images are pushed. The client decided already that these images are not up
-    to date (checked, or never pushed there), and the push state says where each
-    blob is; with them, the engine would ask each tag first (the cron fast path's
-    HEAD, one per image for nothing)."""
-    names = {push.target.name for push in pushes}
-    parts = list(parts)
-    held = tuple(entry for part in parts for entry in part.entries if entry[1].source_repository in names)
-    return [replace(part, entries=tuple(entry for entry in part.entries if entry[1].source_repository not in names)) for part in parts], Knowledge(held)
 
 
 def _up_to_date(engine: Engine, work: Work) -> ImageResult | None:
@@ -837,28 +117,6 @@ def _mirror_up_to_date(engine: Engine, work: Work, image: RemoteImage) -> ImageR
         return engine.run_work(work)  # the same HEADs again, then its attachments
     digest, size = current
     return ImageResult(work.source, work.target, "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
-
-
-def _lost(kind: str, exc: BaseException, address: str) -> str:
-    """Why a task gave no result: a worker's refusal as it said it, the scheduler's
-    loss (this client cancels no task: a cancel is the scheduler dropping it), else
-    what the cluster said."""
-    if isinstance(exc, ClusterError | ClusterTimeout):
-        return exc.message
-    if isinstance(exc, cf.CancelledError):
-        return f"the cluster dropped the {kind}'s task: is the Dask scheduler at {address} still running?"
-    return f"the cluster lost the {kind}'s task: {_error(exc, kind).message}"
-
-
-def _error(exc: BaseException, where: str) -> BatchPushError:
-    return exc if isinstance(exc, BatchPushError) else InternalError.of(exc, where)
-
-
-# -- the client -------------------------------------------------------------------
-class ClusterTimeout(BatchPushError):
-    """The cluster gave no word of a task, or no answer to a call, within its bound."""
-
-    kind = "cluster"
 
 
 def _started(call: Callable[[], T], name: str) -> cf.Future[T]:
@@ -984,14 +242,6 @@ def run(address: str, jobs: Iterable[PushJob], options: PushOptions, stop: threa
             raise Interrupted(cluster._interrupted()) from None
         finally:
             cluster.close()
-
-
-def _manifests(node: SourceNode) -> Iterator[SourceManifest]:
-    if isinstance(node, SourceIndex):
-        for child in node.children:
-            yield from _manifests(child)
-    else:
-        yield node
 
 
 def _hash(*parts: object) -> str:
@@ -1613,34 +863,6 @@ def _work_hosts(work: Work) -> Iterator[str]:
     return _hosts(work.reference, work.entry.image)
 
 
-def _hosts(target: Reference, image: SourceImage) -> Iterator[str]:
-    """The registries a push talks to: its target's, its registry source's."""
-    yield target.api_host
-    if isinstance(image.node, RemoteImage):
-        yield image.node.reference.api_host
-
-
-def _blobs(push: _Push) -> Iterator[_Blob]:
-    """The blobs of a push's image: a local image's configs and layers (foreign ones
-    stay where they are), or a registry source's, as the client resolved them."""
-    if push.resolved is not None:
-        source = push.image.node.reference  # type: ignore[union-attr]
-        yield from _remote_blobs(push.resolved[0], source)
-    elif not isinstance(push.image.node, RemoteImage):
-        for manifest in _manifests(push.image.node):
-            yield _Blob(None, Preparer.config_layer(manifest), is_config=True)
-            yield from (_Blob(layer, None) for layer in manifest.layers if layer.blob is not None)
-
-
-def _remote_blobs(node: PreparedNode, source: Reference) -> Iterator[_Blob]:
-    if isinstance(node, PreparedIndex):
-        for child in node.children:
-            yield from _remote_blobs(child, source)
-    elif isinstance(node, PreparedManifest):
-        yield _Blob(None, node.config, is_config=True, held_by=source)
-        yield from (_Blob(None, layer, held_by=source) for layer in node.layers if not layer.urls)
-
-
 def _add(result: BatchResult, totals: BatchResult) -> None:
     result.bytes_read += totals.bytes_read
     result.bytes_compressed += totals.bytes_compressed
@@ -1648,6 +870,3 @@ def _add(result: BatchResult, totals: BatchResult) -> None:
     result.requests_by_method.update(totals.requests_by_method)
     result.requests_by_registry.update(totals.requests_by_registry)
     result.errors_by_registry.update(totals.errors_by_registry)
-
-
-__all__ = ["CONNECT_TIMEOUT_S", "TASK_SILENCE_S", "ClusterError", "ClusterTimeout", "Interrupted", "connect", "run"]
