@@ -796,3 +796,12 @@ def test_a_worker_whose_event_loop_is_stuck_loses_nothing(tmp_path, registry):
         assert_fleet_arrived(registry, layouts, tmp_path)
     finally:
         stop_cluster(started)
+
+
+def test_the_pythons_whose_profiler_can_deadlock_a_worker_are_named():
+    """CPython gh-106883 (fixed in 3.11.9): a worker on such a Python, with Dask's
+    profiler on, gets the client's note at the start of each run."""
+    from batchpush.cluster.client import _deadlocks
+
+    assert [_deadlocks(v) for v in ("3.11.0", "3.11.7", "3.11.8")] == [True] * 3
+    assert [_deadlocks(v) for v in ("3.11.9", "3.11.12", "3.12.1", "3.13.0", "3.10.13", "3.11.7+", "pypy")] == [False] * 7

@@ -157,10 +157,11 @@ def connect(address: str) -> distributed.Client:
     return _connect(address)[0]
 
 
-def _connect(address: str) -> tuple[distributed.Client, dict[str, str], list[str]]:
-    """``connect``, the workers that answered, with their Python, and those that did
-    not: each is asked apart (a worker whose event loop is stuck does not hold the
-    others); one that gives no answer within CONNECT_TIMEOUT_S gets no task of the run."""
+def _connect(address: str) -> tuple[distributed.Client, dict[str, tuple[str, bool]], list[str]]:
+    """``connect``, the workers that answered, with their Python (and whether Dask's
+    profiler runs there), and those that did not: each is asked apart (a worker
+    whose event loop is stuck does not hold the others); one that gives no answer
+    within CONNECT_TIMEOUT_S gets no task of the run."""
     import distributed
 
     try:
@@ -184,7 +185,7 @@ def _connect(address: str) -> tuple[distributed.Client, dict[str, str], list[str
     except BaseException:
         _close(client)
         raise
-    return client, {worker: version[1] for worker, version in versions.items()}, silent
+    return client, {worker: (version[1], version[2]) for worker, version in versions.items()}, silent
 
 
 def _close(client: distributed.Client) -> None:
@@ -413,8 +414,8 @@ class _ClusterRun:
         except BaseException:
             _close(self.client)
             raise
-        for worker, python in sorted(pythons.items()):
-            if _deadlocks(python):
+        for worker, (python, profiled) in sorted(pythons.items()):
+            if profiled and _deadlocks(python):
                 self._note(f"worker {worker} runs Python {python}: its Dask profiler can deadlock it (CPython gh-106883, fixed in 3.11.9), and its tasks then never end; "
                            "run the workers on a later Python, or with DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False")
         #: repository tasks (and blob tasks) to make of the batch: a few per worker thread

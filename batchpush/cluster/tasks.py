@@ -57,13 +57,16 @@ def _unpacked(task: Callable[..., T], packed: _Packed) -> T:
     return task(*packed.unpack())
 
 
-def _version() -> tuple[str, str]:
-    """The worker's batchpush (its own, read at call time) and its Python."""
+def _version() -> tuple[str, str, bool]:
+    """The worker's batchpush (its own, read at call time), its Python, and whether
+    Dask's profiler samples its threads."""
     import platform
+
+    import dask.config
 
     import batchpush
 
-    return batchpush.__version__, platform.python_version()
+    return batchpush.__version__, platform.python_version(), bool(dask.config.get("distributed.worker.profile.enabled", True))
 
 
 def _worker() -> str:
