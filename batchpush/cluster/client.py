@@ -30,6 +30,7 @@ from .common import (
     END_WAIT_S,
     RELAY_INTERVAL_S,
     STOP_WAIT_S,
+    STRANDED_EVERY_S,
     TASK_SILENCE_S,
     TASKS_PER_THREAD,
     WORKERS_EVERY,
@@ -303,11 +304,13 @@ class _Watch:
         with self._lock:
             return max(self._running_at.values(), default=0.0)
 
-    def silent(self) -> list[str]:
-        """The workers that have not answered for ``silent_after_s``: no task goes to them."""
+    def silent(self, after_s: float | None = None) -> list[str]:
+        """The workers that have not answered for ``after_s`` (``silent_after_s``:
+        no task goes to them)."""
         now = time.monotonic()
+        after_s = self._silent_after_s if after_s is None else after_s
         with self._lock:
-            return sorted(worker for worker, answered in self._answered_at.items() if now - answered > self._silent_after_s)
+            return sorted(worker for worker, answered in self._answered_at.items() if now - answered > after_s)
 
     def answering(self) -> list[str]:
         silent = set(self.silent())
@@ -394,6 +397,9 @@ class _ClusterRun:
         self.tasks: dict[str, _Task] = {}
         #: when the client last had word of any task of the run
         self._heard_at = time.monotonic()
+        #: the run's tasks Dask has on workers silent for the bound, and when the scheduler was last asked
+        self._stranded_keys: dict[str, str] = {}
+        self._stranded_at = -math.inf
         #: what the run made in the scheduler, cleared at its end: its blob tasks'
         #: attempt notes (Dask Events), the registries of its upload leases (Semaphores)
         self._notes: list[str] = []
@@ -650,6 +656,7 @@ class _ClusterRun:
             now = time.monotonic()
             assert self._watch is not None
             run_heard = max(self._heard_at, self._watch.last_running())
+            stranded = self._stranded(now)
             fetching = []
             for task in list(self.tasks.values()):
                 if task.fetch is None and task.future.done():  # finished, erred or cancelled (a result lost is not done)
@@ -657,6 +664,8 @@ class _ClusterRun:
                     task.heard_at = now
                 if task.fetch is None:
                     task.heard_at = max(task.heard_at, self._watch.running_at(task.key))
+                    if task.key in stranded:
+                        return self._forget(task), ClusterTimeout(f"task {task.key}: the Dask cluster at {self.address} has it on worker {stranded[task.key]}, which has not answered for {self.silence_s:.0f} s")
                     if now - max(task.heard_at, run_heard) > self.silence_s:
                         return self._forget(task), ClusterTimeout(f"task {task.key}: no word of it from the Dask cluster at {self.address} for {self.silence_s:.0f} s (no worker ran it){self._unheard()}")
                 elif task.fetch.done():
@@ -666,6 +675,8 @@ class _ClusterRun:
                         return task, task.fetch.result()
                     except Exception as exc:
                         return task, exc
+                elif task.key in stranded:
+                    return self._forget(task), ClusterTimeout(f"task {task.key}: its result is on worker {stranded[task.key]} of the Dask cluster at {self.address}, which has not answered for {self.silence_s:.0f} s")
                 elif now - task.heard_at > self.silence_s:
                     return self._forget(task), ClusterTimeout(f"task {task.key}: done, said the Dask cluster at {self.address}, but its result did not come within {self.silence_s:.0f} s{self._unheard()}")
                 else:
@@ -674,6 +685,31 @@ class _ClusterRun:
                 cf.wait(fetching, timeout=waits.POLL_S, return_when=cf.FIRST_COMPLETED)
             else:
                 self.stop.wait(waits.POLL_S)
+
+    def _stranded(self, now: float) -> dict[str, str]:
+        """The run's tasks (key -> worker) that Dask has on workers silent for the whole
+        bound (running there, or their results held there): given up at once, not
+        when the rest of the run falls silent too (a worker still busy with the
+        run's other tasks kept a frozen one's waiting). Asked of the scheduler every
+        STRANDED_EVERY_S at most, only while some worker is that silent."""
+        assert self._watch is not None
+        silent = self._watch.silent(self.silence_s)
+        if not silent:
+            return {}
+        if now - self._stranded_at < STRANDED_EVERY_S:
+            return self._stranded_keys
+        self._stranded_at = now
+        held = [task.future for task in self.tasks.values() if task.fetch is not None]
+        try:
+            processing = _bounded(lambda: self.client.processing(workers=silent), f"the Dask scheduler at {self.address}, asked its tasks on silent workers", stop=self.stop)
+            holders = _bounded(lambda: self.client.who_has(held), f"the Dask scheduler at {self.address}, asked where results are", stop=self.stop) if held else {}
+        except ClusterTimeout as exc:
+            log.warning("%s", exc)
+            return self._stranded_keys
+        away = set(silent)
+        self._stranded_keys = {str(key): worker for worker, keys in processing.items() for key in keys}
+        self._stranded_keys.update({str(key): workers[0] for key, workers in holders.items() if workers and set(workers) <= away})
+        return self._stranded_keys
 
     def _unheard(self) -> str:
         silent = self._watch.silent() if self._watch is not None else []

@@ -56,6 +56,8 @@ CALL_WAIT_S = 30.0
 END_WAIT_S = 10.0
 
 
+#: while a worker has been silent for the bound, how often the client asks which of its tasks Dask has there
+STRANDED_EVERY_S = 5.0
 #: the client's polls between two listings of the workers
 WORKERS_EVERY = 10
 
