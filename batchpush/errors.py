@@ -2,7 +2,8 @@
 
     BatchPushError
     ├── UsageError            bad command line or arguments
-    │   └── ClusterError          the Dask cluster cannot run the batch (cluster.py)
+    │   └── ClusterError          the Dask cluster cannot run the batch (cluster/)
+    ├── ClusterTimeout        no word of a task from the Dask cluster within its bound (cluster/)
     ├── ReferenceError_       an image reference that does not parse
     ├── InvalidDigestError    a digest that does not parse (digest.py)
     ├── SourceError           a source (file or layout) that cannot be read or lies

@@ -590,3 +590,254 @@ def test_the_scheduler_killed_mid_batch_fails_what_is_left_and_says_why(registry
     finally:
         stop_cluster(started)
         proxy.stop()
+
+
+# -- a long-lived cluster (issue 27) ------------------------------------------------
+#: a worker preload: the result of each blob task that ``DROPPED`` matches is
+#: deleted from the worker's memory once stored, the scheduler not told: it
+#: believes the worker holds it, and asks it again and again for it, in silence
+DROP_RESULTS = """
+import re
+from distributed import WorkerPlugin
+
+DROPPED = re.compile({pattern!r})
+
+
+class DropResults(WorkerPlugin):
+    def setup(self, worker):
+        self.worker = worker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "memory" and DROPPED.fullmatch(str(key)):
+            self.worker.loop.add_callback(self.drop, key)
+
+    def drop(self, key):
+        if key in self.worker.data:
+            del self.worker.data[key]
+
+
+async def dask_setup(worker):
+    await worker.plugin_add(DropResults(), name="drop-results")
+"""
+
+#: a worker preload: the worker pauses when it is handed its first batchpush task,
+#: which it keeps and never runs (nor any other)
+PAUSE_ON_FIRST_TASK = """
+import asyncio
+from distributed.core import Status
+
+
+async def dask_setup(worker):
+    execute = worker.execute
+
+    async def paused(key, *args, **kwargs):
+        if str(key).startswith("batchpush-"):
+            worker.status = Status.paused
+            await asyncio.Event().wait()
+        return await execute(key, *args, **kwargs)
+
+    worker.execute = paused
+"""
+
+#: a worker preload: the worker named w1 stops its event loop for good when handed
+#: its first batchpush task (as a worker deadlocked by CPython gh-106883 does: every
+#: thread waits, nothing answers, the scheduler still lists it)
+STUCK_ON_FIRST_TASK = """
+import time
+
+
+async def dask_setup(worker):
+    execute = worker.execute
+
+    async def stuck(key, *args, **kwargs):
+        if worker.name == "w1" and str(key).startswith("batchpush-"):
+            time.sleep(3600)
+        return await execute(key, *args, **kwargs)
+
+    worker.execute = stuck
+"""
+
+#: what a test makes the client's bound on a silent task (TASK_SILENCE_S)
+SILENCE_S = "3"
+
+
+def cluster_with(tmp_path, preload_source: str, workers: int = 2) -> Cluster:
+    preload = tmp_path / "preload_for_test.py"
+    preload.write_text(preload_source)
+    started = start_cluster(tmp_path, workers=0)
+    try:
+        for n in range(workers):
+            started.workers.append(start_worker(tmp_path, started.address, f"w{n}", str(preload)))
+        _wait_workers(started.address, workers)
+    except BaseException:
+        stop_cluster(started)
+        raise
+    return started
+
+
+def silent_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=ROOT, BATCHPUSH_CLUSTER_SILENCE_S=SILENCE_S)
+
+
+def push_silently(started: Cluster, registry, tmp_path, layouts: list[tuple[str, list[str]]]) -> tuple[list[tuple[str, list[str]]], subprocess.CompletedProcess[str]]:
+    """The layouts pushed on ``started`` with the small silence bound (report r.json)."""
+    plan = plan_for(tmp_path, [registry], layouts)
+    return layouts, batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"), env=silent_env())
+
+
+def assert_fleet_arrived(registry, layouts: list[tuple[str, list[str]]], tmp_path) -> None:
+    for i, (_, tags) in enumerate(layouts):
+        for tag in tags:
+            pull_and_verify(registry, f"team/svc{i}:{tag}", str(tmp_path / f"pulled-{i}-{tag}"))
+
+
+def leftovers(address: str) -> dict[str, list[str]]:
+    """What batchpush keeps in the scheduler and the workers, listed through a client:
+    its event-log topics (any with events), published datasets, Dask events,
+    semaphores, variables, tasks, and in each worker process the runs it knows and
+    the Semaphore objects alive (one that refreshes its leases lives for ever)."""
+    from distributed import Client
+
+    def in_scheduler(dask_scheduler) -> dict[str, list[str]]:
+        extensions = dask_scheduler.extensions
+        return {
+            "dask events": sorted(map(str, extensions["events"]._events)),
+            "semaphores": sorted(map(str, extensions["semaphores"].max_leases)),
+            "variables": sorted(map(str, extensions["variables"].variables)),
+            "tasks": sorted(map(str, dask_scheduler.tasks)),
+        }
+
+    def in_worker() -> list[str]:
+        import gc
+        import sys
+
+        from distributed import Semaphore
+
+        module = sys.modules.get("batchpush.cluster.tasks")
+        gc.collect()
+        semaphores = [f"semaphore {s.name}" for s in gc.get_objects() if isinstance(s, Semaphore)]
+        return sorted([*getattr(module, "_RUNS", {}), *semaphores])
+
+    with Client(address, timeout=30, set_as_default=False) as client:
+        held = client.run_on_scheduler(in_scheduler)
+        held["topics"] = sorted(client.get_events())
+        held["datasets"] = sorted(map(str, client.list_datasets()))
+        held["in workers"] = sorted(run for runs in client.run(in_worker).values() for run in runs)
+    return {what: [name for name in names if "batchpush" in name or what == "in workers"] for what, names in held.items()}
+
+
+def test_a_run_leaves_nothing_behind_in_the_scheduler_or_the_workers(cluster, registry, tmp_path):
+    """A run on a long-lived cluster (blobs of 1 MiB and more, so its upload leases
+    are used; two runs, a second to another repository) leaves no event-log topic,
+    Dask event, semaphore, variable, dataset, task or worker state behind: the
+    scheduler's event log kept every run's topics, and its semaphores per registry."""
+    layouts = []
+    for r in range(3):
+        path = str(tmp_path / "layouts" / f"big{r}")
+        simple_layout(path, {"v0": [700 + r, 1]}, file_size=1_300_000)
+        layouts.append(path)
+    before = leftovers(cluster.address)
+    assert not any(before.values()), before
+    for run in range(2):
+        plan = write_plan(tmp_path, {
+            "version": 1,
+            "defaults": {"max_concurrent_uploads": 2},
+            "registries": {registry.host: {"insecure": True}},
+            "images": [{"source": f"oci:{path}", "targets": [f"{registry.host}/run{run}/svc{i}"]} for i, path in enumerate(layouts)],
+        })
+        done = batchpush_cli("run", plan, "--scheduler", cluster.address, "--metadata-dir", str(tmp_path / f"md{run}"), "--report", str(tmp_path / f"r{run}.json"))
+        assert done.returncode == 0, done.stderr
+        assert [i["status"] for i in report_of(tmp_path / f"r{run}.json")["images"]] == ["pushed"] * 3
+        assert leftovers(cluster.address) == before
+    # each run (a store of its own) uploaded each blob once, those of 1 MiB and more under a lease
+    assert set(uploads_by_digest(registry).values()) == {2}
+    pull_and_verify(registry, "run1/svc2:v0", str(tmp_path / "pulled"))
+
+
+def test_a_blob_result_that_never_comes_is_tried_once_more(tmp_path, registry):
+    """Each blob task's result is dropped by its worker once stored (the scheduler
+    not told, as in issue 27's hang: Dask says the task is done, its result never
+    comes): within the bound, the client gives each up with a line naming the task
+    and the cluster, and tries its blobs once more by a task of their own, whose
+    result comes. Every image arrives whole, no blob is uploaded twice (the second
+    attempt asks first), and the run leaves nothing behind."""
+    started = cluster_with(tmp_path, DROP_RESULTS.format(pattern=r"batchpush-blobs-\w+-\d+"))
+    try:
+        layouts, done = push_silently(started, registry, tmp_path, fleet(tmp_path)[:4])
+        assert done.returncode == 0, done.stderr
+        images = report_of(tmp_path / "r.json")["images"]
+        assert len(images) == 12 and all(i["status"] == "pushed" for i in images), images
+        said = [line for line in done.stdout.splitlines() if "; tried once more" in line]
+        assert said and all("task batchpush-blobs-" in line and f"the Dask cluster at {started.address}" in line and f"within {SILENCE_S} s" in line for line in said), done.stdout
+        assert max(uploads_by_digest(registry).values()) == 1
+        assert registry.count("HEAD", "/blobs/") > 0
+        assert_fleet_arrived(registry, layouts, tmp_path)
+        assert not any(leftovers(started.address).values())
+    finally:
+        stop_cluster(started)
+
+
+def test_a_blob_result_that_never_comes_twice_fails_its_images(tmp_path, registry):
+    """Every blob task's result is dropped, its second attempt's too: the run ends
+    (exit 1, the report written), each image failed with a line naming its task and
+    the cluster, and no manifest was written."""
+    started = cluster_with(tmp_path, DROP_RESULTS.format(pattern=r"batchpush-blobs-.*"))
+    try:
+        _, done = push_silently(started, registry, tmp_path, fleet(tmp_path)[:2])
+        assert done.returncode == 1, done.stderr
+        images = report_of(tmp_path / "r.json")["images"]
+        assert len(images) == 6 and all(i["status"] == "failed" for i in images), images
+        for image in images:
+            assert "-retry: done, said the Dask cluster at" in image["error"] and started.address in image["error"], image
+            assert "its first attempt gave none either" in image["error"], image
+        assert registry.count("PUT", "/manifests/") == 0
+        assert not any(leftovers(started.address).values())
+    finally:
+        stop_cluster(started)
+
+
+def test_a_worker_paused_with_the_tasks_fails_their_images(tmp_path, registry):
+    """The only worker pauses when handed its first task, which it keeps and never
+    runs: no worker runs the run's tasks, the run falls silent; within the bound each
+    task is given up (the blobs' second attempt too), every image fails with a line
+    naming its task and the cluster, and the run ends with its report."""
+    started = cluster_with(tmp_path, PAUSE_ON_FIRST_TASK, workers=1)
+    try:
+        _, done = push_silently(started, registry, tmp_path, fleet(tmp_path)[:2])
+        assert done.returncode == 1, done.stderr
+        images = report_of(tmp_path / "r.json")["images"]
+        assert len(images) == 6 and all(i["status"] == "failed" for i in images), images
+        for image in images:
+            assert f"no word of it from the Dask cluster at {started.address} for {SILENCE_S} s" in image["error"], image
+        assert "; tried once more" in done.stdout
+        assert registry.count("PUT") == registry.count("POST") == 0
+    finally:
+        stop_cluster(started)
+
+
+def test_a_worker_whose_event_loop_is_stuck_loses_nothing(tmp_path, registry):
+    """One of two workers stops its event loop for good when handed its first task
+    (a deadlocked worker, as a soak found one): the client, whose polls that worker
+    no longer answers, gives each of its tasks up within the bound and tries it once
+    more on the worker that answers; every image arrives whole, each blob uploaded
+    once, and the run ends."""
+    started = cluster_with(tmp_path, STUCK_ON_FIRST_TASK)
+    try:
+        layouts, done = push_silently(started, registry, tmp_path, fleet(tmp_path)[:4])
+        assert done.returncode == 0, done.stderr
+        images = report_of(tmp_path / "r.json")["images"]
+        assert len(images) == 12 and all(i["status"] == "pushed" for i in images), images
+        assert "; tried once more" in done.stdout and ("which has not answered for" in done.stdout or "has not answered the client" in done.stdout), done.stdout
+        assert max(uploads_by_digest(registry).values()) == 1
+        assert_fleet_arrived(registry, layouts, tmp_path)
+    finally:
+        stop_cluster(started)
+
+
+def test_the_pythons_whose_profiler_can_deadlock_a_worker_are_named():
+    """CPython gh-106883 (fixed in 3.11.9): a worker on such a Python, with Dask's
+    profiler on, gets the client's note at the start of each run."""
+    from batchpush.cluster.client import _deadlocks
+
+    assert [_deadlocks(v) for v in ("3.11.0", "3.11.7", "3.11.8")] == [True] * 3
+    assert [_deadlocks(v) for v in ("3.11.9", "3.11.12", "3.12.1", "3.13.0", "3.10.13", "3.11.7+", "pypy")] == [False] * 7
