@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import mmap
 import os
 import threading
 from collections import deque
@@ -32,6 +33,8 @@ from .sources.base import FileRange
 
 #: blocks one layer's compression has submitted and not yet handed on, at most
 AHEAD_PER_LAYER = 3
+#: a block's pages mapped in one call, not faulted in one by one (Linux)
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 Submit = Callable[..., "cf.Future[Any]"]
 
@@ -60,12 +63,23 @@ class BlockWindow:
         self._free.release()
 
 
-def _read_block(future: cf.Future[Any]) -> tuple[bytes, int]:
-    """A worker's block: its file's bytes (the file then goes) and its input's CRC32."""
+#: a compressed block as handed on: bytes, or the worker's file mapped (read-only)
+Block = bytes | mmap.mmap
+
+
+def _read_block(future: cf.Future[Any]) -> tuple[Block, int]:
+    """A worker's block, mapped from its file (the name then goes; the pages go
+    with the last view of the map), and its input's CRC32. Mapped, not read: the
+    pages the worker wrote are used as they are, where a read would copy them into
+    fresh memory (zeroed, then faulted in page by page: a third of this process's
+    CPU on a 2 GB layer)."""
     made: DeflatedBlock = future.result()
     try:
         with open(made.path, "rb") as f:
-            return f.read(), made.crc32
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return b"", made.crc32
+            return mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ), made.crc32
     finally:
         with contextlib.suppress(OSError):
             os.unlink(made.path)
@@ -78,7 +92,7 @@ def _drop_block(future: cf.Future[Any]) -> None:
             os.unlink(future.result().path)
 
 
-def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, first: int = 0, directory: str | None = None) -> Generator[tuple[bytes, int, int], None, None]:
+def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, cancel: threading.Event, *, first: int = 0, directory: str | None = None) -> Generator[tuple[Block, int, int], None, None]:
     """Each block of ``blob`` from block ``first`` on, deflated: ``(output, input
     CRC32, input size)``, in order. ``submit`` runs ``deflate_block`` in a worker,
     which writes the block into a file in ``directory`` (a tmpfs where there is
@@ -91,8 +105,8 @@ def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, 
         for block, last in blocks:
             if cancel.is_set():
                 raise Cancelled()
-            data, crc = deflate_block_bytes(block, last)
-            yield data, crc, block.size
+            output, crc = deflate_block_bytes(block, last)
+            yield output, crc, block.size
         return
     pending: deque[tuple[cf.Future[Any], int]] = deque()
     following = iter(blocks)
@@ -187,7 +201,7 @@ class RecompressedStream:
         with contextlib.closing(blocks):  # a read left mid-way cancels the blocks under way
             yield from self._made(blocks, first, start, offset, crc, hasher)
 
-    def _made(self, blocks: Iterator[tuple[bytes, int, int]], first: int, start: int, offset: int, crc: int, hasher: Any) -> Iterator[memoryview]:
+    def _made(self, blocks: Iterator[tuple[Block, int, int]], first: int, start: int, offset: int, crc: int, hasher: Any) -> Iterator[memoryview]:
         for index, (data, block_crc, block_input) in enumerate(blocks, start=first):
             crc = combine_crc(crc, block_crc, block_input, index == 0)
             if index == len(self.blocks):

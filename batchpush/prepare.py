@@ -30,7 +30,7 @@ from typing import Any
 
 from . import mediatypes as mt
 from . import waits
-from .blocks import BlockWindow, RecompressedStream, ordered_blocks
+from .blocks import Block, BlockWindow, RecompressedStream, ordered_blocks
 from .compress import BLOCK_BYTES, GZIP_HEADER, RECIPE, CompressedBlob, HashedBlob, combine_crc, fingerprint_blob, gzip_trailer, hash_blob, hash_input
 from .digest import Digest
 from .errors import BatchPushError, Cancelled, DigestMismatchError
@@ -264,7 +264,7 @@ class Preparer:
         size = crc = 0
         blocks: list[tuple[int, int]] = []
 
-        def emit(data: bytes) -> None:
+        def emit(data: Block) -> None:
             nonlocal size
             output_hash.update(data)
             size += len(data)

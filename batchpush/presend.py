@@ -34,6 +34,7 @@ import threading
 from collections.abc import Iterator
 
 from . import waits
+from .blocks import Block
 from .digest import Digest
 from .errors import BatchPushError, Cancelled
 from .reference import Reference
@@ -91,7 +92,7 @@ class UploadSink:
         self.state = state
         self.upload: BlobUpload | None = None
         self.failure: BaseException | None = None
-        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_PIECES)
+        self._queue: queue.Queue[Block | None] = queue.Queue(QUEUED_PIECES)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         #: bytes the producer handed over
@@ -105,12 +106,13 @@ class UploadSink:
         self._thread.start()
         return True
 
-    def put(self, data: bytes | memoryview) -> None:
-        """The next piece of the stream (nothing once the sink has stopped)."""
+    def put(self, data: Block | memoryview) -> None:
+        """The next piece of the stream (nothing once the sink has stopped). A view
+        is copied (its buffer may be reused); bytes and a block's map are not."""
         self.produced += len(data)
         self._offer(bytes(data) if isinstance(data, memoryview) else data)
 
-    def _offer(self, item: bytes | None) -> None:
+    def _offer(self, item: Block | None) -> None:
         cancel = self.client.cancel
         while not self._stopped.is_set():
             try:
@@ -189,7 +191,7 @@ class UploadSink:
             assert item is not None
             yield memoryview(item)
 
-    def _next(self) -> bytes | None:
+    def _next(self) -> Block | None:
         """The next piece; the end once the sink is stopped (aborted)."""
         while True:
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import tempfile
 import threading
@@ -110,7 +111,7 @@ class Keep:
         except OSError:
             self._drop()
 
-    def write(self, data: bytes | memoryview) -> bool:
+    def write(self, data: bytes | memoryview | mmap.mmap) -> bool:
         if self.dropped:
             return False
         if not self.spool.reserve(len(data)):

@@ -235,13 +235,19 @@ class _StreamBody:
             raise
 
 
+#: the pieces of a chunked body: urllib3 copies each into a new bytes object with its
+#: chunk's framing, which stays under glibc's threshold for a fresh mapping (1 MiB,
+#: ``workers.release_big_buffers``): a piece of 1 MiB would be faulted in page by page
+STREAM_PIECE_BYTES = 512 << 10
+
+
 def _cut_each(pieces: Iterator[memoryview]) -> Iterator[memoryview]:
-    """``pieces`` in views of CHUNK_BYTES at most: a cancel is seen, and a slow link
+    """``pieces`` in views of STREAM_PIECE_BYTES at most: a cancel is seen, and a slow link
     moves, a piece at a time (a block of 16 MiB handed whole to the socket would
     hold both for as long as it takes to drain)."""
     for piece in pieces:
-        for start in range(0, len(piece), CHUNK_BYTES):
-            yield piece[start : start + CHUNK_BYTES]
+        for start in range(0, len(piece), STREAM_PIECE_BYTES):
+            yield piece[start : start + STREAM_PIECE_BYTES]
 
 
 class _UnsizedBody:
