@@ -164,8 +164,9 @@ class UploadSink:
             session = self.client.with_retries(lambda: self.client.start_upload(repository), f"upload to {self.target}")
             self.upload = upload = BlobUpload(session)
             pieces = self._pieces()
-            # PATCHes of --chunk-size (64 MiB by default): a break costs one of them
-            limit = self.client.options.chunk_size_bytes
+            # PATCHes of --chunk-size (64 MiB by default; at least the registry's
+            # minimum chunk, each but the last): a break costs one of them
+            limit = self.client.patch_bytes(session)
             while (first := next(pieces, None)) is not None:
                 self.client.send_stream(repository, upload, itertools.chain((first,), pieces), limit)
         except Cancelled as exc:  # the run stops: nobody will take the session up

@@ -100,6 +100,25 @@ def test_a_new_layer_is_sent_while_it_is_compressed_and_never_compressed_twice(r
     assert pull_and_verify(registry, "big/one:v1", str(tmp_path / "pulled"))[0].diff_ids == diff_ids["v1"]
 
 
+def test_a_streamed_layer_goes_in_patches_no_smaller_than_the_registry_minimum(registry, proxy, tmp_path, metadata_dir):
+    """A registry that asks for a minimum chunk (``OCI-Chunk-Min-Length``) above
+    ``--chunk-size``: every PATCH of the stream but the last is at least that long."""
+    diff_ids = layout(str(tmp_path / "layout"), [1])
+    minimum = 9 << 20
+    proxy.add(Rule("POST", "/blobs/uploads/", "headers", headers={"OCI-Chunk-Min-Length": str(minimum)}, times=-1))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    push_options = PushOptions(registries={proxy.host: RegistryOptions(insecure=True, chunk_size_bytes=1 << 20)}, metadata_dir=metadata_dir, spool_dir=str(spool), spool_limit=1 << 20, jobs=2)
+    result = batchpush.push(f"oci:{tmp_path}/layout:v1", [f"{proxy.host}/big/minimum:v1"], push_options)
+    assert result.ok, result.images[0].error
+    layer = result.images[0].layers[0]
+    # the config goes in a PATCH too (the registry asks for chunks): the layer's are the big ones
+    patches = [patch for patch in proxy.requests("PATCH", "/v2/big/minimum/blobs/uploads/") if patch.body_bytes > 4096]
+    assert sum(patch.body_bytes for patch in patches) == layer.size and result.bytes_compressed == layer.size  # the stream
+    assert len(patches) >= 2 and all(patch.body_bytes >= minimum for patch in patches[:-1]), [patch.body_bytes for patch in patches]
+    assert pull_and_verify(registry, "big/minimum:v1", str(tmp_path / "pulled"))[0].diff_ids == diff_ids["v1"]
+
+
 def test_a_spool_smaller_than_the_batch_holds_every_image_within_its_limit(registry, tmp_path, metadata_dir):
     """Six images of one incompressible layer each, a spool that holds one: every
     image arrives, and the spool's files never take more than the limit (measured on

@@ -1015,6 +1015,11 @@ class RegistryClient:
         when the data goes ahead of a commit that must wait (``staged``)."""
         if size <= self.options.monolithic_limit_bytes and not session.chunk_min_bytes and not staged:
             return None
+        return self.patch_bytes(session)
+
+    def patch_bytes(self, session: UploadSession) -> int:
+        """The size of a PATCH: ``--chunk-size``, and at least the registry's minimum
+        chunk (``OCI-Chunk-Min-Length``; only the last may be smaller)."""
         # a chunk size of 0 (``--chunk-size 0``) would send empty PATCHes for ever:
         # the registry accepts each and the offset never moves
         return max(self.options.chunk_size_bytes if self.options.chunk_size_bytes > 0 else DEFAULT_CHUNK_SIZE_BYTES, session.chunk_min_bytes)
