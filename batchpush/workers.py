@@ -183,7 +183,7 @@ _M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD = -1
 #: what the heap keeps of its free top: the pieces of a stream (up to 1 MiB, made and
 #: freed by the thousand) reuse the same pages instead of faulting in new ones
-_KEEP_HEAP_TOP_BYTES = 32 << 20
+_KEEP_HEAP_TOP_BYTES = 8 << 20
 
 
 def release_big_buffers() -> None:
