@@ -132,6 +132,7 @@ def ordered_blocks(blob: FileRange, submit: Submit | None, window: BlockWindow, 
                 waits.wait_done((future,), cancel)
                 data, crc = _read_block(future)
             except BaseException:
+                future.cancel()  # (a cancelled run: the worker need not finish it)
                 future.add_done_callback(_drop_block)
                 raise
             finally:

@@ -46,7 +46,7 @@ from .layout import MAX_CONCURRENT_WRITES, BaseLayout, LayoutWriter, is_layout
 from .metadata import OverlayStore, open_store
 from .policy import hmac_key
 from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer, prepared_remote
-from .presend import UploadSink
+from .presend import Presend, UploadSink
 from .progress import NoProgress, Progress
 from .prune import prune as prune_target
 from .reference import LAYOUT_TRANSPORT, Reference, RepositoryPrefix, parse_target
@@ -189,6 +189,11 @@ class Entry:
         #: where it goes: a new layer is sent to each registry of these while it is compressed
         self.targets: list[Reference] = []
         self.lock = threading.Lock()
+        #: what was sent to a target while compressing, until that target's push ends
+        self.presends: list[Presend] = []
+        #: (registry, repository) of each target whose push has ended: a presend made
+        #: for one after that is dropped at once (``Engine._adopt``)
+        self.ended: set[tuple[str, str]] = set()
         #: what is done once for all targets ("node": the prepared image; "digest": a
         #: registry source's digest for it, one HEAD), by name
         self.once: dict[str, cf.Future[Any]] = {}
@@ -250,6 +255,8 @@ class Engine:
         self._gone: list[GoneRepositories] = []
         #: set by ``cancel()``: no new work starts, uploads stop, sessions are cancelled
         self.cancelled = threading.Event()
+        #: when a wait for an image first saw the cancel (the run's grace starts then)
+        self._cancel_seen_at: float | None = None
         #: image checks run beyond the pushes, and plan entries expanded at once
         self.checks_ahead = min(MAX_CHECKS_AHEAD, max(o.max_requests_in_flight for o in (self.options.registry_defaults, *self.options.registries.values())))
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
@@ -528,6 +535,8 @@ class Engine:
 
     def _abandon(self, work: Work) -> None:
         if work.entry is not None:
+            if work.reference is not None:
+                self._drop_presends(work.entry, work.reference)
             self._release(work.entry)
 
     def _image_result(self, item: ImageResult | tuple[Work, cf.Future[ImageResult]]) -> ImageResult:
@@ -537,7 +546,6 @@ class Engine:
         if isinstance(item, ImageResult):
             return item
         work, future = item
-        cancelled_at: float | None = None
         while True:  # a wait the main thread's Ctrl-C can interrupt
             done, _ = cf.wait((future,), timeout=waits.POLL_S * 5)
             if done:
@@ -546,7 +554,9 @@ class Engine:
                 except Exception as exc:  # a fault outside the image's own guard: still its own
                     return self.failed(work.source, work.target, InternalError.of(exc, work.source), time.monotonic())
             if self.cancelled.is_set():
-                cancelled_at = cancelled_at or time.monotonic()
+                # the grace is the run's, from when the cancel was first seen: not
+                # CANCEL_GRACE_S more for each image still waiting, one after another
+                cancelled_at = self._cancel_seen_at = self._cancel_seen_at or time.monotonic()
                 if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
                     return self.failed(work.source, work.target, InterruptedError_("interrupted while a request was waiting for its answer; no manifest was written"), cancelled_at)
 
@@ -773,24 +783,36 @@ class Engine:
         sinks = []
         for target in firsts.values():
             try:
-                sinks.append(UploadSink(self.client(target.api_host), target, self.state))
+                sinks.append(UploadSink(self.client(target.api_host), target, self.state, adopt=functools.partial(self._adopt, entry)))
             except BatchPushError as exc:  # the layer goes the usual way, which says what is wrong
                 log.debug("%s: no stream while compressing: %s", target, exc)
         return sinks
 
-    def _drop_presends(self, node: PreparedNode | PendingManifest | None, target: Reference) -> None:
-        """What was sent to ``target`` while compressing and that no push took up (its
-        image failed before): the sessions are cancelled, the staging claims given back."""
-        if isinstance(node, PendingManifest):
-            layers = [future.result() for future in node.layers if future.done() and not future.cancelled() and future.exception() is None]
-        elif isinstance(node, PreparedManifest):
-            layers = list(node.layers)
-        else:
-            return
-        for layer in layers:
-            for presend in layer.presends:
-                if presend.for_target(target) and presend.take():
-                    presend.drop()
+    @staticmethod
+    def _adopt(entry: Entry, presend: Presend) -> bool:
+        """A sink's presend, made once its compression ended: kept for its target's
+        push to take up, unless that push has ended already (False: the sink drops
+        it). With ``_drop_presends``, every presend is taken up or dropped, whenever
+        its image fails (even before it knew its layers): a staging claim left
+        behind would hold every other push of the blob to that registry."""
+        with entry.lock:
+            if (presend.registry, presend.repository) in entry.ended:
+                return False
+            entry.presends.append(presend)
+        return True
+
+    @staticmethod
+    def _drop_presends(entry: Entry, target: Reference) -> None:
+        """``target``'s push has ended: what was sent to it while compressing that the
+        push did not take up is dropped (the session cancelled, the claim given back),
+        and what is sent to it later will be (``_adopt``)."""
+        with entry.lock:
+            entry.ended.add((target.registry, target.repository))
+            mine = [presend for presend in entry.presends if presend.for_target(target)]
+            entry.presends = [presend for presend in entry.presends if not presend.for_target(target)]
+        for presend in mine:
+            if presend.take():
+                presend.drop()
 
     def _release(self, entry: Entry) -> None:
         with entry.lock:
@@ -940,10 +962,7 @@ class Engine:
             log.debug("%s: unexpected error", target, exc_info=True)
             return self.failed(work.source, str(target), InternalError.of(exc, work.source), started, tell=tell)
         finally:
-            if node is None:  # failed before it asked: what another target prepared may hold its presends
-                prepared = work.entry.once.get("node")
-                node = prepared.result() if prepared is not None and prepared.done() and prepared.exception() is None else None
-            self._drop_presends(node, target)
+            self._drop_presends(work.entry, target)
             self._release(work.entry)
         return ImageResult(work.source, str(target), "pushed", str(pushed.digest), pushed.size, seconds=time.monotonic() - started, layers=pushed.layers, source_digest=source_digest)
 

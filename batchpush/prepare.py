@@ -256,10 +256,9 @@ class Preparer:
         submit = None if self.pool is None or blob.size < POOL_MIN_BYTES else self._submit
         hashing = self._hashers.submit(hash_input, blob) if submit is not None else None
         wanted = sinks(layer) if sinks is not None and layer is not None and blob.size > BLOCK_BYTES else []
-        started = [sink for sink in wanted if sink.start()]
-        # a layer streaming to every registry of its image is not kept: nothing reads
-        # it again but a retry or another image (which compress it again, streaming)
-        keep = self.spool.keep() if not wanted or len(started) < len(wanted) else None
+        started: list[Any] = []
+        handed: list[Any] = []  # the presends made
+        keep = None
         output_hash = hashlib.sha256()
         size = crc = 0
         blocks: list[tuple[int, int]] = []
@@ -274,6 +273,10 @@ class Preparer:
                 sink.put(data)
 
         try:
+            started.extend(sink for sink in wanted if sink.start())
+            # a layer streaming to every registry of its image is not kept: nothing reads
+            # it again but a retry or another image (which compress it again, streaming)
+            keep = self.spool.keep() if not wanted or len(started) < len(wanted) else None
             emit(GZIP_HEADER)
             with contextlib.closing(ordered_blocks(blob, submit, self.window, self.cancel, directory=self.block_dir)) as made:
                 for index, (data, block_crc, block_input) in enumerate(made):
@@ -288,19 +291,22 @@ class Preparer:
             # while the first file is still being deleted never shares its name
             path = keep.finish(f"{digest.hex}-{id(keep):x}") if keep is not None else None
             declared = (layer.diff_id, layer.descriptor.digest) if layer is not None else ()
-            presends: tuple[Any, ...] = ()
             if any(expected is not None and expected != diff_id for expected in declared):
                 for sink in started:
                     sink.abort()
             else:
-                presends = tuple(presend for sink in started if (presend := sink.close(digest)) is not None)
+                for sink in started:
+                    if (presend := sink.close(digest)) is not None:
+                        handed.append(presend)
         except BaseException:
             if keep is not None:
                 keep.abort()
             for sink in started:
                 sink.abort()
+            for presend in handed:  # closed before the failure: its claim too goes back
+                presend.drop()
             raise
-        return CompressedBlob(path, digest, size, diff_id, blob.size, fingerprint, blocks=tuple(blocks), presends=presends)
+        return CompressedBlob(path, digest, size, diff_id, blob.size, fingerprint, blocks=tuple(blocks), presends=tuple(handed))
 
     def _compress(self, layer: SourceLayer, key: Hashable | None = None, sinks: Sinks | None = None) -> cf.Future[CompressedBlob]:
         assert layer.blob is not None

@@ -31,7 +31,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import waits
 from .blocks import Block
@@ -86,10 +86,12 @@ class UploadSink:
     each piece in order, then ``close`` (or ``abort``). Its own thread does the
     requests; ``put`` waits (the cancel flag in view) while it is behind."""
 
-    def __init__(self, client: RegistryClient, target: Reference, state: PushState) -> None:
+    def __init__(self, client: RegistryClient, target: Reference, state: PushState, *, adopt: Callable[[Presend], bool] | None = None) -> None:
         self.client = client
         self.target = target
         self.state = state
+        #: told of the presend at the close: False if its target's push has ended
+        self.adopt = adopt
         self.upload: BlobUpload | None = None
         self.failure: BaseException | None = None
         self._queue: queue.Queue[Block | None] = queue.Queue(QUEUED_PIECES)
@@ -102,8 +104,13 @@ class UploadSink:
         """Takes an upload slot of the host if one is free now; False: not used."""
         if not self.client.try_upload_slot():
             return False
-        self._thread = threading.Thread(target=self._run, name=f"presend-{self.target.registry}", daemon=True)
-        self._thread.start()
+        try:
+            self._thread = threading.Thread(target=self._run, name=f"presend-{self.target.registry}", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._thread = None
+            self.client.give_upload_slot()
+            raise
         return True
 
     def put(self, data: Block | memoryview) -> None:
@@ -123,24 +130,29 @@ class UploadSink:
                     raise Cancelled() from None
 
     def close(self, digest: Digest) -> Presend | None:
-        """The stream is whole: waits for the last chunk, then hands the session on.
-        None when nothing useful was sent (the sink failed at the start)."""
+        """The stream is whole: waits for the last chunk, then hands the session on
+        (``adopt`` refusing it: dropped). None when nothing useful was sent (the sink
+        failed at the start) or another push stages the blob."""
         self._offer(_END)
         self._join()
-        upload = self.upload
+        upload, self.upload = self.upload, None  # handed on: ``abort`` leaves it alone
         if upload is None:
             return None
         whole = self.failure is None and upload.offset == self.produced
-        if not whole:
+        if whole:
+            if self.state.stage(self.target.registry, digest) is not None:
+                # another push is sending the same blob to this registry: ours goes
+                self.client.cancel_upload(self.target.repository, upload.session)
+                return None
+        else:
             upload.interrupted = True  # the layer push asks the registry where it is
             log.debug("%s: the stream of %s stopped at %d of %d bytes (%s); handed on to be resumed", self.target, digest, upload.offset, self.produced, self.failure)
-            return Presend(self.client, self.target, self.state, upload, digest, staging=False)
-        claim = self.state.stage(self.target.registry, digest)
-        if claim is not None:
-            # another push is sending the same blob to this registry: ours goes
-            self.client.cancel_upload(self.target.repository, upload.session)
+        presend = Presend(self.client, self.target, self.state, upload, digest, staging=whole)
+        if self.adopt is not None and not self.adopt(presend):
+            presend.take()
+            presend.drop()  # its target's push has ended: nobody would take it up
             return None
-        return Presend(self.client, self.target, self.state, upload, digest, staging=True)
+        return presend
 
     def abort(self) -> None:
         """The compression failed (or the run stopped): the session is cancelled."""

@@ -8,6 +8,7 @@ back to its DiffIDs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -22,8 +23,12 @@ from registry import start_registry
 
 import batchpush
 from batchpush.compress import BLOCK_BYTES
-from batchpush.engine import PushOptions
+from batchpush.engine import Engine, PushJob, PushOptions
+from batchpush.errors import SourceError
+from batchpush.prepare import Preparer
 from batchpush.registry.client import RegistryOptions
+from batchpush.report import BatchResult
+from batchpush.sources.base import SourceLayer
 
 #: three blocks of the recipe: the smallest layer that streams in several pieces
 LAYER_BYTES = 2 * BLOCK_BYTES + (3 << 20)
@@ -117,6 +122,46 @@ def test_a_streamed_layer_goes_in_patches_no_smaller_than_the_registry_minimum(r
     assert sum(patch.body_bytes for patch in patches) == layer.size and result.bytes_compressed == layer.size  # the stream
     assert len(patches) >= 2 and all(patch.body_bytes >= minimum for patch in patches[:-1]), [patch.body_bytes for patch in patches]
     assert pull_and_verify(registry, "big/minimum:v1", str(tmp_path / "pulled"))[0].diff_ids == diff_ids["v1"]
+
+
+def test_an_image_failing_while_its_layer_streams_leaves_no_claim_for_the_next(registry, tmp_path, metadata_dir, monkeypatch):
+    """Image ``a``: a new layer of five blocks, sent while it is compressed, and a
+    small layer whose first look fails at once (as a file that cannot be read, or a
+    store that errs): ``a`` fails before it knows its layers, while the big one goes
+    on streaming. That stream, done after ``a`` ended, must not keep the blob's
+    staging claim (``a`` will never commit it): image ``b``, next, holds the same
+    big layer and arrives, instead of waiting on the claim until the run is stopped
+    (here: 60 s, then the test fails)."""
+    path = tmp_path / "layout"
+    writer = LayoutWriter(str(path))
+    big, small = random_layer(7, 5 * BLOCK_BYTES), random_layer(8, 64 << 10)
+    a, _ = writer.image([big, small])
+    writer.tag(a, "a")
+    b, built = writer.image([big])
+    writer.tag(b, "b")
+    unreadable = f"sha256:{hashlib.sha256(small).hexdigest()}"
+    declared = Preparer._declared
+
+    def first_look(self: Preparer, layer: SourceLayer) -> object:
+        if str(layer.descriptor.digest) == unreadable:
+            raise SourceError(layer.blob.path if layer.blob else unreadable, "cannot be read (injected)")
+        return declared(self, layer)
+
+    monkeypatch.setattr(Preparer, "_declared", first_look)
+    push_options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, spool_dir=str(tmp_path), spool_limit=1 << 20, jobs=2, max_concurrent_images=1)
+    results: list[BatchResult] = []
+    with Engine(push_options) as engine:
+        running = threading.Thread(target=lambda: results.append(engine.run([PushJob(f"oci:{path}", (f"{registry.host}/claims/app",))])), daemon=True)
+        running.start()
+        running.join(60)
+        if running.is_alive():
+            engine.cancel()
+            running.join(30)
+    assert results, "the run did not end within 60 s"
+    statuses = {image.target.rsplit(":", 1)[1]: image.status for image in results[0].images}
+    assert statuses == {"a": "failed", "b": "pushed"}, [(image.target, image.error) for image in results[0].images]
+    assert registry.count("PUT", "/manifests/a") == 0
+    assert pull_and_verify(registry, "claims/app:b", str(tmp_path / "pulled"))[0].diff_ids == built.diff_ids
 
 
 def test_a_spool_smaller_than_the_batch_holds_every_image_within_its_limit(registry, tmp_path, metadata_dir):
