@@ -11,9 +11,10 @@ its image's other layers may still fail. What was sent becomes a ``Presend``, wh
 the layer push to that repository takes up (``LayerPusher``): its commit is one
 bodiless ``PUT ?digest=``, once the image is checked.
 
-- A sink takes one of the host's upload slots for its whole stream, or is not
-  used (the layer then goes the usual way, after its compression): it never waits
-  for one, so a compression never waits on another image's upload.
+- A sink takes one of the host's upload slots and one of its request slots for
+  its whole stream, or is not used (the layer then goes the usual way, after its
+  compression): it never waits for one, so a compression never waits on another
+  image's upload, nor a stream on a slot another stream's body holds.
 - The sink holds nothing once sent. A stream that breaks stops the sink, and its
   session is handed on as it is: the layer push asks the registry where it is and
   resumes from that offset, the bytes made again from the source by compressing
@@ -171,6 +172,21 @@ class UploadSink:
                 self._stopped.set()
 
     def _run(self) -> None:
+        try:
+            # the stream holds one of the host's request slots from its start to its
+            # end, or does not go (the layer then goes the usual way): its PATCH's
+            # body waits on the compression, which may wait for blocks that another
+            # compression holds while it waits on its own stream; that stream, were
+            # it waiting for the slot this body holds, would never get it
+            # (``--max-requests-in-flight`` at or below the streams under way)
+            with self.client.in_flight.try_hold() as held:
+                if held:
+                    self._stream()
+        finally:
+            self._stopped.set()
+            self.client.give_upload_slot()
+
+    def _stream(self) -> None:
         repository = self.target.repository
         try:
             session = self.client.with_retries(lambda: self.client.start_upload(repository), f"upload to {self.target}")
@@ -194,9 +210,6 @@ class UploadSink:
         except BaseException as exc:  # never lost: the layer goes the usual way
             self.failure = exc
             log.debug("%s: a layer's stream stopped", self.target, exc_info=True)
-        finally:
-            self._stopped.set()
-            self.client.give_upload_slot()
 
     def _pieces(self) -> Iterator[memoryview]:
         """The stream's pieces as the producer hands them over, until its end."""

@@ -127,6 +127,23 @@ class Slots:
                 self._held -= 1
             self._free.release()
 
+    @contextmanager
+    def try_hold(self) -> Iterator[bool]:
+        """``hold`` without waiting: True when this thread holds a slot for the
+        block (one it held already, or one free now), False when none was free."""
+        if getattr(self._mine, "holding", False):
+            yield True
+            return
+        if not self.try_take():
+            yield False
+            return
+        self._mine.holding = True
+        try:
+            yield True
+        finally:
+            self._mine.holding = False
+            self.give_back()
+
     def try_take(self) -> bool:
         """A slot if one is free now, without waiting; give it back with ``give_back``."""
         if not self._free.acquire(blocking=False):

@@ -86,6 +86,21 @@ def options(host: str, metadata_dir: str, spool_dir: str, spool_limit: int, **ex
     return PushOptions(registries=registries, metadata_dir=metadata_dir, spool_dir=spool_dir, spool_limit=spool_limit, jobs=2, **extra)  # type: ignore[arg-type]
 
 
+def run_within(push_options: PushOptions, source: str, target: str, seconds: float) -> BatchResult:
+    """The run's result; cancelled (and the test failed) if it has not ended within
+    ``seconds``: a run that waits for ever would otherwise hold the suite."""
+    results: list[BatchResult] = []
+    with Engine(push_options) as engine:
+        running = threading.Thread(target=lambda: results.append(engine.run([PushJob(source, (target,))])), daemon=True)
+        running.start()
+        running.join(seconds)
+        if running.is_alive():
+            engine.cancel()
+            running.join(30)
+            pytest.fail(f"the run did not end within {seconds:.0f} s: {[(image.target, image.error) for image in results[0].images] if results else 'no result'}")
+    return results[0]
+
+
 def test_a_new_layer_is_sent_while_it_is_compressed_and_never_compressed_twice(registry, proxy, tmp_path, metadata_dir):
     """A spool far smaller than the layer: it is not kept, yet it is compressed once,
     its bytes going to the registry in PATCH chunks as the blocks come, and the commit
@@ -149,19 +164,25 @@ def test_an_image_failing_while_its_layer_streams_leaves_no_claim_for_the_next(r
 
     monkeypatch.setattr(Preparer, "_declared", first_look)
     push_options = PushOptions(registries={registry.host: RegistryOptions(insecure=True)}, metadata_dir=metadata_dir, spool_dir=str(tmp_path), spool_limit=1 << 20, jobs=2, max_concurrent_images=1)
-    results: list[BatchResult] = []
-    with Engine(push_options) as engine:
-        running = threading.Thread(target=lambda: results.append(engine.run([PushJob(f"oci:{path}", (f"{registry.host}/claims/app",))])), daemon=True)
-        running.start()
-        running.join(60)
-        if running.is_alive():
-            engine.cancel()
-            running.join(30)
-    assert results, "the run did not end within 60 s"
-    statuses = {image.target.rsplit(":", 1)[1]: image.status for image in results[0].images}
-    assert statuses == {"a": "failed", "b": "pushed"}, [(image.target, image.error) for image in results[0].images]
+    result = run_within(push_options, f"oci:{path}", f"{registry.host}/claims/app", 60)
+    statuses = {image.target.rsplit(":", 1)[1]: image.status for image in result.images}
+    assert statuses == {"a": "failed", "b": "pushed"}, [(image.target, image.error) for image in result.images]
     assert registry.count("PUT", "/manifests/a") == 0
     assert pull_and_verify(registry, "claims/app:b", str(tmp_path / "pulled"))[0].diff_ids == built.diff_ids
+
+
+def test_streams_never_wait_for_a_request_slot_another_stream_holds(registry, tmp_path, metadata_dir):
+    """One request in flight to the registry, two images of a new seven-block layer
+    each, compressed at once: a stream holds its request slot from start to end or
+    does not go (that layer goes the usual way, compressed again as it is sent). A
+    stream waiting for the slot while the other's body waits on blocks its own
+    compression holds would never end."""
+    diff_ids = layout(str(tmp_path / "layout"), [11, 12], size=7 * BLOCK_BYTES)
+    push_options = PushOptions(registries={registry.host: RegistryOptions(insecure=True, max_requests_in_flight=1)}, metadata_dir=metadata_dir, spool_dir=str(tmp_path), spool_limit=1 << 20, jobs=2)
+    result = run_within(push_options, f"oci:{tmp_path}/layout", f"{registry.host}/big/slots", 90)
+    assert result.ok, [image.error for image in result.images if not image.ok]
+    for seed in (11, 12):
+        assert pull_and_verify(registry, f"big/slots:v{seed}", str(tmp_path / f"pulled{seed}"))[0].diff_ids == diff_ids[f"v{seed}"]
 
 
 def test_a_spool_smaller_than_the_batch_holds_every_image_within_its_limit(registry, tmp_path, metadata_dir):
