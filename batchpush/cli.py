@@ -350,16 +350,27 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
     stopped = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        # no lock is taken here (an Event's is not reentrant, and the main thread may
+        # hold it where it was interrupted): the relay sets the flags
         if received:  # a second Ctrl-C: stop now, without waiting for anything
             os.write(2, stopped_at_once)
             os._exit(128 + signum)
         received.append(signum)
-        stopped.set()
-        if engine is not None:
-            engine.cancel()
 
+    def relay() -> None:
+        while not received and not finished.wait(POLL_S):
+            pass
+        if received:
+            stopped.set()
+            if engine is not None:
+                engine.cancel()
+
+    from .waits import POLL_S
+
+    finished = threading.Event()
     # installed until the engine is closed: a second Ctrl-C while it closes still ends the process
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threading.Thread(target=relay, name="signals", daemon=True).start()
     started_at, started = time.time(), time.monotonic()
     try:
         if args.scheduler and not args.dry_run:
@@ -384,6 +395,7 @@ def _main(args: argparse.Namespace, writer: LineWriter) -> int:
     finally:
         for sig, earlier in previous.items():
             signal.signal(sig, earlier)
+        finished.set()
         progress.close()
     code = _exit_code(args, result, started_at, started, interrupted=bool(received))
     if received:
