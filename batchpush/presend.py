@@ -45,7 +45,7 @@ from .state import PushState
 log = logging.getLogger(__name__)
 
 #: pieces a sink may have queued, not yet sent: the producer waits beyond that
-QUEUED_PIECES = 2
+QUEUED_PIECES = 1
 _END = None
 
 
