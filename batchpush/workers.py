@@ -271,8 +271,9 @@ class WorkerPool(cf.Executor):
         in a pool that then breaks kills the pool's manager thread, CPython
         gh-107219, and the futures it had yet to fail would never finish)."""
         task = _Resubmitted(self, fn, args, kwargs)
+        outer = task.outer  # (a task done at once lets go of it within ``follow``)
         task.follow(*self._submit(fn, args, kwargs))
-        return task.outer
+        return outer
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut the current pool down; pools that broke were shut down then,
