@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeGuard
 from urllib.parse import urljoin, urlsplit
 
-import requests
-
 from ..digest import CHUNK_BYTES, Digest
 from ..errors import Cancelled, DigestMismatchError
 from ..reference import is_repository_path
 from .auth import scope_for
 from .errors import BODY_ERRORS, MalformedResponseError, RegistryError, parse_decimal, release, transport_error
 from .retry import HostGate, RetryPolicy, retry_fields
+from .transport import Response
 
 if TYPE_CHECKING:
     from ..sources.base import RegistryBlob
@@ -239,7 +238,7 @@ class ReadingClient(Protocol):
 
     def count_read(self, n: int) -> None: ...
 
-    def request(self, method: str, url: str, *, scopes: tuple[str, ...], expected: frozenset[int] | set[int], headers: dict[str, str] | None = None) -> requests.Response:
+    def request(self, method: str, url: str, *, scopes: tuple[str, ...], expected: frozenset[int] | set[int], headers: dict[str, str] | None = None) -> Response:
         """A GET of the blob (``RegistryClient.request``: no body here)."""
         ...
 
@@ -313,18 +312,18 @@ class _Read:
         #: bytes at the start of the current response to drop (a 200 to a Range)
         self.skip = 0
         self.resumes = 0
-        self.response: requests.Response | None = None
+        self.response: Response | None = None
         #: why the response last broke off
         self._broken: RegistryError | None = None
 
     def _mismatch(self, expected: str, actual: str) -> DigestMismatchError:
         return DigestMismatchError(self.reader.name, "blob", expected, actual)
 
-    def _get(self, headers: dict[str, str], expected: set[int]) -> requests.Response:
+    def _get(self, headers: dict[str, str], expected: set[int]) -> Response:
         # identity: the bytes must be the blob's, as stored (a decoded body would not be)
         return self.client.request("GET", self.url, scopes=self.scopes, expected=expected, headers={"Accept-Encoding": "identity", **headers})
 
-    def _check_length(self, response: requests.Response) -> None:
+    def _check_length(self, response: Response) -> None:
         """A 200's Content-Length, when stated, is the blob's whole length."""
         length = parse_decimal(response.headers.get("Content-Length"))
         if length is not None and length != self.blob.size:
@@ -445,7 +444,7 @@ class _Read:
             self.response = response
             return
 
-    def _check_range(self, response: requests.Response) -> None:
+    def _check_range(self, response: Response) -> None:
         """A 206 starts where it was asked to, and states the blob's length."""
         value = response.headers.get("Content-Range", "")
         match = _CONTENT_RANGE.fullmatch(value)
