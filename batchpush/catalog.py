@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .errors import BatchPushError, ReferenceError_, SourceError, UsageError
-from .prune import Pruned
 from .reference import LAYOUT_TRANSPORT, RepositoryPrefix, is_layout_prefix, is_prefix, parse_prefix, parse_target
 from .registry.errors import RegistryError
 from .sources.oci_layout import ALL_TAGS, OCILayout
@@ -34,6 +33,7 @@ from .sources.registry import parse_registry_source
 
 if TYPE_CHECKING:
     from .engine import PushJob
+    from .prune import Pruned
     from .registry.client import RegistryClient
 
 #: statuses of ``GET /v2/_catalog`` that mean "no catalog here": Docker Hub and GHCR
@@ -270,6 +270,8 @@ class GoneRepositories:
     def report(self, list_catalog: Lister) -> list[Pruned]:
         """The target repositories below the prefixes that no repository was
         copied to (a ``Pruned`` each, kept); raises as ``list_catalog`` does."""
+        from .prune import Pruned  # only a pruning run loads it
+
         if self.failed:
             return []
         reported = []

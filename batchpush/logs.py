@@ -9,7 +9,6 @@ events of ``progress.JsonProgress`` and the retries of ``registry/retry.py`` do.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import re
@@ -38,6 +37,8 @@ class JsonFormatter(logging.Formatter):
     record's ``fields``; every string in it redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
+        import datetime  # only a JSON log writes times
+
         line: dict[str, Any] = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
