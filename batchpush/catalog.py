@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .errors import BatchPushError, ReferenceError_, SourceError, UsageError
+from .patterns import LazyPattern
 from .reference import LAYOUT_TRANSPORT, RepositoryPrefix, is_layout_prefix, is_prefix, parse_prefix, parse_target
 from .registry.errors import RegistryError
 from .sources.oci_layout import ALL_TAGS, OCILayout
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 #: answer 401 whatever the credentials, ECR 403 or 404 (its API lists instead)
 CATALOG_REFUSED = frozenset({401, 403, 404, 405})
 #: a replacement's group reference (``\1``, ``\g<name>``): its result depends on the path
-_GROUP_REFERENCE = re.compile(r"\\(?:[0-9]|g<)")
+_GROUP_REFERENCE = LazyPattern(r"\\(?:[0-9]|g<)")
 
 
 def is_catalog_source(spec: str) -> bool:

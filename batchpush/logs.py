@@ -14,10 +14,12 @@ import logging
 import re
 from typing import Any
 
+from .patterns import LazyPattern
+
 #: a URL or request path followed by a query string (upload state, token scopes)
-_URL_QUERY = re.compile(r"((?:https?://|/)[^\s?\"']*)\?[^\s\"']*")
+_URL_QUERY = LazyPattern(r"((?:https?://|/)[^\s?\"']*)\?[^\s\"']*")
 #: an Authorization header value
-_CREDENTIAL = re.compile(r"\b(Bearer|Basic)\s+[^\s\"']+", re.IGNORECASE)
+_CREDENTIAL = LazyPattern(r"\b(Bearer|Basic)\s+[^\s\"']+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:

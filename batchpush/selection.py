@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import UsageError
+from .patterns import LazyPattern
 
 if TYPE_CHECKING:
     import semantic_version  # imported where a version is parsed: a run that selects no versions never loads it
 
 #: a pre-release named in a constraint (``1.2.0-rc.0``; npm's hyphen range ``1 - 2`` has spaces)
-_NAMED_PRERELEASE = re.compile(r"[0-9]-[0-9A-Za-z]", re.ASCII)
+_NAMED_PRERELEASE = LazyPattern(r"[0-9]-[0-9A-Za-z]", re.ASCII)
 #: a tag that may be a version: ``v`` optional, one to three numbers, a pre-release
-_VERSION_TAG = re.compile(r"[vV]?([0-9]+)(?:\.([0-9]+))?(?:\.([0-9]+))?(?:-([0-9A-Za-z.-]+))?", re.ASCII)
+_VERSION_TAG = LazyPattern(r"[vV]?([0-9]+)(?:\.([0-9]+))?(?:\.([0-9]+))?(?:-([0-9A-Za-z.-]+))?", re.ASCII)
 
 
 def version_of(tag: str) -> semantic_version.Version | None:

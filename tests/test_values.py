@@ -309,3 +309,28 @@ def test_errors_cross_process_boundaries():
     ):
         copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
         assert type(copy) is type(error) and str(copy) == str(error) and copy.__dict__ == error.__dict__
+
+
+@given(st.text(alphabet="ab-1. ", max_size=12))
+def test_a_lazy_pattern_matches_as_its_compiled_pattern(text):
+    from batchpush.patterns import LazyPattern
+
+    lazy, compiled = LazyPattern(r"(a+)-?([0-9])?", re.ASCII), re.compile(r"(a+)-?([0-9])?", re.ASCII)
+
+    def found(match):
+        return match and (match.span(), match.groups())
+
+    for method in ("match", "fullmatch", "search"):
+        assert found(getattr(lazy, method)(text)) == found(getattr(compiled, method)(text))
+        assert found(getattr(lazy, method)(text, 1)) == found(getattr(compiled, method)(text, 1))
+    assert lazy.sub(r"<\1>", text) == compiled.sub(r"<\1>", text)
+    assert lazy.sub(r"<\1>", text, 1) == compiled.sub(r"<\1>", text, 1)
+
+
+def test_a_lazy_pattern_compiles_on_first_use_only():
+    from batchpush.patterns import LazyPattern
+
+    lazy = LazyPattern(r"x")
+    assert lazy._compiled is None
+    assert lazy.fullmatch("x")
+    assert lazy._compiled is not None and lazy.compiled() is lazy._compiled

@@ -24,6 +24,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import urllib3
 
+from ..patterns import LazyPattern
 from ..waits import Flights
 from .errors import TRANSPORT_ERRORS, AuthError, RegistryError, error_from_response, read_limited
 from .transport import Response, Session, send
@@ -68,7 +69,8 @@ class Challenge:
     params: dict[str, str]
 
 
-_PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
+_SCHEME = LazyPattern(r"\s*([A-Za-z][A-Za-z0-9-]*)\s*")
+_PARAM = LazyPattern(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
 
 
 def parse_challenges(header: str) -> list[Challenge]:
@@ -76,7 +78,7 @@ def parse_challenges(header: str) -> list[Challenge]:
     challenges: list[Challenge] = []
     position = 0
     while position < len(header):
-        match = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*)\s*").match(header, position)
+        match = _SCHEME.match(header, position)
         if not match:
             break
         scheme = match.group(1).lower()

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 from collections import Counter
@@ -37,6 +36,7 @@ from .. import __version__
 from .. import mediatypes as mt
 from ..digest import CHUNK_BYTES, Digest, InvalidDigestError
 from ..errors import DigestMismatchError, ReferenceError_, SourceError
+from ..patterns import LazyPattern
 from ..sources.base import FileRange, read_views
 from ..waits import POLL_S, Flights, Slots
 from .auth import Authenticator, Credentials, scope_for
@@ -306,7 +306,7 @@ MAX_REFERRER_PAGES = 20
 #: they do not know (400, 405, 406, 501): the fallback tag carries the referrers
 REFERRERS_NOT_SERVED = frozenset({400, 404, 405, 406, 501})
 #: a registry API path: its repository, and the endpoint after it
-_REPOSITORY_PATH = re.compile(r"/v2/(.+?)/(manifests|blobs|tags|referrers)/")
+_REPOSITORY_PATH = LazyPattern(r"/v2/(.+?)/(manifests|blobs|tags|referrers)/")
 #: docker's per-host trust directories
 CERTS_DIRS = ("/etc/docker/certs.d", os.path.join(os.path.expanduser("~"), ".docker", "certs.d"))
 

@@ -30,6 +30,7 @@ from urllib.parse import urljoin, urlsplit
 
 from ..digest import CHUNK_BYTES, Digest
 from ..errors import Cancelled, DigestMismatchError
+from ..patterns import LazyPattern
 from ..reference import is_repository_path
 from .auth import scope_for
 from .errors import BODY_ERRORS, MalformedResponseError, RegistryError, parse_decimal, release, transport_error
@@ -55,7 +56,7 @@ MAX_TAGS = 100_000
 #: MAX_TAGS tags of 128 characters in one page still fits
 MAX_TAG_PAGE_BYTES = 16 << 20
 #: a tag (distribution's grammar), ASCII only; anything else is never put in a URL
-TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", re.ASCII)
+TAG = LazyPattern(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", re.ASCII)
 #: invalid tags named one by one in the log; the rest are counted
 MAX_QUOTED_TAGS = 10
 #: repositories asked for per page of a catalog (``?n=``); registries may send fewer
@@ -98,7 +99,7 @@ class RateLimit:
     window_s: int | None
 
 
-_RATE_LIMIT = re.compile(r"\s*([0-9]{1,18})\s*(?:;\s*w\s*=\s*([0-9]{1,18}))?\s*(?:[,;]|$)", re.ASCII)
+_RATE_LIMIT = LazyPattern(r"\s*([0-9]{1,18})\s*(?:;\s*w\s*=\s*([0-9]{1,18}))?\s*(?:[,;]|$)", re.ASCII)
 
 
 def parse_rate_limit_value(value: str | None) -> tuple[int, int | None] | None:
@@ -126,7 +127,7 @@ def media_type_of(content_type: str | None) -> str:
 
 
 # -- Link headers (RFC 8288, formerly RFC 5988) ----------------------------------
-_LINK_PARAM = re.compile(r'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+\*?)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;,"]*)))?')
+_LINK_PARAM = LazyPattern(r'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+\*?)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;,"]*)))?')
 
 
 def parse_link_header(value: str) -> list[tuple[str, frozenset[str]]]:
@@ -295,7 +296,7 @@ class BlobReader:
 
 
 #: ``Content-Range: bytes START-END/TOTAL`` (TOTAL may be ``*``: unknown)
-_CONTENT_RANGE = re.compile(r"\s*bytes\s+([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)\s*", re.ASCII)
+_CONTENT_RANGE = LazyPattern(r"\s*bytes\s+([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)\s*", re.ASCII)
 
 
 class _Read:
