@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .errors import BatchPushError, ReferenceError_, SourceError, UsageError
-from .prune import Pruned
+from .patterns import LazyPattern
 from .reference import LAYOUT_TRANSPORT, RepositoryPrefix, is_layout_prefix, is_prefix, parse_prefix, parse_target
 from .registry.errors import RegistryError
 from .sources.oci_layout import ALL_TAGS, OCILayout
@@ -34,13 +34,14 @@ from .sources.registry import parse_registry_source
 
 if TYPE_CHECKING:
     from .engine import PushJob
+    from .prune import Pruned
     from .registry.client import RegistryClient
 
 #: statuses of ``GET /v2/_catalog`` that mean "no catalog here": Docker Hub and GHCR
 #: answer 401 whatever the credentials, ECR 403 or 404 (its API lists instead)
 CATALOG_REFUSED = frozenset({401, 403, 404, 405})
 #: a replacement's group reference (``\1``, ``\g<name>``): its result depends on the path
-_GROUP_REFERENCE = re.compile(r"\\(?:[0-9]|g<)")
+_GROUP_REFERENCE = LazyPattern(r"\\(?:[0-9]|g<)")
 
 
 def is_catalog_source(spec: str) -> bool:
@@ -270,6 +271,8 @@ class GoneRepositories:
     def report(self, list_catalog: Lister) -> list[Pruned]:
         """The target repositories below the prefixes that no repository was
         copied to (a ``Pruned`` each, kept); raises as ``list_catalog`` does."""
+        from .prune import Pruned  # only a pruning run loads it
+
         if self.failed:
             return []
         reported = []

@@ -77,12 +77,12 @@ def _metrics_label(text: str) -> tuple[str, str]:
 
 def _operations(parser: argparse.ArgumentParser) -> None:
     """Flags for runs nobody watches (cron, CI): JSON logs and Prometheus metrics."""
-    from .metrics import DEFAULT_JOB
 
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: every line written is one JSON object (an event or a log record), on stderr; no human line at all")
     parser.add_argument("--metrics-file", metavar="PATH", help="write the run's Prometheus metrics to PATH (node_exporter textfile format, atomically)")
     parser.add_argument("--pushgateway", metavar="URL", help="push the run's Prometheus metrics to this Pushgateway (a failed push is a warning only)")
-    parser.add_argument("--metrics-job", default=DEFAULT_JOB, metavar="NAME", help=f"the job label of the push (default {DEFAULT_JOB})")
+    # no default here: the metrics module (its DEFAULT_JOB) is imported by a run that exports metrics only
+    parser.add_argument("--metrics-job", metavar="NAME", help="the job label of the push (default batchpush)")
     parser.add_argument("--metrics-label", action="append", default=[], type=_metrics_label, metavar="KEY=VALUE", help="a grouping label of the push, and a label of every sample of the metrics file (repeatable)")
 
 
@@ -202,9 +202,9 @@ def _export_metrics(args: argparse.Namespace, result: BatchResult, started_at: f
         return
     import time
 
-    from .metrics import MetricsOptions, RunTimes, export  # prometheus-client: only a run that asks for metrics
+    from .metrics import DEFAULT_JOB, MetricsOptions, RunTimes, export  # prometheus-client: only a run that asks for metrics
 
-    options = MetricsOptions(textfile=args.metrics_file, pushgateway=args.pushgateway, job=args.metrics_job, labels=dict(args.metrics_label))
+    options = MetricsOptions(textfile=args.metrics_file, pushgateway=args.pushgateway, job=args.metrics_job or DEFAULT_JOB, labels=dict(args.metrics_label))
     export(options, result, RunTimes(started_at, time.time(), time.monotonic() - started), success=success)
 
 

@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
-from isal import isal_zlib
-
+# isal and xxhash are imported by the functions that use them: a run that compresses
+# and fingerprints nothing (a re-run whose tags hold their images) never loads them
 from .digest import CHUNK_BYTES, Digest
 from .sources.base import FileRange, read_views
 
@@ -88,6 +87,8 @@ def blocks_of(blob: FileRange) -> list[tuple[FileRange, bool]]:
 
 
 def _deflate(chunks: Iterable[memoryview], last: bool, on_input: Callable[[memoryview], None]) -> Iterator[bytes]:
+    from isal import isal_zlib
+
     compressor = isal_zlib.compressobj(ISAL_LEVEL, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)
     for chunk in chunks:
         on_input(chunk)
@@ -99,6 +100,8 @@ def _deflate(chunks: Iterable[memoryview], last: bool, on_input: Callable[[memor
 
 def deflate_block(block: FileRange, last: bool, spool_dir: str) -> DeflatedBlock:
     """A worker's share: one block deflated into a spool file."""
+    from isal import isal_zlib
+
     crc = 0
 
     def on_input(chunk: memoryview) -> None:
@@ -120,6 +123,8 @@ def deflate_block(block: FileRange, last: bool, spool_dir: str) -> DeflatedBlock
 def deflate_block_bytes(block: FileRange, last: bool) -> tuple[bytes, int]:
     """A worker's share of a streamed compression: one block's raw deflate output,
     returned (pickled back to the sender, no file written), and its input's CRC32."""
+    from isal import isal_zlib
+
     crc = 0
 
     def on_input(chunk: memoryview) -> None:
@@ -136,12 +141,16 @@ def gzip_trailer(crc: int, input_size: int) -> bytes:
 
 def combine_crc(crc: int, block_crc: int, block_size: int, first: bool) -> int:
     """The CRC32 of the input so far, with the next block's appended."""
+    from isal import isal_zlib
+
     return block_crc if first else isal_zlib.crc32_combine(crc, block_crc, block_size)
 
 
 def hash_input(blob: FileRange) -> tuple[Digest, str]:
     """The input's sha256 (its DiffID) and xxh3-128 (its fingerprint), in one pass.
     Raises SourceError if the source is short."""
+    import xxhash
+
     input_hash = hashlib.sha256()
     fingerprint = xxhash.xxh3_128()
     for chunk in read_views(blob):
@@ -159,6 +168,8 @@ def assemble(blob: FileRange, parts: Iterable[DeflatedBlock], spool_dir: str, ha
     compression); else it is done here. Raises SourceError if the source is short.
     The caller compares ``diff_id``.
     """
+    from isal import isal_zlib
+
     diff_id, fingerprint = hashed if hashed is not None else hash_input(blob)
     crc = 0
     output_hash = hashlib.sha256(GZIP_HEADER)
@@ -202,6 +213,8 @@ def compress_to_spool(blob: FileRange, spool_dir: str) -> CompressedBlob:
 def fingerprint_blob(blob: FileRange) -> str:
     """xxh3-128 of the blob's bytes: ~15x cheaper than sha256, to recognise a local
     layer seen before (the store maps it to its DiffID and compressed digest)."""
+    import xxhash
+
     hasher = xxhash.xxh3_128()
     for chunk in read_views(blob):
         hasher.update(chunk)
@@ -210,6 +223,8 @@ def fingerprint_blob(blob: FileRange) -> str:
 
 def hash_blob(blob: FileRange, algorithm: str = "sha256") -> HashedBlob:
     """The digest of a blob read in place (compressed layers are pushed as they are)."""
+    import xxhash
+
     hasher = hashlib.new(algorithm)
     fingerprint = xxhash.xxh3_128()
     for chunk in read_views(blob):

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import mediatypes as mt
 from . import waits
@@ -42,20 +42,16 @@ from .errors import BatchPushError, Cancelled, InternalError, InterruptedError_,
 from .expansion import Expansion, Key
 from .image_push import ImagePusher
 from .layer_push import LayerPusher
-from .layout import MAX_CONCURRENT_WRITES, BaseLayout, LayoutWriter, is_layout
 from .metadata import OverlayStore, open_store
 from .policy import hmac_key
 from .prepare import PendingManifest, PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer, prepared_remote
 from .presend import Presend, UploadSink
 from .progress import NoProgress, Progress
-from .prune import prune as prune_target
-from .reference import LAYOUT_TRANSPORT, Reference, RepositoryPrefix, parse_target
+from .reference import LAYOUT_TRANSPORT, Reference, RepositoryPrefix, is_layout, parse_target
 from .registry.auth import CredentialProvider, Credentials
 from .registry.client import RegistryClient, RegistryOptions
 from .registry.credentials import DockerConfigCredentials, password_from
-from .registry.dry_run import DryRunClient
 from .registry.errors import RegistryError
-from .registry.reads import BlobStream
 from .report import BatchResult, ImageResult
 from .selection import TagSelection, VersionRange
 from .sources import SourceImage, SourceManifest, open_source
@@ -64,6 +60,12 @@ from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
 from .sources.registry import Platform, RegistrySource, RemoteImage, parse_registry_source, referrers_tag, resolve
 from .state import PushState, RemoteBlob
 from .workers import WorkerPool, release_big_buffers
+
+if TYPE_CHECKING:
+    # imported where they are used: a run without an OCI layout target, a prune or a
+    # dry run never loads their modules (bench/startup.py: the one-image cron re-run)
+    from .layout import LayoutWriter
+    from .registry.reads import BlobStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -327,7 +329,11 @@ class Engine:
         if is_layout(host):
             return self._layout(host)  # type: ignore[return-value]
         options = self.registry_options(host)
-        kind = DryRunClient if self.options.dry_run else RegistryClient
+        kind = RegistryClient
+        if self.options.dry_run:
+            from .registry.dry_run import DryRunClient
+
+            kind = DryRunClient
         made = kind(
             host,
             options,
@@ -353,6 +359,8 @@ class Engine:
             writer = self._clients.get(host)
         if writer is not None:
             return writer  # type: ignore[return-value]
+        from .layout import MAX_CONCURRENT_WRITES, BaseLayout, LayoutWriter
+
         bases = tuple(BaseLayout.read(path) for path in self.options.incremental_from)
         made = LayoutWriter(host[len(LAYOUT_TRANSPORT) :], bases=bases, cancel=self.cancelled, dry_run=self.options.dry_run)
         with self._clients_lock:
@@ -448,6 +456,8 @@ class Engine:
                 log.warning("%s: not pruned: an image of it did not arrive", prune.job.source)
                 continue
             assert prune.listed is not None
+            from .prune import prune as prune_target
+
             for target in prune.targets:
                 try:
                     result.pruned.extend(prune_target(self.client(target.api_host), target, prune.listed, prune.job.selection.may_select))

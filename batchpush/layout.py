@@ -110,11 +110,6 @@ def _sync_directory(path: str) -> None:
         os.close(fd)
 
 
-def is_layout(text: str) -> bool:
-    """A target (or a reference's registry) naming an OCI layout: ``oci:...``."""
-    return text.startswith(TRANSPORT)
-
-
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
     """One ``index.json`` descriptor: a manifest or index, tagged (``ref_name``) or not."""

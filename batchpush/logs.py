@@ -9,16 +9,17 @@ events of ``progress.JsonProgress`` and the retries of ``registry/retry.py`` do.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import re
 from typing import Any
 
+from .patterns import LazyPattern
+
 #: a URL or request path followed by a query string (upload state, token scopes)
-_URL_QUERY = re.compile(r"((?:https?://|/)[^\s?\"']*)\?[^\s\"']*")
+_URL_QUERY = LazyPattern(r"((?:https?://|/)[^\s?\"']*)\?[^\s\"']*")
 #: an Authorization header value
-_CREDENTIAL = re.compile(r"\b(Bearer|Basic)\s+[^\s\"']+", re.IGNORECASE)
+_CREDENTIAL = LazyPattern(r"\b(Bearer|Basic)\s+[^\s\"']+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -38,6 +39,8 @@ class JsonFormatter(logging.Formatter):
     record's ``fields``; every string in it redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
+        import datetime  # only a JSON log writes times
+
         line: dict[str, Any] = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),

@@ -137,6 +137,11 @@ class RepositoryPrefix:
         return f"{self.registry}/{self.prefix}"
 
 
+def is_layout(text: str) -> bool:
+    """A target (or a reference's registry) naming an OCI layout: ``oci:...``."""
+    return text.startswith(LAYOUT_TRANSPORT)
+
+
 def is_layout_prefix(text: str) -> bool:
     """``oci:DIR`` with no repository: a layout that takes each repository under its path."""
     return text.startswith(LAYOUT_TRANSPORT) and ":" not in text[len(LAYOUT_TRANSPORT) :]

@@ -21,15 +21,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import semantic_version
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+from .patterns import LazyPattern
+
+if TYPE_CHECKING:
+    import semantic_version  # imported where a version is parsed: a run that selects no versions never loads it
 
 #: a pre-release named in a constraint (``1.2.0-rc.0``; npm's hyphen range ``1 - 2`` has spaces)
-_NAMED_PRERELEASE = re.compile(r"[0-9]-[0-9A-Za-z]", re.ASCII)
+_NAMED_PRERELEASE = LazyPattern(r"[0-9]-[0-9A-Za-z]", re.ASCII)
 #: a tag that may be a version: ``v`` optional, one to three numbers, a pre-release
-_VERSION_TAG = re.compile(r"[vV]?([0-9]+)(?:\.([0-9]+))?(?:\.([0-9]+))?(?:-([0-9A-Za-z.-]+))?", re.ASCII)
+_VERSION_TAG = LazyPattern(r"[vV]?([0-9]+)(?:\.([0-9]+))?(?:\.([0-9]+))?(?:-([0-9A-Za-z.-]+))?", re.ASCII)
 
 
 def version_of(tag: str) -> semantic_version.Version | None:
@@ -40,6 +43,8 @@ def version_of(tag: str) -> semantic_version.Version | None:
         return None
     major, minor, patch, prerelease = match.groups()
     text = f"{major}.{minor or 0}.{patch or 0}" + (f"-{prerelease}" if prerelease else "")
+    import semantic_version
+
     try:
         return semantic_version.Version(text)
     except ValueError:  # a leading zero, an empty pre-release part
@@ -59,6 +64,8 @@ class VersionRange:
     @classmethod
     def parse(cls, text: str) -> VersionRange:
         """Raises UsageError naming the constraint if neither syntax reads it."""
+        import semantic_version
+
         compact = re.sub(r"\s*,\s*", ",", text.strip())
         prereleases = _NAMED_PRERELEASE.search(text) is not None
         try:

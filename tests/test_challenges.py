@@ -25,6 +25,7 @@ from tls import make_htpasswd
 from batchpush.registry.auth import Authenticator, Credentials, scope_for
 from batchpush.registry.client import RegistryClient, RegistryOptions
 from batchpush.registry.errors import RegistryError
+from batchpush.registry.transport import new_session
 
 PUSHER = ("pusher", "s3cret-Pa55word-xyz")
 ALICE = ("alice", "alice-secret-pw")
@@ -154,7 +155,7 @@ def test_each_request_sent_before_the_challenge_was_known_earns_its_retry(token_
 def test_basic_credentials_refused_earn_no_retry(htpasswd_registry):
     """Basic: a request sent without credentials earns one retry with them; one that
     carried them, refused, earns none (they would be refused again)."""
-    auth = Authenticator(htpasswd_registry.host, requests.Session(), Credentials(*PUSHER))
+    auth = Authenticator(htpasswd_registry.host, new_session("test", 1), Credentials(*PUSHER))
     scopes = (scope_for("late/basic", "pull,push"),)
     answer = requests.post(f"{htpasswd_registry.url}/v2/late/basic/blobs/uploads/", timeout=30)
     assert answer.status_code == 401

@@ -228,9 +228,68 @@ def test_proxies_come_from_the_environment_once_per_origin(monkeypatch):
     try:
         assert transport.proxies_for("https://registry.example:5000/v2/")["https"] == "http://127.0.0.1:3128"
         assert transport.proxies_for("https://registry.internal/v2/x") == {}
-        assert not transport.new_session("ua", 2).trust_env
     finally:
         transport._origin_proxies.cache_clear()
+
+
+#: proxy settings and URLs on which our reading of the environment must agree with
+#: requests' (which batchpush used until it spoke urllib3 directly)
+PROXY_ENVIRONMENTS = [
+    {"HTTPS_PROXY": "http://127.0.0.1:3128"},
+    {"https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:2", "http_proxy": "127.0.0.1:3129"},
+    {"ALL_PROXY": "http://all:3128", "NO_PROXY": "internal,.corp.example,10.0.0.0/8,192.168.1.7,registry.example:5000"},
+    {"HTTPS_PROXY": "http://p:3128", "no_proxy": "*"},
+    {"HTTPS_PROXY": "http://p:3128", "HTTP_PROXY": "http://q:3128", "NO_PROXY": " ernal , localhost"},
+    {"HTTPS_PROXY": "http://user:pa%40ss@p:3128", "NO_PROXY": "[::1],127.0.0.1"},
+]
+PROXIED_URLS = [
+    "https://registry.example:5000/v2/",
+    "https://registry.example/v2/",
+    "https://registry.internal/v2/x",
+    "http://internal:5000/v2/",
+    "https://a.corp.example/v2/",
+    "https://corp.example/v2/",
+    "http://10.1.2.3:5000/v2/",
+    "http://192.168.1.7/v2/",
+    "http://192.168.1.8/v2/",
+    "http://127.0.0.1:5000/v2/",
+    "http://[::1]:5000/v2/",
+    "http://localhost:5000/v2/",
+]
+
+
+@pytest.mark.parametrize("environment", PROXY_ENVIRONMENTS)
+def test_proxies_agree_with_requests_rules(monkeypatch, environment):
+    """For each environment and URL: the proxies we read, and the one a request
+    takes, are requests' (``get_environ_proxies``, ``select_proxy``)."""
+    import requests.utils
+
+    from batchpush.registry import transport
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    transport._origin_proxies.cache_clear()
+    try:
+        for url in PROXIED_URLS:
+            theirs = requests.utils.get_environ_proxies(url)
+            assert transport.proxies_for(url) == theirs, url
+            assert transport.proxy_for(url) == requests.utils.select_proxy(url, theirs), url
+    finally:
+        transport._origin_proxies.cache_clear()
+
+
+def test_no_proxy_variable_reads_nothing_more(monkeypatch):
+    from batchpush.registry import transport
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    transport._origin_proxies.cache_clear()
+    assert transport.proxies_for("https://registry.example/v2/") == {}
+    assert transport.proxy_for("https://registry.example/v2/") is None
 
 
 def test_errors_cross_process_boundaries():
@@ -250,3 +309,28 @@ def test_errors_cross_process_boundaries():
     ):
         copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
         assert type(copy) is type(error) and str(copy) == str(error) and copy.__dict__ == error.__dict__
+
+
+@given(st.text(alphabet="ab-1. ", max_size=12))
+def test_a_lazy_pattern_matches_as_its_compiled_pattern(text):
+    from batchpush.patterns import LazyPattern
+
+    lazy, compiled = LazyPattern(r"(a+)-?([0-9])?", re.ASCII), re.compile(r"(a+)-?([0-9])?", re.ASCII)
+
+    def found(match):
+        return match and (match.span(), match.groups())
+
+    for method in ("match", "fullmatch", "search"):
+        assert found(getattr(lazy, method)(text)) == found(getattr(compiled, method)(text))
+        assert found(getattr(lazy, method)(text, 1)) == found(getattr(compiled, method)(text, 1))
+    assert lazy.sub(r"<\1>", text) == compiled.sub(r"<\1>", text)
+    assert lazy.sub(r"<\1>", text, 1) == compiled.sub(r"<\1>", text, 1)
+
+
+def test_a_lazy_pattern_compiles_on_first_use_only():
+    from batchpush.patterns import LazyPattern
+
+    lazy = LazyPattern(r"x")
+    assert lazy._compiled is None
+    assert lazy.fullmatch("x")
+    assert lazy._compiled is not None and lazy.compiled() is lazy._compiled

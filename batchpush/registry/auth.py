@@ -20,13 +20,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import requests
 import urllib3
 
+from ..patterns import LazyPattern
 from ..waits import Flights
-from .errors import AuthError, RegistryError, error_from_response, read_limited
-from .transport import proxies_for
+from .errors import TRANSPORT_ERRORS, AuthError, RegistryError, error_from_response, read_limited
+from .transport import Response, Session, send
 
 #: the most of a token response we read
 MAX_TOKEN_BODY_BYTES = 1 << 20
@@ -68,7 +69,8 @@ class Challenge:
     params: dict[str, str]
 
 
-_PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
+_SCHEME = LazyPattern(r"\s*([A-Za-z][A-Za-z0-9-]*)\s*")
+_PARAM = LazyPattern(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
 
 
 def parse_challenges(header: str) -> list[Challenge]:
@@ -76,7 +78,7 @@ def parse_challenges(header: str) -> list[Challenge]:
     challenges: list[Challenge] = []
     position = 0
     while position < len(header):
-        match = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*)\s*").match(header, position)
+        match = _SCHEME.match(header, position)
         if not match:
             break
         scheme = match.group(1).lower()
@@ -121,7 +123,7 @@ class Authenticator:
     it can answer, or the credentials it would send are the ones just refused.
     """
 
-    def __init__(self, host: str, session: requests.Session, credentials: Credentials | None, *, verify_realm: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> None:
+    def __init__(self, host: str, session: Session, credentials: Credentials | None, *, verify_realm: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> None:
         self.host = host
         self.session = session
         self.credentials = credentials
@@ -163,7 +165,7 @@ class Authenticator:
                     return f"Bearer {token.value}"
             return f"Bearer {self._fetch_token(challenge, scopes)}"
 
-    def challenge(self, response: requests.Response, scopes: tuple[str, ...], sent: str | None = None) -> bool:
+    def challenge(self, response: Response, scopes: tuple[str, ...], sent: str | None = None) -> bool:
         """Learn from a 401 to a request for ``scopes`` that carried the Authorization
         ``sent`` (None: none); True if sending it again may now succeed. The caller
         sends a request again once at most, so a second 401 after fresh credentials
@@ -233,7 +235,7 @@ class Authenticator:
         form = [("grant_type", "refresh_token"), ("refresh_token", self._refresh_token), ("service", service), ("client_id", OAUTH_CLIENT_ID)]
         if scopes:
             form.append(("scope", " ".join(scopes)))
-        document = self._ask_realm("POST", realm, {}, data=form, refused="the token service refused the identity token")
+        document = self._ask_realm("POST", realm, {"Content-Type": "application/x-www-form-urlencoded"}, data=form, refused="the token service refused the identity token")
         refreshed = document.get("refresh_token")
         if isinstance(refreshed, str) and refreshed:
             self._refresh_token = refreshed
@@ -247,12 +249,14 @@ class Authenticator:
         is the detail of the AuthError a refusal raises."""
         timeout = (TOKEN_CONNECT_TIMEOUT_S, TOKEN_READ_TIMEOUT_S)
         try:
-            response = self.session.request(
-                method, realm, params=params, data=data, headers=headers, stream=True, timeout=timeout, allow_redirects=False, verify=self.session.verify, proxies=proxies_for(realm)
-            )
-        except requests.exceptions.SSLError as exc:
+            response = send(self.session, method, _with_params(realm, params), headers, urlencode(data).encode() if data is not None else None, timeout=timeout, verify=self.session.verify)
+        except urllib3.exceptions.SSLError as exc:
             raise RegistryError(method, realm, None, (), "token request: TLS verification failed", permanent=True) from exc
-        except requests.RequestException as exc:
+        except ValueError as exc:
+            # a URL or a header value HTTP cannot carry: its text may quote the
+            # credentials, so it is not chained (a traceback would print it)
+            raise RegistryError(method, realm, None, (), f"token request: {type(exc).__name__}") from None
+        except TRANSPORT_ERRORS as exc:
             raise RegistryError(method, realm, None, (), f"token request: {type(exc).__name__}") from exc
         if response.status_code != 200:
             error = error_from_response(response, method)
@@ -260,10 +264,8 @@ class Authenticator:
             if response.status_code in (401, 403) or (method == "POST" and response.status_code == 400):
                 raise AuthError(method, realm, response.status_code, error.codes, refused)
             raise RegistryError(method, realm, response.status_code, error.codes, "token request failed", retry_after_s=error.retry_after_s)
-        try:
-            body = read_limited(response, MAX_TOKEN_BODY_BYTES)
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:  # the answer broke off
-            raise RegistryError(method, realm, None, (), f"token request: {type(exc).__name__}") from exc
+        # a body that breaks off raises a temporary RegistryError (read_limited)
+        body = read_limited(response, MAX_TOKEN_BODY_BYTES)
         try:
             document = json.loads(body)
         except ValueError:
@@ -271,6 +273,14 @@ class Authenticator:
         if not isinstance(document, dict):
             raise AuthError(method, realm, 200, (), "token response is not a JSON object")
         return document
+
+
+def _with_params(url: str, params: list[tuple[str, str]] | None) -> str:
+    """``url`` with ``params`` added to its query (form-encoded, as requests did),
+    its fragment dropped (never sent)."""
+    parts = urlsplit(url)
+    query = "&".join(part for part in (parts.query, urlencode(params or [])) if part)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
 def _token_from(document: dict[str, object], method: str, realm: str) -> tuple[str, float]:

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 from collections import Counter
@@ -31,14 +30,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
-import requests
 import urllib3
-from requests import certs
 
 from .. import __version__
 from .. import mediatypes as mt
 from ..digest import CHUNK_BYTES, Digest, InvalidDigestError
 from ..errors import DigestMismatchError, ReferenceError_, SourceError
+from ..patterns import LazyPattern
 from ..sources.base import FileRange, read_views
 from ..waits import POLL_S, Flights, Slots
 from .auth import Authenticator, Credentials, scope_for
@@ -81,7 +79,7 @@ from .reads import (
     valid_tag,
 )
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP_S, Cancelled, HostGate, RetryPolicy, run_with_retries
-from .transport import new_session, send
+from .transport import Response, default_ca_bundle, new_session, send
 
 if TYPE_CHECKING:
     from ..sources.base import RegistryBlob
@@ -187,7 +185,7 @@ class MountResult:
 
 
 class _Body:
-    """A request body over a file range: sized (so requests sends Content-Length)
+    """A request body over a file range: sized (so it is sent with its Content-Length)
     and iterated in CHUNK_BYTES pieces, counting bytes as they go; a cancelled run
     stops it mid-way."""
 
@@ -209,7 +207,7 @@ class _Body:
 
 class _StreamBody:
     """A request body of ``length`` bytes taken from a stream (``pieces``): sized (so
-    requests sends Content-Length), counted as it goes, stopped by a cancelled run.
+    it is sent with its Content-Length), counted as it goes, stopped by a cancelled run.
     What the stream raised is kept in ``failure``: whatever the HTTP stack makes of
     an exception raised inside its send loop, upload_blob raises this one."""
 
@@ -314,7 +312,7 @@ MAX_REFERRER_PAGES = 20
 #: they do not know (400, 405, 406, 501): the fallback tag carries the referrers
 REFERRERS_NOT_SERVED = frozenset({400, 404, 405, 406, 501})
 #: a registry API path: its repository, and the endpoint after it
-_REPOSITORY_PATH = re.compile(r"/v2/(.+?)/(manifests|blobs|tags|referrers)/")
+_REPOSITORY_PATH = LazyPattern(r"/v2/(.+?)/(manifests|blobs|tags|referrers)/")
 #: docker's per-host trust directories
 CERTS_DIRS = ("/etc/docker/certs.d", os.path.join(os.path.expanduser("~"), ".docker", "certs.d"))
 
@@ -367,10 +365,10 @@ def trusted_ca_files(host: str, ca_file: str | None) -> list[str]:
 
 
 def combined_bundle(extra: list[str]) -> str:
-    """The default CA bundle plus ``extra`` in one file (requests takes one path)."""
+    """The default CA bundle plus ``extra`` in one file (a trust setting is one path)."""
     fd, path = tempfile.mkstemp(prefix="batchpush-ca-", suffix=".pem")
     with os.fdopen(fd, "wb") as out:
-        for source in [certs.where(), *extra]:  # type: ignore[attr-defined]
+        for source in [default_ca_bundle(), *extra]:
             try:
                 with open(source, "rb") as f:
                     out.write(f.read() + b"\n")
@@ -514,7 +512,7 @@ class RegistryClient:
         # nothing is sent there: neither the credentials nor an anonymous token request
         raise AuthError("GET", realm, None, (), f"token realm on {parts.netloc.rpartition('@')[2]} is not https and its host is not marked insecure")
 
-    def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
+    def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> Response:
         """One of the host's request slots, from the sending to the answer's head (a
         DELETE cancelling an upload session still goes for a while after a cancel).
         A Retry-After pauses the host before the slot is given up, and a slot taken
@@ -531,7 +529,7 @@ class RegistryClient:
                     return response
             self.gate.wait()
 
-    def _send_now(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
+    def _send_now(self, method: str, url: str, headers: dict[str, str], data: Any) -> Response:
         try:
             # verify is passed explicitly (the session does not read the environment)
             return send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, self.options.read_timeout_s), verify=self.session.verify)
@@ -552,7 +550,7 @@ class RegistryClient:
         expected: frozenset[int] | set[int],
         headers: dict[str, str] | None = None,
         body: Callable[[], Any] | None = None,
-    ) -> requests.Response:
+    ) -> Response:
         """Send one request; a 401 with a challenge (on any request: a registry may
         answer the ping 200 and challenge a write) earns fresh credentials for
         ``scopes`` and one resend. Redirects
@@ -680,19 +678,19 @@ class RegistryClient:
         return self._size(response, url)
 
     @staticmethod
-    def _size(response: requests.Response, url: str) -> int:
+    def _size(response: Response, url: str) -> int:
         """A HEAD 200's Content-Length: what the registry holds is that large."""
         size = parse_decimal(response.headers.get("Content-Length"))
         if size is None:
             raise MalformedResponseError("HEAD", url, response.status_code, (), "the answer carries no valid Content-Length (the content's size)")
         return size
 
-    def _session_from(self, response: requests.Response) -> UploadSession:
+    def _session_from(self, response: Response) -> UploadSession:
         location = response.headers.get("Location")
         if not location:
-            raise RegistryError(response.request.method or "POST", response.url, response.status_code, (), "no Location header on an upload response")
+            raise RegistryError(response.method, response.url, response.status_code, (), "no Location header on an upload response")
         # a minimum that does not parse is ignored: chunks of our own size are sent
-        return UploadSession(_resolve(response.url, location, response.request.method or "POST", response.status_code), parse_decimal(response.headers.get("OCI-Chunk-Min-Length")) or 0)
+        return UploadSession(_resolve(response.url, location, response.method, response.status_code), parse_decimal(response.headers.get("OCI-Chunk-Min-Length")) or 0)
 
     def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> MountResult:
         """``POST ?mount=&from=``: 201 mounted, 202 an upload session instead."""
@@ -1176,7 +1174,7 @@ class RegistryClient:
         return list(names)
 
     @staticmethod
-    def _list_page(response: requests.Response, url: str, key: str, what: str) -> list[object]:
+    def _list_page(response: Response, url: str, key: str, what: str) -> list[object]:
         """The ``key`` list of one page (``null``: none)."""
         body = read_limited(response, MAX_TAG_PAGE_BYTES + 1)
         if len(body) > MAX_TAG_PAGE_BYTES:

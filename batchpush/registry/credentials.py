@@ -29,7 +29,6 @@ import binascii
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -161,6 +160,8 @@ def run_helper(name: str, server: str) -> Credentials | None:
     # docker asks for the key only; a helper that stored another registry under its
     # URL (as some logins do) is asked for that too
     asks = (server,) if "://" in server else (server, f"https://{server}")
+    import subprocess  # only a configured helper runs one
+
     for ask in asks:
         try:
             done = subprocess.run([path, "get"], input=ask.encode(), capture_output=True, timeout=HELPER_TIMEOUT_S, check=False)

@@ -9,8 +9,7 @@
     └── MalformedResponseError  an expected status whose headers do not parse (a size, a
                                 digest): retried, never turned into an invented value
 
-What the HTTP stack raises (requests', urllib3's outside requests' wrapping, the
-socket's) becomes a RegistryError in one place, ``transport_error``, called where a
+What the HTTP stack raises (urllib3's, http.client's, the socket's) becomes a RegistryError in one place, ``transport_error``, called where a
 request is sent (the client's ``_send``) and where a body is read (``read_limited``).
 """
 
@@ -23,10 +22,10 @@ import re
 import time
 from urllib.parse import urlsplit
 
-import requests
 import urllib3
 
 from ..errors import BatchPushError
+from .transport import Response
 
 #: the most of an error body we read, and of its errors we quote
 MAX_ERROR_BODY_BYTES = 64 << 10
@@ -125,10 +124,10 @@ class MalformedResponseError(RegistryError):
         return True
 
 
-#: what sending a request or reading its body may raise: requests' errors, urllib3's
-#: (a streamed body is read outside requests' wrapping, and requests re-raises some
-#: of them as they are), http.client's and the socket's
-TRANSPORT_ERRORS: tuple[type[Exception], ...] = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+#: what sending a request or reading its body may raise: urllib3's errors (the
+#: transport never retries, so they come as they are, never as MaxRetryError),
+#: http.client's and the socket's
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 #: what reading a body may raise besides: ValueError, reading a file already closed
 BODY_ERRORS: tuple[type[Exception], ...] = (*TRANSPORT_ERRORS, ValueError)
 
@@ -138,10 +137,10 @@ def transport_error(method: str, url: str, exc: Exception, *, sending: bool) -> 
 
     Only the exception's type is named, never its text: that may quote a header
     (``Invalid header value b'Bearer ...'``) or a URL with its query. Temporary,
-    except while ``sending``: TLS verification failing (requests' SSLError), and a
+    except while ``sending``: TLS verification failing (urllib3's SSLError), and a
     ValueError (a URL or a header value HTTP cannot carry, e.g. a token holding a
     newline), which no retry can fix."""
-    if sending and isinstance(exc, requests.exceptions.SSLError):
+    if sending and isinstance(exc, urllib3.exceptions.SSLError):
         return RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)", permanent=True)
     if sending and isinstance(exc, ValueError):
         return RegistryError(method, url, None, (), f"the request cannot be sent: its URL or a header value is not valid HTTP ({type(exc).__name__})", permanent=True)
@@ -183,15 +182,12 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 MAX_DRAIN_BYTES = 64 << 10
 
 
-def release(response: requests.Response) -> None:
+def release(response: Response) -> None:
     """Done with a streamed ``response``. Closing it would close its connection too
     (every request would then open a new one, and the registry set up each); so the
     rest of a small body is read and the connection goes back to the pool. Never
     raises for a broken rest: its connection is closed instead."""
     raw = response.raw
-    if raw is None or response._content_consumed:  # type: ignore[attr-defined]
-        response.close()
-        return
     try:
         left = MAX_DRAIN_BYTES
         while left > 0:
@@ -205,25 +201,22 @@ def release(response: requests.Response) -> None:
     response.close()
 
 
-def read_limited(response: requests.Response, limit_bytes: int) -> bytes:
-    """At most ``limit_bytes`` of a (streamed or not) response body. A body that
+def read_limited(response: Response, limit_bytes: int) -> bytes:
+    """At most ``limit_bytes`` of a streamed response body. A body that
     breaks off (the connection closed or timed out mid-way, a bad encoding) raises
     a RegistryError without a status (temporary), its connection closed."""
     try:
-        if not response.raw or response._content_consumed:  # type: ignore[attr-defined]
-            return response.content[:limit_bytes]
         data = response.raw.read(limit_bytes, decode_content=True) or b""
     except BODY_ERRORS as exc:
         response.close()
-        method = (response.request.method if response.request else None) or "GET"
-        raise transport_error(method, response.url, exc, sending=False) from exc
+        raise transport_error(response.method, response.url, exc, sending=False) from exc
     release(response)
     return data
 
 
-def error_from_response(response: requests.Response, method: str | None = None) -> RegistryError:
+def error_from_response(response: Response, method: str | None = None) -> RegistryError:
     """Map a failed response to a RegistryError carrying the OCI error codes."""
-    method = method or (response.request.method if response.request else "?") or "?"
+    method = method or response.method
     codes: list[str] = []
     messages: list[str] = []
     body = b""

@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeGuard
 from urllib.parse import urljoin, urlsplit
 
-import requests
-
 from ..digest import CHUNK_BYTES, Digest
 from ..errors import Cancelled, DigestMismatchError
+from ..patterns import LazyPattern
 from ..reference import is_repository_path
 from .auth import scope_for
 from .errors import BODY_ERRORS, MalformedResponseError, RegistryError, parse_decimal, release, transport_error
 from .retry import HostGate, RetryPolicy, retry_fields
+from .transport import Response
 
 if TYPE_CHECKING:
     from ..sources.base import RegistryBlob
@@ -56,7 +56,7 @@ MAX_TAGS = 100_000
 #: MAX_TAGS tags of 128 characters in one page still fits
 MAX_TAG_PAGE_BYTES = 16 << 20
 #: a tag (distribution's grammar), ASCII only; anything else is never put in a URL
-TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", re.ASCII)
+TAG = LazyPattern(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", re.ASCII)
 #: invalid tags named one by one in the log; the rest are counted
 MAX_QUOTED_TAGS = 10
 #: repositories asked for per page of a catalog (``?n=``); registries may send fewer
@@ -99,7 +99,7 @@ class RateLimit:
     window_s: int | None
 
 
-_RATE_LIMIT = re.compile(r"\s*([0-9]{1,18})\s*(?:;\s*w\s*=\s*([0-9]{1,18}))?\s*(?:[,;]|$)", re.ASCII)
+_RATE_LIMIT = LazyPattern(r"\s*([0-9]{1,18})\s*(?:;\s*w\s*=\s*([0-9]{1,18}))?\s*(?:[,;]|$)", re.ASCII)
 
 
 def parse_rate_limit_value(value: str | None) -> tuple[int, int | None] | None:
@@ -127,7 +127,7 @@ def media_type_of(content_type: str | None) -> str:
 
 
 # -- Link headers (RFC 8288, formerly RFC 5988) ----------------------------------
-_LINK_PARAM = re.compile(r'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+\*?)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;,"]*)))?')
+_LINK_PARAM = LazyPattern(r'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+\*?)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;,"]*)))?')
 
 
 def parse_link_header(value: str) -> list[tuple[str, frozenset[str]]]:
@@ -239,7 +239,7 @@ class ReadingClient(Protocol):
 
     def count_read(self, n: int) -> None: ...
 
-    def request(self, method: str, url: str, *, scopes: tuple[str, ...], expected: frozenset[int] | set[int], headers: dict[str, str] | None = None) -> requests.Response:
+    def request(self, method: str, url: str, *, scopes: tuple[str, ...], expected: frozenset[int] | set[int], headers: dict[str, str] | None = None) -> Response:
         """A GET of the blob (``RegistryClient.request``: no body here)."""
         ...
 
@@ -296,7 +296,7 @@ class BlobReader:
 
 
 #: ``Content-Range: bytes START-END/TOTAL`` (TOTAL may be ``*``: unknown)
-_CONTENT_RANGE = re.compile(r"\s*bytes\s+([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)\s*", re.ASCII)
+_CONTENT_RANGE = LazyPattern(r"\s*bytes\s+([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)\s*", re.ASCII)
 
 
 class _Read:
@@ -313,18 +313,18 @@ class _Read:
         #: bytes at the start of the current response to drop (a 200 to a Range)
         self.skip = 0
         self.resumes = 0
-        self.response: requests.Response | None = None
+        self.response: Response | None = None
         #: why the response last broke off
         self._broken: RegistryError | None = None
 
     def _mismatch(self, expected: str, actual: str) -> DigestMismatchError:
         return DigestMismatchError(self.reader.name, "blob", expected, actual)
 
-    def _get(self, headers: dict[str, str], expected: set[int]) -> requests.Response:
+    def _get(self, headers: dict[str, str], expected: set[int]) -> Response:
         # identity: the bytes must be the blob's, as stored (a decoded body would not be)
         return self.client.request("GET", self.url, scopes=self.scopes, expected=expected, headers={"Accept-Encoding": "identity", **headers})
 
-    def _check_length(self, response: requests.Response) -> None:
+    def _check_length(self, response: Response) -> None:
         """A 200's Content-Length, when stated, is the blob's whole length."""
         length = parse_decimal(response.headers.get("Content-Length"))
         if length is not None and length != self.blob.size:
@@ -445,7 +445,7 @@ class _Read:
             self.response = response
             return
 
-    def _check_range(self, response: requests.Response) -> None:
+    def _check_range(self, response: Response) -> None:
         """A 206 starts where it was asked to, and states the blob's length."""
         value = response.headers.get("Content-Range", "")
         match = _CONTENT_RANGE.fullmatch(value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ..errors import UsageError
 from .base import (
     Compression,
@@ -14,8 +16,10 @@ from .base import (
     SourceManifest,
     SourceNode,
 )
-from .docker_archive import DockerArchive
 from .oci_layout import OCILayout
+
+if TYPE_CHECKING:
+    from .docker_archive import DockerArchive
 
 TRANSPORTS = ("oci", "docker-archive")
 
@@ -34,7 +38,17 @@ def open_source(spec: str) -> ImageSource:
         raise UsageError(f"bad source {spec!r}: empty path or reference")
     if transport == "oci":
         return OCILayout(path, ref or None)
+    from .docker_archive import DockerArchive  # tarfile: only a docker-archive source loads it
+
     return DockerArchive(path, ref or None)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DockerArchive":
+        from .docker_archive import DockerArchive
+
+        return DockerArchive
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

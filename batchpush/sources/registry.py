@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .. import mediatypes as mt
 from ..digest import Digest, InvalidDigestError
 from ..errors import BatchPushError, SourceError, UsageError
+from ..patterns import LazyPattern
 from ..reference import Reference, parse_reference
 from .base import Compression, Descriptor, RegistryBlob, SourceImage, SourceIndex, SourceLayer, SourceManifest
 
@@ -48,7 +49,7 @@ def parse_registry_source(spec: str) -> Reference:
 
 #: the tags cosign and the OCI 1.1 referrers fallback give an image's attachments:
 #: ``sha256-<hex>`` (the referrers index), ``sha256-<hex>.sig`` / ``.att`` / ``.sbom``
-ATTACHMENT_TAG = re.compile(r"sha256-([0-9a-f]{64})(?:\.(?:sig|att|sbom))?", re.ASCII)
+ATTACHMENT_TAG = LazyPattern(r"sha256-([0-9a-f]{64})(?:\.(?:sig|att|sbom))?", re.ASCII)
 
 
 def referrers_tag(digest: Digest) -> str:
