@@ -841,3 +841,47 @@ def test_the_pythons_whose_profiler_can_deadlock_a_worker_are_named():
 
     assert [_deadlocks(v) for v in ("3.11.0", "3.11.7", "3.11.8")] == [True] * 3
     assert [_deadlocks(v) for v in ("3.11.9", "3.11.12", "3.12.1", "3.13.0", "3.10.13", "3.11.7+", "pypy")] == [False] * 7
+
+
+@contextlib.contextmanager
+def stopped(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """``process`` stopped (SIGSTOP: it answers nothing, its sockets stay open) until the block ends."""
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def wait_until(condition, what: str, bound_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_the_watch_polls_its_workers_while_the_scheduler_does_not_list_them(tmp_path):
+    """The client's watch asks the scheduler for its workers from a thread of its
+    own: with the scheduler stopped (SIGSTOP), that call does not return, and the
+    watch still sends its polls and stops when told (it made the call itself, and
+    every poll and the stop waited for it: a call that never returned stopped the
+    polls for good, and every worker looked silent)."""
+    from distributed import Client
+
+    from batchpush.cluster.client import _Watch
+    from batchpush.progress import NoProgress
+
+    started = start_cluster(tmp_path, workers=1)
+    try:
+        with Client(started.address, timeout=START_TIMEOUT_S, set_as_default=False) as client:
+            workers = list(client.nthreads())
+            with stopped(started.scheduler):
+                watch = _Watch(client, "run0", NoProgress(), workers)
+                try:
+                    wait_until(lambda: watch._asked_at, "the watch sent no poll while the scheduler did not list the workers")
+                finally:
+                    watch.close()
+                watch._thread.join(60)
+                assert not watch._thread.is_alive(), "the watch did not stop"
+    finally:
+        stop_cluster(started)

@@ -36,12 +36,12 @@ from .common import (
     WORKERS_EVERY,
     ClusterError,
     ClusterTimeout,
-    T,
     _Blob,
     _blob_failure,
     _BlobDone,
     _blobs,
     _BlobsDone,
+    _bounded,
     _error,
     _hosts,
     _lease_name,
@@ -54,6 +54,7 @@ from .common import (
     _Resolved,
     _Secrets,
     _Setup,
+    _started,
 )
 from .relay import _show_events
 from .tasks import _blobs_task, _end_run, _poll, _repository_task, _stop_run, _unpacked, _version
@@ -118,38 +119,6 @@ def _mirror_up_to_date(engine: Engine, work: Work, image: RemoteImage) -> ImageR
         return engine.run_work(work)  # the same HEADs again, then its attachments
     digest, size = current
     return ImageResult(work.source, work.target, "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
-
-
-def _started(call: Callable[[], T], name: str) -> cf.Future[T]:
-    """``call()`` under way in a daemon thread of its own: a Dask call waits without
-    a bound of its own, so the caller waits for this future with one. A call left
-    behind ends with the client, which the run closes at its end."""
-    future: cf.Future[T] = cf.Future()
-
-    def target() -> None:
-        try:
-            future.set_result(call())
-        except BaseException as exc:  # handed to whoever waits for it
-            future.set_exception(exc)
-
-    threading.Thread(target=target, name=f"cluster-{name}", daemon=True).start()
-    return future
-
-
-def _bounded(call: Callable[[], T], what: str, bound_s: float = CALL_WAIT_S, stop: threading.Event | None = None) -> T:
-    """``call()``'s result within ``bound_s``, else ClusterTimeout naming ``what``;
-    with ``stop`` in view (Cancelled once it is set)."""
-    future = _started(call, "call")
-    deadline = time.monotonic() + bound_s
-    while True:
-        left = deadline - time.monotonic()
-        done, _ = cf.wait((future,), timeout=max(0.0, min(waits.POLL_S, left)))
-        if done:
-            return future.result()
-        if stop is not None and stop.is_set():
-            raise Cancelled()
-        if left <= 0:
-            raise ClusterTimeout(f"{what}: no answer within {bound_s:.0f} s")
 
 
 def connect(address: str) -> distributed.Client:
@@ -319,19 +288,18 @@ class _Watch:
 
     def _run(self) -> None:
         cycle = 0
+        #: the scheduler's list of workers on its way: asked as a poll is, from a thread
+        #: of its own and not again until it has answered (a Dask call has no bound of
+        #: its own: waited for here, a call that never returned stopped the polls for
+        #: good, and every worker then looked silent)
+        listing: cf.Future[Any] | None = None
         while not self._stop.wait(RELAY_INTERVAL_S):
-            if cycle % WORKERS_EVERY == 0:  # workers come and go
-                try:
-                    workers = list(self._client.nthreads())
-                except Exception as exc:  # the run's bounds judge a scheduler that does not answer
-                    log.debug("workers not listed: %s", exc)
-                    continue
-                with self._lock:
-                    for worker in workers:
-                        self._answered_at.setdefault(worker, time.monotonic())
-                    for gone in set(self._answered_at) - set(workers):
-                        del self._answered_at[gone]
+            if listing is None and cycle % WORKERS_EVERY == 0:  # workers come and go
+                listing = _started(self._client.nthreads, "workers")
             cycle += 1
+            if listing is not None and listing.done():
+                self._listed(listing)
+                listing = None
             with self._lock:
                 due = [worker for worker in self._answered_at if worker not in self._asked_at]
                 asked = time.monotonic()
@@ -339,6 +307,18 @@ class _Watch:
             for worker in due:
                 poll = _started(functools.partial(self._client.run, _poll, self._run_id, workers=[worker], on_error="return"), "poll")
                 poll.add_done_callback(functools.partial(self._answered, worker, asked))
+
+    def _listed(self, listing: cf.Future[Any]) -> None:
+        """The workers as the scheduler listed them: a new one is polled, one gone is not."""
+        if listing.exception() is not None:  # the run's bounds judge a scheduler that does not answer
+            log.debug("workers not listed: %s", listing.exception())
+            return
+        workers = list(listing.result())
+        with self._lock:
+            for worker in workers:
+                self._answered_at.setdefault(worker, time.monotonic())
+            for gone in set(self._answered_at) - set(workers):
+                del self._answered_at[gone]
 
     def _answered(self, worker: str, asked: float, poll: cf.Future[Any]) -> None:
         reply = poll.result().get(worker) if poll.exception() is None else None
