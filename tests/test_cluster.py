@@ -885,3 +885,77 @@ def test_the_watch_polls_its_workers_while_the_scheduler_does_not_list_them(tmp_
                 assert not watch._thread.is_alive(), "the watch did not stop"
     finally:
         stop_cluster(started)
+
+
+#: a worker preload: the engine's ``run_work`` raises an unexpected error for the
+#: image pushed to ``team/svc0:v1`` (a bug's stand-in; nothing else changes)
+FAIL_ONE_IMAGE = """
+import batchpush.engine
+
+# (Dask imports a preload twice: the engine's own run_work, kept the first time)
+run_work = batchpush.engine.Engine.__dict__.get("test_run_work", batchpush.engine.Engine.run_work)
+batchpush.engine.Engine.test_run_work = run_work
+
+
+def failing(self, work, **kwargs):
+    if work.target.endswith("/team/svc0:v1"):
+        raise RuntimeError("injected by the test")
+    return run_work(self, work, **kwargs)
+
+
+batchpush.engine.Engine.run_work = failing
+"""
+
+
+def test_an_unexpected_error_of_one_image_in_a_repository_task_fails_that_image_alone(tmp_path, registry):
+    """One image of a repository task (team/svc0, three tags, one task) meets an
+    unexpected error on its worker: that image fails, naming the error and the
+    worker; the task's other images, pushed, are reported pushed and read back
+    whole (a task whose image raised failed as a whole: the images it had pushed
+    were reported lost); no manifest went for the failed one; exit 1."""
+    started = cluster_with(tmp_path, FAIL_ONE_IMAGE)
+    try:
+        layouts = fleet(tmp_path)[:2]
+        plan = plan_for(tmp_path, [registry], layouts)
+        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"))
+    finally:
+        stop_cluster(started)
+    assert done.returncode == 1, done.stderr
+    images = {i["target"].split("/", 1)[1]: i for i in report_of(tmp_path / "r.json")["images"]}
+    failed = {name for name, image in images.items() if image["status"] != "pushed"}
+    assert failed == {"team/svc0:v1"}, images
+    assert "on worker tcp://127.0.0.1:" in images["team/svc0:v1"]["error"] and "unexpected RuntimeError: injected by the test" in images["team/svc0:v1"]["error"]
+    assert registry.count("PUT", "/team/svc0/manifests/v1") == 0
+    for name in sorted(set(images) - failed):
+        pulled = pull_and_verify(registry, name, str(tmp_path / f"pulled-{name.replace('/', '_').replace(':', '-')}"))
+        assert pulled[0].manifest_digest == images[name]["digest"]
+
+
+def test_an_unexpected_error_of_one_image_checked_on_the_client_fails_that_image_alone(registry, tmp_path, monkeypatch, capsys):
+    """A re-run on a cluster: each image is checked on the client first (the cron
+    fast path); the check of one meets an unexpected error: that image fails with
+    it, the others are up to date, exit 1 (the error went up through the whole
+    run). In-process: the error is injected into the client's check of that image;
+    nothing is left to push, so the scheduler is never reached."""
+    from batchpush.cli import main
+    from batchpush.cluster import client
+
+    layouts = fleet(tmp_path)[:2]
+    plan = plan_for(tmp_path, [registry], layouts)
+    md = str(tmp_path / "md")
+    assert main(["run", plan, "--metadata-dir", md]) == 0
+    checked = client._up_to_date
+
+    def failing(engine, work):  # type: ignore[no-untyped-def]
+        if work.target.endswith("/team/svc1:v1"):
+            raise RuntimeError("injected by the test")
+        return checked(engine, work)
+
+    monkeypatch.setattr(client, "_up_to_date", failing)
+    code = main(["run", plan, "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--metadata-dir", md, "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    images = {i["target"].split("/", 1)[1]: i for i in report_of(tmp_path / "r.json")["images"]}
+    assert len(images) == 6 and {name for name, image in images.items() if image["status"] != "up-to-date"} == {"team/svc1:v1"}, images
+    assert images["team/svc1:v1"]["status"] == "failed" and "unexpected RuntimeError: injected by the test" in images["team/svc1:v1"]["error"]
+    assert "team/svc1:v1" in err

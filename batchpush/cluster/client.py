@@ -706,11 +706,20 @@ class _ClusterRun:
         """The cron fast path, run here as a local run does: one tag HEAD per image
         the client's store saw go to its target (nothing compressed); None for an
         image not up to date. A task per group of them, as it was, paid the
-        cluster's round trips and a task's engine for one request per image."""
+        cluster's round trips and a task's engine for one request per image.
+        An unexpected error fails its image alone (an up-to-date mirror's
+        attachments are copied here: the engine's path may raise)."""
         with self._pool("check") as pool:
             futures = [pool.submit(_up_to_date, self.engine, work) for _, work in works]
             for (index, work), future in zip(works, futures, strict=True):
-                result = waits.result(future, self.stop)
+                try:
+                    result = waits.result(future, self.stop)
+                except Cancelled:
+                    raise
+                except Exception as exc:
+                    log.debug("%s: unexpected error", work.target, exc_info=True)
+                    yield index, self.engine.failed(work.source, work.target, _error(exc, work.source), time.monotonic())
+                    continue
                 if result is not None and not _tells_itself(work):
                     self._show(result, work)
                 yield index, result

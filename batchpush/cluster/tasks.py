@@ -365,7 +365,11 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, b
 
         def run(push: _Push) -> ImageResult:
             work = Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
-            result = engine.run_work(work)
+            try:
+                result = engine.run_work(work)
+            except Exception as exc:  # that image's failure: the task's other images go on, and say how they went
+                log.debug("%s: unexpected error", work.target, exc_info=True)
+                result = engine.failed(work.source, work.target, _error(exc, work.source), time.monotonic())
             return replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
