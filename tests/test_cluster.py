@@ -959,3 +959,51 @@ def test_an_unexpected_error_of_one_image_checked_on_the_client_fails_that_image
     assert len(images) == 6 and {name for name, image in images.items() if image["status"] != "up-to-date"} == {"team/svc1:v1"}, images
     assert images["team/svc1:v1"]["status"] == "failed" and "unexpected RuntimeError: injected by the test" in images["team/svc1:v1"]["error"]
     assert "team/svc1:v1" in err
+
+
+def test_an_upload_lease_call_the_scheduler_does_not_answer_is_given_up(tmp_path, monkeypatch, caplog):
+    """A blob task's upload lease calls with the scheduler stopped (SIGSTOP): an
+    acquire is given up at its bound (lowered here) with a line naming the
+    registry, one waiting when the run stops ends with the stop, and a release
+    is given up at its bound with a warning (each waited for ever: a Dask call has
+    no bound of its own, ``acquire(timeout=...)`` bounds only the scheduler's
+    wait). In-process, against a real scheduler; each step waited for in a thread
+    of the test's own, with a bound, so that a call that never returns fails."""
+    import threading
+
+    from distributed import Client, Semaphore
+
+    from batchpush.cluster import tasks
+    from batchpush.cluster.common import ClusterTimeout, _started
+    from batchpush.errors import Cancelled
+
+    def lease_held(lease: Semaphore, cancelled: threading.Event, while_held=lambda: None) -> None:  # type: ignore[no-untyped-def]
+        with tasks._leased(lease, "registry.test", cancelled):
+            while_held()
+
+    started = start_cluster(tmp_path, workers=0)
+    try:
+        with Client(started.address, timeout=START_TIMEOUT_S, set_as_default=False) as client:
+            lease = Semaphore(max_leases=1, name="batchpush-test-lease", scheduler_rpc=client.scheduler, loop=client.loop)
+            _started(lambda: lease_held(lease, threading.Event()), "test").result(timeout=30)  # the scheduler answers
+            monkeypatch.setattr(tasks, "CALL_WAIT_S", 1.0)
+            with stopped(started.scheduler):
+                given_up = _started(lambda: lease_held(lease, threading.Event()), "test")
+                with pytest.raises(ClusterTimeout, match=r"the Dask scheduler, asked for an upload lease for registry\.test: no answer within 2 s"):
+                    given_up.result(timeout=30)
+                monkeypatch.setattr(tasks, "CALL_WAIT_S", 600.0)
+                cancelled = threading.Event()
+                waiting = _started(lambda: lease_held(lease, cancelled), "test")
+                threading.Timer(0.5, cancelled.set).start()  # (most likely once the call is under way; before, the same line)
+                with pytest.raises(Cancelled, match=r"stopped while waiting for an upload lease for registry\.test"):
+                    waiting.result(timeout=30)
+            monkeypatch.setattr(tasks, "CALL_WAIT_S", 1.0)
+            # taken while the scheduler answers, given back while it is stopped (another
+            # semaphore: the acquires given up above may have taken this one's lease since)
+            other = Semaphore(max_leases=1, name="batchpush-test-lease-2", scheduler_rpc=client.scheduler, loop=client.loop)
+            _started(lambda: lease_held(other, threading.Event(), lambda: os.kill(started.scheduler.pid, signal.SIGSTOP)), "test").result(timeout=30)
+            os.kill(started.scheduler.pid, signal.SIGCONT)
+            assert "told an upload lease for registry.test is free: no answer within 1 s: the scheduler frees it after its lease timeout" in caplog.text
+    finally:
+        os.kill(started.scheduler.pid, signal.SIGCONT)
+        stop_cluster(started)

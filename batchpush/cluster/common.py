@@ -327,7 +327,8 @@ class ClusterTimeout(BatchPushError):
 def _started(call: Callable[[], T], name: str) -> cf.Future[T]:
     """``call()`` under way in a daemon thread of its own: a Dask call waits without
     a bound of its own, so the caller waits for this future with one. A call left
-    behind ends with the client, which the run closes at its end."""
+    behind ends when its answer comes, or with the client (the run closes it at
+    its end) or the worker process."""
     future: cf.Future[T] = cf.Future()
 
     def target() -> None:
