@@ -57,8 +57,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import mediatypes as mt
+from . import waits
 from .digest import Digest, InvalidDigestError
-from .errors import BatchPushError, Cancelled, DigestMismatchError, SourceError, UsageError
+from .errors import BatchPushError, Cancelled, DigestMismatchError, SourceError
 from .registry.client import BlobUpload, MountResult, RegistryOptions, UploadSession
 from .registry.errors import RegistryError
 from .registry.reads import BlobStream, FetchedManifest
@@ -111,20 +112,6 @@ class LayoutError(BatchPushError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
-
-
-def _lock_wait_s() -> float:
-    """LOCK_WAIT_S, or BATCHPUSH_LAYOUT_LOCK_WAIT_S when set."""
-    text = os.environ.get("BATCHPUSH_LAYOUT_LOCK_WAIT_S", "").strip()
-    if not text:
-        return LOCK_WAIT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise UsageError(f"BATCHPUSH_LAYOUT_LOCK_WAIT_S={text!r}: a number of seconds, 0 or more, is expected")
-    return value
 
 
 def _sync_directory(path: str) -> None:
@@ -318,10 +305,10 @@ class LayoutWriter:
     def _take_lock(self, lock: int) -> None:
         """``flock`` of ``lock``, tried every _LOCK_POLL_S (a blocking ``flock`` waits
         for ever, Ctrl-C or not: Python tries it again after the signal handler):
-        LayoutError once another process has held it for ``_lock_wait_s()``, or for
+        LayoutError once another process has held it for LOCK_WAIT_S, or for
         LOCK_AFTER_CANCEL_S after the run is cancelled (Cancelled)."""
         started = time.monotonic()
-        deadline = started + _lock_wait_s()
+        deadline = started + waits.bound_s("BATCHPUSH_LAYOUT_LOCK_WAIT_S", LOCK_WAIT_S)
         cancelled_at: float | None = None
         said = False
         while True:

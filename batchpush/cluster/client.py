@@ -8,7 +8,6 @@ import functools
 import hashlib
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__, waits
 from ..engine import Engine, PushJob, PushOptions, Work
-from ..errors import BatchPushError, Cancelled, InterruptedError_, UsageError
+from ..errors import BatchPushError, Cancelled, InterruptedError_
 from ..metadata import Knowledge
 from ..prepare import PendingManifest
 from ..progress import Progress
@@ -182,20 +181,6 @@ def _deadlocks(python: str) -> bool:
     return version[:2] == (3, 11) and version < (3, 11, 9)
 
 
-def _silence_s() -> float:
-    """TASK_SILENCE_S, or BATCHPUSH_CLUSTER_SILENCE_S when set."""
-    text = os.environ.get("BATCHPUSH_CLUSTER_SILENCE_S", "").strip()
-    if not text:
-        return TASK_SILENCE_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise UsageError(f"BATCHPUSH_CLUSTER_SILENCE_S={text!r}: a number of seconds above 0 is expected")
-    return value
-
-
 def run(address: str, jobs: Iterable[PushJob], options: PushOptions, stop: threading.Event | None = None) -> BatchResult:
     """Every job's images to their targets on the cluster at ``address``; the same
     result as ``Engine.run``, each image naming the worker that pushed it. Once
@@ -204,7 +189,7 @@ def run(address: str, jobs: Iterable[PushJob], options: PushOptions, stop: threa
     gone when it returns or raises."""
     if options.dry_run:
         raise ClusterError("a dry run writes nothing and runs on this machine: use Engine.run")
-    silence_s = _silence_s()
+    silence_s = waits.bound_s("BATCHPUSH_CLUSTER_SILENCE_S", TASK_SILENCE_S)
     with Engine(replace(options, jobs=1)) as engine:
         cluster = _ClusterRun(address, engine, stop or threading.Event(), silence_s)
         try:
