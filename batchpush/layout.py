@@ -266,6 +266,8 @@ class LayoutWriter:
         #: this run's directory of temporary files, and the lock it holds on it
         self._partial = ""
         self._partial_lock: int | None = None
+        #: this writer waited the whole bound for the layout's lock once already
+        self._lock_refused = False
         if not dry_run:
             self._create()
         self._found = self._read_refs()
@@ -306,9 +308,12 @@ class LayoutWriter:
         """``flock`` of ``lock``, tried every _LOCK_POLL_S (a blocking ``flock`` waits
         for ever, Ctrl-C or not: Python tries it again after the signal handler):
         LayoutError once another process has held it for LOCK_WAIT_S, or for
-        LOCK_AFTER_CANCEL_S after the run is cancelled (Cancelled)."""
+        LOCK_AFTER_CANCEL_S after the run is cancelled (Cancelled). A writer that
+        gave up once only tries it after that (the end of a run flushes, then
+        closes, then discards: else three waits of the whole bound)."""
+        bound_s = waits.bound_s("BATCHPUSH_LAYOUT_LOCK_WAIT_S", LOCK_WAIT_S)
         started = time.monotonic()
-        deadline = started + waits.bound_s("BATCHPUSH_LAYOUT_LOCK_WAIT_S", LOCK_WAIT_S)
+        deadline = started if self._lock_refused else started + bound_s
         cancelled_at: float | None = None
         said = False
         while True:
@@ -323,7 +328,8 @@ class LayoutWriter:
                 if now - cancelled_at >= LOCK_AFTER_CANCEL_S:
                     raise Cancelled(f"{self.path}: stopped while another process held the layout's lock")
             if now >= deadline:
-                raise LayoutError(self.path, f"another process has held the layout's lock for {now - started:.0f} s (another batchpush run writing it, stuck or stopped?): nothing more written to it")
+                self._lock_refused = True
+                raise LayoutError(self.path, f"another process holds the layout's lock, waited for {bound_s:.0f} s (another batchpush run writing it, stuck or stopped?): nothing more written to it")
             if not said and now - started >= LOCK_NOTE_S:
                 log.warning("%s: another process holds the layout's lock; waiting for it up to %.0f s", self.path, deadline - started)
                 said = True

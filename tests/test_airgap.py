@@ -512,7 +512,7 @@ def test_a_layout_whose_lock_another_process_keeps_fails_its_images_with_one_lin
     finally:
         release_lock(holder)
     assert run.returncode == 1, run.stderr
-    assert f"{mirror}: another process has held the layout's lock for " in run.stderr, run.stderr
+    assert f"{mirror}: another process holds the layout's lock, waited for 1 s" in run.stderr, run.stderr
     assert ref_names(mirror) == {} and blob_files(mirror) == {}
     assert sorted(os.listdir(mirror)) == ["blobs", "index.json", "oci-layout"]
 
@@ -546,3 +546,40 @@ def test_a_layout_lock_let_go_within_the_bound_is_waited_for(tmp_path):
     assert list(names) == ["apps/web:1.0"]
     assert layout_digest(mirror, "apps/web:1.0") == names["apps/web:1.0"]
     blob_files(mirror)
+
+
+def test_a_cancelled_run_waits_for_the_layout_lock_only_its_grace(tmp_path, monkeypatch):
+    """A writer whose run is cancelled (Ctrl-C) writes its index on the way out; if
+    another process keeps the layout's lock, that wait ends after a short grace
+    with Cancelled, however long the bound (an hour here), and the index is left
+    as it was. A blocking ``flock`` waited for ever, and in the main thread a
+    Ctrl-C did not end it (Python tries ``flock`` again after the handler)."""
+    import threading
+
+    from batchpush.errors import Cancelled
+    from batchpush.layout import LayoutWriter as Writer
+
+    monkeypatch.setenv("BATCHPUSH_LAYOUT_LOCK_WAIT_S", "3600")
+    mirror = tmp_path / "mirror"
+    writer = Writer(str(mirror))
+    writer.put_manifest("svc0", "v1", "application/vnd.oci.image.manifest.v1+json", b'{"a":1}')
+    holder = hold_lock(mirror)
+    raised: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            writer.flush()
+        except BaseException as exc:
+            raised.append(exc)
+
+    try:
+        writer.cancel.set()
+        flushing = threading.Thread(target=flush, daemon=True)
+        flushing.start()
+        flushing.join(BOUND_S)
+        assert not flushing.is_alive(), "the wait for the lock did not end after the cancel"
+    finally:
+        release_lock(holder)
+    assert len(raised) == 1 and isinstance(raised[0], Cancelled) and str(mirror) in str(raised[0]), raised
+    assert ref_names(mirror) == {}
+    writer.discard()
