@@ -50,12 +50,14 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import mediatypes as mt
+from . import waits
 from .digest import Digest, InvalidDigestError
 from .errors import BatchPushError, Cancelled, DigestMismatchError, SourceError
 from .registry.client import BlobUpload, MountResult, RegistryOptions, UploadSession
@@ -78,6 +80,17 @@ MAX_CONCURRENT_WRITES = 4
 _SESSION = "layout:"
 #: the mode of the files written, less the umask
 FILE_MODE = 0o666
+#: the longest a run waits for the layout's lock while another process holds it
+#: (BATCHPUSH_LAYOUT_LOCK_WAIT_S sets it): a run stuck or stopped (SIGSTOP) with
+#: the lock fails this run's images with one line, rather than hanging it
+LOCK_WAIT_S = 60.0
+#: once the run is cancelled, how much longer it waits for the lock (the index
+#: written on the way out lists what finished)
+LOCK_AFTER_CANCEL_S = 5.0
+#: a wait for the lock this long is said (a warning naming the layout)
+LOCK_NOTE_S = 1.0
+#: how often a run waiting for the lock tries it again
+_LOCK_POLL_S = 0.1
 
 
 def _current_umask() -> int:
@@ -248,6 +261,8 @@ class LayoutWriter:
         #: this run's directory of temporary files, and the lock it holds on it
         self._partial = ""
         self._partial_lock: int | None = None
+        #: this writer waited the whole bound for the layout's lock once already
+        self._lock_refused = False
         if not dry_run:
             self._create()
         self._found = self._read_refs()
@@ -279,10 +294,41 @@ class LayoutWriter:
         while runs' temporary directories are made or removed."""
         lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._take_lock(lock)
             yield
         finally:
             os.close(lock)  # the lock goes with its descriptor
+
+    def _take_lock(self, lock: int) -> None:
+        """``flock`` of ``lock``, tried every _LOCK_POLL_S (a blocking ``flock`` waits
+        for ever, Ctrl-C or not: Python tries it again after the signal handler):
+        LayoutError once another process has held it for LOCK_WAIT_S, or for
+        LOCK_AFTER_CANCEL_S after the run is cancelled (Cancelled). A writer that
+        gave up once only tries it after that (the end of a run flushes, then
+        closes, then discards: else three waits of the whole bound)."""
+        bound_s = waits.bound_s("BATCHPUSH_LAYOUT_LOCK_WAIT_S", LOCK_WAIT_S)
+        started = time.monotonic()
+        deadline = started if self._lock_refused else started + bound_s
+        cancelled_at: float | None = None
+        said = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if self.cancel.is_set():
+                cancelled_at = cancelled_at or now
+                if now - cancelled_at >= LOCK_AFTER_CANCEL_S:
+                    raise Cancelled(f"{self.path}: stopped while another process held the layout's lock")
+            if now >= deadline:
+                self._lock_refused = True
+                raise LayoutError(self.path, f"another process holds the layout's lock, waited for {bound_s:.0f} s (another batchpush run writing it, stuck or stopped?): nothing more written to it")
+            if not said and now - started >= LOCK_NOTE_S:
+                log.warning("%s: another process holds the layout's lock; waiting for it up to %.0f s", self.path, deadline - started)
+                said = True
+            time.sleep(_LOCK_POLL_S)
 
     def _remove_left_behind(self) -> None:
         """The temporary files of runs that were killed: each run's directory is
@@ -641,6 +687,9 @@ class LayoutWriter:
             os.close(self._partial_lock)
             self._partial_lock = None
         if self._partial:
-            with self._layout_locked(), contextlib.suppress(OSError):  # not empty: another run writes
-                os.rmdir(os.path.join(self.path, PARTIAL_DIR))
             self._partial = ""
+            try:
+                with self._layout_locked(), contextlib.suppress(OSError):  # not empty: another run writes
+                    os.rmdir(os.path.join(self.path, PARTIAL_DIR))
+            except BatchPushError as exc:  # an empty .partial left: the next run removes it
+                log.info("%s", exc)

@@ -9,18 +9,34 @@ lock, and a future is only asked for its result once it is done.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from .errors import Cancelled
+from .errors import Cancelled, UsageError
 
 T = TypeVar("T")
 
 #: how often a waiting thread looks at the cancel flag
 POLL_S = 0.1
+
+
+def bound_s(variable: str, default_s: float) -> float:
+    """A bound in seconds: ``default_s``, or the environment's ``variable`` when set
+    (a number above 0, else UsageError naming it)."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default_s
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise UsageError(f"{variable}={text!r}: a number of seconds above 0 is expected")
+    return value
 
 
 def wait_done(futures: Iterable[cf.Future[Any]], cancel: threading.Event) -> None:

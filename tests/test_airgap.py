@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import pull_and_verify, remote_digest, skopeo
 from fault_proxy import Rule
-from images import LayoutWriter, layer_tar, sha256
+from images import LayoutWriter, layer_tar, sha256, simple_layout
 from registry import Registry, start_registry
 from test_migrate import tags_of
 from test_mirror import attach_signature
@@ -477,3 +477,109 @@ def test_a_layout_target_on_a_cluster_is_a_usage_error(tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"oci:{out}" in done.stderr and "--scheduler" in done.stderr
     assert not out.exists()
+
+
+#: another process holding a layout's lock until a line comes on its stdin
+LOCK_HOLDER = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()"
+
+
+def hold_lock(layout: Path) -> subprocess.Popen[str]:
+    """A process holding ``layout``'s lock (as a batchpush run stuck, or stopped with SIGSTOP, holds it)."""
+    layout.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(layout)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def release_lock(holder: subprocess.Popen[str]) -> None:
+    if holder.poll() is None:
+        holder.communicate("\n", timeout=BOUND_S)
+
+
+def test_a_layout_whose_lock_another_process_keeps_fails_its_images_with_one_line(tmp_path):
+    """Another process holds the layout's lock for good: the export gives up at its
+    bound (lowered here) with one line naming the layout and the lock, exit 1,
+    and writes nothing into it (no blob, no entry, no temporary file): a blocking
+    ``flock`` waited for ever, Ctrl-C or not."""
+    local = tmp_path / "local"
+    simple_layout(str(local), {"1.0": [BASE_SEED, 7]})
+    mirror = tmp_path / "mirror"
+    holder = hold_lock(mirror)
+    try:
+        env = dict(os.environ, BATCHPUSH_LAYOUT_LOCK_WAIT_S="1")
+        run = subprocess.run([sys.executable, "-m", "batchpush", "push", f"oci:{local}:1.0", f"oci:{mirror}:apps/web", "--metadata-dir", str(tmp_path / "md")],
+                             capture_output=True, text=True, timeout=BOUND_S, env=env)
+    finally:
+        release_lock(holder)
+    assert run.returncode == 1, run.stderr
+    assert f"{mirror}: another process holds the layout's lock, waited for 1 s" in run.stderr, run.stderr
+    assert ref_names(mirror) == {} and blob_files(mirror) == {}
+    assert sorted(os.listdir(mirror)) == ["blobs", "index.json", "oci-layout"]
+
+
+def test_a_layout_lock_let_go_within_the_bound_is_waited_for(tmp_path):
+    """Another process holds the layout's lock for a while: the export says it waits
+    for it, naming the layout, and once the lock is let go writes the image whole."""
+    local = tmp_path / "local"
+    simple_layout(str(local), {"1.0": [BASE_SEED, 7]})
+    mirror = tmp_path / "mirror"
+    holder = hold_lock(mirror)
+    err = tmp_path / "err"
+    try:
+        with open(err, "w") as stderr:
+            run = subprocess.Popen([sys.executable, "-m", "batchpush", "push", f"oci:{local}:1.0", f"oci:{mirror}:apps/web", "--metadata-dir", str(tmp_path / "md")],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            deadline = time.monotonic() + BOUND_S
+            while f"{mirror}: another process holds the layout's lock; waiting for it" not in err.read_text():
+                assert run.poll() is None and time.monotonic() < deadline, f"the export never said it waits: {err.read_text()}"
+                time.sleep(0.05)
+            release_lock(holder)
+            run.communicate(timeout=BOUND_S)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    finally:
+        release_lock(holder)
+    assert run.returncode == 0, err.read_text()
+    names = ref_names(mirror)
+    assert list(names) == ["apps/web:1.0"]
+    assert layout_digest(mirror, "apps/web:1.0") == names["apps/web:1.0"]
+    blob_files(mirror)
+
+
+def test_a_cancelled_run_waits_for_the_layout_lock_only_its_grace(tmp_path, monkeypatch):
+    """A writer whose run is cancelled (Ctrl-C) writes its index on the way out; if
+    another process keeps the layout's lock, that wait ends after a short grace
+    with Cancelled, however long the bound (an hour here), and the index is left
+    as it was. A blocking ``flock`` waited for ever, and in the main thread a
+    Ctrl-C did not end it (Python tries ``flock`` again after the handler)."""
+    import threading
+
+    from batchpush.errors import Cancelled
+    from batchpush.layout import LayoutWriter as Writer
+
+    monkeypatch.setenv("BATCHPUSH_LAYOUT_LOCK_WAIT_S", "3600")
+    mirror = tmp_path / "mirror"
+    writer = Writer(str(mirror))
+    writer.put_manifest("svc0", "v1", "application/vnd.oci.image.manifest.v1+json", b'{"a":1}')
+    holder = hold_lock(mirror)
+    raised: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            writer.flush()
+        except BaseException as exc:
+            raised.append(exc)
+
+    try:
+        writer.cancel.set()
+        flushing = threading.Thread(target=flush, daemon=True)
+        flushing.start()
+        flushing.join(BOUND_S)
+        assert not flushing.is_alive(), "the wait for the lock did not end after the cancel"
+    finally:
+        release_lock(holder)
+    assert len(raised) == 1 and isinstance(raised[0], Cancelled) and str(mirror) in str(raised[0]), raised
+    assert ref_names(mirror) == {}
+    writer.discard()

@@ -841,3 +841,169 @@ def test_the_pythons_whose_profiler_can_deadlock_a_worker_are_named():
 
     assert [_deadlocks(v) for v in ("3.11.0", "3.11.7", "3.11.8")] == [True] * 3
     assert [_deadlocks(v) for v in ("3.11.9", "3.11.12", "3.12.1", "3.13.0", "3.10.13", "3.11.7+", "pypy")] == [False] * 7
+
+
+@contextlib.contextmanager
+def stopped(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """``process`` stopped (SIGSTOP: it answers nothing, its sockets stay open) until the block ends."""
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def wait_until(condition, what: str, bound_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_the_watch_polls_its_workers_while_the_scheduler_does_not_list_them(tmp_path):
+    """The client's watch asks the scheduler for its workers from a thread of its
+    own: with the scheduler stopped (SIGSTOP), that call does not return, and the
+    watch still sends its polls and stops when told (it made the call itself, and
+    every poll and the stop waited for it: a call that never returned stopped the
+    polls for good, and every worker looked silent)."""
+    from distributed import Client
+
+    from batchpush.cluster.client import _Watch
+    from batchpush.progress import NoProgress
+
+    started = start_cluster(tmp_path, workers=1)
+    try:
+        with Client(started.address, timeout=START_TIMEOUT_S, set_as_default=False) as client:
+            workers = list(client.nthreads())
+            with stopped(started.scheduler):
+                watch = _Watch(client, "run0", NoProgress(), workers)
+                try:
+                    wait_until(lambda: watch._asked_at, "the watch sent no poll while the scheduler did not list the workers")
+                finally:
+                    watch.close()
+                watch._thread.join(60)
+                assert not watch._thread.is_alive(), "the watch did not stop"
+    finally:
+        stop_cluster(started)
+
+
+#: a worker preload: the engine's ``run_work`` raises an unexpected error for the
+#: image pushed to ``team/svc0:v1`` (a bug's stand-in; nothing else changes)
+FAIL_ONE_IMAGE = """
+import batchpush.engine
+
+# (Dask imports a preload twice: the engine's own run_work, kept the first time)
+run_work = batchpush.engine.Engine.__dict__.get("test_run_work", batchpush.engine.Engine.run_work)
+batchpush.engine.Engine.test_run_work = run_work
+
+
+def failing(self, work, **kwargs):
+    if work.target.endswith("/team/svc0:v1"):
+        raise RuntimeError("injected by the test")
+    return run_work(self, work, **kwargs)
+
+
+batchpush.engine.Engine.run_work = failing
+"""
+
+
+def test_an_unexpected_error_of_one_image_in_a_repository_task_fails_that_image_alone(tmp_path, registry):
+    """One image of a repository task (team/svc0, three tags, one task) meets an
+    unexpected error on its worker: that image fails, naming the error and the
+    worker; the task's other images, pushed, are reported pushed and read back
+    whole (a task whose image raised failed as a whole: the images it had pushed
+    were reported lost); no manifest went for the failed one; exit 1."""
+    started = cluster_with(tmp_path, FAIL_ONE_IMAGE)
+    try:
+        layouts = fleet(tmp_path)[:2]
+        plan = plan_for(tmp_path, [registry], layouts)
+        done = batchpush_cli("run", plan, "--scheduler", started.address, "--metadata-dir", str(tmp_path / "md"), "--report", str(tmp_path / "r.json"))
+    finally:
+        stop_cluster(started)
+    assert done.returncode == 1, done.stderr
+    images = {i["target"].split("/", 1)[1]: i for i in report_of(tmp_path / "r.json")["images"]}
+    failed = {name for name, image in images.items() if image["status"] != "pushed"}
+    assert failed == {"team/svc0:v1"}, images
+    assert "on worker tcp://127.0.0.1:" in images["team/svc0:v1"]["error"] and "unexpected RuntimeError: injected by the test" in images["team/svc0:v1"]["error"]
+    assert registry.count("PUT", "/team/svc0/manifests/v1") == 0
+    for name in sorted(set(images) - failed):
+        pulled = pull_and_verify(registry, name, str(tmp_path / f"pulled-{name.replace('/', '_').replace(':', '-')}"))
+        assert pulled[0].manifest_digest == images[name]["digest"]
+
+
+def test_an_unexpected_error_of_one_image_checked_on_the_client_fails_that_image_alone(registry, tmp_path, monkeypatch, capsys):
+    """A re-run on a cluster: each image is checked on the client first (the cron
+    fast path); the check of one meets an unexpected error: that image fails with
+    it, the others are up to date, exit 1 (the error went up through the whole
+    run). In-process: the error is injected into the client's check of that image;
+    nothing is left to push, so the scheduler is never reached."""
+    from batchpush.cli import main
+    from batchpush.cluster import client
+
+    layouts = fleet(tmp_path)[:2]
+    plan = plan_for(tmp_path, [registry], layouts)
+    md = str(tmp_path / "md")
+    assert main(["run", plan, "--metadata-dir", md]) == 0
+    checked = client._up_to_date
+
+    def failing(engine, work):  # type: ignore[no-untyped-def]
+        if work.target.endswith("/team/svc1:v1"):
+            raise RuntimeError("injected by the test")
+        return checked(engine, work)
+
+    monkeypatch.setattr(client, "_up_to_date", failing)
+    code = main(["run", plan, "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--metadata-dir", md, "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    images = {i["target"].split("/", 1)[1]: i for i in report_of(tmp_path / "r.json")["images"]}
+    assert len(images) == 6 and {name for name, image in images.items() if image["status"] != "up-to-date"} == {"team/svc1:v1"}, images
+    assert images["team/svc1:v1"]["status"] == "failed" and "unexpected RuntimeError: injected by the test" in images["team/svc1:v1"]["error"]
+    assert "team/svc1:v1" in err
+
+
+def test_an_upload_lease_call_the_scheduler_does_not_answer_is_given_up(tmp_path, monkeypatch, caplog):
+    """A blob task's upload lease calls with the scheduler stopped (SIGSTOP): an
+    acquire is given up at its bound (lowered here) with a line naming the
+    registry, one waiting when the run stops ends with the stop, and a release
+    is given up at its bound with a warning (each waited for ever: a Dask call has
+    no bound of its own, ``acquire(timeout=...)`` bounds only the scheduler's
+    wait). In-process, against a real scheduler; each step waited for in a thread
+    of the test's own, with a bound, so that a call that never returns fails."""
+    import threading
+
+    from distributed import Client, Semaphore
+
+    from batchpush.cluster import tasks
+    from batchpush.cluster.common import ClusterTimeout, _started
+    from batchpush.errors import Cancelled
+
+    def lease_held(lease: Semaphore, cancelled: threading.Event, while_held=lambda: None) -> None:  # type: ignore[no-untyped-def]
+        with tasks._leased(lease, "registry.test", cancelled):
+            while_held()
+
+    started = start_cluster(tmp_path, workers=0)
+    try:
+        with Client(started.address, timeout=START_TIMEOUT_S, set_as_default=False) as client:
+            lease = Semaphore(max_leases=1, name="batchpush-test-lease", scheduler_rpc=client.scheduler, loop=client.loop)
+            _started(lambda: lease_held(lease, threading.Event()), "test").result(timeout=30)  # the scheduler answers
+            monkeypatch.setattr(tasks, "CALL_WAIT_S", 1.0)
+            with stopped(started.scheduler):
+                given_up = _started(lambda: lease_held(lease, threading.Event()), "test")
+                with pytest.raises(ClusterTimeout, match=r"the Dask scheduler, asked for an upload lease for registry\.test: no answer within 2 s"):
+                    given_up.result(timeout=30)
+                monkeypatch.setattr(tasks, "CALL_WAIT_S", 600.0)
+                cancelled = threading.Event()
+                waiting = _started(lambda: lease_held(lease, cancelled), "test")
+                threading.Timer(0.5, cancelled.set).start()  # (most likely once the call is under way; before, the same line)
+                with pytest.raises(Cancelled, match=r"stopped while waiting for an upload lease for registry\.test"):
+                    waiting.result(timeout=30)
+            monkeypatch.setattr(tasks, "CALL_WAIT_S", 1.0)
+            # taken while the scheduler answers, given back while it is stopped (another
+            # semaphore: the acquires given up above may have taken this one's lease since)
+            other = Semaphore(max_leases=1, name="batchpush-test-lease-2", scheduler_rpc=client.scheduler, loop=client.loop)
+            _started(lambda: lease_held(other, threading.Event(), lambda: os.kill(started.scheduler.pid, signal.SIGSTOP)), "test").result(timeout=30)
+            os.kill(started.scheduler.pid, signal.SIGCONT)
+            assert "told an upload lease for registry.test is free: no answer within 1 s: the scheduler frees it after its lease timeout" in caplog.text
+    finally:
+        os.kill(started.scheduler.pid, signal.SIGCONT)
+        stop_cluster(started)

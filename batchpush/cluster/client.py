@@ -8,7 +8,6 @@ import functools
 import hashlib
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__, waits
 from ..engine import Engine, PushJob, PushOptions, Work
-from ..errors import BatchPushError, Cancelled, InterruptedError_, UsageError
+from ..errors import BatchPushError, Cancelled, InterruptedError_
 from ..metadata import Knowledge
 from ..prepare import PendingManifest
 from ..progress import Progress
@@ -36,12 +35,12 @@ from .common import (
     WORKERS_EVERY,
     ClusterError,
     ClusterTimeout,
-    T,
     _Blob,
     _blob_failure,
     _BlobDone,
     _blobs,
     _BlobsDone,
+    _bounded,
     _error,
     _hosts,
     _lease_name,
@@ -54,6 +53,7 @@ from .common import (
     _Resolved,
     _Secrets,
     _Setup,
+    _started,
 )
 from .relay import _show_events
 from .tasks import _blobs_task, _end_run, _poll, _repository_task, _stop_run, _unpacked, _version
@@ -120,38 +120,6 @@ def _mirror_up_to_date(engine: Engine, work: Work, image: RemoteImage) -> ImageR
     return ImageResult(work.source, work.target, "up-to-date", str(digest), size, seconds=time.monotonic() - started, source_digest=str(digest))
 
 
-def _started(call: Callable[[], T], name: str) -> cf.Future[T]:
-    """``call()`` under way in a daemon thread of its own: a Dask call waits without
-    a bound of its own, so the caller waits for this future with one. A call left
-    behind ends with the client, which the run closes at its end."""
-    future: cf.Future[T] = cf.Future()
-
-    def target() -> None:
-        try:
-            future.set_result(call())
-        except BaseException as exc:  # handed to whoever waits for it
-            future.set_exception(exc)
-
-    threading.Thread(target=target, name=f"cluster-{name}", daemon=True).start()
-    return future
-
-
-def _bounded(call: Callable[[], T], what: str, bound_s: float = CALL_WAIT_S, stop: threading.Event | None = None) -> T:
-    """``call()``'s result within ``bound_s``, else ClusterTimeout naming ``what``;
-    with ``stop`` in view (Cancelled once it is set)."""
-    future = _started(call, "call")
-    deadline = time.monotonic() + bound_s
-    while True:
-        left = deadline - time.monotonic()
-        done, _ = cf.wait((future,), timeout=max(0.0, min(waits.POLL_S, left)))
-        if done:
-            return future.result()
-        if stop is not None and stop.is_set():
-            raise Cancelled()
-        if left <= 0:
-            raise ClusterTimeout(f"{what}: no answer within {bound_s:.0f} s")
-
-
 def connect(address: str) -> distributed.Client:
     """A client of the scheduler with at least one worker, every worker running this
     batchpush version; else ClusterError (nothing was sent to any worker)."""
@@ -213,20 +181,6 @@ def _deadlocks(python: str) -> bool:
     return version[:2] == (3, 11) and version < (3, 11, 9)
 
 
-def _silence_s() -> float:
-    """TASK_SILENCE_S, or BATCHPUSH_CLUSTER_SILENCE_S when set."""
-    text = os.environ.get("BATCHPUSH_CLUSTER_SILENCE_S", "").strip()
-    if not text:
-        return TASK_SILENCE_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise UsageError(f"BATCHPUSH_CLUSTER_SILENCE_S={text!r}: a number of seconds above 0 is expected")
-    return value
-
-
 def run(address: str, jobs: Iterable[PushJob], options: PushOptions, stop: threading.Event | None = None) -> BatchResult:
     """Every job's images to their targets on the cluster at ``address``; the same
     result as ``Engine.run``, each image naming the worker that pushed it. Once
@@ -235,7 +189,7 @@ def run(address: str, jobs: Iterable[PushJob], options: PushOptions, stop: threa
     gone when it returns or raises."""
     if options.dry_run:
         raise ClusterError("a dry run writes nothing and runs on this machine: use Engine.run")
-    silence_s = _silence_s()
+    silence_s = waits.bound_s("BATCHPUSH_CLUSTER_SILENCE_S", TASK_SILENCE_S)
     with Engine(replace(options, jobs=1)) as engine:
         cluster = _ClusterRun(address, engine, stop or threading.Event(), silence_s)
         try:
@@ -319,19 +273,18 @@ class _Watch:
 
     def _run(self) -> None:
         cycle = 0
+        #: the scheduler's list of workers on its way: asked as a poll is, from a thread
+        #: of its own and not again until it has answered (a Dask call has no bound of
+        #: its own: waited for here, a call that never returned stopped the polls for
+        #: good, and every worker then looked silent)
+        listing: cf.Future[Any] | None = None
         while not self._stop.wait(RELAY_INTERVAL_S):
-            if cycle % WORKERS_EVERY == 0:  # workers come and go
-                try:
-                    workers = list(self._client.nthreads())
-                except Exception as exc:  # the run's bounds judge a scheduler that does not answer
-                    log.debug("workers not listed: %s", exc)
-                    continue
-                with self._lock:
-                    for worker in workers:
-                        self._answered_at.setdefault(worker, time.monotonic())
-                    for gone in set(self._answered_at) - set(workers):
-                        del self._answered_at[gone]
+            if listing is None and cycle % WORKERS_EVERY == 0:  # workers come and go
+                listing = _started(self._client.nthreads, "workers")
             cycle += 1
+            if listing is not None and listing.done():
+                self._listed(listing)
+                listing = None
             with self._lock:
                 due = [worker for worker in self._answered_at if worker not in self._asked_at]
                 asked = time.monotonic()
@@ -339,6 +292,18 @@ class _Watch:
             for worker in due:
                 poll = _started(functools.partial(self._client.run, _poll, self._run_id, workers=[worker], on_error="return"), "poll")
                 poll.add_done_callback(functools.partial(self._answered, worker, asked))
+
+    def _listed(self, listing: cf.Future[Any]) -> None:
+        """The workers as the scheduler listed them: a new one is polled, one gone is not."""
+        if listing.exception() is not None:  # the run's bounds judge a scheduler that does not answer
+            log.debug("workers not listed: %s", listing.exception())
+            return
+        workers = list(listing.result())
+        with self._lock:
+            for worker in workers:
+                self._answered_at.setdefault(worker, time.monotonic())
+            for gone in set(self._answered_at) - set(workers):
+                del self._answered_at[gone]
 
     def _answered(self, worker: str, asked: float, poll: cf.Future[Any]) -> None:
         reply = poll.result().get(worker) if poll.exception() is None else None
@@ -726,11 +691,20 @@ class _ClusterRun:
         """The cron fast path, run here as a local run does: one tag HEAD per image
         the client's store saw go to its target (nothing compressed); None for an
         image not up to date. A task per group of them, as it was, paid the
-        cluster's round trips and a task's engine for one request per image."""
+        cluster's round trips and a task's engine for one request per image.
+        An unexpected error fails its image alone (an up-to-date mirror's
+        attachments are copied here: the engine's path may raise)."""
         with self._pool("check") as pool:
             futures = [pool.submit(_up_to_date, self.engine, work) for _, work in works]
             for (index, work), future in zip(works, futures, strict=True):
-                result = waits.result(future, self.stop)
+                try:
+                    result = waits.result(future, self.stop)
+                except Cancelled:
+                    raise
+                except Exception as exc:
+                    log.debug("%s: unexpected error", work.target, exc_info=True)
+                    yield index, self.engine.failed(work.source, work.target, _error(exc, work.source), time.monotonic())
+                    continue
                 if result is not None and not _tells_itself(work):
                     self._show(result, work)
                 yield index, result

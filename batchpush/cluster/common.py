@@ -5,15 +5,17 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import pickle
+import threading
+import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from .. import __version__
+from .. import __version__, waits
 from ..digest import Digest
 from ..engine import Engine, Entry, PushOptions
-from ..errors import BatchPushError, InternalError, UsageError
+from ..errors import BatchPushError, Cancelled, InternalError, UsageError
 from ..metadata import Knowledge
 from ..prepare import PreparedIndex, PreparedLayer, PreparedManifest, PreparedNode, Preparer
 from ..progress import Progress
@@ -320,6 +322,39 @@ class ClusterTimeout(BatchPushError):
     """The cluster gave no word of a task, or no answer to a call, within its bound."""
 
     kind = "cluster"
+
+
+def _started(call: Callable[[], T], name: str) -> cf.Future[T]:
+    """``call()`` under way in a daemon thread of its own: a Dask call waits without
+    a bound of its own, so the caller waits for this future with one. A call left
+    behind ends when its answer comes, or with the client (the run closes it at
+    its end) or the worker process."""
+    future: cf.Future[T] = cf.Future()
+
+    def target() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # handed to whoever waits for it
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=f"cluster-{name}", daemon=True).start()
+    return future
+
+
+def _bounded(call: Callable[[], T], what: str, bound_s: float = CALL_WAIT_S, stop: threading.Event | None = None) -> T:
+    """``call()``'s result within ``bound_s``, else ClusterTimeout naming ``what``;
+    with ``stop`` in view (Cancelled once it is set)."""
+    future = _started(call, "call")
+    deadline = time.monotonic() + bound_s
+    while True:
+        left = deadline - time.monotonic()
+        done, _ = cf.wait((future,), timeout=max(0.0, min(waits.POLL_S, left)))
+        if done:
+            return future.result()
+        if stop is not None and stop.is_set():
+            raise Cancelled()
+        if left <= 0:
+            raise ClusterTimeout(f"{what}: no answer within {bound_s:.0f} s")
 
 
 def _manifests(node: SourceNode) -> Iterator[SourceManifest]:

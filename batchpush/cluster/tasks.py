@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -25,17 +26,20 @@ from ..registry.client import SMALL_BODY_BYTES
 from ..report import BatchResult, ImageResult
 from ..state import RemoteBlob
 from .common import (
+    CALL_WAIT_S,
     IMAGES_PER_TASK,
     LEASE_POLL_S,
     LEASE_WAIT_S,
     NOTE_WAIT_S,
     RUN_EXPIRY_S,
     ClusterError,
+    ClusterTimeout,
     T,
     _Blob,
     _blob_failure,
     _BlobDone,
     _BlobsDone,
+    _bounded,
     _error,
     _lease_name,
     _note_name,
@@ -283,6 +287,8 @@ class _Leases:
         import distributed
 
         self._made = {host: distributed.Semaphore(max_leases=setup.uploads(host), name=_lease_name(setup.run_id, host)) for host in hosts}
+        for lease in self._made.values():
+            _ = lease.scheduler, lease.loop  # bound to the worker now: its calls run in threads that see no worker (_leased)
 
     def __enter__(self) -> dict[str, distributed.Semaphore]:
         return self._made
@@ -319,18 +325,31 @@ def _put(engine: Engine, lease: distributed.Semaphore, target: Reference, layer:
 
 @contextlib.contextmanager
 def _leased(lease: distributed.Semaphore, host: str, cancelled: threading.Event) -> Iterator[None]:
+    """One of ``host``'s upload leases held for the block. ``acquire(timeout=...)``
+    bounds the scheduler's wait for a free lease, not the call (a Dask call has no
+    bound of its own): each call runs in a thread of its own (``_bounded``), given
+    up after CALL_WAIT_S more, with the run's stop in view. A call given up may
+    still take its lease: it is refreshed until the task ends, then the scheduler
+    frees it after its lease timeout, as it does one whose release was given up."""
     deadline = time.monotonic() + LEASE_WAIT_S
+    asked = f"the Dask scheduler, asked for an upload lease for {host}"
     while True:  # the run's stop in view, looked at first: a stopped run's task makes no lease again
         if cancelled.is_set():
             raise Cancelled(f"stopped while waiting for an upload lease for {host}")
-        if lease.acquire(timeout=LEASE_POLL_S):
-            break
+        try:
+            if _bounded(functools.partial(lease.acquire, timeout=LEASE_POLL_S), asked, LEASE_POLL_S + CALL_WAIT_S, stop=cancelled):
+                break
+        except Cancelled:
+            raise Cancelled(f"stopped while waiting for an upload lease for {host}") from None
         if time.monotonic() > deadline:
             raise BatchPushError(f"no upload lease for {host} within {LEASE_WAIT_S:.0f} s")
     try:
         yield
     finally:
-        lease.release()
+        try:
+            _bounded(lease.release, f"the Dask scheduler, told an upload lease for {host} is free", CALL_WAIT_S)
+        except ClusterTimeout as exc:
+            log.warning("%s: the scheduler frees it after its lease timeout", exc)
 
 
 def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, blobs: dict[str, _BlobDone]) -> _RepositoryDone:
@@ -365,7 +384,11 @@ def _repository_task(pushes: list[_Push], setup: _Setup, knowledge: Knowledge, b
 
         def run(push: _Push) -> ImageResult:
             work = Work(push.image.name, str(push.target), entries[id(push.image)], push.target)
-            result = engine.run_work(work)
+            try:
+                result = engine.run_work(work)
+            except Exception as exc:  # that image's failure: the task's other images go on, and say how they went
+                log.debug("%s: unexpected error", work.target, exc_info=True)
+                result = engine.failed(work.source, work.target, _error(exc, work.source), time.monotonic())
             return replace(result, worker=worker, error=f"on worker {worker}: {result.error}" if result.error else None)
 
         with cf.ThreadPoolExecutor(max_workers=IMAGES_PER_TASK, thread_name_prefix="image") as pool:
