@@ -64,7 +64,7 @@ from .workers import WorkerPool, release_big_buffers
 if TYPE_CHECKING:
     # imported where they are used: a run without an OCI layout target, a prune or a
     # dry run never loads their modules (bench/startup.py: the one-image cron re-run)
-    from .layout import LayoutWriter
+    from .layout import LayoutError, LayoutWriter
     from .registry.reads import BlobStream
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,9 @@ class Engine:
         self._clients: dict[str, RegistryClient] = {}
         #: the OCI layout targets' writers (in ``_clients`` too, by their ``oci:DIR``)
         self._layouts: dict[str, LayoutWriter] = {}
+        #: a layout target that could not be opened: every image bound for it fails
+        #: with that at once (not after waiting for its lock again, each in turn)
+        self._layout_failures: dict[str, LayoutError] = {}
         self._executors: dict[str, cf.ThreadPoolExecutor] = {}
         self._clients_lock = threading.Lock()
         #: pruning plan entries of this run, pruned once every image is done
@@ -357,12 +360,20 @@ class Engine:
         the layer and image paths write to it as to a registry (layout.py)."""
         with self._clients_lock:
             writer = self._clients.get(host)
+            failed = self._layout_failures.get(host)
         if writer is not None:
             return writer  # type: ignore[return-value]
-        from .layout import MAX_CONCURRENT_WRITES, BaseLayout, LayoutWriter
+        from .layout import MAX_CONCURRENT_WRITES, BaseLayout, LayoutError, LayoutWriter
 
+        if failed is not None:
+            raise LayoutError(failed.path, failed.problem)
         bases = tuple(BaseLayout.read(path) for path in self.options.incremental_from)
-        made = LayoutWriter(host[len(LAYOUT_TRANSPORT) :], bases=bases, cancel=self.cancelled, dry_run=self.options.dry_run)
+        try:
+            made = LayoutWriter(host[len(LAYOUT_TRANSPORT) :], bases=bases, cancel=self.cancelled, dry_run=self.options.dry_run)
+        except LayoutError as exc:
+            with self._clients_lock:
+                self._layout_failures.setdefault(host, exc)
+            raise
         with self._clients_lock:
             writer = self._clients.setdefault(host, made)  # type: ignore[arg-type]
             if writer is made:  # type: ignore[comparison-overlap]

@@ -517,6 +517,26 @@ def test_a_layout_whose_lock_another_process_keeps_fails_its_images_with_one_lin
     assert sorted(os.listdir(mirror)) == ["blobs", "index.json", "oci-layout"]
 
 
+def test_a_layout_that_could_not_be_opened_fails_the_next_images_at_once(tmp_path):
+    """Three images, one at a time, to a layout whose lock another process keeps:
+    the first waits its bound and fails; the next fail with the same line at once,
+    without waiting for the lock again (one wait, not one per image)."""
+    local = tmp_path / "local"
+    simple_layout(str(local), {"1.0": [BASE_SEED, 7], "1.1": [BASE_SEED, 8], "1.2": [BASE_SEED, 9]})
+    mirror = tmp_path / "mirror"
+    holder = hold_lock(mirror)
+    try:
+        env = dict(os.environ, BATCHPUSH_LAYOUT_LOCK_WAIT_S="2")
+        run = subprocess.run([sys.executable, "-m", "batchpush", "push", f"oci:{local}", f"oci:{mirror}:apps/web", "--max-concurrent-images", "1", "--metadata-dir", str(tmp_path / "md")],
+                             capture_output=True, text=True, timeout=BOUND_S, env=env)
+    finally:
+        release_lock(holder)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("waiting for it up to") == 1, run.stderr
+    assert run.stderr.count(f"{mirror}: another process holds the layout's lock, waited for 2 s") == 3, run.stderr
+    assert ref_names(mirror) == {} and blob_files(mirror) == {}
+
+
 def test_a_layout_lock_let_go_within_the_bound_is_waited_for(tmp_path):
     """Another process holds the layout's lock for a while: the export says it waits
     for it, naming the layout, and once the lock is let go writes the image whole."""
