@@ -832,8 +832,7 @@ class Engine:
             mine = [presend for presend in entry.presends if presend.for_target(target)]
             entry.presends = [presend for presend in entry.presends if not presend.for_target(target)]
         for presend in mine:
-            if presend.take():
-                presend.drop()
+            presend.discard()
 
     def _release(self, entry: Entry) -> None:
         with entry.lock:

@@ -304,7 +304,7 @@ class Preparer:
             for sink in started:
                 sink.abort()
             for presend in handed:  # closed before the failure: its claim too goes back
-                presend.drop()
+                presend.discard()
             raise
         return CompressedBlob(path, digest, size, diff_id, blob.size, fingerprint, blocks=tuple(blocks), presends=tuple(handed))
 

@@ -74,6 +74,13 @@ class Presend:
             taken, self._taken = self._taken, True
         return not taken
 
+    def discard(self) -> None:
+        """Dropped, unless a push took it up (or it was discarded) already: each
+        presend is dropped once at most (a second ``unstage`` would end the claim
+        of a push that staged the blob since)."""
+        if self.take():
+            self.drop()
+
     def drop(self) -> None:
         """Nobody will commit it: the session is cancelled, the claim given back."""
         self.client.cancel_upload(self.repository, self.upload.session)
@@ -150,8 +157,7 @@ class UploadSink:
             log.debug("%s: the stream of %s stopped at %d of %d bytes (%s); handed on to be resumed", self.target, digest, upload.offset, self.produced, self.failure)
         presend = Presend(self.client, self.target, self.state, upload, digest, staging=whole)
         if self.adopt is not None and not self.adopt(presend):
-            presend.take()
-            presend.drop()  # its target's push has ended: nobody would take it up
+            presend.discard()  # its target's push has ended: nobody would take it up
             return None
         return presend
 
