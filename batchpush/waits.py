@@ -131,17 +131,9 @@ class Slots:
                 deadline = deadline or time.monotonic() + after_cancel_s
                 if time.monotonic() >= deadline:
                     raise Cancelled()
-        with self._lock:
-            self._held += 1
-            self.peak = max(self.peak, self._held)
-        self._mine.holding = True
-        try:
+        self._count_taken()
+        with self._ridden():
             yield
-        finally:
-            self._mine.holding = False
-            with self._lock:
-                self._held -= 1
-            self._free.release()
 
     @contextmanager
     def try_hold(self) -> Iterator[bool]:
@@ -153,20 +145,30 @@ class Slots:
         if not self.try_take():
             yield False
             return
+        with self._ridden():
+            yield True
+
+    @contextmanager
+    def _ridden(self) -> Iterator[None]:
+        """A slot this thread took: its requests ride on it until the block ends,
+        then it is given back."""
         self._mine.holding = True
         try:
-            yield True
+            yield
         finally:
             self._mine.holding = False
             self.give_back()
+
+    def _count_taken(self) -> None:
+        with self._lock:
+            self._held += 1
+            self.peak = max(self.peak, self._held)
 
     def try_take(self) -> bool:
         """A slot if one is free now, without waiting; give it back with ``give_back``."""
         if not self._free.acquire(blocking=False):
             return False
-        with self._lock:
-            self._held += 1
-            self.peak = max(self.peak, self._held)
+        self._count_taken()
         return True
 
     def give_back(self) -> None:
