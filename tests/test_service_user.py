@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 from conftest import pull_and_verify
@@ -31,18 +32,53 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
-def _nobody_can_run(python: str) -> bool:
-    return subprocess.run([*NOBODY, python, "-c", "pass"], capture_output=True, timeout=60).returncode == 0
+def _nobody_can_run(python: str, code: str = "pass", path: str = "") -> bool:
+    environment = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([*NOBODY, python, "-c", code], capture_output=True, timeout=60, env=environment, cwd="/").returncode == 0
+
+
+class Nobody(NamedTuple):
+    """How ``nobody`` runs batchpush: an interpreter it can run, and a module path it can read."""
+
+    python: str
+    path: str
+
+
+def _readable_copy(source: str, into: str) -> str:
+    """``source`` again under ``into`` (hard links where the file system allows, else
+    copies): a clone in ``mktemp -d``'s directory (mode 0700) is root's alone."""
+    target = os.path.join(into, os.path.basename(source))
+    try:
+        shutil.copytree(source, target, copy_function=os.link, symlinks=True)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target, symlinks=True)
+    return target
 
 
 @pytest.fixture(scope="module")
-def nobody_python() -> str:
-    """An interpreter ``nobody`` can run, of this one's version."""
+def nobody_python() -> Iterator[Nobody]:
+    """An interpreter ``nobody`` can run, of this one's version, and batchpush and the
+    venv's packages where ``nobody`` can read them: where they are, or a copy."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for python in (os.path.realpath(sys.executable), f"/usr/bin/python{version}"):
-        if os.path.exists(python) and _nobody_can_run(python):
-            return python
-    pytest.fail(f"no Python {version} that nobody can run (the venv's is under a private home): install python{version}")
+    python = next((p for p in (os.path.realpath(sys.executable), f"/usr/bin/python{version}") if os.path.exists(p) and _nobody_can_run(p)), None)
+    if python is None:
+        pytest.fail(f"no Python {version} that nobody can run (the venv's is under a private home): install python{version}")
+    path = os.pathsep.join([os.path.dirname(HERE), sysconfig.get_paths()["purelib"]])
+    if _nobody_can_run(python, "import batchpush, urllib3", path):
+        yield Nobody(python, path)
+        return
+    copies = tempfile.mkdtemp(prefix="batchpush-nobody-path-")
+    try:
+        os.chmod(copies, 0o755)  # noqa: S103 - nobody must read it
+        package = _readable_copy(os.path.join(os.path.dirname(HERE), "batchpush"), os.path.join(copies, "source"))
+        packages = _readable_copy(sysconfig.get_paths()["purelib"], copies)
+        for root, dirs, _ in os.walk(copies):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)  # noqa: S103 - nobody must read it
+        yield Nobody(python, os.pathsep.join([os.path.dirname(package), packages]))
+    finally:
+        shutil.rmtree(copies, ignore_errors=True)
 
 
 @pytest.fixture
@@ -54,10 +90,9 @@ def shared_dir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def as_nobody(python: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    path = os.pathsep.join([os.path.dirname(HERE), sysconfig.get_paths()["purelib"]])
-    environment = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
-    return subprocess.run([*NOBODY, python, "-m", "batchpush", *args], capture_output=True, text=True, env=environment, timeout=110)
+def as_nobody(nobody: Nobody, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONPATH": nobody.path, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+    return subprocess.run([*NOBODY, nobody.python, "-m", "batchpush", *args], capture_output=True, text=True, env=environment, timeout=110, cwd="/")
 
 
 def readable_layout(shared_dir: str, seeds: list[int]) -> str:
