@@ -59,7 +59,7 @@ from .sources.base import FileRange, ImageSource, RegistryBlob, SourceLayer
 from .sources.registry import TRANSPORT as REGISTRY_TRANSPORT
 from .sources.registry import Platform, RegistrySource, RemoteImage, parse_registry_source, referrers_tag, resolve
 from .state import PushState, RemoteBlob
-from .workers import WorkerPool, release_big_buffers
+from .workers import WorkerPool
 
 if TYPE_CHECKING:
     # imported where they are used: a run without an OCI layout target, a prune or a
@@ -265,7 +265,6 @@ class Engine:
         #: image checks run beyond the pushes, and plan entries expanded at once
         self.checks_ahead = min(MAX_CHECKS_AHEAD, max(o.max_requests_in_flight for o in (self.options.registry_defaults, *self.options.registries.values())))
         self._pool = WorkerPool(self.options.jobs) if self.options.jobs != 1 else None
-        release_big_buffers()  # the compressed blocks pass through this process too
         self._spool = tempfile.mkdtemp(prefix="batchpush-spool-", dir=self.options.spool_dir)
         self.preparer = Preparer(self._spool, self.store, self._pool, cancel=self.cancelled, spool_limit=self.options.spool_limit)
 
@@ -298,8 +297,11 @@ class Engine:
         self.preparer.close(wait=wait)
         if self._pool is not None:
             self._pool.shutdown(wait=wait, cancel_futures=True)
-        for client in self._clients.values():
+        for host, client in self._clients.items():
             client.close()
+            scheme = getattr(client, "scheme", None)  # a layout target has none
+            if scheme is not None and client.options.insecure and client._preferred != scheme:
+                self.store.put_scheme(host, scheme)
         self.store.close()
         shutil.rmtree(self._spool, ignore_errors=True)
         # after a cancel, a compression thread still ending may write into the spool
@@ -353,6 +355,8 @@ class Engine:
                 self._executors[host] = cf.ThreadPoolExecutor(max_workers=max(options.max_requests_in_flight, options.max_concurrent_uploads), thread_name_prefix=f"push-{host}")
         if client is not made:  # another thread made it first
             made.close()
+        elif options.insecure:
+            client.prefer_scheme(self.store.get_scheme(host))
         return client
 
     def _layout(self, host: str) -> LayoutWriter:

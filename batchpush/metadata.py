@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS fingerprints (
 );
 CREATE INDEX IF NOT EXISTS fingerprints_size ON fingerprints (size, recipe);
 CREATE INDEX IF NOT EXISTS fingerprints_diff_id ON fingerprints (diff_id, recipe);
+CREATE TABLE IF NOT EXISTS schemes (
+    host TEXT PRIMARY KEY,
+    scheme TEXT NOT NULL,
+    last_seen REAL NOT NULL
+);
 """
 
 
@@ -230,6 +235,25 @@ class MetadataStore:
         """Forget an entry under every DiffID it is recorded for (seed: Remove)."""
         with self._transaction() as db:
             db.execute("DELETE FROM v2_metadata WHERE digest = ? AND source_repository = ? AND hmac = ?", (str(entry.digest), entry.source_repository, entry.hmac))
+
+    # -- schemes -------------------------------------------------------------
+    def get_scheme(self, host: str) -> str | None:
+        """The scheme an insecure ``host`` answered on in an earlier run (None: not
+        known, or the store cannot be read: the ping then tries https first)."""
+        try:
+            row = self._db.execute("SELECT scheme FROM schemes WHERE host = ?", (host,)).fetchone()
+        except sqlite3.Error:
+            return None
+        return row[0] if row and row[0] in ("http", "https") else None
+
+    def put_scheme(self, host: str, scheme: str) -> None:
+        """Remember the scheme ``host`` answered on; a store that cannot be written
+        loses only this (the next run's ping tries https first again)."""
+        try:
+            with self._transaction() as db:
+                db.execute("INSERT OR REPLACE INTO schemes (host, scheme, last_seen) VALUES (?, ?, ?)", (host, scheme, time.time()))
+        except sqlite3.Error as exc:
+            log.debug("the scheme of %s is not remembered: %s", host, exc)
 
     # -- fingerprints --------------------------------------------------------
     def get_fingerprint(self, xxh3_128: str, size: int, recipe: str) -> Fingerprint | None:

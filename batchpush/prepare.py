@@ -37,6 +37,7 @@ from .errors import BatchPushError, Cancelled, DigestMismatchError
 from .metadata import Fingerprint, MetadataStore
 from .sources.base import BlobSource, Compression, FileRange, RegistryBlob, SourceIndex, SourceLayer, SourceManifest, SourceNode
 from .spool import Spool
+from .workers import release_big_buffers
 
 #: what a compression streams its output to, besides the spool: one sink per
 #: target registry (``presend.UploadSink``), made for a layer when its pass starts
@@ -151,9 +152,7 @@ class Preparer:
         self.spool_dir = spool_dir
         #: whole compressed layers kept for a second reading, within the limit
         self.spool = Spool(spool_dir, spool_limit)
-        #: where the workers put each block they compress, for a moment: a tmpfs
-        #: (/dev/shm) where this user can write one, else the spool
-        self.block_dir = tempfile.mkdtemp(prefix="batchpush-blocks-", dir=SHM_DIR if os.access(SHM_DIR, os.W_OK) else spool_dir)
+        self._block_dir: str | None = None
         #: blocks compressed ahead of their consumers, across every compression
         self.window = BlockWindow((os.cpu_count() or 1) + 1)
         self.store = store
@@ -239,11 +238,29 @@ class Preparer:
         for thread in list(getattr(self._assemblers, "_threads", ())):
             thread.join(max(0.0, deadline - time.monotonic()))
 
+    @property
+    def block_dir(self) -> str:
+        """Where the workers put each block they compress, for a moment: a tmpfs
+        (/dev/shm) where this user can write one, else the spool. Made when the run
+        first compresses (a run that compresses nothing makes none), and then too this
+        process's heap is told to give big buffers back (the blocks pass through it)."""
+        made = self._block_dir
+        if made is None:
+            release_big_buffers()
+            made = tempfile.mkdtemp(prefix="batchpush-blocks-", dir=SHM_DIR if os.access(SHM_DIR, os.W_OK) else self.spool_dir)
+            with self._lock:
+                if self._block_dir is None:
+                    self._block_dir = made
+            if self._block_dir != made:  # another thread made one first
+                os.rmdir(made)
+        return self._block_dir  # type: ignore[return-value]
+
     def close(self, *, wait: bool = True) -> None:
         self._finishers.shutdown(wait=wait, cancel_futures=True)
         self._assemblers.shutdown(wait=wait, cancel_futures=True)
         self._hashers.shutdown(wait=wait, cancel_futures=True)
-        shutil.rmtree(self.block_dir, ignore_errors=True)
+        if self._block_dir is not None:
+            shutil.rmtree(self._block_dir, ignore_errors=True)
 
     def _compress_pass(self, blob: FileRange, layer: SourceLayer | None, sinks: Sinks | None) -> CompressedBlob:
         """The recipe, streamed: the blocks go to the workers a few ahead

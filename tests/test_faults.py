@@ -437,9 +437,9 @@ def test_error_answers_that_do_not_parse_are_still_their_status(registry, proxy,
 
 
 def test_an_error_body_cut_short_is_still_the_registry_error(registry, proxy, tmp_path, metadata_dir):
-    """The connection closes before a 503's body is all there: urllib3 raises while we
-    read it (outside requests' wrapping). The answer is still a RegistryError for the
-    503, retried like any other."""
+    """The connection closes before a 503's body is all there: the transport raises
+    while we read it. The answer is still a RegistryError for the 503, retried like
+    any other."""
     diff_ids = big_layout(str(tmp_path / "layout"), size=100_000)
     body = b'{"errors":[{"code":"UNAVAILABLE"'
     proxy.add(Rule("PUT", "/manifests/", "status", status=503, headers={"Content-Type": "application/json", "Content-Length": "4096"}, body=body, raw_headers=True, close=True))
@@ -451,7 +451,7 @@ def test_an_error_body_cut_short_is_still_the_registry_error(registry, proxy, tm
 
 def test_a_token_body_cut_short_is_a_registry_error_and_retried(tmp_path, metadata_dir):
     """The token endpoint's answer ends early (our proxy in front of the issuer): the
-    read raises inside urllib3; it becomes a temporary RegistryError, and the next
+    read raises in the transport; it becomes a temporary RegistryError, and the next
     attempt fetches a token again."""
     from registry import start_registry
     from token_issuer import TokenIssuer
@@ -476,8 +476,8 @@ def test_a_token_body_cut_short_is_a_registry_error_and_retried(tmp_path, metada
 
 
 def test_a_token_http_cannot_carry_fails_cleanly_and_is_never_quoted(tmp_path, metadata_dir):
-    """An issuer hands out a token holding a newline: http.client refuses the header
-    with a ValueError that quotes it. The push fails that image (exit 1, not retried),
+    """An issuer hands out a token holding a newline: the transport refuses the header
+    with a ValueError. The push fails that image (exit 1, not retried),
     and the token is in no message."""
     from registry import start_registry
     from token_issuer import TokenIssuer

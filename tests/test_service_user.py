@@ -65,7 +65,7 @@ def nobody_python() -> Iterator[Nobody]:
     if python is None:
         pytest.fail(f"no Python {version} that nobody can run (the venv's is under a private home): install python{version}")
     path = os.pathsep.join([os.path.dirname(HERE), sysconfig.get_paths()["purelib"]])
-    if _nobody_can_run(python, "import batchpush, urllib3", path):
+    if _nobody_can_run(python, "import batchpush, isal", path):
         yield Nobody(python, path)
         return
     copies = tempfile.mkdtemp(prefix="batchpush-nobody-path-")

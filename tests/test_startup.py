@@ -18,9 +18,10 @@ from images import simple_layout
 #: what a run loads only when asked: the live display (a terminal), PyYAML (a plan),
 #: prometheus-client (metrics), Dask (--scheduler)
 ONLY_WHEN_ASKED = ("rich", "yaml", "prometheus_client", "dask", "distributed", "batchpush.plan", "batchpush.cluster")
-#: what a run never loads: requests (the client speaks urllib3 directly), and
-#: certifi's bundle when no registry is verified (here: an --insecure one)
-NEVER = ("requests", "charset_normalizer", "idna", "certifi")
+#: what a run never loads: requests, urllib3 and http.client (the client speaks HTTP
+#: itself: registry/transport.py), the email package (http.client's header parser),
+#: and certifi's bundle when no registry is verified (here: an --insecure one)
+NEVER = ("requests", "urllib3", "http.client", "email", "charset_normalizer", "idna", "certifi")
 #: what a push from an OCI layout to a registry, with nothing to select, prune or
 #: run, does not load: tag selection by version, docker archives (tarfile), OCI
 #: layout targets, pruning, dry runs, metrics, credential helpers, proxies
@@ -36,10 +37,13 @@ NOT_THIS_RUN = (
     "urllib.request",
 )
 #: what its re-run does not load besides: it reads no layer, so neither the
-#: compressor nor the fingerprint hash
-NOT_READING_LAYERS = ("isal", "xxhash")
+#: compressor nor the fingerprint hash, nor ctypes (the heap's setting for the
+#: compressed blocks); and its registry, plain HTTP and marked insecure, answered
+#: over http last time: no TLS handshake is tried first (no ssl, nor the IDNA codec
+#: ssl encodes the server's name with: an ASCII host name is resolved as bytes)
+NOT_ON_A_RERUN = ("isal", "xxhash", "ctypes", "ssl", "encodings.idna")
 #: what ``--version`` must not load: the engine, the HTTP stack, the database
-RUN_MODULES = ("batchpush.engine", "batchpush.registry", "requests", "urllib3", "sqlite3", "logging", *ONLY_WHEN_ASKED)
+RUN_MODULES = ("batchpush.engine", "batchpush.registry", "requests", "urllib3", "socket", "sqlite3", "logging", *ONLY_WHEN_ASKED)
 
 _LOADED = """
 import json, sys
@@ -88,8 +92,9 @@ def test_one_image_push_and_its_rerun_load_nothing_they_do_not_use(registry, tmp
     args = ("push", f"oci:{tmp_path}/layout:1.0", f"{registry.host}/lazy/app:1.0", "--insecure", registry.host, "--metadata-dir", str(tmp_path / "md"))
     code, modules = loaded_by(tmp_path, *args)
     assert code == 0
-    assert "batchpush.engine" in modules and "urllib3" in modules  # it did run
+    assert "batchpush.engine" in modules and "batchpush.registry.transport" in modules  # it did run
+    assert "ssl" in modules  # the first run tried https first
     assert _present(modules, ONLY_WHEN_ASKED + NEVER + NOT_THIS_RUN) == []
     code, modules = loaded_by(tmp_path, *args)  # the cron re-run: the tag holds the image
     assert code == 0
-    assert _present(modules, ONLY_WHEN_ASKED + NEVER + NOT_THIS_RUN + NOT_READING_LAYERS) == []
+    assert _present(modules, ONLY_WHEN_ASKED + NEVER + NOT_THIS_RUN + NOT_ON_A_RERUN) == []

@@ -22,11 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import urllib3
-
 from ..patterns import LazyPattern
 from ..waits import Flights
-from .errors import TRANSPORT_ERRORS, AuthError, RegistryError, error_from_response, read_limited
+from .errors import TRANSPORT_ERRORS, AuthError, RegistryError, error_from_response, is_tls_error, read_limited
 from .transport import Response, Session, send
 
 #: the most of a token response we read
@@ -250,13 +248,13 @@ class Authenticator:
         timeout = (TOKEN_CONNECT_TIMEOUT_S, TOKEN_READ_TIMEOUT_S)
         try:
             response = send(self.session, method, _with_params(realm, params), headers, urlencode(data).encode() if data is not None else None, timeout=timeout, verify=self.session.verify)
-        except urllib3.exceptions.SSLError as exc:
-            raise RegistryError(method, realm, None, (), "token request: TLS verification failed", permanent=True) from exc
         except ValueError as exc:
             # a URL or a header value HTTP cannot carry: its text may quote the
             # credentials, so it is not chained (a traceback would print it)
             raise RegistryError(method, realm, None, (), f"token request: {type(exc).__name__}") from None
         except TRANSPORT_ERRORS as exc:
+            if is_tls_error(exc):
+                raise RegistryError(method, realm, None, (), "token request: TLS verification failed", permanent=True) from exc
             raise RegistryError(method, realm, None, (), f"token request: {type(exc).__name__}") from exc
         if response.status_code != 200:
             error = error_from_response(response, method)

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
-import urllib3
-
 from .. import __version__
 from .. import mediatypes as mt
 from ..digest import CHUNK_BYTES, Digest, InvalidDigestError
@@ -52,6 +50,7 @@ from .errors import (
     parse_decimal,
     parse_retry_after,
     read_limited,
+    redact_url,
     release,
     transport_error,
 )
@@ -233,9 +232,8 @@ class _StreamBody:
             raise
 
 
-#: the pieces of a chunked body: urllib3 copies each into a new bytes object with its
-#: chunk's framing, which stays under glibc's threshold for a fresh mapping (1 MiB,
-#: ``workers.release_big_buffers``): a piece of 1 MiB would be faulted in page by page
+#: the pieces of a streamed body (the transport frames each chunk around it, no copy):
+#: a cancel is seen, and the send loop starts afresh, a piece at a time
 STREAM_PIECE_BYTES = 512 << 10
 
 
@@ -417,7 +415,6 @@ class RegistryClient:
         self._bundle: str | None = None
         if self.options.insecure:
             self.session.verify = False
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         else:
             extra = trusted_ca_files(host, self.options.ca_file)
             if extra:
@@ -441,6 +438,8 @@ class RegistryClient:
         self._base_url: str | None = None
         #: the scheme the ping tries alone (``use_scheme``), else https then (insecure) http
         self._scheme: str | None = None
+        #: the scheme the ping of an insecure host tries first (``prefer_scheme``)
+        self._preferred: str | None = None
         self._pinging = Flights()
         self._read_slots = threading.BoundedSemaphore(max(1, self.options.max_concurrent_uploads))
         self._reading = 0
@@ -532,14 +531,17 @@ class RegistryClient:
     def _send_now(self, method: str, url: str, headers: dict[str, str], data: Any) -> Response:
         try:
             # verify is passed explicitly (the session does not read the environment)
-            return send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, self.options.read_timeout_s), verify=self.session.verify)
+            response = send(self.session, method, url, headers, data, timeout=(CONNECT_TIMEOUT_S, self.options.read_timeout_s), verify=self.session.verify)
         except ValueError as exc:
-            # not a transport failure: http.client refuses the request itself (a URL or
-            # a header value it cannot carry). Its text quotes the value, which may be
-            # a token, so it is not chained: a traceback would print it.
+            # not a transport failure: the transport refuses the request itself (a URL
+            # or a header value HTTP cannot carry). Its text may quote the value, which
+            # may be a token, so it is not chained: a traceback would print it.
             raise transport_error(method, url, exc, sending=True) from None
         except TRANSPORT_ERRORS as exc:
+            log.debug("%s %s: %s", method, redact_url(url), type(exc).__name__)
             raise transport_error(method, url, exc, sending=True) from exc
+        log.debug("%s %s: %d", method, redact_url(url), response.status_code)  # never the query: an upload's state
+        return response
 
     def request(
         self,
@@ -629,8 +631,12 @@ class RegistryClient:
             if self._base_url is not None:
                 return
             schemes: tuple[str, ...] = ("https", "http") if self.options.insecure else ("https",)
+            remembered = False
             if self._scheme is not None and self._scheme in schemes:
                 schemes = (self._scheme,)
+            elif self._preferred is not None and self._preferred in schemes[1:]:
+                schemes = (self._preferred, *(scheme for scheme in schemes if scheme != self._preferred))
+                remembered = True
             last: RegistryError | None = None
             for scheme in schemes:
                 url = f"{scheme}://{self.host}/v2/"
@@ -642,6 +648,11 @@ class RegistryClient:
                 if response.status_code == 401:
                     self.auth.challenge(response, ())
                 elif response.status_code != 200:
+                    if remembered and scheme == schemes[0]:
+                        # the host no longer speaks what it spoke (a TLS server answers
+                        # plain HTTP with a 400): the usual order, https first
+                        last = error_from_response(response, "GET")
+                        continue
                     self._count_error()
                     raise error_from_response(response, "GET")
                 release(response)
@@ -650,6 +661,21 @@ class RegistryClient:
             assert last is not None
             self._count_error()  # the https probe of an insecure host that speaks http is none
             raise last
+
+    def prefer_scheme(self, scheme: str | None) -> None:
+        """The ping of this insecure host tries ``scheme`` first, the one it answered
+        on in an earlier run (the metadata store remembers it), then the usual order:
+        a plain-HTTP registry is then not sent a TLS handshake that must fail (an
+        import of ssl, a connection and a round trip) on every cron run. No credential
+        goes with a ping; a host that took up TLS since answers the plain request with
+        an error, and the ping goes on to https."""
+        self._preferred = scheme
+
+    @property
+    def scheme(self) -> str | None:
+        """The scheme the ping chose (None: not pinged yet, or the ping failed)."""
+        base = self._base_url
+        return base.partition(":")[0] if base is not None else None
 
     def use_scheme(self, scheme: str) -> None:
         """The ping tries only ``scheme``, the one another client of this run chose

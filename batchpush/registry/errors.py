@@ -9,23 +9,21 @@
     └── MalformedResponseError  an expected status whose headers do not parse (a size, a
                                 digest): retried, never turned into an invented value
 
-What the HTTP stack raises (urllib3's, http.client's, the socket's) becomes a RegistryError in one place, ``transport_error``, called where a
+What the HTTP stack raises (transport.py's HTTPError, the socket's and TLS's OSError, a
+ValueError for what HTTP cannot carry) becomes a RegistryError in one place, ``transport_error``, called where a
 request is sent (the client's ``_send``) and where a body is read (``read_limited``).
 """
 
 from __future__ import annotations
 
-import email.utils
-import http.client
 import json
 import re
+import sys
 import time
 from urllib.parse import urlsplit
 
-import urllib3
-
 from ..errors import BatchPushError
-from .transport import Response
+from .transport import HTTPError, Response
 
 #: the most of an error body we read, and of its errors we quote
 MAX_ERROR_BODY_BYTES = 64 << 10
@@ -124,10 +122,9 @@ class MalformedResponseError(RegistryError):
         return True
 
 
-#: what sending a request or reading its body may raise: urllib3's errors (the
-#: transport never retries, so they come as they are, never as MaxRetryError),
-#: http.client's and the socket's
-TRANSPORT_ERRORS: tuple[type[Exception], ...] = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+#: what sending a request or reading its body may raise: the transport's protocol
+#: errors, and the socket's and TLS's (OSError, timeouts included)
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (HTTPError, OSError)
 #: what reading a body may raise besides: ValueError, reading a file already closed
 BODY_ERRORS: tuple[type[Exception], ...] = (*TRANSPORT_ERRORS, ValueError)
 
@@ -137,14 +134,23 @@ def transport_error(method: str, url: str, exc: Exception, *, sending: bool) -> 
 
     Only the exception's type is named, never its text: that may quote a header
     (``Invalid header value b'Bearer ...'``) or a URL with its query. Temporary,
-    except while ``sending``: TLS verification failing (urllib3's SSLError), and a
+    except while ``sending``: TLS refusing the connection (``is_tls_error``), and a
     ValueError (a URL or a header value HTTP cannot carry, e.g. a token holding a
     newline), which no retry can fix."""
-    if sending and isinstance(exc, urllib3.exceptions.SSLError):
+    if sending and is_tls_error(exc):
         return RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)", permanent=True)
     if sending and isinstance(exc, ValueError):
         return RegistryError(method, url, None, (), f"the request cannot be sent: its URL or a header value is not valid HTTP ({type(exc).__name__})", permanent=True)
     return RegistryError(method, url, None, (), type(exc).__name__)
+
+
+def is_tls_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is TLS refusing the connection (the certificate not trusted, the
+    handshake failing), not the other end closing it mid-way (``SSLEOFError``,
+    ``SSLZeroReturnError``: a dropped connection, worth another try). ssl is imported
+    only by a run that speaks https: without it no exception can be one of its."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
 
 
 #: a header's decimal number: ASCII digits only ("\u00b2".isdigit() is true, int()
@@ -168,6 +174,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     value = value.strip()
     if value.isascii() and value.isdigit():  # "\u00b2".isdigit() is true, float() refuses it
         return float(value)
+    import email.utils  # an HTTP date: rare, and the email package is slow to import
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

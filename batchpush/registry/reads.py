@@ -70,9 +70,8 @@ MAX_REPOSITORIES = 100_000
 CATALOG_SCOPE = "registry:catalog:*"
 
 #: one read from a blob's socket. The pieces yielded are CHUNK_BYTES; they are
-#: filled in smaller reads because what a read had collected when the connection
-#: broke is lost with it (http.client's buffered read raises, its partial bytes
-#: gone), and a resume then asks for those again
+#: filled in smaller reads because a read that breaks off raises, and what it had
+#: collected is asked for again by the resume
 READ_BYTES = 64 << 10
 
 
