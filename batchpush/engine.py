@@ -299,9 +299,9 @@ class Engine:
             self._pool.shutdown(wait=wait, cancel_futures=True)
         for host, client in self._clients.items():
             client.close()
-            scheme = getattr(client, "scheme", None)  # a layout target has none
-            if scheme is not None and client.options.insecure and client._preferred != scheme:
-                self.store.put_scheme(host, scheme)
+            learned = getattr(client, "learned_scheme", None)  # a layout target has none
+            if learned is not None and client.options.insecure and not self.options.dry_run and client._preferred != learned:
+                self.store.put_scheme(host, learned)
         self.store.close()
         shutil.rmtree(self._spool, ignore_errors=True)
         # after a cancel, a compression thread still ending may write into the spool

@@ -35,6 +35,9 @@ BUSY_TIMEOUT_S = 30.0
 #: how often a connection asks again for WAL mode while a new store is locked
 WAL_RETRY_S = 0.05
 SCHEMA_VERSION = 1
+#: how long the scheme an insecure host answered on is tried first: then https is
+#: tried first again once (a host that took up TLS on another port is found)
+SCHEME_KEPT_S = 7 * 24 * 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS v2_metadata (
@@ -238,10 +241,11 @@ class MetadataStore:
 
     # -- schemes -------------------------------------------------------------
     def get_scheme(self, host: str) -> str | None:
-        """The scheme an insecure ``host`` answered on in an earlier run (None: not
-        known, or the store cannot be read: the ping then tries https first)."""
+        """The scheme an insecure ``host`` answered on in an earlier run, within
+        SCHEME_KEPT_S (None: not known, forgotten, or the store cannot be read: the
+        ping then tries https first, and learns it again)."""
         try:
-            row = self._db.execute("SELECT scheme FROM schemes WHERE host = ?", (host,)).fetchone()
+            row = self._db.execute("SELECT scheme FROM schemes WHERE host = ? AND last_seen > ?", (host, time.time() - SCHEME_KEPT_S)).fetchone()
         except sqlite3.Error:
             return None
         return row[0] if row and row[0] in ("http", "https") else None

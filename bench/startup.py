@@ -10,7 +10,8 @@ there the cost is start-up and one request, not throughput. Measured, each best 
 - the cron re-run: one image (2 layers, from an OCI layout) whose tag already holds
   it, on a fresh real registry on loopback: ``batchpush push`` (one manifest HEAD)
   and ``skopeo copy`` of the same layout to a repository of its own;
-- what the HTTP stack costs to import: ``requests`` against ``urllib3`` alone.
+- what a general HTTP client would cost to import, for comparison: ``requests``
+  and ``urllib3`` (batchpush uses neither: its transport is its own, on ``socket``).
 
 Each figure is the best wall time and, apart, the best CPU time (user + system, of
 the process and its children): on a machine others share, the CPU time moves less

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from batchpush.registry.transport import ProtocolError, new_session, send
+from batchpush.registry.transport import ProtocolError, _authority, new_session, send
 
 TIMEOUT = (5.0, 5.0)
 
@@ -210,3 +210,59 @@ def test_a_header_value_holding_a_line_break_is_refused_before_anything_is_sent(
     threading.Event().wait(0.2)
     assert server.connections == 0
     session.close()
+
+
+def test_an_answer_sent_before_the_body_was_taken_is_the_requests_answer(scripted):
+    """The server answers a large PUT at once (a token expired mid-upload: 401) and
+    closes without reading the body: the send breaks, and the answer is still read."""
+
+    def answer(conn: socket.socket, _: bytes) -> None:
+        read_request(conn)
+        conn.sendall(b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="x"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n')
+        conn.shutdown(socket.SHUT_WR)
+        threading.Event().wait(0.2)
+
+    server = scripted(answer)
+    session = new_session("test", 2)
+    response = send(session, "PUT", f"http://{server.host}/", {}, b"x" * (32 << 20), timeout=TIMEOUT, verify=False)
+    assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
+    response.raw.release_conn()
+    assert not any(session._idle.values())  # a connection whose request was cut is not kept
+    session.close()
+
+
+def test_bytes_no_request_asked_for_keep_a_connection_from_being_used_again(scripted):
+    """A HEAD answered with a body (a server's mistake): those bytes would be read as
+    the next request's answer; the connection is not used again."""
+
+    def answer(conn: socket.socket, _: bytes) -> None:
+        while head := read_request(conn):
+            if head.startswith(b"HEAD"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            else:
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    server = scripted(answer)
+    session = new_session("test", 2)
+    head = send(session, "HEAD", f"http://{server.host}/", {}, None, timeout=TIMEOUT, verify=False)
+    assert head.status_code == 200 and head.raw.read(10) == b""
+    head.raw.release_conn()
+    threading.Event().wait(0.2)  # the stray bytes arrive
+    put = send(session, "PUT", f"http://{server.host}/", {}, b"{}", timeout=TIMEOUT, verify=False)
+    assert put.status_code == 201 and server.connections == 2
+    session.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "scheme", "header"),
+    [
+        ("registry.example", 443, "https", "registry.example"),
+        ("registry.example", 5000, "https", "registry.example:5000"),
+        ("registry.example", 80, "http", "registry.example"),
+        ("::1", 5000, "http", "[::1]:5000"),
+        ("fe80::1%eth0", 443, "https", "[fe80::1]"),
+        ("bücher.example", 443, "https", "xn--bcher-kva.example"),
+    ],
+)
+def test_the_host_header_is_written_as_http_client_wrote_it(host, port, scheme, header):
+    assert _authority(host, port, scheme) == header

@@ -145,3 +145,17 @@ def test_a_host_remembered_as_plain_http_that_speaks_tls_now_is_reached_over_htt
     assert _remembered(metadata, host) == "https"
     source = ("--src-cert-dir", secure.cert_dir, "--src-creds", f"{secure.username}:{secure.password}")
     assert pull_and_verify(secure.registry, "upgraded/app:1.0", str(tmp_path / "pulled"), source)[0].diff_ids == built["1.0"].diff_ids
+
+
+def test_a_proxy_refusing_the_tunnel_fails_the_image_at_once(tls_registry, forward_proxy, tmp_path):
+    """A CONNECT answered 407 (credentials the proxy does not take): no retry can
+    change that; the image fails with the proxy's answer in one line."""
+    host = tls_registry.registry.host
+    simple_layout(str(tmp_path / "layout"), {"1.0": [9]})
+    wrong = f"http://{PROXY_USER}:wrong@127.0.0.1:{forward_proxy.port}"
+    done = run_cli(["push", f"oci:{tmp_path}/layout:1.0", f"{host}/refused/app:1.0", "--ca-file", tls_registry.ca_file, "--metadata-dir", str(tmp_path / "md")], {"HTTPS_PROXY": wrong})
+    assert done.returncode == 1
+    assert "proxy: the proxy refused the tunnel (HTTP 407)" in done.stdout + done.stderr and "wrong" not in done.stdout + done.stderr
+    # not retried (5 attempts by default): one ping for the image's up-to-date check,
+    # one for its push
+    assert len(forward_proxy.requests()) <= 2

@@ -47,6 +47,7 @@ from .errors import (
     UploadGoneError,
     UploadRangeError,
     error_from_response,
+    is_tls_error,
     parse_decimal,
     parse_retry_after,
     read_limited,
@@ -440,6 +441,8 @@ class RegistryClient:
         self._scheme: str | None = None
         #: the scheme the ping of an insecure host tries first (``prefer_scheme``)
         self._preferred: str | None = None
+        #: whether this host's https attempt was answered with something not TLS
+        self._not_tls = False
         self._pinging = Flights()
         self._read_slots = threading.BoundedSemaphore(max(1, self.options.max_concurrent_uploads))
         self._reading = 0
@@ -644,6 +647,7 @@ class RegistryClient:
                     response = self._send("GET", url, {}, None)
                 except RegistryError as exc:
                     last = exc
+                    self._not_tls = self._not_tls or (scheme == "https" and exc.__cause__ is not None and is_tls_error(exc.__cause__))
                     continue
                 if response.status_code == 401:
                     self.auth.challenge(response, ())
@@ -672,10 +676,14 @@ class RegistryClient:
         self._preferred = scheme
 
     @property
-    def scheme(self) -> str | None:
-        """The scheme the ping chose (None: not pinged yet, or the ping failed)."""
+    def learned_scheme(self) -> str | None:
+        """What this run learned of the scheme to try first next time: https when the
+        ping chose it; http when it chose http after the https attempt was answered
+        with something not TLS (the port speaks plain HTTP: not a timeout, not a reset,
+        which prove nothing); else None (nothing learned)."""
         base = self._base_url
-        return base.partition(":")[0] if base is not None else None
+        scheme = base.partition(":")[0] if base is not None else None
+        return scheme if scheme == "https" or (scheme == "http" and self._not_tls) else None
 
     def use_scheme(self, scheme: str) -> None:
         """The ping tries only ``scheme``, the one another client of this run chose

@@ -23,7 +23,7 @@ import time
 from urllib.parse import urlsplit
 
 from ..errors import BatchPushError
-from .transport import HTTPError, Response
+from .transport import HTTPError, ProxyError, Response
 
 #: the most of an error body we read, and of its errors we quote
 MAX_ERROR_BODY_BYTES = 64 << 10
@@ -139,6 +139,8 @@ def transport_error(method: str, url: str, exc: Exception, *, sending: bool) -> 
     newline), which no retry can fix."""
     if sending and is_tls_error(exc):
         return RegistryError(method, url, None, (), "TLS verification failed (trust its CA with --ca-file or certs.d, or mark the host --insecure)", permanent=True)
+    if isinstance(exc, ProxyError):  # its text names the proxy's refusal, never a credential
+        return RegistryError(method, url, None, (), f"proxy: {exc}", permanent=exc.permanent)
     if sending and isinstance(exc, ValueError):
         return RegistryError(method, url, None, (), f"the request cannot be sent: its URL or a header value is not valid HTTP ({type(exc).__name__})", permanent=True)
     return RegistryError(method, url, None, (), type(exc).__name__)

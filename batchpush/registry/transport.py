@@ -61,6 +61,8 @@ SMALL_BODY_BYTES = 16 << 10
 DEFAULT_HEADERS = {"Accept-Encoding": "identity", "Accept": "*/*", "Connection": "keep-alive"}
 #: the content codings a body is decoded from when the caller asks (none is asked for)
 CODINGS = ("gzip", "x-gzip", "deflate")
+#: the most one ``recv`` takes from a connection
+RECV_BYTES = 64 << 10
 #: the pieces a body is read in when all of it is asked for
 READ_ALL_PIECE_BYTES = 1 << 20
 #: the longest status or header line, and the most header lines, of an answer
@@ -80,7 +82,13 @@ class ProtocolError(HTTPError):
 
 
 class ProxyError(HTTPError):
-    pass
+    """The proxy would not carry the request; ``permanent`` when no retry can change
+    that (its URL names a kind of proxy we do not speak, or it refuses our
+    credentials). Its text names no credential."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class Headers(Mapping[str, str]):
@@ -117,30 +125,85 @@ class Headers(Mapping[str, str]):
         return f"Headers({sorted(name for name, _ in self._values.values())})"
 
 
+class _Reader:
+    """What a connection received and no answer has taken yet, and the reads of it:
+    our own buffer (not ``socket.makefile``'s), so that bytes an answer did not frame
+    (a body longer than its length, a stray one after a HEAD) are seen and keep the
+    connection from carrying another request."""
+
+    __slots__ = ("buffer", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(RECV_BYTES)
+        self.buffer += data
+        return bool(data)
+
+    def readline(self, limit: int) -> bytes:
+        """One line, its end included; at most ``limit`` bytes; what is left at the
+        connection's end."""
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n", start, limit)
+            if end >= 0:
+                return self._take(end + 1)
+            if len(self.buffer) >= limit:
+                return self._take(limit)
+            start = len(self.buffer)
+            if not self._fill():
+                return self._take(len(self.buffer))
+
+    def read(self, amount: int) -> bytes:
+        """``amount`` bytes, fewer only at the connection's end."""
+        if len(self.buffer) >= amount:
+            return self._take(amount)
+        pieces = [self._take(len(self.buffer))]
+        got = len(pieces[0])
+        while got < amount:
+            data = self.sock.recv(min(amount - got, RECV_BYTES))
+            if not data:
+                break
+            pieces.append(data)
+            got += len(data)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _take(self, amount: int) -> bytes:
+        data = bytes(self.buffer[:amount])
+        del self.buffer[:amount]
+        return data
+
+
 class _Connection:
-    """One socket to an origin (through its proxy, if any) and its buffered reader."""
+    """One socket to an origin (through its proxy, if any) and what it received."""
 
     __slots__ = ("key", "reader", "sock")
 
     def __init__(self, key: tuple[Any, ...], sock: socket.socket) -> None:
         self.key = key
         self.sock = sock
-        self.reader = sock.makefile("rb")
+        self.reader = _Reader(sock)
 
     def dropped(self) -> bool:
-        """Whether an idle connection can no longer carry a request: readable means the
-        other end closed it (or sent what no request asked for)."""
+        """Whether an idle connection can no longer carry a request: bytes no request
+        asked for (received, or held decrypted by TLS), or the socket readable (the
+        other end closed it, or sent them)."""
+        if self.reader.buffer:
+            return True
+        pending = getattr(self.sock, "pending", None)  # an SSLSocket's decrypted bytes
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            if pending is not None and pending():
+                return True
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def close(self) -> None:
-        try:
-            self.reader.close()
-        finally:
-            self.sock.close()
+        self.sock.close()
 
 
 class _Body:
@@ -250,7 +313,7 @@ class _Body:
         if self._decoder is None:
             self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32 if self._encoding != "deflate" else zlib.MAX_WBITS)
         try:
-            return self._decoder.decompress(data, want)
+            return self._decoder.decompress(self._decoder.unconsumed_tail + data, want)
         except zlib.error as exc:
             raise ProtocolError(f"the body's {self._encoding} coding does not decode") from exc
 
@@ -402,9 +465,9 @@ class _Proxy:
             url = f"http://{url}"  # a proxy without a scheme is an HTTP one (requests' rule)
         parts = urlsplit(url)
         if not parts.hostname:
-            raise ProxyError("the proxy URL names no host")
+            raise ProxyError("the proxy URL names no host", permanent=True)
         if parts.scheme.lower() != "http":
-            raise ProxyError(f"a {parts.scheme}:// proxy is not supported (an http:// one is)")
+            raise ProxyError(f"a {parts.scheme}:// proxy is not supported (an http:// one is)", permanent=True)
         self.host = parts.hostname
         self.port = parts.port or 80
         self.authorization: str | None = None
@@ -427,16 +490,18 @@ def _open_tunnel(sock: socket.socket, host: str, port: int, proxy: _Proxy) -> No
         lines.append(f"Proxy-Authorization: {proxy.authorization}")
     _send_all(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     head = bytearray()
-    while not head.endswith(b"\r\n\r\n"):
+    while not (head.endswith(b"\r\n\r\n") or head.endswith(b"\n\n")):
         byte = sock.recv(1)
         if not byte:
             raise ProxyError("the proxy closed the connection before answering the CONNECT")
         head += byte
         if len(head) > MAX_LINE_BYTES:
             raise ProxyError("the proxy's answer to the CONNECT is too long")
-    status = head.split(b"\r\n", 1)[0].split(None, 2)
-    if len(status) < 2 or status[1] != b"200":
-        raise ProxyError(f"the proxy refused the tunnel ({status[1].decode('latin-1', 'replace')[:3] if len(status) > 1 else 'no status'})")
+    status = head.split(b"\n", 1)[0].split(None, 2)
+    code = status[1].decode("latin-1", "replace")[:3] if len(status) > 1 else "no status"
+    if not code.startswith("2"):
+        # 407: the proxy wants other credentials; no retry will change that
+        raise ProxyError(f"the proxy refused the tunnel (HTTP {code})", permanent=code in ("403", "407"))
 
 
 def _send_all(sock: socket.socket, data: Any) -> None:
@@ -452,8 +517,12 @@ def _send_body(sock: socket.socket, body: Any, chunked: bool) -> None:
         _send_all(sock, body)
         return
     if not chunked:
+        sent = 0
         for piece in body:
             _send_all(sock, piece)
+            sent += memoryview(piece).nbytes
+        if sent != len(body):  # the connection is closed: the server must not take more or wait for less
+            raise ValueError(f"the request body held {sent} bytes, not the {len(body)} its Content-Length said")
         return
     framing = b""
     for piece in body:
@@ -505,12 +574,17 @@ def _read_head(reader: Any) -> tuple[str, int, str, Headers]:
 
 def _body_of(session: Session, connection: _Connection, method: str, version: str, status: int, headers: Headers) -> _Body:
     tokens = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
-    keep_alive = "close" not in tokens and (version != "HTTP/1.0" or "keep-alive" in tokens)
+    keep_alive = "close" not in tokens and (version != "HTTP/1.0" or "keep-alive" in tokens) and status != 101
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         return _Body(session, connection, "done", 0, keep_alive, encoding)
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
-        return _Body(session, connection, "chunked", 0, keep_alive, encoding)
+    codings = headers.get("Transfer-Encoding")
+    if codings is not None:
+        # chunked must be the last coding, else the body ends with the connection; a
+        # Content-Length beside it is ignored, and the connection not kept (RFC 9112 6.3)
+        chunked = codings.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        keep_alive = keep_alive and chunked and "Content-Length" not in headers
+        return _Body(session, connection, "chunked" if chunked else "close", 0, keep_alive, encoding)
     stated = headers.get("Content-Length")
     if stated is not None:
         values = {value.strip() for value in stated.split(",")}
@@ -519,6 +593,16 @@ def _body_of(session: Session, connection: _Connection, method: str, version: st
         length = int(value)
         return _Body(session, connection, "length" if length else "done", length, keep_alive, encoding)
     return _Body(session, connection, "close", 0, False, encoding)
+
+
+def _authority(host: str, port: int, scheme: str) -> str:
+    """The Host header of an origin, as http.client wrote it: the name (IDNA-encoded
+    if not ASCII; an IPv6 address in brackets, without its zone), and the port unless
+    it is the scheme's default (a storage host's signed URL names none)."""
+    name = host if host.isascii() else host.encode("idna").decode("ascii")
+    if ":" in name:
+        name = f"[{name.partition('%')[0]}]"
+    return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
 
 
 def new_session(user_agent: str, pool_maxsize: int) -> Session:
@@ -548,7 +632,7 @@ def send(session: Session, method: str, url: str, headers: dict[str, str], body:
     trust = (session.verify if verify is None else verify) if scheme == "https" else None
     key = (scheme, host, port, proxy_url, trust)
 
-    sent: dict[str, tuple[str, str]] = {"host": ("Host", parts.netloc.rpartition("@")[2])}
+    sent: dict[str, tuple[str, str]] = {"host": ("Host", _authority(host, port, scheme))}
     for name, value in (*session.headers.items(), *headers.items()):
         sent[name.lower()] = (name, value)
     chunked = False
@@ -576,15 +660,29 @@ def send(session: Session, method: str, url: str, headers: dict[str, str], body:
     try:
         sock = connection.sock
         sock.settimeout(timeout[0])
-        if isinstance(body, (bytes, bytearray)) and len(body) <= SMALL_BODY_BYTES:
-            _send_all(sock, head + body)
-        else:
-            _send_all(sock, head)
-            if body is not None:
-                _send_body(sock, body, chunked)
+        cut: OSError | None = None
+        try:
+            if isinstance(body, (bytes, bytearray)) and len(body) <= SMALL_BODY_BYTES:
+                _send_all(sock, head + body)
+            else:
+                _send_all(sock, head)
+                if body is not None:
+                    _send_body(sock, body, chunked)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # the server may have answered before it took the whole body, and closed
+            # (a 401 for a token that expired mid-upload, a 404, a 413): that answer is
+            # the request's, as urllib3 read it too
+            cut = exc
         sock.settimeout(timeout[1])
-        version, status, reason, answer = _read_head(connection.reader)
+        try:
+            version, status, reason, answer = _read_head(connection.reader)
+        except (OSError, HTTPError):
+            if cut is not None:
+                raise cut from None
+            raise
         raw = _body_of(session, connection, method, version, status, answer)
+        if cut is not None:
+            raw._keep_alive = False
     except BaseException:
         connection.close()
         raise
