@@ -175,6 +175,23 @@ def _unacknowledged_bytes(sock: socket.socket) -> int:
 LARGE_BODY_BYTES = SMALL_BODY_BYTES
 
 
+def connection_server(bind: str, serve: Callable[[socket.socket], None]) -> socketserver.ThreadingTCPServer:
+    """A server on ``bind`` (a free port) handing each connection to ``serve`` in a
+    thread of its own; not yet serving (``serve_forever``)."""
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            serve(self.request)
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        #: a client's connections opened at once (up to its request limit) wait for no SYN retry
+        request_queue_size = 128
+
+    return Server((bind, 0), Handler)
+
+
 class FaultProxy:
     def __init__(self, upstream: str, bind: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> None:
         """``tls``: a certificate and its key; the proxy then speaks https to its
@@ -209,19 +226,7 @@ class FaultProxy:
         if tls is not None:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self._tls.load_cert_chain(*tls)
-        proxy = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                proxy._serve(self.request)
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            #: a client's connections opened at once (up to its request limit) wait for no SYN retry
-            request_queue_size = 128
-
-        self.server = Server((bind, 0), Handler)
+        self.server = connection_server(bind, self._serve)
         self.host = f"{bind}:{self.server.server_address[1]}"
         #: set by stop(): stalled connections end
         self._stopping = threading.Event()

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import base64
 import socket
-import socketserver
 import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from fault_proxy import connection_server
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,7 @@ class ForwardProxy:
         self.credentials = credentials
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                proxy._serve(self.request)
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server = connection_server("127.0.0.1", self._serve)
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
