@@ -347,6 +347,9 @@ class Engine:
             other_threads=self.options.max_concurrent_images + self.checks_ahead + 2,
             marked_insecure=lambda other: self.registry_options(other).insecure,
         )
+        if options.insecure:
+            # before another thread can find the client and ping it
+            made.prefer_scheme(self.store.get_scheme(host))
         with self._clients_lock:
             client = self._clients.setdefault(host, made)
             if client is made:
@@ -355,8 +358,6 @@ class Engine:
                 self._executors[host] = cf.ThreadPoolExecutor(max_workers=max(options.max_requests_in_flight, options.max_concurrent_uploads), thread_name_prefix=f"push-{host}")
         if client is not made:  # another thread made it first
             made.close()
-        elif options.insecure:
-            client.prefer_scheme(self.store.get_scheme(host))
         return client
 
     def _layout(self, host: str) -> LayoutWriter:

@@ -137,8 +137,8 @@ def main() -> int:
         again = totals(report)
         heads, pings = again["requests"].get("HEAD", 0), again["requests"].get("GET", 0)
         print(f"report: {json.dumps(again['statuses'])}, requests {json.dumps(again['requests'])}:")
-        print(f"  {heads} manifest HEADs, one per image, and {pings} GET /v2/ for the whole run (the API check: https first, the host is insecure); nothing sent")
-        expect(again["statuses"] == {"up-to-date": len(fleet.images)} and heads == len(fleet.images) and sum(again["requests"].values()) == heads + pings <= heads + 2, "not every image was up to date with one request")
+        print(f"  {heads} manifest HEADs, one per image, and {pings} GET /v2/ for the whole run (the API check, over plain HTTP at once: the first run learned this insecure host does not speak TLS); nothing sent")
+        expect(again["statuses"] == {"up-to-date": len(fleet.images)} and heads == len(fleet.images) and sum(again["requests"].values()) == heads + pings == heads + 1, "not every image was up to date with one request")
 
         step(f"mirror the fleet to the second registry ({mirror.host}): manifests byte for byte, blobs streamed")
         mirror_plan = os.path.join(work, "mirror.yaml")
