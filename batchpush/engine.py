@@ -300,7 +300,7 @@ class Engine:
         for host, client in self._clients.items():
             client.close()
             learned = getattr(client, "learned_scheme", None)  # a layout target has none
-            if learned is not None and client.options.insecure and not self.options.dry_run and client._preferred != learned:
+            if learned is not None and not self.options.dry_run:
                 self.store.put_scheme(host, learned)
         self.store.close()
         shutil.rmtree(self._spool, ignore_errors=True)

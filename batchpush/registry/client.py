@@ -677,13 +677,15 @@ class RegistryClient:
 
     @property
     def learned_scheme(self) -> str | None:
-        """What this run learned of the scheme to try first next time: https when the
-        ping chose it; http when it chose http after the https attempt was answered
-        with something not TLS (the port speaks plain HTTP: not a timeout, not a reset,
-        which prove nothing); else None (nothing learned)."""
+        """The scheme this insecure host's ping should try first next time, when this
+        run learned one it was not told (``prefer_scheme``): https when the ping chose
+        it; http when it chose http after the https attempt was answered with something
+        not TLS (the port speaks plain HTTP: not a timeout, not a reset, which prove
+        nothing); else None (nothing new to remember)."""
         base = self._base_url
-        scheme = base.partition(":")[0] if base is not None else None
-        return scheme if scheme == "https" or (scheme == "http" and self._not_tls) else None
+        scheme = base.partition(":")[0] if base is not None and self.options.insecure else None
+        learned = scheme if scheme == "https" or (scheme == "http" and self._not_tls) else None
+        return learned if learned != self._preferred else None
 
     def use_scheme(self, scheme: str) -> None:
         """The ping tries only ``scheme``, the one another client of this run chose

@@ -65,6 +65,8 @@ CODINGS = ("gzip", "x-gzip", "deflate")
 RECV_BYTES = 64 << 10
 #: the pieces a body is read in when all of it is asked for
 READ_ALL_PIECE_BYTES = 1 << 20
+#: the port of a URL that names none
+DEFAULT_PORTS = {"http": 80, "https": 443}
 #: the longest status or header line, and the most header lines, of an answer
 MAX_LINE_BYTES = 64 << 10
 MAX_HEADER_LINES = 200
@@ -237,14 +239,13 @@ class _Body:
                 pieces.append(piece)
             data = b"".join(pieces)
             return self._decode(data, 0) if decode_content and data and self._encoding in CODINGS else data
-        want = amount
         try:
-            data = self._read(want)
+            data = self._read(amount)
         except BaseException:
             self.close()
             raise
         if decode_content and data and self._encoding in CODINGS:
-            data = self._decode(data, want)
+            data = self._decode(data, amount)
         return data
 
     def _read(self, want: int) -> bytes:
@@ -469,7 +470,7 @@ class _Proxy:
         if parts.scheme.lower() != "http":
             raise ProxyError(f"a {parts.scheme}:// proxy is not supported (an http:// one is)", permanent=True)
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = parts.port or DEFAULT_PORTS["http"]
         self.authorization: str | None = None
         if parts.username is not None and parts.password is not None:
             credentials = f"{unquote(parts.username)}:{unquote(parts.password)}".encode("latin-1")
@@ -572,9 +573,11 @@ def _read_head(reader: Any) -> tuple[str, int, str, Headers]:
         return version, status, reason, headers
 
 
-def _body_of(session: Session, connection: _Connection, method: str, version: str, status: int, headers: Headers) -> _Body:
+def _body_of(session: Session, connection: _Connection, method: str, version: str, status: int, headers: Headers, *, reusable: bool) -> _Body:
+    """The body's framing, and whether the connection may carry another request after
+    it (never when ``reusable`` is false: the request was cut off while it went)."""
     tokens = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
-    keep_alive = "close" not in tokens and (version != "HTTP/1.0" or "keep-alive" in tokens) and status != 101
+    keep_alive = reusable and "close" not in tokens and (version != "HTTP/1.0" or "keep-alive" in tokens) and status != 101
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         return _Body(session, connection, "done", 0, keep_alive, encoding)
@@ -602,7 +605,7 @@ def _authority(host: str, port: int, scheme: str) -> str:
     name = host if host.isascii() else host.encode("idna").decode("ascii")
     if ":" in name:
         name = f"[{name.partition('%')[0]}]"
-    return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
+    return name if port == DEFAULT_PORTS[scheme] else f"{name}:{port}"
 
 
 def new_session(user_agent: str, pool_maxsize: int) -> Session:
@@ -621,7 +624,7 @@ def send(session: Session, method: str, url: str, headers: dict[str, str], body:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("only http:// and https:// URLs naming a host can be requested")
-    host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
+    host, port = parts.hostname, parts.port or DEFAULT_PORTS[scheme]
     target = parts.path or "/"
     if parts.query:
         target = f"{target}?{parts.query}"
@@ -680,9 +683,7 @@ def send(session: Session, method: str, url: str, headers: dict[str, str], body:
             if cut is not None:
                 raise cut from None
             raise
-        raw = _body_of(session, connection, method, version, status, answer)
-        if cut is not None:
-            raw._keep_alive = False
+        raw = _body_of(session, connection, method, version, status, answer, reusable=cut is None)
     except BaseException:
         connection.close()
         raise
