@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import gzip
 import hashlib
 import json
@@ -9,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +25,48 @@ from registry import REGISTRY_BINARY, Registry, start_registry
 from batchpush.cli import main
 
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
+
+#: how long the interpreter may take to end once the session is over; past it every
+#: thread's stack goes to stderr and the run exits 1 (a hang at exit would otherwise
+#: last until CI's own limit, saying nothing)
+EXIT_DEADLINE_S = 120.0
+#: how long a test's own non-daemon threads get to end after it (a pool shut down
+#: without waiting lets its threads go within moments)
+THREADS_GRACE_S = 5.0
+
+_left_behind = pytest.StashKey[list[str]]()
+
+
+def _non_daemon_threads() -> set[threading.Thread]:
+    # non-daemon threads are what the interpreter's exit waits for
+    return {t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_left_behind(request):
+    """A test must not leave a thread the interpreter's exit would wait for: one
+    blocked for good (a worker of a pool nobody shut down, waiting on a socket)
+    hangs the whole suite after its last test. Reported at the session's end."""
+    before = _non_daemon_threads()
+    yield
+    deadline = time.monotonic() + THREADS_GRACE_S
+    while (left := _non_daemon_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        request.config.stash.setdefault(_left_behind, []).append(f"{request.node.nodeid}: {sorted(t.name for t in left)}")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    left = config.stash.get(_left_behind, [])
+    if left:
+        terminalreporter.section("non-daemon threads left behind")
+        for line in left:
+            terminalreporter.line(line)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    faulthandler.dump_traceback_later(EXIT_DEADLINE_S, exit=True, file=sys.__stderr__)
 
 
 def _require(path: str, package: str) -> None:
