@@ -939,7 +939,9 @@ class Engine:
         if not missing:
             return False
         data = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests + missing}, separators=(",", ":")).encode()
-        client.with_retries(lambda: client.put_manifest(target.repository, tag, mt.OCI_INDEX, data), f"manifest {tag}")
+        named = [str(Digest.sha256_of(data)), *(str(entry.get("digest")) for entry in manifests + missing)]
+        with self.state.manifest_writes(target.registry, target.repository, named, client.cancel):
+            client.with_retries(lambda: client.put_manifest(target.repository, tag, mt.OCI_INDEX, data), f"manifest {tag}")
         return True
 
     def _push_work(self, work: Work, *, tell: bool = True, checked: Checked | None = None) -> ImageResult:

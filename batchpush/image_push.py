@@ -200,7 +200,7 @@ class ImagePusher:
         layers = [results[position] for position in range(len(checks))]
         assert all(isinstance(layer, LayerResult) for layer in layers)
         data = manifest_bytes(source, layers)  # type: ignore[arg-type]
-        digest = self._put(reference or str(Digest.sha256_of(data)), source.media_type, data)
+        digest = self._put(reference, source.media_type, data)
         return PushedManifest(digest, len(data), source.media_type, tuple(layers))  # type: ignore[arg-type]
 
     def _abandon(self, pushes: Iterable[cf.Future[LayerResult | Staged]]) -> None:
@@ -211,15 +211,26 @@ class ImagePusher:
                 if isinstance(outcome, Staged):
                     self.layers.abandon(outcome)
 
-    def _put(self, reference: str, media_type: str, data: bytes) -> Digest:
-        """PUT a manifest under the retry policy (a 5xx is retried; a digest that
-        differs from ours is not)."""
-        return self.client.with_retries(lambda: self.client.put_manifest(self.repository, reference, media_type, data), f"manifest {reference}")
+    def _put(self, tag: str | None, media_type: str, data: bytes, children: Iterable[Digest] = ()) -> Digest:
+        """PUT a manifest by ``tag`` (None: by its digest) under the retry policy (a
+        5xx is retried; a digest that differs from ours is not), never at the same
+        time as another PUT naming it or one of its ``children`` in the repository
+        (``PushState.manifest_writes``). A manifest this batch PUT here already is
+        not PUT again by digest (another tag of it, an index's child, is there)."""
+        digest = Digest.sha256_of(data)
+        state, registry = self.layers.state, self.layers.target.registry
+        reference = tag or str(digest)
+        with state.manifest_writes(registry, self.repository, (digest, *children), self.client.cancel):
+            if tag is None and state.known_manifest(registry, self.repository, digest):
+                return digest
+            digest = self.client.with_retries(lambda: self.client.put_manifest(self.repository, reference, media_type, data), f"manifest {reference}")
+        state.add_manifest(registry, self.repository, digest)
+        return digest
 
     def _push_index(self, node: PreparedIndex, reference: str | None) -> PushedManifest:
         children = [self._push_node(child, None) for child in node.children]
         data = index_bytes(node, children)
-        digest = self._put(reference or str(Digest.sha256_of(data)), node.source.media_type, data)
+        digest = self._put(reference, node.source.media_type, data, (child.digest for child in children))
         layers = tuple(layer for child in children for layer in child.layers)
         return PushedManifest(digest, len(data), node.source.media_type, layers)
 

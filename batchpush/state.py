@@ -15,7 +15,8 @@ the run's cancel flag.
 from __future__ import annotations
 
 import threading
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 from . import waits
@@ -41,6 +42,8 @@ class PushState:
         #: (registry, blob) whose data a push is sending ahead of its image's gate:
         #: its claim, set once that data is committed or dropped
         self._staging: dict[tuple[str, Digest], threading.Event] = {}
+        #: (registry, repository, manifest digest) that this batch PUT there
+        self._manifests: set[tuple[str, str, Digest]] = set()
 
     def known_layer(self, registry: str, repository: str, key: Digest) -> RemoteBlob | None:
         with self._lock:
@@ -98,3 +101,27 @@ class PushState:
             claim = self._staging.pop((registry, digest), None)
         if claim is not None:
             claim.set()
+
+    @contextmanager
+    def manifest_writes(self, registry: str, repository: str, digests: Iterable[Digest | str], cancel: threading.Event) -> Iterator[None]:
+        """Held around a manifest PUT: ``digests`` are the manifest's own and, for an
+        index, its children's. No two PUTs holding a digest in common run at once in
+        a repository. The distribution registry writes a manifest's link file in
+        place (created empty, then written), so an index PUT that checks a child
+        while another image PUTs that child again (a signature's ``.sig`` tag and its
+        referrers fallback index name the same manifest) can read it empty, and the
+        index is refused: 400 DIGEST_INVALID, MANIFEST_BLOB_UNKNOWN. Taken in one
+        order (sorted), so two holders never wait for each other."""
+        with ExitStack() as held:
+            for digest in sorted({str(d) for d in digests}):
+                held.enter_context(self._flights.hold(("manifest", registry, repository, digest), cancel))
+            yield
+
+    def known_manifest(self, registry: str, repository: str, digest: Digest) -> bool:
+        """Whether this batch PUT manifest ``digest`` in the repository already."""
+        with self._lock:
+            return (registry, repository, digest) in self._manifests
+
+    def add_manifest(self, registry: str, repository: str, digest: Digest) -> None:
+        with self._lock:
+            self._manifests.add((registry, repository, digest))

@@ -138,6 +138,37 @@ def test_a_namespace_goes_to_one_layout_and_from_it_to_another_registry(source, 
     pull_and_verify(registry, "imported/svc1:v2", str(tmp_path / "pulled"))
 
 
+def test_a_signature_and_its_fallback_index_never_put_their_manifest_at_once(source, registry, tmp_path, batchpush):
+    """A layout holds svc0's signature twice over: its ``.sig`` tag and the referrers
+    fallback tag, an index naming that same manifest; imported, they are two images
+    of one repository. The registry writes a manifest's link in place: an index PUT
+    that checks its child while the other image PUTs that child again can read it
+    empty, and is refused (400 DIGEST_INVALID, MANIFEST_BLOB_UNKNOWN; seen once in a
+    full run). Our proxy holds each of the two PUTs until the other arrives: they
+    must never be in flight together (one hold times out), and both land."""
+    from fault_proxy import FaultProxy
+
+    digest = put_image(source, tmp_path / "fill", "team0/svc0", "v1", 1)
+    sig_tag, fallback_tag = attach_signature(source, "team0/svc0", digest, tmp_path)
+    mirror = tmp_path / "mirror"
+    assert batchpush("push", f"docker://{source.host}/team0/", f"oci:{mirror}", "--insecure", source.host).code == 0
+    proxy = FaultProxy(registry.host)
+    try:
+        sig_put, index_put = rf"/manifests/{sig_tag}$", rf"/manifests/{fallback_tag}$"
+        proxy.add(Rule("PUT", sig_put, "hold", until_method="PUT", until_path=index_put, stall_s=3.0))
+        proxy.add(Rule("PUT", index_put, "hold", until_method="PUT", until_path=sig_put, stall_s=3.0))
+        run = batchpush("push", f"oci:{mirror}", f"{proxy.host}/imported/", "--insecure", proxy.host)
+        [sig] = [seen for seen in proxy.requests("PUT") if seen.target.endswith(f"/manifests/{sig_tag}")]
+        [index] = [seen for seen in proxy.requests("PUT") if seen.target.endswith(f"/manifests/{fallback_tag}")]
+    finally:
+        proxy.stop()
+    assert run.code == 0, run.out + run.err
+    assert f"PUT {sig.target}" not in index.concurrent and f"PUT {index.target}" not in sig.concurrent, (sig, index)
+    assert sorted([sig.held, index.held]) == ["met", "timed out"]
+    for tag in (sig_tag, fallback_tag):
+        assert remote_digest(registry, f"imported/svc0:{tag}") == remote_digest(source, f"team0/svc0:{tag}")
+
+
 def test_a_second_export_writes_only_the_blobs_the_layout_lacks(source, tmp_path, batchpush):
     digests = fill_team0(source, tmp_path)
     mirror = tmp_path / "mirror"
