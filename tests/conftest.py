@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gzip
 import hashlib
@@ -42,26 +43,47 @@ def _non_daemon_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()}
 
 
+def _child_processes() -> set[tuple[int, str]]:
+    import psutil
+
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            command = child.cmdline()
+            # multiprocessing's forkserver and resource tracker live as long as we do
+            # (not the workers the forkserver starts, which show its command line too)
+            helper = child.ppid() == os.getpid() and any(word.startswith("from multiprocessing.") for word in command)
+            if child.status() != psutil.STATUS_ZOMBIE and not helper:
+                found.add((child.pid, " ".join(command)[:200]))
+    return found
+
+
 @pytest.fixture(autouse=True)
-def _no_thread_left_behind(request):
-    """A test must not leave a thread the interpreter's exit would wait for: one
-    blocked for good (a worker of a pool nobody shut down, waiting on a socket)
-    hangs the whole suite after its last test. Reported at the session's end."""
-    before = _non_daemon_threads()
+def _nothing_left_behind(request):
+    """A test must not leave a thread the interpreter's exit would wait for (one
+    blocked for good, a worker of a pool nobody shut down waiting on a socket, hangs
+    the whole suite after its last test), nor a process of its own running.
+    Reported at the session's end."""
+    threads, processes = _non_daemon_threads(), _child_processes()
     yield
     deadline = time.monotonic() + THREADS_GRACE_S
-    while (left := _non_daemon_threads() - before) and time.monotonic() < deadline:
+    while ((left := _non_daemon_threads() - threads) or (running := _child_processes() - processes)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if left:
-        request.config.stash.setdefault(_left_behind, []).append(f"{request.node.nodeid}: {sorted(t.name for t in left)}")
+    running = _child_processes() - processes
+    if left or running:
+        request.config.stash.setdefault(_left_behind, []).append(f"{request.node.nodeid}: threads {sorted(t.name for t in left)}, processes {sorted(running)}")
 
 
 def pytest_terminal_summary(terminalreporter, config):
     left = config.stash.get(_left_behind, [])
     if left:
-        terminalreporter.section("non-daemon threads left behind")
+        terminalreporter.section("left behind by tests")
         for line in left:
             terminalreporter.line(line)
+    threads, processes = _non_daemon_threads(), _child_processes()
+    if threads or processes:
+        terminalreporter.section("still running as the session ends")
+        terminalreporter.line(f"threads {sorted(t.name for t in threads)}, processes {sorted(processes)}")
 
 
 @pytest.hookimpl(trylast=True)
