@@ -23,6 +23,13 @@ later submit raises it. ``WorkerPool`` survives that:
   breaks, until the rebuild budget is spent, and so fails only with what the task
   raised or with what that submit raised (``WorkerPoolError``), or is cancelled.
 
+A broken pool's surviving workers are SIGKILLed. CPython stops them with SIGTERM,
+which ours ignore (below); and a worker killed while idle may die holding the
+call queue's read lock (an idle worker waits for its next task holding it), so
+its siblings, once their tasks end, wait for that lock for ever: the pool's
+manager thread would wait for them, and with it ``shutdown`` and the
+interpreter's exit (a run that never ends).
+
 Workers never outlive the main process. The main process handles SIGINT/SIGTERM,
 so workers ignore them; and if the main process dies without shutting the pool
 down (SIGKILL), nothing would stop its workers (each holds its own call-queue pipe
@@ -286,14 +293,19 @@ class WorkerPool(cf.Executor):
             pool = self._pool
         if pool is None:
             return
-        workers = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        workers = _workers_of(pool)
+        manager = getattr(pool, "_executor_manager_thread", None)
+        pool.shutdown(wait=False, cancel_futures=cancel_futures)
         if wait:
+            # the manager ends once the workers have; a pool that breaks meanwhile
+            # (or had broken unnoticed: no future was pending) gets its workers killed
+            while manager is not None and manager.is_alive():
+                manager.join(WATCH_INTERVAL_S / 10)
+                if getattr(pool, "_broken", False):
+                    _kill(workers)
             return
         deadline = time.monotonic() + KILL_WAIT_S
-        for worker in workers:
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                worker.kill()
+        _kill(workers)
         for worker in workers:
             with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
                 worker.join(max(0.0, deadline - time.monotonic()))
@@ -368,10 +380,27 @@ class WorkerPool(cf.Executor):
 
 
 def _shut_down_broken(pool: cf.ProcessPoolExecutor) -> None:
+    # its workers first: their tasks were failed (and resubmitted), and the
+    # manager thread waits for them to end (see the module docstring)
+    _kill(_workers_of(pool))
     # best effort on a dead pool: on 3.11 its manager thread may be closing the
     # pipe the shutdown writes to
     with contextlib.suppress(OSError, ValueError):
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _workers_of(pool: cf.ProcessPoolExecutor) -> list[Any]:
+    """The pool's worker processes (none once it is shut down)."""
+    with contextlib.suppress(RuntimeError):  # (the manager thread changed the dict)
+        return list((getattr(pool, "_processes", None) or {}).values())
+    return []
+
+
+def _kill(workers: list[Any]) -> None:
+    """SIGKILL ``workers`` (they ignore SIGTERM); those gone already are skipped."""
+    for worker in workers:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            worker.kill()
 
 
 class _Resubmitted:

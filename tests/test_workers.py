@@ -68,6 +68,45 @@ print(json.dumps({"loaded": loaded, "children": [p.pid for p in psutil.Process()
 """
 
 
+#: A main process whose two-job pool loses the worker that waits for the next task
+#: (it holds the call queue's read lock while it waits: the kernel says it reads a
+#: pipe), its sibling busy with a task (``busy``) or idle (``idle``). It prints the
+#: workers' pids, whether the busy task failed, then shuts the pool down and exits.
+LOCK_HOLDER_KILLED_SCRIPT = """
+import json, os, sys, time
+from batchpush.workers import WorkerPool
+mode, seconds = sys.argv[1], float(sys.argv[2])
+
+def waits_in(pid):
+    with open(f"/proc/{pid}/wchan") as f:
+        return f.read()
+
+pool = WorkerPool(2)
+for started in [pool.submit(time.sleep, 0.5) for _ in range(2)]:  # both workers up
+    started.result(timeout=60)
+task = pool.submit(time.sleep, seconds) if mode == "busy" else None
+deadline = time.monotonic() + 60
+while True:
+    workers = list(pool._pool._processes)
+    waiting = [pid for pid in workers if "pipe" in waits_in(pid)]
+    sleeping = [pid for pid in workers if "sleep" in waits_in(pid)]
+    if len(waiting) == 1 and (task is None or len(sleeping) == 1) or time.monotonic() > deadline:
+        break
+    time.sleep(0.01)
+os.kill(waiting[0], 9)
+failed = None
+if task is not None:
+    failed = type(task.exception(timeout=60)).__name__
+else:
+    while not pool._pool._broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+print(json.dumps({"workers": workers, "killed": waiting[0], "failed": failed}), flush=True)
+sys.stdin.readline()  # the test looks at the workers meanwhile
+pool.shutdown()
+print("shut down", flush=True)
+"""
+
+
 @pytest.fixture
 def make_pool() -> Iterator[Callable[..., WorkerPool]]:
     pools: list[WorkerPool] = []
@@ -268,3 +307,33 @@ def test_the_main_process_check_sees_exit_zombies_and_reused_pids() -> None:
         child.kill()
         child.wait(timeout=WAIT_S)
     assert not _main_alive(child.pid, child_ticks)
+
+
+@pytest.mark.parametrize("sibling", ["busy", "idle"])
+def test_a_worker_killed_holding_the_queue_lock_leaves_no_sibling_waiting_for_it(sibling: str) -> None:
+    """The OOM killer takes the worker that waits for the next task (it holds the
+    call queue's read lock while it waits). Its sibling, once its task is over (or
+    at once, idle), would wait for that lock for ever, ignoring the SIGTERM CPython
+    sends it: the broken pool's manager thread waited for it, then the shutdown,
+    then the interpreter's exit (the suite's CI run hung after its last test so).
+    Now a broken pool's workers are killed: as soon as a failed task shows it
+    broken (the busy sibling is gone before the pool is shut down), or when it is
+    shut down (nothing showed it: the idle sibling); the process ends."""
+    main = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER_KILLED_SCRIPT, sibling, str(SLOW_TASK_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, text=True)
+    try:
+        assert main.stdout is not None and main.stdin is not None
+        ready, _, _ = select.select([main.stdout], [], [], WAIT_S)
+        assert ready, "the main process did not report its workers"
+        seen = json.loads(main.stdout.readline())
+        assert seen["failed"] == ("BrokenProcessPool" if sibling == "busy" else None), seen
+        [other] = [psutil.Process(pid) for pid in seen["workers"] if pid != seen["killed"]]
+        if sibling == "busy":  # its task failed: the broken pool was dropped, its workers killed
+            assert not _survivors([other], GONE_WITHIN_S), "the sibling outlived its broken pool"
+        main.stdin.write("\n")
+        main.stdin.flush()
+        out, _ = main.communicate(timeout=WAIT_S)
+        assert out.strip() == "shut down" and main.returncode == 0, (out, main.returncode)
+        assert not _survivors([other], GONE_WITHIN_S), "the sibling outlived the shutdown"
+    finally:
+        main.kill()
+        main.wait(timeout=WAIT_S)
