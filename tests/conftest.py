@@ -62,8 +62,8 @@ def _child_processes() -> set[tuple[int, str]]:
 def _nothing_left_behind(request):
     """A test must not leave a thread the interpreter's exit would wait for (one
     blocked for good, a worker of a pool nobody shut down waiting on a socket, hangs
-    the whole suite after its last test), nor a process of its own running.
-    Reported at the session's end."""
+    the whole suite after its last test), nor a process of its own running: its
+    teardown fails, and the session's end lists them."""
     threads, processes = _non_daemon_threads(), _child_processes()
     yield
     deadline = time.monotonic() + THREADS_GRACE_S
@@ -71,7 +71,9 @@ def _nothing_left_behind(request):
         time.sleep(0.05)
     running = _child_processes() - processes
     if left or running:
-        request.config.stash.setdefault(_left_behind, []).append(f"{request.node.nodeid}: threads {sorted(t.name for t in left)}, processes {sorted(running)}")
+        what = f"threads {sorted(t.name for t in left)}, processes {sorted(running)}"
+        request.config.stash.setdefault(_left_behind, []).append(f"{request.node.nodeid}: {what}")
+        pytest.fail(f"left behind after the test: {what}")
 
 
 def pytest_terminal_summary(terminalreporter, config):
