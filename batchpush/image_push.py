@@ -224,7 +224,7 @@ class ImagePusher:
             if tag is None and state.known_manifest(registry, self.repository, digest):
                 return digest
             digest = self.client.with_retries(lambda: self.client.put_manifest(self.repository, reference, media_type, data), f"manifest {reference}")
-        state.add_manifest(registry, self.repository, digest)
+            state.add_manifest(registry, self.repository, digest)
         return digest
 
     def _push_index(self, node: PreparedIndex, reference: str | None) -> PushedManifest:

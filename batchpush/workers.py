@@ -293,22 +293,30 @@ class WorkerPool(cf.Executor):
             pool = self._pool
         if pool is None:
             return
-        workers = _workers_of(pool)
-        manager = getattr(pool, "_executor_manager_thread", None)
-        pool.shutdown(wait=False, cancel_futures=cancel_futures)
-        if wait:
-            # the manager ends once the workers have; a pool that breaks meanwhile
-            # (or had broken unnoticed: no future was pending) gets its workers killed
-            while manager is not None and manager.is_alive():
-                manager.join(WATCH_INTERVAL_S / 10)
-                if getattr(pool, "_broken", False):
-                    _kill(workers)
+        # the live dict: a worker started by a submit racing this one shows up in it
+        workers = getattr(pool, "_processes", None) or {}
+        if not wait:
+            # before the pool's lock: on 3.12+ a breaking pool's manager holds it
+            # while it waits for the workers to end
+            _kill(workers)
+            with contextlib.suppress(OSError, ValueError):
+                pool.shutdown(wait=False, cancel_futures=cancel_futures)
+            deadline = time.monotonic() + KILL_WAIT_S
+            for worker in _listed(workers):
+                with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
+                    worker.join(max(0.0, deadline - time.monotonic()))
             return
-        deadline = time.monotonic() + KILL_WAIT_S
-        _kill(workers)
-        for worker in workers:
-            with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
-                worker.join(max(0.0, deadline - time.monotonic()))
+        # the wait from a thread of its own: a pool that breaks meanwhile (or broke
+        # unnoticed, no future pending) has its workers killed, or its manager thread,
+        # and so this shutdown (on 3.12+ stuck at the pool's lock), would wait for ever
+        closing = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": cancel_futures}, name="pool-shutdown", daemon=True)
+        closing.start()
+        killed = False
+        while closing.is_alive():
+            closing.join(WATCH_INTERVAL_S / 10)
+            if not killed and getattr(pool, "_broken", False):
+                _kill(workers)
+                killed = True
 
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[cf.ProcessPoolExecutor, cf.Future[Any]]:
         """``fn`` submitted, and the pool it went to."""
@@ -381,26 +389,29 @@ class WorkerPool(cf.Executor):
 
 def _shut_down_broken(pool: cf.ProcessPoolExecutor) -> None:
     # its workers first: their tasks were failed (and resubmitted), and the
-    # manager thread waits for them to end (see the module docstring)
-    _kill(_workers_of(pool))
+    # manager thread waits for them to end (see the module docstring); on 3.12+
+    # it holds the pool's lock meanwhile, which the shutdown takes
+    _kill(getattr(pool, "_processes", None) or {})
     # best effort on a dead pool: on 3.11 its manager thread may be closing the
     # pipe the shutdown writes to
     with contextlib.suppress(OSError, ValueError):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _workers_of(pool: cf.ProcessPoolExecutor) -> list[Any]:
-    """The pool's worker processes (none once it is shut down)."""
+def _listed(workers: dict[int, Any]) -> list[Any]:
+    """The worker processes of a pool's dict of them, as they are now."""
     with contextlib.suppress(RuntimeError):  # (the manager thread changed the dict)
-        return list((getattr(pool, "_processes", None) or {}).values())
+        return list(workers.values())
     return []
 
 
-def _kill(workers: list[Any]) -> None:
-    """SIGKILL ``workers`` (they ignore SIGTERM); those gone already are skipped."""
-    for worker in workers:
+def _kill(workers: dict[int, Any]) -> None:
+    """SIGKILL ``workers`` (they ignore SIGTERM). One seen to have exited is not
+    signalled: the forkserver reaps its workers, so its pid may be another's now."""
+    for worker in _listed(workers):
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            worker.kill()
+            if worker.exitcode is None:
+                worker.kill()
 
 
 class _Resubmitted:

@@ -100,7 +100,8 @@ if task is not None:
 else:
     while not pool._pool._broken and time.monotonic() < deadline:
         time.sleep(0.01)
-print(json.dumps({"workers": workers, "killed": waiting[0], "failed": failed}), flush=True)
+from batchpush.workers import _start_ticks
+print(json.dumps({"workers": {pid: _start_ticks(pid) for pid in workers}, "killed": waiting[0], "failed": failed}), flush=True)
 sys.stdin.readline()  # the test looks at the workers meanwhile
 pool.shutdown()
 print("shut down", flush=True)
@@ -326,14 +327,22 @@ def test_a_worker_killed_holding_the_queue_lock_leaves_no_sibling_waiting_for_it
         assert ready, "the main process did not report its workers"
         seen = json.loads(main.stdout.readline())
         assert seen["failed"] == ("BrokenProcessPool" if sibling == "busy" else None), seen
-        [other] = [psutil.Process(pid) for pid in seen["workers"] if pid != seen["killed"]]
+        # (by pid and start time: the forkserver reaps its workers, the pid may be reused)
+        [(other, ticks)] = [(int(pid), ticks) for pid, ticks in seen["workers"].items() if int(pid) != seen["killed"]]
+
+        def sibling_gone() -> bool:
+            deadline = time.monotonic() + GONE_WITHIN_S
+            while _main_alive(other, ticks) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return not _main_alive(other, ticks)
+
         if sibling == "busy":  # its task failed: the broken pool was dropped, its workers killed
-            assert not _survivors([other], GONE_WITHIN_S), "the sibling outlived its broken pool"
+            assert sibling_gone(), "the sibling outlived its broken pool"
         main.stdin.write("\n")
         main.stdin.flush()
         out, _ = main.communicate(timeout=WAIT_S)
         assert out.strip() == "shut down" and main.returncode == 0, (out, main.returncode)
-        assert not _survivors([other], GONE_WITHIN_S), "the sibling outlived the shutdown"
+        assert sibling_gone(), "the sibling outlived the shutdown"
     finally:
         main.kill()
         main.wait(timeout=WAIT_S)
