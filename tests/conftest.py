@@ -35,9 +35,6 @@ EXIT_DEADLINE_S = 120.0
 #: without waiting lets its threads go within moments)
 THREADS_GRACE_S = 5.0
 
-_left_behind = pytest.StashKey[list[str]]()
-
-
 def _non_daemon_threads() -> set[threading.Thread]:
     # non-daemon threads are what the interpreter's exit waits for
     return {t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()}
@@ -59,29 +56,24 @@ def _child_processes() -> set[tuple[int, str]]:
 
 
 @pytest.fixture(autouse=True)
-def _nothing_left_behind(request):
+def _nothing_left_behind():
     """A test must not leave a thread the interpreter's exit would wait for (one
     blocked for good, a worker of a pool nobody shut down waiting on a socket, hangs
     the whole suite after its last test), nor a process of its own running: its
-    teardown fails, and the session's end lists them."""
+    teardown fails."""
     threads, processes = _non_daemon_threads(), _child_processes()
     yield
     deadline = time.monotonic() + THREADS_GRACE_S
-    while ((left := _non_daemon_threads() - threads) or (running := _child_processes() - processes)) and time.monotonic() < deadline:
+    while True:
+        left, running = _non_daemon_threads() - threads, _child_processes() - processes
+        if not (left or running) or time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
-    running = _child_processes() - processes
     if left or running:
-        what = f"threads {sorted(t.name for t in left)}, processes {sorted(running)}"
-        request.config.stash.setdefault(_left_behind, []).append(f"{request.node.nodeid}: {what}")
-        pytest.fail(f"left behind after the test: {what}")
+        pytest.fail(f"left behind after the test: threads {sorted(t.name for t in left)}, processes {sorted(running)}")
 
 
-def pytest_terminal_summary(terminalreporter, config):
-    left = config.stash.get(_left_behind, [])
-    if left:
-        terminalreporter.section("left behind by tests")
-        for line in left:
-            terminalreporter.line(line)
+def pytest_terminal_summary(terminalreporter):
     threads, processes = _non_daemon_threads(), _child_processes()
     if threads or processes:
         terminalreporter.section("still running as the session ends")

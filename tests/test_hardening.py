@@ -522,9 +522,9 @@ def test_a_compression_worker_killed_mid_batch(registry, tmp_path, metadata_dir,
                 running = pool._pool
                 if running is not None and _upload_under_way(registry):
                     pids = list(getattr(running, "_processes", None) or {})
-                    if victim == "idle":
-                        pids = [pid for pid in pids if _waits_for_a_task(pid)] if len(pids) == 2 else []
-                        pids = pids if len(pids) == 1 else []
+                    if victim == "idle":  # of the two, the one alone in reading the call queue's pipe
+                        waiting = [pid for pid in pids if _waits_for_a_task(pid)]
+                        pids = waiting if len(pids) == 2 and len(waiting) == 1 else []
                     if pids:
                         os.kill(pids[0], signal.SIGKILL)
                         killed.append(pids[0])

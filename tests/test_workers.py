@@ -74,7 +74,7 @@ print(json.dumps({"loaded": loaded, "children": [p.pid for p in psutil.Process()
 #: workers' pids, whether the busy task failed, then shuts the pool down and exits.
 LOCK_HOLDER_KILLED_SCRIPT = """
 import json, os, sys, time
-from batchpush.workers import WorkerPool
+from batchpush.workers import WorkerPool, _start_ticks
 mode, seconds = sys.argv[1], float(sys.argv[2])
 
 def waits_in(pid):
@@ -93,6 +93,7 @@ while True:
     if len(waiting) == 1 and (task is None or len(sleeping) == 1) or time.monotonic() > deadline:
         break
     time.sleep(0.01)
+started = {pid: _start_ticks(pid) for pid in workers}  # (before the kill: the pids name these processes)
 os.kill(waiting[0], 9)
 failed = None
 if task is not None:
@@ -100,8 +101,7 @@ if task is not None:
 else:
     while not pool._pool._broken and time.monotonic() < deadline:
         time.sleep(0.01)
-from batchpush.workers import _start_ticks
-print(json.dumps({"workers": {pid: _start_ticks(pid) for pid in workers}, "killed": waiting[0], "failed": failed}), flush=True)
+print(json.dumps({"workers": started, "killed": waiting[0], "failed": failed}), flush=True)
 sys.stdin.readline()  # the test looks at the workers meanwhile
 pool.shutdown()
 print("shut down", flush=True)
